@@ -1,0 +1,203 @@
+"""Settings: the `config.toml` schema, its loading, and the one error a bad config raises.
+
+Settings are read once (TOML, then `GATEWAY_<SECTION>__<KEY>` environment overrides) and passed
+down by constructor; nothing reads them from a module global.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gateway.errors import ConfigError
+
+__all__ = [
+    "ControlSettings",
+    "LogSettings",
+    "NodeSettings",
+    "PeerSettings",
+    "SecuritySettings",
+    "Settings",
+    "load_settings",
+]
+
+_AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII less backslash
+
+
+def _check_ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_TITLE_RE.match(value):
+        raise ValueError("an AE title is 1 to 16 printable ASCII characters, not all spaces")
+    return stripped
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Section):
+    """The DICOM node: who it is, where it listens, where it keeps data."""
+
+    ae_title: AETitle = "GATEWAY"
+    host: str = "0.0.0.0"
+    port: Annotated[int, Field(ge=0, le=65535)] = 11112
+    data_dir: Path = Path("./data")
+    max_associations: Annotated[int, Field(ge=1, le=1024)] = 32
+    max_pdu_size: Annotated[int, Field(ge=4096, le=64 * 1024 * 1024)] = 262144
+    acse_timeout: Seconds = 30.0
+    dimse_timeout: Seconds = 60.0
+    network_timeout: Seconds = 60.0
+    connection_timeout: Seconds = 10.0
+    shutdown_grace: Annotated[float, Field(ge=0)] = 30.0
+    duplicate_policy: Literal["keep_first", "overwrite", "reject"] = "keep_first"
+    accept_unknown_sop_classes: bool = False
+    check_called_ae: bool = True
+
+
+class CallerSettings(_Section):
+    """One allowed calling AE, optionally bound to a host address."""
+
+    ae_title: AETitle
+    host: str | None = None
+
+
+class SecuritySettings(_Section):
+    """Who may associate. An empty allowlist admits every calling AE."""
+
+    allowed_callers: list[CallerSettings] = Field(default_factory=list)
+
+
+class PeerSettings(_Section):
+    """A remote DICOM node the gateway may connect to (move destination, target, archive)."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+class ControlSettings(_Section):
+    """The JSON-RPC control socket."""
+
+    socket: Path | None = None
+    max_line_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
+    max_clients: Annotated[int, Field(ge=1, le=10000)] = 64
+
+
+class LogSettings(_Section):
+    """structlog output: console in a terminal, JSON in production."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "console", "json"] = "auto"
+
+
+class Settings(BaseSettings):
+    """The whole `config.toml`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+    peers: list[PeerSettings] = Field(default_factory=list)
+    control: ControlSettings = Field(default_factory=ControlSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment overrides it.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _unique_peers(self) -> Settings:
+        seen: set[str] = set()
+        for peer in self.peers:
+            if peer.name in seen:
+                raise ValueError(f"peer name {peer.name!r} is used twice")
+            seen.add(peer.name)
+        return self
+
+    @property
+    def control_socket(self) -> Path:
+        """Where the control socket lives: `[control] socket`, else inside `data_dir`."""
+        return self.control.socket or self.node.data_dir / "control.sock"
+
+    def peer(self, name: str) -> PeerSettings | None:
+        """The `[[peers]]` entry called *name*, if any."""
+        return next((p for p in self.peers if p.name == name), None)
+
+    def peer_by_ae_title(self, ae_title: str) -> PeerSettings | None:
+        """The `[[peers]]` entry whose AE title is *ae_title*, if any."""
+        return next((p for p in self.peers if p.ae_title == ae_title.strip()), None)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{location}: unknown key"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] not in ("missing",) and "input" in error:
+        return f"{location}: {message} (got {error['input']!r})"
+    return f"{location}: {message}"
+
+
+def load_settings(path: Path | str) -> Settings:
+    """Read *path* as TOML and the environment as overrides.
+
+    Raises
+    ------
+    ConfigError
+        With one message naming the file, the key and what is wrong with it.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        problems = [_describe(dict(err)) for err in exc.errors()]
+        raise ConfigError(f"{path}: " + "; ".join(problems)) from None
+    if not settings.node.data_dir.is_absolute():
+        # Relative data paths are relative to the config file, not to the working directory.
+        node = settings.node.model_copy(update={"data_dir": path.parent / settings.node.data_dir})
+        settings = settings.model_copy(update={"node": node})
+    if settings.control.socket is not None and not settings.control.socket.is_absolute():
+        control = settings.control.model_copy(
+            update={"socket": path.parent / settings.control.socket}
+        )
+        settings = settings.model_copy(update={"control": control})
+    return settings

@@ -1,0 +1,191 @@
+"""The core control methods: status, studies.search, studies.get, studies.delete, echo.
+
+Later features register their own methods beside these (see `ControlServer.register`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from pydicom.dataset import Dataset
+
+from gateway.control.server import INVALID_PARAMS, ControlServer
+from gateway.errors import ControlError, PeerError
+from gateway.scu.echo import echo_peer
+from gateway.store.instance import is_valid_uid
+from gateway.store.query import QueryError, find
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+__all__ = ["register_core_methods"]
+
+PEER_ERROR = -32010
+NOT_FOUND = -32004
+
+# Search parameter -> DICOM keyword in the Study Root C-FIND identifier.
+_SEARCH_KEYS = {
+    "patient_id": "PatientID",
+    "patient_name": "PatientName",
+    "study_uid": "StudyInstanceUID",
+    "study_date": "StudyDate",
+    "accession_number": "AccessionNumber",
+    "study_description": "StudyDescription",
+    "modality": "ModalitiesInStudy",
+}
+_RETURN_KEYS = {
+    "study_uid": "StudyInstanceUID",
+    "patient_id": "PatientID",
+    "patient_name": "PatientName",
+    "patient_birth_date": "PatientBirthDate",
+    "patient_sex": "PatientSex",
+    "study_date": "StudyDate",
+    "study_time": "StudyTime",
+    "accession_number": "AccessionNumber",
+    "study_id": "StudyID",
+    "study_description": "StudyDescription",
+    "referring_physician_name": "ReferringPhysicianName",
+    "modalities": "ModalitiesInStudy",
+    "series": "NumberOfStudyRelatedSeries",
+    "instances": "NumberOfStudyRelatedInstances",
+}
+
+
+def _string(params: dict[str, Any], name: str, *, required: bool = False) -> str | None:
+    value = params.get(name)
+    if value is None:
+        if required:
+            raise ControlError(INVALID_PARAMS, f"parameter {name!r} is required")
+        return None
+    if not isinstance(value, str):
+        raise ControlError(INVALID_PARAMS, f"parameter {name!r} must be a string")
+    return value
+
+
+def _no_unknown(params: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ControlError(INVALID_PARAMS, f"unknown parameter {unknown[0]!r}")
+
+
+def _value(ds: Dataset, keyword: str) -> Any:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    if keyword.startswith("NumberOf"):
+        return int(value)
+    if keyword == "ModalitiesInStudy":
+        return list(value) if not isinstance(value, str) else [value]
+    return str(value)
+
+
+def register_core_methods(server: ControlServer, gateway: Gateway) -> None:
+    """Register the methods of the DICOM node and its store."""
+    store = gateway.store
+
+    async def status(params: dict[str, Any]) -> dict[str, Any]:
+        _no_unknown(params, set())
+        counts = await store.counts()
+        usage = await anyio.to_thread.run_sync(shutil.disk_usage, store.files.root)
+        return {
+            "version": gateway.version,
+            "ae_title": gateway.settings.node.ae_title,
+            "port": gateway.node.port,
+            "uptime_seconds": round(time.time() - gateway.started_at, 3),
+            "associations_open": gateway.node.open_associations,
+            "patients": counts["patients"],
+            "studies": counts["studies"],
+            "series": counts["series"],
+            "instances": counts["instances"],
+            "bytes": counts["bytes"],
+            "disk_free_bytes": usage.free,
+            "disk_total_bytes": usage.total,
+        }
+
+    async def search(params: dict[str, Any]) -> dict[str, Any]:
+        _no_unknown(params, {*_SEARCH_KEYS, "limit"})
+        limit = params.get("limit", 100)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
+            raise ControlError(INVALID_PARAMS, "parameter 'limit' must be an integer 1..10000")
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        for keyword in _RETURN_KEYS.values():
+            setattr(identifier, keyword, "")
+        for name, keyword in _SEARCH_KEYS.items():
+            value = _string(params, name)
+            if value is not None:
+                setattr(identifier, keyword, value)
+        try:
+            matches = await find(store, "study", identifier, limit=limit)
+        except QueryError as exc:
+            raise ControlError(INVALID_PARAMS, str(exc)) from exc
+        studies = [{k: _value(ds, kw) for k, kw in _RETURN_KEYS.items()} for ds in matches]
+        return {"studies": studies, "count": len(studies)}
+
+    def _study_uid(params: dict[str, Any]) -> str:
+        _no_unknown(params, {"study_uid"})
+        uid = _string(params, "study_uid", required=True)
+        assert uid is not None
+        if not is_valid_uid(uid):
+            raise ControlError(INVALID_PARAMS, "parameter 'study_uid' is not a valid UID")
+        return uid
+
+    async def get(params: dict[str, Any]) -> dict[str, Any]:
+        uid = _study_uid(params)
+        found = await search({"study_uid": uid, "limit": 1})
+        if not found["studies"]:
+            raise ControlError(NOT_FOUND, f"no study {uid}")
+        study: dict[str, Any] = found["studies"][0]
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "SERIES"
+        identifier.StudyInstanceUID = uid
+        for keyword in (
+            "SeriesInstanceUID",
+            "Modality",
+            "SeriesNumber",
+            "SeriesDescription",
+            "NumberOfSeriesRelatedInstances",
+        ):
+            setattr(identifier, keyword, "")
+        series = await find(store, "study", identifier)
+        study["series_list"] = [
+            {
+                "series_uid": _value(s, "SeriesInstanceUID"),
+                "modality": _value(s, "Modality"),
+                "series_number": _value(s, "SeriesNumber"),
+                "series_description": _value(s, "SeriesDescription"),
+                "instances": _value(s, "NumberOfSeriesRelatedInstances"),
+            }
+            for s in series
+        ]
+        return study
+
+    async def delete(params: dict[str, Any]) -> dict[str, Any]:
+        uid = _study_uid(params)
+        removed = await store.delete_study(uid)
+        if not removed:
+            raise ControlError(NOT_FOUND, f"no study {uid}")
+        return {"study_uid": uid, "instances_removed": removed}
+
+    async def echo(params: dict[str, Any]) -> dict[str, Any]:
+        _no_unknown(params, {"peer"})
+        name = _string(params, "peer", required=True)
+        assert name is not None
+        peer = gateway.settings.peer(name)
+        if peer is None:
+            known = ", ".join(p.name for p in gateway.settings.peers) or "none configured"
+            raise ControlError(INVALID_PARAMS, f"unknown peer {name!r} (peers: {known})")
+        try:
+            result = await anyio.to_thread.run_sync(echo_peer, gateway.settings.node, peer)
+        except PeerError as exc:
+            raise ControlError(PEER_ERROR, str(exc)) from exc
+        return {"peer": name, "status": result.status, "seconds": round(result.seconds, 4)}
+
+    server.register("status", status)
+    server.register("studies.search", search)
+    server.register("studies.get", get)
+    server.register("studies.delete", delete)
+    server.register("echo", echo)

@@ -1,0 +1,84 @@
+"""The gateway's one exception tree; each boundary translates into and out of it.
+
+GatewayError
+├── ConfigError            a bad config.toml or environment override (exit status 2)
+├── StoreError             the file store or its index failed (DIMSE 0xA700)
+│   └── DiskFullError      free space below the configured floor
+├── RejectedInstance       an instance refused for what it is; carries its DIMSE status
+│   ├── InvalidInstance    undecodable, truncated, missing or malformed UIDs (0xC000 class)
+│   ├── InstanceMismatch   dataset UIDs differ from the C-STORE request (0xA900)
+│   └── DuplicateInstance  duplicate SOP Instance UID under the `reject` policy (0x0111)
+├── PeerError              a remote node did not answer or refused
+└── ControlError           a control-socket request failed; carries a JSON-RPC code
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "ControlError",
+    "DiskFullError",
+    "DuplicateInstance",
+    "GatewayError",
+    "InstanceMismatch",
+    "InvalidInstance",
+    "PeerError",
+    "RejectedInstance",
+    "StoreError",
+]
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """The configuration is invalid; the message names the key and the problem."""
+
+
+class StoreError(GatewayError):
+    """The file store or the index could not do its work."""
+
+    status = 0xA700
+
+
+class DiskFullError(StoreError):
+    """Free space on the store's filesystem is below the configured floor."""
+
+
+class RejectedInstance(GatewayError):
+    """An instance refused for what it is, not for the gateway's state."""
+
+    status = 0xC000
+
+
+class InvalidInstance(RejectedInstance):
+    """Undecodable or truncated dataset, or a missing or malformed UID."""
+
+    status = 0xC000
+
+
+class InstanceMismatch(RejectedInstance):
+    """The dataset's SOP Class or Instance UID differs from the C-STORE request."""
+
+    status = 0xA900
+
+
+class DuplicateInstance(RejectedInstance):
+    """A different instance with a SOP Instance UID already held, under the `reject` policy."""
+
+    status = 0x0111
+
+
+class PeerError(GatewayError):
+    """A remote DICOM node could not be reached or refused the request."""
+
+
+class ControlError(GatewayError):
+    """A control-socket request failed; `code` is its JSON-RPC error code."""
+
+    def __init__(self, code: int, message: str, data: object | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data

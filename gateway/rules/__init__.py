@@ -1,0 +1,1 @@
+"""Routing rules: the expression language, study completion and dispatch decisions."""

@@ -1,0 +1,1 @@
+"""The DICOM node as a service-class provider: listener, association policy, DIMSE handlers."""

@@ -1,0 +1,304 @@
+"""DIMSE handlers of the DICOM node: C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET.
+
+Each handler takes one pynetdicom `Event`, reads everything from it, and turns failures into
+DIMSE statuses here and nowhere else. Handlers run on association threads: index work goes to the
+store's writer (C-STORE) or over the `LoopBridge` (queries).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+)
+
+from gateway.config import Settings
+from gateway.errors import GatewayError, RejectedInstance, StoreError
+from gateway.scp.bridge import LoopBridge
+from gateway.scp.transport import set_nodelay
+from gateway.store.index import Provenance
+from gateway.store.query import QueryError, QueryModel, find, retrieve_filter
+from gateway.store.store import InstanceFile, Store
+
+__all__ = ["AssociationStats", "DicomServices"]
+
+log = structlog.get_logger(__name__)
+
+_PATIENT_ROOT = {
+    str(PatientRootQueryRetrieveInformationModelFind),
+    str(PatientRootQueryRetrieveInformationModelMove),
+    str(PatientRootQueryRetrieveInformationModelGet),
+}
+_MAX_CONTEXTS = 128
+
+
+def _model(event: evt.Event) -> QueryModel:
+    """The Q/R information model of a C-FIND / C-MOVE / C-GET request."""
+    return "patient" if str(event.request.AffectedSOPClassUID) in _PATIENT_ROOT else "study"
+
+
+@dataclass
+class AssociationStats:
+    """Per-association counters, logged when the association ends."""
+
+    association_id: str
+    calling_ae: str
+    called_ae: str
+    peer_address: str
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    queries: int = 0
+    sent: int = 0
+
+
+class DicomServices:
+    """The node's DIMSE handlers and association bookkeeping."""
+
+    def __init__(self, settings: Settings, store: Store, bridge: LoopBridge) -> None:
+        self._settings = settings
+        self._store = store
+        self._bridge = bridge
+        self._stats: dict[int, AssociationStats] = {}
+
+    # -- association events ------------------------------------------------------------------
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        """The (event, handler) pairs to bind on the server."""
+        return [
+            (evt.EVT_CONN_OPEN, self.on_conn_open),
+            (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_RELEASED, self.on_ended),
+            (evt.EVT_ABORTED, self.on_ended),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_C_FIND, self.on_find),
+            (evt.EVT_C_MOVE, self.on_move),
+            (evt.EVT_C_GET, self.on_get),
+        ]
+
+    @property
+    def open_associations(self) -> int:
+        return len(self._stats)
+
+    def on_conn_open(self, event: evt.Event) -> None:
+        set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
+
+    def on_rejected(self, assoc: Association, reason: str) -> None:
+        address = assoc.requestor.address_info
+        log.info(
+            "association_rejected",
+            reason=reason,
+            calling_ae=assoc.requestor.primitive.calling_ae_title,
+            called_ae=assoc.requestor.primitive.called_ae_title,
+            peer=address.address if address else None,
+        )
+
+    def on_accepted(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        stats = AssociationStats(
+            association_id=uuid.uuid4().hex[:12],
+            calling_ae=assoc.requestor.ae_title,
+            called_ae=assoc.acceptor.ae_title,
+            peer_address=assoc.requestor.address,
+        )
+        self._stats[id(assoc)] = stats
+        log.info(
+            "association_accepted",
+            association_id=stats.association_id,
+            calling_ae=stats.calling_ae,
+            called_ae=stats.called_ae,
+            peer=stats.peer_address,
+            contexts=len(assoc.accepted_contexts),
+        )
+
+    def on_ended(self, event: evt.Event) -> None:
+        stats = self._stats.pop(id(event.assoc), None)
+        if stats is None:
+            return
+        log.info(
+            "association_released" if event.event is evt.EVT_RELEASED else "association_aborted",
+            association_id=stats.association_id,
+            calling_ae=stats.calling_ae,
+            stored=stats.stored,
+            duplicates=stats.duplicates,
+            refused=stats.refused,
+            queries=stats.queries,
+            sent=stats.sent,
+            duration=round(time.monotonic() - stats.started, 3),
+        )
+
+    def _stats_for(self, assoc: Association) -> AssociationStats:
+        stats = self._stats.get(id(assoc))
+        if stats is None:  # an event before EVT_ACCEPTED was seen; keep going regardless
+            stats = AssociationStats("unknown", "", "", "")
+        return stats
+
+    # -- C-ECHO / C-STORE ---------------------------------------------------------------------
+
+    def on_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def on_store(self, event: evt.Event) -> int:
+        stats = self._stats_for(event.assoc)
+        request = event.request
+        provenance = Provenance(
+            calling_ae=stats.calling_ae,
+            called_ae=stats.called_ae,
+            peer_address=stats.peer_address,
+            association_id=stats.association_id,
+        )
+        try:
+            result = self._store.ingest_blocking(
+                Path(event.dataset_path),
+                provenance,
+                expect=(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)),
+            )
+        except RejectedInstance as exc:
+            stats.refused += 1
+            log.warning(
+                "instance_refused",
+                association_id=stats.association_id,
+                sop_instance_uid=str(request.AffectedSOPInstanceUID)[:64],
+                status=f"0x{exc.status:04X}",
+                reason=str(exc),
+            )
+            return exc.status
+        except (StoreError, OSError) as exc:
+            stats.refused += 1
+            log.error(
+                "instance_not_stored",
+                association_id=stats.association_id,
+                status="0xA700",
+                reason=str(exc),
+            )
+            return 0xA700
+        if result.outcome in ("stored", "replaced"):
+            stats.stored += 1
+        else:
+            stats.duplicates += 1
+        log.debug(
+            "instance_received",
+            association_id=stats.association_id,
+            sop_instance_uid=result.sop_instance_uid,
+            outcome=result.outcome,
+        )
+        return 0x0000
+
+    # -- C-FIND -------------------------------------------------------------------------------
+
+    def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        stats = self._stats_for(event.assoc)
+        stats.queries += 1
+        model = _model(event)
+        try:
+            matches = self._bridge.call(find, self._store, model, event.identifier)
+        except QueryError as exc:
+            log.warning("query_refused", association_id=stats.association_id, reason=str(exc))
+            yield exc.status, None
+            return
+        except GatewayError as exc:
+            log.error("query_failed", association_id=stats.association_id, reason=str(exc))
+            yield 0xA700, None
+            return
+        for match in matches:
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            match.RetrieveAETitle = self._settings.node.ae_title
+            yield 0xFF00, match
+
+    # -- C-MOVE / C-GET -----------------------------------------------------------------------
+
+    def _instances(self, event: evt.Event) -> list[InstanceFile]:
+        model = _model(event)
+        where, params = retrieve_filter(model, event.identifier)
+        return self._bridge.call(self._store.instance_files, where, params)
+
+    def on_move(self, event: evt.Event) -> Iterator[Any]:
+        stats = self._stats_for(event.assoc)
+        destination = str(event.move_destination).strip()
+        peer = self._settings.peer_by_ae_title(destination)
+        if peer is None:
+            log.warning(
+                "move_destination_unknown",
+                association_id=stats.association_id,
+                destination=destination,
+            )
+            yield None, None
+            return
+        try:
+            instances = self._instances(event)
+        except QueryError as exc:
+            yield peer.host, peer.port, self._move_kwargs([])
+            yield exc.status, None
+            return
+        except GatewayError as exc:
+            log.error("move_failed", association_id=stats.association_id, reason=str(exc))
+            yield peer.host, peer.port, self._move_kwargs([])
+            yield 0xA701, None
+            return
+        yield peer.host, peer.port, self._move_kwargs(instances)
+        yield from self._send(event, stats, instances, "move")
+
+    def on_get(self, event: evt.Event) -> Iterator[Any]:
+        stats = self._stats_for(event.assoc)
+        try:
+            instances = self._instances(event)
+        except QueryError as exc:
+            yield 0
+            yield exc.status, None
+            return
+        except GatewayError as exc:
+            log.error("get_failed", association_id=stats.association_id, reason=str(exc))
+            yield 0
+            yield 0xA701, None
+            return
+        yield from self._send(event, stats, instances, "get")
+
+    def _send(
+        self, event: evt.Event, stats: AssociationStats, instances: list[InstanceFile], kind: str
+    ) -> Iterator[Any]:
+        yield len(instances)
+        for instance in instances:
+            if event.is_cancelled:
+                log.info(f"{kind}_cancelled", association_id=stats.association_id)
+                yield 0xFE00, None
+                return
+            stats.sent += 1
+            yield 0xFF00, instance.path
+        log.info(f"{kind}_done", association_id=stats.association_id, instances=len(instances))
+
+    def _move_kwargs(self, instances: list[InstanceFile]) -> dict[str, Any]:
+        """Association arguments for the move destination: contexts for what is sent."""
+        from pynetdicom.presentation import build_context
+
+        pairs = sorted({(i.sop_class_uid, i.transfer_syntax) for i in instances})
+        by_class: dict[str, list[str]] = {}
+        for sop_class, syntax in pairs:
+            by_class.setdefault(sop_class, []).append(syntax)
+        contexts = []
+        for sop_class, syntaxes in by_class.items():
+            for syntax in syntaxes:  # one context per syntax: the peer may accept some only
+                contexts.append(build_context(sop_class, syntax))
+        if not contexts:
+            contexts.append(build_context("1.2.840.10008.1.1"))
+        node = self._settings.node
+        return {
+            "contexts": contexts[:_MAX_CONTEXTS],
+            "max_pdu": node.max_pdu_size,
+            "evt_handlers": [(evt.EVT_CONN_OPEN, self.on_conn_open)],
+        }

@@ -1,0 +1,143 @@
+"""The DICOM node: the pynetdicom AE, its presentation contexts, its listener and its shutdown.
+
+`DicomNode` is the only place that configures pynetdicom. Three of pynetdicom's settings are
+process-wide (`pynetdicom._config`) and the node sets them once when it starts:
+
+- `STORE_RECV_CHUNKED_DATASET`: a received dataset is streamed to a temp file as it arrives
+  (bounded memory for any instance size). pynetdicom creates that file with `tempfile`, so the
+  process temp directory is pointed at the store's `tmp/`: moving the file into place is then a
+  rename on the same filesystem;
+- `STORE_SEND_CHUNKED_DATASET`: C-MOVE / C-GET send a stored file's dataset bytes as they are,
+  without decoding and re-encoding them;
+- `UNRESTRICTED_STORAGE_SERVICE`: only when `accept_unknown_sop_classes` is set.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+
+import structlog
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from gateway.config import Settings
+from gateway.scp.bridge import LoopBridge
+from gateway.scp.handlers import DicomServices
+from gateway.scp.transport import AssociationPolicy, GatewayServer
+from gateway.store.store import Store
+
+__all__ = ["DicomNode"]
+
+log = structlog.get_logger(__name__)
+
+_QR_MODELS = (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+
+
+class DicomNode:
+    """Accepts associations and serves them with `DicomServices`."""
+
+    def __init__(self, settings: Settings, store: Store, bridge: LoopBridge) -> None:
+        self._settings = settings
+        self._store = store
+        self.services = DicomServices(settings, store, bridge)
+        self._ae = self._make_ae()
+        self._server: GatewayServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def _make_ae(self) -> AE:
+        node = self._settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.max_pdu_size
+        ae.acse_timeout = node.acse_timeout
+        ae.dimse_timeout = node.dimse_timeout
+        ae.network_timeout = node.network_timeout
+        ae.connection_timeout = node.connection_timeout
+        # The policy is applied by the server's ACSE (transport.py), which logs the reason.
+        ae.require_called_aet = False
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts:
+            # scp_role: a C-GET requestor may take the storage SCP role on our association.
+            ae.add_supported_context(
+                cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scp_role=True, scu_role=False
+            )
+        for model in _QR_MODELS:
+            ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES)
+        # Contexts the node proposes as a requestor (C-ECHO of peers).
+        ae.add_requested_context(Verification)
+        return ae
+
+    @property
+    def port(self) -> int:
+        """The port the listener is bound to (useful when configured as 0)."""
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+    @property
+    def open_associations(self) -> int:
+        return len([a for a in self._ae.active_associations if a.is_acceptor])
+
+    def start(self) -> None:
+        """Bind the listener and serve associations in background threads."""
+        node = self._settings.node
+        tempfile.tempdir = str(self._store.files.tmp_dir)
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        _config.UNRESTRICTED_STORAGE_SERVICE = node.accept_unknown_sop_classes
+        server = self._ae.make_server(
+            (node.host, node.port),
+            evt_handlers=self.services.handlers(),
+            server_class=GatewayServer,
+        )
+        server.policy = AssociationPolicy(
+            ae_title=node.ae_title,
+            check_called_ae=node.check_called_ae,
+            allowed_callers=tuple(self._settings.security.allowed_callers),
+            max_associations=node.max_associations,
+        )
+        server.on_reject = self.services.on_rejected
+        self._ae._servers.append(server)
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="dicom-listener"
+        )
+        self._thread.daemon = True
+        self._thread.start()
+        log.info("dicom_node_listening", ae_title=node.ae_title, host=node.host, port=self.port)
+
+    def stop(self, grace: float) -> None:
+        """Stop accepting; give open associations *grace* seconds; abort what is left.
+
+        Blocking: run it in a worker thread.
+        """
+        server = self._server
+        if server is None:
+            return
+        self._server = None
+        server.shutdown()  # stops serve_forever and closes the listening socket only
+        if self._thread is not None:
+            self._thread.join()
+        deadline = time.monotonic() + grace
+        while self.open_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        remaining = [a for a in self._ae.active_associations if a.is_acceptor]
+        for assoc in remaining:
+            assoc.abort()
+        log.info("dicom_node_stopped", aborted=len(remaining))

@@ -1,0 +1,1 @@
+"""Outbound DICOM: the gateway as a service-class user (echo now; sending and retrieval later)."""

@@ -1,0 +1,142 @@
+"""The file half of the store: where instance files live and how they get there durably.
+
+Layout under `data_dir`::
+
+    tmp/                      files being received (same filesystem, so moving in is a rename)
+    objects/YYYYMMDD/HH/      one file per instance, named by a random UUID, bucketed by the UTC
+                              hour it arrived; start-up reconciliation scans only the buckets of
+                              the run that did not stop cleanly
+    index.sqlite              the index (see `index.py`)
+
+No name on disk comes from a DICOM value.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+__all__ = ["FileStore", "fsync_dir"]
+
+_BUCKET_FORMAT = "%Y%m%d/%H"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory *path* (creations, renames, unlinks) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStore:
+    """Instance files under one root: temp files, durable moves into place, removal."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp_dir = root / "tmp"
+        self.objects_dir = root / "objects"
+        self._known_dirs: set[Path] = set()
+
+    def create_dirs(self) -> None:
+        """Create the layout (idempotent) and make it durable."""
+        for path in (self.root, self.tmp_dir, self.objects_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        fsync_dir(self.root)
+
+    def new_temp_path(self) -> Path:
+        """A fresh path in `tmp/` for a file being received."""
+        return self.tmp_dir / f"{uuid.uuid4().hex}.part"
+
+    def absolute(self, relpath: str) -> Path:
+        """The file of an index row (rows hold paths relative to the root)."""
+        return self.root / relpath
+
+    def _bucket(self, when: float) -> Path:
+        return self.objects_dir / time.strftime(_BUCKET_FORMAT, time.gmtime(when))
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._known_dirs:
+            return
+        created = []
+        probe = directory
+        while not probe.exists():
+            created.append(probe)
+            probe = probe.parent
+        for path in reversed(created):
+            path.mkdir(exist_ok=True)
+            fsync_dir(path.parent)
+        self._known_dirs.add(directory)
+
+    def place(self, temp_path: Path, now: float) -> Path:
+        """Move a received file into its bucket durably; return its new path.
+
+        The rename comes first and the file's fsync second: on a journalling filesystem that
+        one flush carries the data and the rename together, and the directory fsync that
+        follows (required for the rename's durability in general) finds nothing left to do.
+        A crash in between leaves a file with no index row, which start-up reconciliation
+        checks and indexes or removes.
+        """
+        directory = self._bucket(now)
+        self._ensure_dir(directory)
+        final = directory / f"{uuid.uuid4().hex}.dcm"
+        os.rename(temp_path, final)
+        fd = os.open(final, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(directory)
+        return final
+
+    def relative(self, path: Path) -> str:
+        """The path an index row holds for *path* (relative to the root)."""
+        return str(path.relative_to(self.root))
+
+    def remove(self, relpaths: Iterable[str]) -> None:
+        """Unlink files (missing ones are not an error) and make the unlinks durable."""
+        dirs = set()
+        for relpath in relpaths:
+            path = self.root / relpath
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            dirs.add(path.parent)
+        for directory in dirs:
+            fsync_dir(directory)
+
+    def clear_temp(self) -> int:
+        """Remove every file left in `tmp/` (a crash's partial receives); return how many."""
+        count = 0
+        for entry in os.scandir(self.tmp_dir):
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                count += 1
+        if count:
+            fsync_dir(self.tmp_dir)
+        return count
+
+    def files_since(self, since: float) -> Iterator[str]:
+        """Relative paths of the files in buckets from the hour of *since* onwards."""
+        first = time.strftime(_BUCKET_FORMAT, time.gmtime(since))
+        if not self.objects_dir.exists():
+            return
+        for day in sorted(os.listdir(self.objects_dir)):
+            if day < first[:8]:
+                continue
+            for hour in sorted(os.listdir(self.objects_dir / day)):
+                if f"{day}/{hour}" < first:
+                    continue
+                for entry in os.scandir(self.objects_dir / day / hour):
+                    if entry.name.endswith(".dcm"):
+                        yield f"objects/{day}/{hour}/{entry.name}"
+
+    def disk_usage(self) -> shutil._ntuple_diskusage:
+        """Total, used and free bytes of the store's filesystem."""
+        return shutil.disk_usage(self.root)

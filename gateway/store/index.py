@@ -1,0 +1,454 @@
+"""The SQLite index: its schema, and the one writer thread that changes it.
+
+Every write goes through `IndexWriter`: a thread that owns the only write connection, drains its
+queue into one transaction per batch (group commit) and resolves a future per request. Concurrent
+associations therefore share commits. Reads use separate connections (WAL lets them run beside
+the writer).
+
+Durability (docs/storage.md): an instance file is the durable record. It is in its bucket,
+fsynced, with its directory fsynced, before it is queued here; the batch that indexes it commits
+with `synchronous=NORMAL` (visible at once to every reader, made durable by the next checkpoint
+or FULL commit). After a crash, start-up reconciliation indexes any file of the unclean run that
+has no row. Other transactions (deletions, metadata) commit with `synchronous=FULL`.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import structlog
+
+from gateway.errors import DuplicateInstance, GatewayError, StoreError
+from gateway.store.files import FileStore
+from gateway.store.instance import ReceivedFile
+
+__all__ = [
+    "SCHEMA",
+    "DuplicatePolicy",
+    "IndexWriter",
+    "IngestOutcome",
+    "IngestResult",
+    "Provenance",
+    "connect",
+]
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+DuplicatePolicy = Literal["keep_first", "overwrite", "reject"]
+IngestOutcome = Literal["stored", "replaced", "unchanged", "ignored"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS patients (
+    pk                   INTEGER PRIMARY KEY,
+    patient_id           TEXT NOT NULL,
+    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
+    patient_name         TEXT,
+    patient_birth_date   TEXT,
+    patient_sex          TEXT,
+    UNIQUE (patient_id, issuer_of_patient_id)
+);
+CREATE TABLE IF NOT EXISTS studies (
+    pk                       INTEGER PRIMARY KEY,
+    study_uid                TEXT NOT NULL UNIQUE,
+    patient_pk               INTEGER NOT NULL REFERENCES patients (pk),
+    study_date               TEXT,
+    study_time               TEXT,
+    accession_number         TEXT,
+    study_id                 TEXT,
+    study_description        TEXT,
+    referring_physician_name TEXT,
+    created_at               REAL NOT NULL,
+    updated_at               REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS studies_patient ON studies (patient_pk);
+CREATE INDEX IF NOT EXISTS studies_date ON studies (study_date);
+CREATE INDEX IF NOT EXISTS studies_accession ON studies (accession_number);
+CREATE TABLE IF NOT EXISTS series (
+    pk                 INTEGER PRIMARY KEY,
+    series_uid         TEXT NOT NULL UNIQUE,
+    study_pk           INTEGER NOT NULL REFERENCES studies (pk),
+    modality           TEXT,
+    series_number      INTEGER,
+    series_description TEXT,
+    body_part_examined TEXT,
+    series_date        TEXT,
+    series_time        TEXT,
+    updated_at         REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS series_study ON series (study_pk);
+CREATE TABLE IF NOT EXISTS instances (
+    pk              INTEGER PRIMARY KEY,
+    sop_uid         TEXT NOT NULL UNIQUE,
+    series_pk       INTEGER NOT NULL REFERENCES series (pk),
+    sop_class_uid   TEXT NOT NULL,
+    instance_number INTEGER,
+    transfer_syntax TEXT NOT NULL,
+    path            TEXT NOT NULL UNIQUE,
+    size            INTEGER NOT NULL,
+    checksum        TEXT NOT NULL,
+    calling_ae      TEXT,
+    called_ae       TEXT,
+    peer_address    TEXT,
+    association_id  TEXT,
+    received_at     REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances (series_pk);
+CREATE INDEX IF NOT EXISTS patients_name ON patients (patient_name);
+"""
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open the index with the pragmas every connection needs."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    if readonly:
+        conn.execute("PRAGMA query_only=ON")
+    return conn
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """Where an instance came from."""
+
+    calling_ae: str | None = None
+    called_ae: str | None = None
+    peer_address: str | None = None
+    association_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What the index did with one received instance."""
+
+    outcome: IngestOutcome
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    path: str
+
+
+@dataclass(slots=True)
+class _Ingest:
+    received: ReceivedFile
+    provenance: Provenance
+    future: Future[IngestResult]
+
+
+@dataclass(slots=True)
+class _Call:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: Future[Any]
+
+
+_STOP = object()
+_MAX_BATCH = 256
+
+
+class IndexWriter:
+    """The writer thread: one connection, one transaction per batch of queued requests."""
+
+    def __init__(self, db_path: Path, files: FileStore, policy: DuplicatePolicy) -> None:
+        self._db_path = db_path
+        self._files = files
+        self._policy = policy
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
+        self._conn: sqlite3.Connection | None = None
+        self._series_cache: dict[str, int] = {}
+        self._sync_mode = "FULL"
+        self._ready: Future[None] = Future()
+        self.on_ingested: Callable[[list[IngestResult]], None] | None = None
+
+    def start(self) -> None:
+        """Open the connection, create the schema, and start the thread."""
+        self._thread.start()
+        self._ready.result()
+
+    def stop(self) -> None:
+        """Finish what is queued, then close the connection."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join()
+
+    def submit_ingest(self, received: ReceivedFile, provenance: Provenance) -> Future[IngestResult]:
+        """Queue an instance whose file is durably in its bucket.
+
+        The future resolves once its row is committed, or with the refusal. A file that does not
+        end up indexed (a duplicate, a refusal, a failed batch) is removed.
+        """
+        future: Future[IngestResult] = Future()
+        self._queue.put(_Ingest(received, provenance, future))
+        return future
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        """Run *fn* on the write connection in a transaction of its own."""
+        future: Future[T] = Future()
+        self._queue.put(_Call(fn, future))
+        return future
+
+    # -- the thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._conn = connect(self._db_path)
+            self._conn.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            self._ready.set_exception(StoreError(f"cannot open the index: {exc}"))
+            return
+        self._ready.set_result(None)
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _STOP:
+                    return
+                if isinstance(item, _Call):
+                    self._run_call(item)
+                    continue
+                batch = [item]
+                stop = False
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is _STOP:
+                        stop = True
+                        break
+                    if isinstance(nxt, _Call):
+                        self._run_ingest_batch(batch)  # type: ignore[arg-type]  # order kept
+                        batch = []
+                        self._run_call(nxt)
+                        continue
+                    batch.append(nxt)
+                if batch:
+                    self._run_ingest_batch(batch)  # type: ignore[arg-type]
+                if stop:
+                    return
+        finally:
+            self._conn.close()
+
+    def _synchronous(self, conn: sqlite3.Connection, mode: str) -> None:
+        if self._sync_mode != mode:
+            conn.execute(f"PRAGMA synchronous={mode}")
+            self._sync_mode = mode
+
+    def _run_call(self, call: _Call) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            self._synchronous(conn, "FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            result = call.fn(conn)
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            call.future.set_exception(exc)
+        else:
+            call.future.set_result(result)
+        finally:
+            self._series_cache.clear()  # calls may delete series
+
+    def _run_ingest_batch(self, batch: list[_Ingest]) -> None:
+        conn = self._conn
+        assert conn is not None
+        now = time.time()
+        superseded: list[str] = []
+        results: list[tuple[_Ingest, IngestResult | GatewayError]] = []
+        try:
+            self._synchronous(conn, "NORMAL")
+            conn.execute("BEGIN IMMEDIATE")
+            for item in batch:
+                results.append((item, self._ingest_one(conn, item, now, superseded)))
+            conn.execute("COMMIT")
+        except (sqlite3.Error, OSError) as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._series_cache.clear()
+            log.error("index_batch_failed", error=str(exc), instances=len(batch))
+            error = StoreError(f"the index could not be updated: {exc}")
+            for item in batch:
+                item.received.path.unlink(missing_ok=True)
+                item.future.set_exception(error)
+            return
+        if superseded:
+            self._files.remove(superseded)
+        stored = []
+        for item, outcome in results:
+            if isinstance(outcome, IngestResult):
+                if outcome.outcome in ("stored", "replaced"):
+                    stored.append(outcome)
+                else:
+                    item.received.path.unlink(missing_ok=True)
+                item.future.set_result(outcome)
+            else:
+                item.received.path.unlink(missing_ok=True)
+                item.future.set_exception(outcome)
+        if stored and self.on_ingested is not None:
+            self.on_ingested(stored)
+
+    def _ingest_one(
+        self,
+        conn: sqlite3.Connection,
+        item: _Ingest,
+        now: float,
+        superseded: list[str],
+    ) -> IngestResult | GatewayError:
+        received = item.received
+        attrs = received.attributes
+        existing = conn.execute(
+            "SELECT pk, checksum, path FROM instances WHERE sop_uid = ?",
+            (attrs.sop_instance_uid,),
+        ).fetchone()
+
+        def result(outcome: IngestOutcome, path: str = "") -> IngestResult:
+            return IngestResult(
+                outcome,
+                attrs.sop_instance_uid,
+                attrs.series_instance_uid,
+                attrs.study_instance_uid,
+                path,
+            )
+
+        if existing is not None:
+            if existing[1] == received.checksum:
+                return result("unchanged")
+            if self._policy == "keep_first":
+                return result("ignored")
+            if self._policy == "reject":
+                return DuplicateInstance(
+                    f"SOP Instance UID {attrs.sop_instance_uid} is held with other content"
+                )
+        relpath = self._files.relative(received.path)
+        series_pk = self._series_pk(conn, item, now, refresh=existing is not None)
+        prov = item.provenance
+        row = (
+            series_pk,
+            attrs.sop_class_uid,
+            attrs.instance.get("instance_number"),
+            received.transfer_syntax,
+            relpath,
+            received.size,
+            received.checksum,
+            prov.calling_ae,
+            prov.called_ae,
+            prov.peer_address,
+            prov.association_id,
+            now,
+        )
+        if existing is None:
+            conn.execute(
+                "INSERT INTO instances (series_pk, sop_class_uid, instance_number,"
+                " transfer_syntax, path, size, checksum, calling_ae, called_ae, peer_address,"
+                " association_id, received_at, sop_uid) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (*row, attrs.sop_instance_uid),
+            )
+            return result("stored", relpath)
+        conn.execute(
+            "UPDATE instances SET series_pk=?, sop_class_uid=?, instance_number=?,"
+            " transfer_syntax=?, path=?, size=?, checksum=?, calling_ae=?, called_ae=?,"
+            " peer_address=?, association_id=?, received_at=? WHERE pk=?",
+            (*row, existing[0]),
+        )
+        superseded.append(existing[2])
+        return result("replaced", relpath)
+
+    def _series_pk(
+        self, conn: sqlite3.Connection, item: _Ingest, now: float, *, refresh: bool
+    ) -> int:
+        """Upsert the patient, study and series rows; cached per series UID.
+
+        Instances of one series carry the same patient, study and series attributes, so only
+        the first of a series (or a replacement, *refresh*) pays for the three upserts.
+        """
+        attrs = item.received.attributes
+        cached = self._series_cache.get(attrs.series_instance_uid)
+        if cached is not None and not refresh:
+            return cached
+        p = attrs.patient
+        (patient_pk,) = conn.execute(
+            "INSERT INTO patients (patient_id, issuer_of_patient_id, patient_name,"
+            " patient_birth_date, patient_sex) VALUES (?,?,?,?,?)"
+            " ON CONFLICT (patient_id, issuer_of_patient_id) DO UPDATE SET"
+            " patient_name=coalesce(excluded.patient_name, patient_name),"
+            " patient_birth_date=coalesce(excluded.patient_birth_date, patient_birth_date),"
+            " patient_sex=coalesce(excluded.patient_sex, patient_sex) RETURNING pk",
+            (
+                p["patient_id"],
+                p["issuer_of_patient_id"] or "",
+                p["patient_name"],
+                p["patient_birth_date"],
+                p["patient_sex"],
+            ),
+        ).fetchone()
+        s = attrs.study
+        (study_pk,) = conn.execute(
+            "INSERT INTO studies (study_uid, patient_pk, study_date, study_time,"
+            " accession_number, study_id, study_description, referring_physician_name,"
+            " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (study_uid) DO UPDATE SET patient_pk=excluded.patient_pk,"
+            " study_date=coalesce(excluded.study_date, study_date),"
+            " study_time=coalesce(excluded.study_time, study_time),"
+            " accession_number=coalesce(excluded.accession_number, accession_number),"
+            " study_id=coalesce(excluded.study_id, study_id),"
+            " study_description=coalesce(excluded.study_description, study_description),"
+            " referring_physician_name="
+            "coalesce(excluded.referring_physician_name, referring_physician_name),"
+            " updated_at=excluded.updated_at RETURNING pk",
+            (
+                attrs.study_instance_uid,
+                patient_pk,
+                s["study_date"],
+                s["study_time"],
+                s["accession_number"],
+                s["study_id"],
+                s["study_description"],
+                s["referring_physician_name"],
+                now,
+                now,
+            ),
+        ).fetchone()
+        r = attrs.series
+        (series_pk,) = conn.execute(
+            "INSERT INTO series (series_uid, study_pk, modality, series_number,"
+            " series_description, body_part_examined, series_date, series_time, updated_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (series_uid) DO UPDATE SET study_pk=excluded.study_pk,"
+            " modality=coalesce(excluded.modality, modality),"
+            " series_number=coalesce(excluded.series_number, series_number),"
+            " series_description=coalesce(excluded.series_description, series_description),"
+            " body_part_examined=coalesce(excluded.body_part_examined, body_part_examined),"
+            " series_date=coalesce(excluded.series_date, series_date),"
+            " series_time=coalesce(excluded.series_time, series_time),"
+            " updated_at=excluded.updated_at RETURNING pk",
+            (
+                attrs.series_instance_uid,
+                study_pk,
+                r["modality"],
+                r["series_number"],
+                r["series_description"],
+                r["body_part_examined"],
+                r["series_date"],
+                r["series_time"],
+                now,
+            ),
+        ).fetchone()
+        if len(self._series_cache) > 1024:
+            self._series_cache.clear()
+        self._series_cache[attrs.series_instance_uid] = series_pk
+        return int(series_pk)

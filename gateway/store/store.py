@@ -1,0 +1,300 @@
+"""The store: files plus index behind one async API, and start-up reconciliation.
+
+Association threads call `ingest_blocking` (it waits on the writer's future, never on the event
+loop); everything else uses the async methods. Reads run on a read-only connection in a worker
+thread so the event loop never blocks on SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import structlog
+
+from gateway.errors import GatewayError, InstanceMismatch, InvalidInstance, StoreError
+from gateway.store.files import FileStore
+from gateway.store.index import (
+    DuplicatePolicy,
+    IndexWriter,
+    IngestResult,
+    Provenance,
+    connect,
+)
+from gateway.store.instance import ReceivedFile, read_received_file
+
+__all__ = ["InstanceFile", "ReconcileReport", "Store"]
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+_RUNNING_KEY = "running_since"
+_RECONCILE_MARGIN = 3600.0  # seconds before the unclean run's start that are scanned too
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceFile:
+    """One stored instance as a sender needs it."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileReport:
+    """What start-up found of an earlier crash."""
+
+    temp_files_removed: int = 0
+    orphans_indexed: int = 0
+    orphans_removed: int = 0
+    scanned: int = 0
+
+
+class Store:
+    """Instance files under `data_dir` and their SQLite index."""
+
+    def __init__(self, data_dir: Path, duplicate_policy: DuplicatePolicy = "keep_first") -> None:
+        self.files = FileStore(data_dir)
+        self.db_path = data_dir / "index.sqlite"
+        self._writer = IndexWriter(self.db_path, self.files, duplicate_policy)
+        self._read_conn: sqlite3.Connection | None = None
+        self._read_limiter = anyio.CapacityLimiter(1)
+        self.reconcile_report = ReconcileReport()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> ReconcileReport:
+        """Create the layout, start the writer, reconcile what a crash left; return the counts."""
+        new_index = not self.db_path.exists()
+        try:
+            await anyio.to_thread.run_sync(self.files.create_dirs)
+            await anyio.to_thread.run_sync(self._writer.start)
+            self._read_conn = await anyio.to_thread.run_sync(
+                lambda: connect(self.db_path, readonly=True)
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the store in {self.files.root}: {exc}") from exc
+        self.reconcile_report = await anyio.to_thread.run_sync(self._reconcile, new_index)
+        log.info(
+            "store_opened",
+            data_dir=str(self.files.root),
+            temp_files_removed=self.reconcile_report.temp_files_removed,
+            orphans_indexed=self.reconcile_report.orphans_indexed,
+            orphans_removed=self.reconcile_report.orphans_removed,
+            scanned=self.reconcile_report.scanned,
+        )
+        return self.reconcile_report
+
+    async def close(self) -> None:
+        """Mark the run as cleanly stopped and close everything."""
+        try:
+            await self.write(lambda c: c.execute("DELETE FROM meta WHERE key=?", (_RUNNING_KEY,)))
+        except GatewayError as exc:
+            log.warning("store_close_mark_failed", error=str(exc))
+        await anyio.to_thread.run_sync(self._writer.stop)
+        if self._read_conn is not None:
+            self._read_conn.close()
+            self._read_conn = None
+        log.info("store_closed")
+
+    def set_ingest_listener(self, listener: Callable[[list[IngestResult]], None]) -> None:
+        """Called on the writer thread with each committed batch of stored instances."""
+        self._writer.on_ingested = listener
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def ingest_blocking(
+        self,
+        temp_path: Path,
+        provenance: Provenance,
+        *,
+        expect: tuple[str, str] | None = None,
+    ) -> IngestResult:
+        """Check, fsync and index a received file; for association threads.
+
+        *expect* is the (SOP Class UID, SOP Instance UID) the C-STORE request announced; the
+        dataset must carry the same. Returns once the row is committed and the file is durably
+        in place. Raises `RejectedInstance` for what the instance is and `StoreError` for what
+        the store could not do; in both cases nothing is left in the store.
+        """
+        received = read_received_file(temp_path)
+        if expect is not None:
+            attrs = received.attributes
+            for name, announced, actual in (
+                ("SOP Class UID", expect[0], attrs.sop_class_uid),
+                ("SOP Instance UID", expect[1], attrs.sop_instance_uid),
+            ):
+                if announced.rstrip("\x00 ") != actual:
+                    raise InstanceMismatch(
+                        f"dataset {name} {actual[:64]!r} differs from the request's "
+                        f"{announced[:64]!r}"
+                    )
+        try:
+            final = self.files.place(temp_path, time.time())
+        except OSError as exc:
+            raise StoreError(f"cannot write the received file into the store: {exc}") from exc
+        placed = dataclasses.replace(received, path=final)
+        return self._writer.submit_ingest(placed, provenance).result()
+
+    async def ingest(
+        self, temp_path: Path, provenance: Provenance, *, expect: tuple[str, str] | None = None
+    ) -> IngestResult:
+        """The async form of `ingest_blocking`."""
+        return await anyio.to_thread.run_sync(
+            lambda: self.ingest_blocking(temp_path, provenance, expect=expect)
+        )
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run *fn* on the write connection in a transaction of its own."""
+        try:
+            return await asyncio.wrap_future(self._writer.submit(fn))
+        except sqlite3.Error as exc:
+            raise StoreError(f"the index could not be updated: {exc}") from exc
+
+    async def delete_study(self, study_uid: str) -> int:
+        """Remove a study's rows and files; return how many instances it had."""
+
+        def delete(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT i.path FROM instances i JOIN series s ON i.series_pk = s.pk"
+                " JOIN studies st ON s.study_pk = st.pk WHERE st.study_uid = ?",
+                (study_uid,),
+            ).fetchall()
+            study = conn.execute(
+                "SELECT pk, patient_pk FROM studies WHERE study_uid = ?", (study_uid,)
+            ).fetchone()
+            if study is None:
+                return []
+            conn.execute(
+                "DELETE FROM instances WHERE series_pk IN"
+                " (SELECT pk FROM series WHERE study_pk = ?)",
+                (study[0],),
+            )
+            conn.execute("DELETE FROM series WHERE study_pk = ?", (study[0],))
+            conn.execute("DELETE FROM studies WHERE pk = ?", (study[0],))
+            conn.execute(
+                "DELETE FROM patients WHERE pk = ? AND NOT EXISTS"
+                " (SELECT 1 FROM studies WHERE patient_pk = ?)",
+                (study[1], study[1]),
+            )
+            return [row[0] for row in rows]
+
+        paths = await self.write(delete)
+        await anyio.to_thread.run_sync(self.files.remove, paths)
+        log.info("study_deleted", instances=len(paths))
+        return len(paths)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run *fn* on the read-only connection in a worker thread."""
+        conn = self._read_conn
+        if conn is None:
+            raise StoreError("the store is not open")
+
+        def run() -> T:
+            try:
+                return fn(conn)
+            except sqlite3.Error as exc:
+                raise StoreError(f"the index could not be read: {exc}") from exc
+
+        return await anyio.to_thread.run_sync(run, limiter=self._read_limiter)
+
+    async def counts(self) -> dict[str, int]:
+        """Patients, studies, series, instances and bytes held."""
+
+        def count(conn: sqlite3.Connection) -> dict[str, int]:
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM patients), (SELECT count(*) FROM studies),"
+                " (SELECT count(*) FROM series), count(*), coalesce(sum(size), 0) FROM instances"
+            ).fetchone()
+            keys = ("patients", "studies", "series", "instances", "bytes")
+            return dict(zip(keys, row, strict=True))
+
+        return await self.read(count)
+
+    async def instance_files(self, where: str, params: Sequence[Any]) -> list[InstanceFile]:
+        """Stored instances selected by a WHERE clause over `st` (studies), `s` (series), `i`."""
+
+        def select(conn: sqlite3.Connection) -> list[InstanceFile]:
+            rows = conn.execute(
+                "SELECT i.sop_uid, i.sop_class_uid, i.transfer_syntax, i.path, i.size"
+                " FROM instances i JOIN series s ON i.series_pk = s.pk"
+                " JOIN studies st ON s.study_pk = st.pk"
+                " JOIN patients p ON st.patient_pk = p.pk"
+                f" WHERE {where} ORDER BY st.pk, s.series_number, s.pk, i.instance_number, i.pk",
+                tuple(params),
+            ).fetchall()
+            return [InstanceFile(r[0], r[1], r[2], self.files.absolute(r[3]), r[4]) for r in rows]
+
+        return await self.read(select)
+
+    # -- start-up reconciliation --------------------------------------------------------------
+
+    def _reconcile(self, new_index: bool) -> ReconcileReport:
+        """Remove temp files; index or remove files that have no row (blocking)."""
+        removed_temp = self.files.clear_temp()
+        since = self._writer.submit(_get_running_since).result()
+        if new_index:
+            since = 0.0  # an index created afresh is rebuilt from every file there is
+        indexed = removed = scanned = 0
+        if since is not None:
+            known = self._writer.submit(
+                lambda c: (
+                    {r[0] for r in c.execute("SELECT path FROM instances")}
+                    if since == 0.0
+                    else {
+                        r[0]
+                        for r in c.execute(
+                            "SELECT path FROM instances WHERE received_at >= ?",
+                            (since - 2 * _RECONCILE_MARGIN,),
+                        )
+                    }
+                )
+            ).result()
+            for relpath in list(self.files.files_since(max(0.0, since - _RECONCILE_MARGIN))):
+                scanned += 1
+                if relpath in known:
+                    continue
+                if self._adopt(relpath):
+                    indexed += 1
+                else:
+                    removed += 1
+        now = time.time()
+        self._writer.submit(
+            lambda c: c.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_RUNNING_KEY, str(now))
+            )
+        ).result()
+        return ReconcileReport(removed_temp, indexed, removed, scanned)
+
+    def _adopt(self, relpath: str) -> bool:
+        path = self.files.absolute(relpath)
+        try:
+            received: ReceivedFile = read_received_file(path)
+        except (InvalidInstance, OSError) as exc:
+            log.warning("orphan_file_removed", path=relpath, reason=str(exc))
+            path.unlink(missing_ok=True)
+            return False
+        try:
+            result = self._writer.submit_ingest(received, Provenance()).result()
+        except GatewayError as exc:
+            log.warning("orphan_file_removed", path=relpath, reason=str(exc))
+            path.unlink(missing_ok=True)
+            return False
+        return bool(result.path)
+
+
+def _get_running_since(conn: sqlite3.Connection) -> float | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (_RUNNING_KEY,)).fetchone()
+    return float(row[0]) if row else None

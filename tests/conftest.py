@@ -1,0 +1,273 @@
+"""Shared fixtures: free loopback ports, the gateway as a real process, DCMTK helpers.
+
+Every server a test starts is stopped by the fixture that started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from gateway.control.client import ControlClient
+
+PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
+TEST_FILES = PYDICOM_DATA / "test_files"
+CHARSET_FILES = PYDICOM_DATA / "charset_files"
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(
+    port: int, timeout: float = 20.0, proc: subprocess.Popen[Any] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex((HOST, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {HOST}:{port} after {timeout} s")
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool, path="/usr/bin")  # DCMTK; pynetdicom ships same-named apps
+    if path is None:
+        pytest.fail(f"{tool} is not installed: run scripts/install-test-deps")
+    return path
+
+
+def dcmtk_env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(value)
+
+
+def write_config(path: Path, sections: dict[str, Any]) -> Path:
+    lines: list[str] = []
+    for section, body in sections.items():
+        if isinstance(body, list):
+            for entry in body:
+                lines.append(f"[[{section}]]")
+                lines.extend(f"{k} = {_toml_value(v)}" for k, v in entry.items())
+        else:
+            lines.append(f"[{section}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in body.items())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class GatewayProcess:
+    """`gateway serve` in a subprocess with a config of its own under *root*."""
+
+    def __init__(self, root: Path, **sections: Any) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        node = {
+            "ae_title": "GATEWAY",
+            "host": HOST,
+            "port": self.port,
+            "data_dir": str(root / "data"),
+            "shutdown_grace": 5,
+        }
+        node.update(sections.pop("node", {}))
+        self.ae_title = str(node["ae_title"])
+        self.data_dir = Path(str(node["data_dir"]))
+        config = {
+            "node": node,
+            "control": {"socket": str(root / "control.sock")},
+            "log": {"level": "info", "format": "json"},
+            **sections,
+        }
+        self.config = write_config(root / "config.toml", config)
+        self.socket = root / "control.sock"
+        self.log_path = root / "gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> GatewayProcess:
+        self.socket.unlink(missing_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        wait_for_port(self.port, timeout, self.proc)
+        deadline = time.monotonic() + timeout
+        while not self.socket.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("control socket did not appear")
+            time.sleep(0.02)
+        return self
+
+    def control(self) -> ControlClient:
+        return ControlClient(self.socket)
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        with self.control() as client:
+            return client.call(method, params)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gateway", *args, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
+        )
+
+    def log_text(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Iterator[Any]:
+    """Make (and finally stop) gateway processes: `gateway_factory(name, **sections)`."""
+    started: list[GatewayProcess] = []
+
+    def make(name: str = "gw", *, start: bool = True, **sections: Any) -> GatewayProcess:
+        gw = GatewayProcess(tmp_path / name, **sections)
+        started.append(gw)
+        return gw.start() if start else gw
+
+    yield make
+    for gw in started:
+        with contextlib.suppress(Exception):
+            gw.stop()
+
+
+@pytest.fixture
+def gateway(gateway_factory: Any) -> GatewayProcess:
+    """A running gateway with default settings."""
+    gw: GatewayProcess = gateway_factory()
+    return gw
+
+
+class StoreSCP:
+    """DCMTK `storescp +xa` (accepts every transfer syntax) writing into a directory."""
+
+    def __init__(self, directory: Path, ae_title: str = "STORESCP") -> None:
+        require("storescp")
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                "/usr/bin/storescp",
+                "+xa",
+                "-aet",
+                ae_title,
+                "-od",
+                str(directory),
+                str(self.port),
+            ],
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, 10, self.proc)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.directory.iterdir() if p.is_file())
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
+    scp = StoreSCP(tmp_path / "storescp")
+    yield scp
+    scp.stop()
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The dataset bytes of a Part 10 file, after its File Meta."""
+    data = path.read_bytes()
+    if data[128:132] != b"DICM":
+        return data
+    meta_len = int.from_bytes(data[140:144], "little")
+    return data[144 + meta_len :]
+
+
+def write_variant(source: Path, target: Path, **attributes: Any) -> Path:
+    """Save *source* with some attributes changed (bad values allowed: warnings silenced)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(source)
+        for keyword, value in attributes.items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        if "SOPInstanceUID" in attributes and attributes["SOPInstanceUID"] is not None:
+            ds.file_meta.MediaStorageSOPInstanceUID = attributes["SOPInstanceUID"]
+        ds.save_as(target, enforce_file_format=True)
+    return target

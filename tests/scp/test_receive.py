@@ -1,0 +1,277 @@
+"""Receiving: DCMTK and pynetdicom senders against a running gateway process."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pynetdicom import AE, _config, build_context
+from pynetdicom.sop_class import Verification
+
+from tests.conftest import (
+    CHARSET_FILES,
+    HOST,
+    TEST_FILES,
+    GatewayProcess,
+    dataset_bytes,
+    dcmtk_env,
+    require,
+    write_variant,
+)
+
+CT = TEST_FILES / "CT_small.dcm"
+NOT_ACCEPTED = -1
+
+
+def storescu(
+    gw: GatewayProcess, *files: Path, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            require("storescu"),
+            "-R",
+            *extra,
+            "-aec",
+            gw.ae_title,
+            HOST,
+            str(gw.port),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        env=dcmtk_env(),
+        timeout=120,
+    )
+
+
+def index_rows(gw: GatewayProcess, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(gw.data_dir / "index.sqlite") as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def stored_dataset(gw: GatewayProcess, sop_uid: str) -> bytes:
+    (path,) = index_rows(gw, "SELECT path FROM instances WHERE sop_uid = ?", (sop_uid,))[0]
+    return dataset_bytes(gw.data_dir / path)
+
+
+@pytest.fixture
+def raw_sender() -> Iterator[AE]:
+    """A pynetdicom SCU that sends a file's bytes exactly as they are on disk."""
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    yield AE(ae_title="RAWSCU")
+    _config.STORE_SEND_CHUNKED_DATASET = previous
+
+
+def send_raw(ae: AE, gw: GatewayProcess, path: Path) -> int:
+    """C-STORE *path* on a context of its own SOP class and transfer syntax; return the status.
+
+    NOT_ACCEPTED when the gateway accepts no context for it.
+    """
+    import warnings
+
+    import pydicom
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the bad files are bad on purpose
+        meta = pydicom.dcmread(path, stop_before_pixels=True, force=True).file_meta
+        context = build_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+        assoc = ae.associate(HOST, gw.port, ae_title=gw.ae_title, contexts=[context])
+        if not assoc.is_established:
+            return NOT_ACCEPTED
+        try:
+            status = assoc.send_c_store(path)
+            return int(status.Status)
+        finally:
+            assoc.release()
+
+
+def test_echo(gateway: GatewayProcess) -> None:
+    result = subprocess.run(
+        [require("echoscu"), "-aec", gateway.ae_title, HOST, str(gateway.port)],
+        capture_output=True,
+        text=True,
+        env=dcmtk_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"association_accepted"' in gateway.log_text()
+
+
+def _sendable_files() -> list[Path]:
+    return sorted(TEST_FILES.glob("*.dcm")) + sorted(CHARSET_FILES.glob("*.dcm"))
+
+
+def _sent_ok(result: subprocess.CompletedProcess[str]) -> bool:
+    return result.returncode == 0 and "Failed" not in result.stderr
+
+
+def test_every_pydicom_file_dcmtk_sends_is_stored(gateway: GatewayProcess, storescp: Any) -> None:
+    """What DCMTK can send to its own storescp, the gateway stores (or refuses, saying why)."""
+    files = _sendable_files()
+
+    def send_both(path: Path) -> tuple[Path, bool, bool]:
+        reference = subprocess.run(
+            [require("storescu"), "-R", "-aec", storescp.ae_title, HOST, str(storescp.port),
+             str(path)],
+            capture_output=True, text=True, env=dcmtk_env(), timeout=120,
+        )  # fmt: skip
+        return path, _sent_ok(reference), _sent_ok(storescu(gateway, path))
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(send_both, files))
+    sendable = [path for path, reference_ok, _ in results if reference_ok]
+    assert len(sendable) >= 40
+    import pydicom
+
+    held = {row[0] for row in index_rows(gateway, "SELECT sop_uid FROM instances")}
+    # Refused for what they are: no SOP Class UID, no Study UID, a truncated dataset.
+    expected_refusals = {
+        "MR_truncated.dcm", "rtplan_truncated.dcm", "UN_sequence.dcm", "empty_charset_LEI.dcm",
+        "nested_priv_SQ.dcm", "priv_SQ.dcm", "chrSQEncoding.dcm", "chrSQEncoding1.dcm",
+        "JPEGLSNearLossless_08.dcm", "JPEGLSNearLossless_16.dcm", "SC_rgb_jls_lossy_line.dcm",
+        "SC_rgb_jls_lossy_sample.dcm", "SC_rgb_jpeg.dcm",
+    }  # fmt: skip
+    log = gateway.log_text()
+    for path, _, gateway_ok in results:
+        if path not in sendable:
+            continue
+        if path.name in expected_refusals:
+            assert not gateway_ok, path.name
+            continue
+        assert gateway_ok, path.name
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True, force=True).SOPInstanceUID)
+        assert uid in held, path.name
+    refused = [p for p, _, ok in results if p in sendable and not ok]
+    assert log.count('"instance_refused"') >= len(refused)
+    assert gateway.call("status")["instances"] == len(held)
+
+
+def test_bytes_are_stored_as_received(gateway: GatewayProcess, raw_sender: AE) -> None:
+    names = ("CT_small.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm",
+             "image_dfl.dcm", "rtdose_rle.dcm")  # fmt: skip
+    for name in names:
+        path = TEST_FILES / name
+        assert send_raw(raw_sender, gateway, path) == 0x0000, name
+        import pydicom
+
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        assert stored_dataset(gateway, uid) == dataset_bytes(path), name
+
+
+@pytest.mark.parametrize(
+    ("attributes", "status", "reason"),
+    [
+        ({"SOPInstanceUID": "../../x"}, 0xC000, "SOPInstanceUID is not a valid UID"),
+        ({"StudyInstanceUID": None}, 0xC000, "StudyInstanceUID is missing"),
+        ({"SeriesInstanceUID": "1.2.abc"}, 0xC000, "SeriesInstanceUID is not a valid UID"),
+    ],
+)
+def test_bad_identifiers_refused(
+    gateway: GatewayProcess,
+    raw_sender: AE,
+    tmp_path: Path,
+    attributes: dict[str, Any],
+    status: int,
+    reason: str,
+) -> None:
+    bad = write_variant(CT, tmp_path / "bad.dcm", **attributes)
+    assert send_raw(raw_sender, gateway, bad) == status
+    assert gateway.call("status")["instances"] == 0
+    assert reason in gateway.log_text()
+    assert not list((gateway.data_dir / "objects").rglob("*.dcm"))
+
+
+def test_real_file_whose_meta_and_dataset_disagree(gateway: GatewayProcess, raw_sender: AE) -> None:
+    # rtplan.dcm's File Meta names another SOP Instance than its dataset.
+    assert send_raw(raw_sender, gateway, TEST_FILES / "rtplan.dcm") == 0xA900
+    assert gateway.call("status")["instances"] == 0
+
+
+def test_dataset_uid_differs_from_request(
+    gateway: GatewayProcess, raw_sender: AE, tmp_path: Path
+) -> None:
+    # The request takes its SOP Instance UID from the File Meta; the dataset says another.
+    import pydicom
+
+    ds = pydicom.dcmread(CT)
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6"
+    mismatched = tmp_path / "mismatch.dcm"
+    ds.save_as(mismatched)
+    assert send_raw(raw_sender, gateway, mismatched) == 0xA900
+    assert gateway.call("status")["instances"] == 0
+    assert "differs from the request" in gateway.log_text()
+
+
+def test_truncated_dataset_refused(gateway: GatewayProcess, raw_sender: AE) -> None:
+    assert send_raw(raw_sender, gateway, TEST_FILES / "MR_truncated.dcm") == 0xC000
+    assert gateway.call("status")["instances"] == 0
+    assert "dataset truncated" in gateway.log_text()
+
+
+def test_disk_failure_is_out_of_resources(gateway: GatewayProcess, raw_sender: AE) -> None:
+    objects = gateway.data_dir / "objects"
+    shutil.rmtree(objects)
+    objects.write_bytes(b"")  # the store cannot create its buckets
+    assert send_raw(raw_sender, gateway, CT) == 0xA700
+    assert gateway.call("status")["instances"] == 0
+    assert "instance_not_stored" in gateway.log_text()
+    objects.unlink()
+    objects.mkdir()
+    assert send_raw(raw_sender, gateway, CT) == 0x0000
+    assert gateway.call("status")["instances"] == 1
+
+
+def _variant(tmp_path: Path, text: str) -> Path:
+    return write_variant(CT, tmp_path / f"{text}.dcm", StudyDescription=text)
+
+
+@pytest.mark.parametrize("policy", ["keep_first", "overwrite", "reject"])
+def test_duplicate_policy_over_dicom(gateway_factory: Any, tmp_path: Path, policy: str) -> None:
+    gw = gateway_factory(node={"duplicate_policy": policy})
+    first, second = _variant(tmp_path, "FIRST"), _variant(tmp_path, "SECOND")
+    assert storescu(gw, first).returncode == 0
+    identical = storescu(gw, first)
+    assert identical.returncode == 0 and "Failed" not in identical.stderr
+    other = storescu(gw, second)
+    if policy == "reject":
+        assert "0x0111" in other.stderr or "Duplicate" in other.stderr or other.returncode != 0
+    else:
+        assert other.returncode == 0, other.stderr
+    kept = "SECOND" if policy == "overwrite" else "FIRST"
+    assert index_rows(gw, "SELECT study_description FROM studies") == [(kept,)]
+    assert index_rows(gw, "SELECT count(*) FROM instances") == [(1,)]
+    assert len(list((gw.data_dir / "objects").rglob("*.dcm"))) == 1
+
+
+def test_private_sop_class_only_when_configured(
+    gateway_factory: Any, raw_sender: AE, tmp_path: Path
+) -> None:
+    private_class = "1.2.826.0.1.3680043.9.9999.1"
+    private = write_variant(CT, tmp_path / "private.dcm", SOPClassUID=private_class)
+    import pydicom
+
+    ds = pydicom.dcmread(private)
+    ds.file_meta.MediaStorageSOPClassUID = private_class
+    ds.save_as(private)
+    closed = gateway_factory("closed")
+    assert send_raw(raw_sender, closed, private) == NOT_ACCEPTED
+    assert closed.call("status")["instances"] == 0
+    opened = gateway_factory("open", node={"accept_unknown_sop_classes": True})
+    assert send_raw(raw_sender, opened, private) == 0x0000
+    assert opened.call("status")["instances"] == 1
+
+
+def test_verification_from_pynetdicom_sets_nodelay_on_both_ends(gateway: GatewayProcess) -> None:
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(HOST, gateway.port, ae_title=gateway.ae_title)
+    assert assoc.is_established
+    status = assoc.send_c_echo()
+    assoc.release()
+    assert status.Status == 0x0000

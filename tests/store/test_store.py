@@ -1,0 +1,244 @@
+"""The store: durable ingest, duplicate policies, start-up reconciliation, deletion."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from gateway.errors import DuplicateInstance, InstanceMismatch, InvalidInstance, StoreError
+from gateway.store.index import Provenance
+from gateway.store.store import Store
+from tests.conftest import CHARSET_FILES, TEST_FILES, write_variant
+
+CT = TEST_FILES / "CT_small.dcm"
+MR = TEST_FILES / "MR_small.dcm"
+
+
+def stage(store: Store, source: Path) -> Path:
+    """Copy a file into the store's tmp/ as the listener would have written it."""
+    target = store.files.new_temp_path()
+    shutil.copyfile(source, target)
+    return target
+
+
+@pytest_asyncio.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = Store(tmp_path / "data")
+    await s.open()
+    yield s
+    await s.close()
+
+
+def rows(store: Store, sql: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(store.db_path) as conn:
+        return conn.execute(sql).fetchall()
+
+
+@pytest.mark.asyncio
+async def test_ingest_indexes_and_places_the_file(store: Store) -> None:
+    prov = Provenance("CT1", "GATEWAY", "127.0.0.1", "abc")
+    result = await store.ingest(stage(store, CT), prov)
+    assert result.outcome == "stored"
+    assert result.path.startswith("objects/")
+    placed = store.files.absolute(result.path)
+    assert placed.read_bytes() == CT.read_bytes()
+    assert list(store.files.tmp_dir.iterdir()) == []
+    (row,) = rows(
+        store,
+        "SELECT sop_uid, sop_class_uid, transfer_syntax, size, calling_ae, called_ae,"
+        " peer_address, association_id, length(checksum) FROM instances",
+    )
+    assert row == (
+        "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322",
+        "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.840.10008.1.2.1",
+        CT.stat().st_size - 336,
+        "CT1",
+        "GATEWAY",
+        "127.0.0.1",
+        "abc",
+        64,
+    )
+    assert rows(store, "SELECT patient_id, patient_name, patient_sex FROM patients") == [
+        ("1CT1", "CompressedSamples^CT1", "O")
+    ]
+    assert await store.counts() == {
+        "patients": 1,
+        "studies": 1,
+        "series": 1,
+        "instances": 1,
+        "bytes": CT.stat().st_size - 336,
+    }
+
+
+@pytest.mark.asyncio
+async def test_names_decoded_with_their_character_set(store: Store) -> None:
+    await store.ingest(stage(store, CHARSET_FILES / "chrH31.dcm"), Provenance())
+    await store.ingest(stage(store, CHARSET_FILES / "chrRuss.dcm"), Provenance())
+    names = {r[0] for r in rows(store, "SELECT patient_name FROM patients")}
+    assert "Yamada^Tarou=山田^太郎=やまだ^たろう" in names
+    assert "Люкceмбypг" in names  # noqa: RUF001 - the file's own spelling
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("MR_truncated.dcm", "truncated"),
+        ("rtplan_truncated.dcm", "truncated"),
+        ("no_meta.dcm", "not a DICOM Part 10 file"),
+        ("UN_sequence.dcm", "SOPClassUID is missing"),
+    ],
+)
+async def test_bad_files_refused_and_nothing_kept(store: Store, name: str, message: str) -> None:
+    staged = stage(store, TEST_FILES / name)
+    with pytest.raises(InvalidInstance, match=message):
+        await store.ingest(staged, Provenance())
+    assert await store.counts() == {
+        "patients": 0, "studies": 0, "series": 0, "instances": 0, "bytes": 0
+    }  # fmt: skip
+    assert list(store.files.objects_dir.rglob("*.dcm")) == []
+
+
+@pytest.mark.asyncio
+async def test_uid_that_escapes_the_store_is_refused(store: Store, tmp_path: Path) -> None:
+    bad = write_variant(CT, tmp_path / "bad.dcm", SOPInstanceUID="../../x")
+    with pytest.raises(InvalidInstance, match="SOPInstanceUID is not a valid UID"):
+        await store.ingest(stage(store, bad), Provenance())
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.asyncio
+async def test_request_uids_must_match_the_dataset(store: Store) -> None:
+    with pytest.raises(InstanceMismatch, match="SOP Instance UID"):
+        await store.ingest(stage(store, CT), Provenance(), expect=(
+            "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4"
+        ))  # fmt: skip
+    with pytest.raises(InstanceMismatch, match="SOP Class UID"):
+        await store.ingest(stage(store, CT), Provenance(), expect=(
+            "1.2.840.10008.5.1.4.1.1.4",
+            "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322",
+        ))  # fmt: skip
+    assert (await store.counts())["instances"] == 0
+
+
+def _variant(tmp_path: Path, description: str) -> Path:
+    """CT_small with the same SOP Instance UID and different content."""
+    return write_variant(CT, tmp_path / f"{description}.dcm", StudyDescription=description)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("policy", "second_outcome", "kept"),
+    [("keep_first", "ignored", "FIRST"), ("overwrite", "replaced", "SECOND")],
+)
+async def test_duplicate_policy(
+    tmp_path: Path, policy: str, second_outcome: str, kept: str
+) -> None:
+    store = Store(tmp_path / "data", policy)  # type: ignore[arg-type]
+    await store.open()
+    try:
+        first, second = _variant(tmp_path, "FIRST"), _variant(tmp_path, "SECOND")
+        assert (await store.ingest(stage(store, first), Provenance())).outcome == "stored"
+        again = await store.ingest(stage(store, first), Provenance())
+        assert again.outcome == "unchanged"
+        assert (await store.ingest(stage(store, second), Provenance())).outcome == second_outcome
+        assert rows(store, "SELECT study_description FROM studies") == [(kept,)]
+        files = list(store.files.objects_dir.rglob("*.dcm"))
+        assert len(files) == 1
+        assert (
+            b"FIRST" in files[0].read_bytes()
+            if kept == "FIRST"
+            else b"SECOND" in files[0].read_bytes()
+        )
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_duplicate_policy_reject(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", "reject")
+    await store.open()
+    try:
+        first, second = _variant(tmp_path, "FIRST"), _variant(tmp_path, "SECOND")
+        await store.ingest(stage(store, first), Provenance())
+        assert (await store.ingest(stage(store, first), Provenance())).outcome == "unchanged"
+        with pytest.raises(DuplicateInstance):
+            await store.ingest(stage(store, second), Provenance())
+        assert len(list(store.files.objects_dir.rglob("*.dcm"))) == 1
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_reconcile_after_crash(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data")
+    await store.open()
+    await store.ingest(stage(store, CT), Provenance())
+    # Simulate a crash: no clean close, a partial temp file, a placed file without its row,
+    # and a placed file that is garbage.
+    store._writer.stop()
+    (store.files.tmp_dir / "partial.part").write_bytes(b"half an instance")
+    bucket = next(store.files.objects_dir.glob("*/*"))
+    shutil.copyfile(MR, bucket / "orphan.dcm")
+    (bucket / "garbage.dcm").write_bytes(b"not dicom")
+
+    reopened = Store(tmp_path / "data")
+    report = await reopened.open()
+    try:
+        assert report.temp_files_removed == 1
+        assert report.orphans_indexed == 1
+        assert report.orphans_removed == 1
+        assert (await reopened.counts())["instances"] == 2
+        assert not (bucket / "garbage.dcm").exists()
+    finally:
+        await reopened.close()
+    # A clean stop leaves nothing to scan.
+    again = Store(tmp_path / "data")
+    report = await again.open()
+    await again.close()
+    assert report.scanned == 0
+
+
+@pytest.mark.asyncio
+async def test_index_rebuilt_when_missing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data")
+    await store.open()
+    await store.ingest(stage(store, CT), Provenance())
+    await store.ingest(stage(store, MR), Provenance())
+    await store.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(store.db_path) + suffix).unlink(missing_ok=True)
+    rebuilt = Store(tmp_path / "data")
+    report = await rebuilt.open()
+    try:
+        assert report.orphans_indexed == 2
+        assert (await rebuilt.counts())["instances"] == 2
+    finally:
+        await rebuilt.close()
+
+
+@pytest.mark.asyncio
+async def test_delete_study_removes_rows_and_files(store: Store) -> None:
+    result = await store.ingest(stage(store, CT), Provenance())
+    await store.ingest(stage(store, MR), Provenance())
+    assert await store.delete_study(result.study_instance_uid) == 1
+    assert not store.files.absolute(result.path).exists()
+    counts = await store.counts()
+    assert counts["studies"] == 1 and counts["instances"] == 1 and counts["patients"] == 1
+    assert await store.delete_study("1.2.3.4.5") == 0
+
+
+@pytest.mark.asyncio
+async def test_disk_failure_is_a_store_error_and_nothing_indexed(store: Store) -> None:
+    shutil.rmtree(store.files.objects_dir)
+    store.files.objects_dir.write_bytes(b"")  # a file where the directory should be
+    store.files._known_dirs.clear()
+    with pytest.raises(StoreError):
+        await store.ingest(stage(store, CT), Provenance())
+    assert (await store.counts())["instances"] == 0
