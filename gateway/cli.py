@@ -175,17 +175,30 @@ def cmd_echo(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """--config and --json; a subcommand's copies must not overwrite values given before it."""
+    parser.add_argument(
         "--config",
         metavar="PATH",
+        default=argparse.SUPPRESS if suppress else None,
         help=f"config file (default: $GATEWAY_CONFIG or {_DEFAULT_CONFIG})",
     )
-    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="print JSON for scripts",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    # Both `gateway --config X status` and `gateway status --config X` work.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_common(common, suppress=True)
     parser = argparse.ArgumentParser(
         prog="gateway", description="DICOM gateway: node, router and retrieval in one process."
     )
+    _add_common(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import socket
@@ -35,8 +36,13 @@ class ControlClient:
         """Call *method*; return its result or raise `ControlError` with the server's error."""
         request_id = next(self._ids)
         request = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
-        self._sock.sendall(json.dumps(request).encode() + b"\n")
-        line = self._file.readline()
+        # If sending fails the gateway may have answered (too many clients) and closed: read it.
+        with contextlib.suppress(OSError):
+            self._sock.sendall(json.dumps(request).encode() + b"\n")
+        try:
+            line = self._file.readline()
+        except OSError as exc:
+            raise GatewayError(f"the control connection failed: {exc}") from exc
         if not line:
             raise GatewayError("the gateway closed the control connection")
         response = json.loads(line)

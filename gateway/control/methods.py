@@ -121,7 +121,12 @@ def register_core_methods(server: ControlServer, gateway: Gateway) -> None:
         try:
             matches = await find(store, "study", identifier, limit=limit)
         except QueryError as exc:
-            raise ControlError(INVALID_PARAMS, str(exc)) from exc
+            # The query speaks DICOM keywords; name the parameter the caller actually sent.
+            message = str(exc)
+            param = next((n for n, k in _SEARCH_KEYS.items() if message.startswith(f"{k} ")), None)
+            if param is not None:
+                message = f"parameter {param!r}: {message}"
+            raise ControlError(INVALID_PARAMS, message) from exc
         studies = [{k: _value(ds, kw) for k, kw in _RETURN_KEYS.items()} for ds in matches]
         return {"studies": studies, "count": len(studies)}
 

@@ -3,9 +3,11 @@
 Methods are registered by name with an async function taking the params object; later features
 add theirs. Errors follow JSON-RPC: -32700 bad JSON, -32600 invalid request, -32601 unknown
 method, -32602 a bad parameter (the message names it), -32603 internal error, and -32000 and
-below for the gateway's own failures. A line longer than `max_line_bytes` is refused without
-being held in memory (it is drained and dropped) and the connection is closed. Each connection
-is served by its own task, so a slow or silent client stalls no one else.
+below for the gateway's own failures. A request without an "id" is a notification: it gets no
+answer, not even an error. Batches (JSON arrays) are refused. A line longer than
+`max_line_bytes` is refused as soon as the limit is passed (at most the limit is ever buffered)
+and the connection is closed. Each connection is served by its own task, so a slow or silent
+client stalls no one else.
 """
 
 from __future__ import annotations
@@ -170,17 +172,33 @@ class ControlServer:
             request = json.loads(line)
         except (ValueError, UnicodeDecodeError) as exc:
             return _error(None, PARSE_ERROR, f"not valid JSON: {exc}")
+        except RecursionError:
+            return _error(None, PARSE_ERROR, "not valid JSON: nested too deeply")
+        if isinstance(request, list):
+            return _error(
+                None, INVALID_REQUEST, "batch requests are not supported: send one object a line"
+            )
         if not isinstance(request, dict):
             return _error(None, INVALID_REQUEST, "a request is a JSON object")
         request_id = request.get("id")
+        # bool is an int to Python, not to JSON-RPC; an invalid id is never echoed back.
+        if request_id is not None and (
+            isinstance(request_id, bool) or not isinstance(request_id, (str, int))
+        ):
+            return _error(None, INVALID_REQUEST, '"id" must be a string or an integer')
         if request.get("jsonrpc") != "2.0":
             return _error(request_id, INVALID_REQUEST, '"jsonrpc" must be "2.0"')
-        if request_id is not None and not isinstance(request_id, (str, int)):
-            return _error(None, INVALID_REQUEST, '"id" must be a string or an integer')
         method_name = request.get("method")
         if not isinstance(method_name, str):
             return _error(request_id, INVALID_REQUEST, '"method" must be a string')
-        params = request.get("params", {})
+        response = await self._call(request_id, method_name, request.get("params"))
+        if "id" not in request:  # a notification is never answered, not even with an error
+            if "error" in response:
+                log.info("control_notification_failed", method=method_name, **response["error"])
+            return None
+        return response
+
+    async def _call(self, request_id: object, method_name: str, params: Any) -> dict[str, Any]:
         if params is None:
             params = {}
         if not isinstance(params, dict):
@@ -199,8 +217,6 @@ class ControlServer:
         except Exception as exc:
             log.exception("control_method_failed", method=method_name)
             return _error(request_id, INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
-        if "id" not in request:
-            return None
         return {"jsonrpc": "2.0", "id": request_id, "result": result}
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.association import Association
@@ -47,6 +48,54 @@ _MAX_CONTEXTS = 128
 def _model(event: evt.Event) -> QueryModel:
     """The Q/R information model of a C-FIND / C-MOVE / C-GET request."""
     return "patient" if str(event.request.AffectedSOPClassUID) in _PATIENT_ROOT else "study"
+
+
+class _StoredFile(Dataset):
+    """A stored instance as the dataset of a C-MOVE / C-GET sub-operation.
+
+    pynetdicom's Q/R service takes only a `Dataset` for a sub-operation (a path is refused as an
+    invalid dataset) and hands it to `send_c_store`. A `_StoredFile` holds the UIDs pynetdicom reads
+    and the file; `_send_stored_files` makes an association send it as the file's path, so its
+    dataset bytes go out unchanged (`STORE_SEND_CHUNKED_DATASET`).
+    """
+
+    stored_path: Path
+    stored_syntax: str
+
+    def __init__(self, instance: InstanceFile) -> None:
+        super().__init__()
+        self.SOPClassUID = instance.sop_class_uid
+        self.SOPInstanceUID = instance.sop_instance_uid  # for a FailedSOPInstanceUIDList
+        self.stored_path = instance.path
+        self.stored_syntax = instance.transfer_syntax
+
+    def payload(self, assoc: Association) -> Path | Dataset:
+        """The file's path if *assoc* can take it in its own transfer syntax, else the decoded
+        dataset, which pynetdicom converts to another uncompressed syntax where it can (a C-GET
+        requestor such as DCMTK getscu proposes several, of which one is accepted)."""
+        for cx in assoc.accepted_contexts:
+            if (
+                cx.abstract_syntax == self.SOPClassUID
+                and cx.transfer_syntax[0] == self.stored_syntax
+                and cx.as_scu
+            ):
+                return self.stored_path
+        return dcmread(self.stored_path)
+
+
+def _send_stored_files(assoc: Association) -> None:
+    """Let *assoc*'s `send_c_store` take a `_StoredFile` (once per association)."""
+    if getattr(assoc, "_gateway_sends_stored_files", False):
+        return
+    send_c_store = assoc.send_c_store
+
+    def send(dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(dataset, _StoredFile):
+            dataset = dataset.payload(assoc)
+        return send_c_store(dataset, *args, **kwargs)
+
+    assoc.send_c_store = send
+    assoc._gateway_sends_stored_files = True
 
 
 @dataclass
@@ -240,17 +289,19 @@ class DicomServices:
             )
             yield None, None
             return
+        # pynetdicom connects to the destination as soon as it has a sub-operation count, and
+        # answers 0 with Success: a request that fails raises instead of yielding a count, which
+        # pynetdicom answers with 0xC513 (Unable to process) without connecting to anyone.
         try:
             instances = self._instances(event)
         except QueryError as exc:
+            log.warning("move_refused", association_id=stats.association_id, reason=str(exc))
             yield peer.host, peer.port, self._move_kwargs([])
-            yield exc.status, None
-            return
+            raise
         except GatewayError as exc:
             log.error("move_failed", association_id=stats.association_id, reason=str(exc))
             yield peer.host, peer.port, self._move_kwargs([])
-            yield 0xA701, None
-            return
+            raise
         yield peer.host, peer.port, self._move_kwargs(instances)
         yield from self._send(event, stats, instances, "move")
 
@@ -259,14 +310,16 @@ class DicomServices:
         try:
             instances = self._instances(event)
         except QueryError as exc:
-            yield 0
+            log.warning("get_refused", association_id=stats.association_id, reason=str(exc))
+            yield 1  # pynetdicom answers 0 sub-operations with Success, whatever follows
             yield exc.status, None
             return
         except GatewayError as exc:
             log.error("get_failed", association_id=stats.association_id, reason=str(exc))
-            yield 0
+            yield 1
             yield 0xA701, None
             return
+        _send_stored_files(event.assoc)  # the sub-operations go over this association
         yield from self._send(event, stats, instances, "get")
 
     def _send(
@@ -279,7 +332,7 @@ class DicomServices:
                 yield 0xFE00, None
                 return
             stats.sent += 1
-            yield 0xFF00, instance.path
+            yield 0xFF00, _StoredFile(instance)
         log.info(f"{kind}_done", association_id=stats.association_id, instances=len(instances))
 
     def _move_kwargs(self, instances: list[InstanceFile]) -> dict[str, Any]:
@@ -300,5 +353,11 @@ class DicomServices:
         return {
             "contexts": contexts[:_MAX_CONTEXTS],
             "max_pdu": node.max_pdu_size,
-            "evt_handlers": [(evt.EVT_CONN_OPEN, self.on_conn_open)],
+            "evt_handlers": [
+                (evt.EVT_CONN_OPEN, self.on_conn_open),
+                (evt.EVT_ACCEPTED, self.on_destination_accepted),  # before any sub-operation
+            ],
         }
+
+    def on_destination_accepted(self, event: evt.Event) -> None:
+        _send_stored_files(event.assoc)

@@ -1,17 +1,31 @@
-"""The listener under the DICOM node: sockets, PDU bounds and association policy.
+"""The listener under the DICOM node: sockets, PDU bounds, wake-ups and association policy.
 
-pynetdicom's server is kept, with three changes made where pynetdicom offers the seam:
+pynetdicom's server is kept, with four changes made where pynetdicom offers the seam:
 
 - every accepted socket gets TCP_NODELAY (pynetdicom leaves Nagle on: ~20 instances/s);
 - a PDU longer than the negotiated maximum is refused before it is read (pynetdicom would buffer
   whatever length the peer claims), and reads use 64 KB chunks instead of 4 KB;
+- the two threads of an association wait for work instead of polling. pynetdicom's DUL thread
+  sleeps 1 ms whenever a loop found nothing, and the association thread sleeps 1 ms every loop;
+  measured here, that polling was ~3.5 ms of the ~8 ms a small C-STORE took. The DUL now blocks
+  in `select` on the socket and a wake-up pipe written whenever a primitive is queued for it,
+  and the association thread waits on an event set whenever the DUL queues a message for it;
 - the acceptor checks the association policy (called AE, calling AE allowlist bound to hosts,
   association limit) itself, so the log names the reason for every rejection.
+
+pynetdicom is pinned to 3.0.x: `_EventDrivenAssociation._run_reactor` is pynetdicom 3.0's
+acceptor loop with its sleep replaced by that wait.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import queue
+import select
 import socket
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +47,8 @@ __all__ = ["AssociationPolicy", "GatewayServer", "set_nodelay"]
 log = structlog.get_logger(__name__)
 
 _READ_CHUNK = 64 * 1024
+# How long an idle association's threads wait before re-checking timers (ARTIM, idle timeout).
+_IDLE_WAIT = 0.05
 # A-ASSOCIATE-RQ/AC PDUs are not bounded by the maximum PDU length; allow them this much.
 _MIN_PDU_LIMIT = 256 * 1024
 
@@ -70,10 +86,58 @@ class AssociationPolicy:
         return None
 
 
+class _WakingQueue(queue.Queue[Any]):
+    """A queue that calls *wake* after every put, so its consumer need not poll."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
 class _BoundedSocket(AssociationSocket):  # type: ignore[misc]
-    """An AssociationSocket that refuses over-long PDUs and reads in large chunks."""
+    """An AssociationSocket that refuses over-long PDUs, reads in large chunks, and lets the DUL
+    thread block until the peer sends or a primitive is queued for sending."""
 
     pdu_limit: int = _MIN_PDU_LIMIT
+    _wake_r: int = -1
+    _wake_w: int = -1
+
+    def enable_wakeups(self) -> None:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):  # pipe full (already awake) or closed
+            os.write(self._wake_w, b"\0")
+
+    @property
+    def ready(self) -> bool:
+        sock = self.socket
+        if sock is None or self._is_connected is False or self._wake_r < 0:
+            time.sleep(_IDLE_WAIT / 50)  # pynetdicom's own pace when there is no connection
+            return False
+        try:
+            readable, _, _ = select.select([sock, self._wake_r], [], [], _IDLE_WAIT)
+        except (OSError, TimeoutError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return False
+        if self._wake_r in readable:
+            with contextlib.suppress(OSError):
+                os.read(self._wake_r, 4096)
+        return sock in readable
+
+    def close(self) -> None:
+        super().close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > self.pdu_limit:
@@ -92,6 +156,55 @@ class _BoundedSocket(AssociationSocket):  # type: ignore[misc]
             read += count
         del view
         return buffer
+
+
+class _EventDrivenAssociation(Association):  # type: ignore[misc]
+    """pynetdicom's acceptor with a reactor that waits for work instead of sleeping 1 ms."""
+
+    _wake_event: threading.Event
+
+    def _run_reactor(self) -> None:
+        # pynetdicom 3.0 Association._run_reactor, with `time.sleep(0.001)` replaced by a wait
+        # on `_wake_event` (set when the DUL queues a DIMSE message or an ACSE primitive).
+        self._is_paused = False
+        while not self._kill:
+            self._wake_event.wait(_IDLE_WAIT)
+            self._wake_event.clear()
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._wake_event.set()  # more may be queued: look again without waiting
+                self._serve_request(msg, context_id)
+            if self.is_established and self.acse.is_release_requested():  # type: ignore[has-type]
+                self.acse.send_release(is_response=True)
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+            if self.acse.is_aborted():
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+            if not self.dul.is_alive():
+                self.kill()
+                return
+            if self.dul.idle_timer_expired():
+                log.warning("network_timeout", peer=self.requestor.address)
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
 
 
 class _PolicyACSE(ACSE):  # type: ignore[misc]
@@ -129,6 +242,15 @@ class _RequestHandler(RequestHandler):  # type: ignore[misc]
         sock = assoc.dul.socket
         sock.__class__ = _BoundedSocket
         sock.pdu_limit = max(_MIN_PDU_LIMIT, self.ae.maximum_pdu_size + 6)
+        # Wake-ups instead of polling (see the module docstring). The queues are still empty:
+        # neither thread of the association has started.
+        sock.enable_wakeups()
+        assoc.__class__ = _EventDrivenAssociation
+        assoc._wake_event = threading.Event()
+        assoc.dul._run_loop_delay = 0
+        assoc.dul.to_provider_queue = _WakingQueue(sock.wake)
+        assoc.dul.to_user_queue = _WakingQueue(assoc._wake_event.set)
+        assoc.dimse.msg_queue = _WakingQueue(assoc._wake_event.set)
         acse = _PolicyACSE(assoc)
         acse.policy = self.server.policy
         acse.on_reject = self.server.on_reject

@@ -73,26 +73,24 @@ class FileStore:
             fsync_dir(path.parent)
         self._known_dirs.add(directory)
 
-    def place(self, temp_path: Path, now: float) -> Path:
-        """Move a received file into its bucket durably; return its new path.
-
-        The rename comes first and the file's fsync second: on a journalling filesystem that
-        one flush carries the data and the rename together, and the directory fsync that
-        follows (required for the rename's durability in general) finds nothing left to do.
-        A crash in between leaves a file with no index row, which start-up reconciliation
-        checks and indexes or removes.
-        """
+    def move_in(self, temp_path: Path, now: float) -> Path:
+        """Rename a received file into its bucket (not yet durable); return its new path."""
         directory = self._bucket(now)
         self._ensure_dir(directory)
         final = directory / f"{uuid.uuid4().hex}.dcm"
         os.rename(temp_path, final)
-        fd = os.open(final, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_dir(directory)
         return final
+
+    @staticmethod
+    def make_durable(fd: int, path: Path) -> None:
+        """fsync a moved-in file (open as *fd*), then its directory.
+
+        The rename came first and the file's fsync second: on a journalling filesystem that one
+        flush carries the data and the rename together, and the directory fsync that follows
+        (required for the rename's durability in general) finds nothing left to do.
+        """
+        os.fsync(fd)
+        fsync_dir(path.parent)
 
     def relative(self, path: Path) -> str:
         """The path an index row holds for *path* (relative to the root)."""

@@ -8,7 +8,9 @@ thread so the event loop never blocks on SQLite.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -140,11 +142,25 @@ class Store:
                         f"{announced[:64]!r}"
                     )
         try:
-            final = self.files.place(temp_path, time.time())
+            final = self.files.move_in(temp_path, time.time())
+            fd = os.open(final, os.O_RDONLY)
         except OSError as exc:
             raise StoreError(f"cannot write the received file into the store: {exc}") from exc
-        placed = dataclasses.replace(received, path=final)
-        return self._writer.submit_ingest(placed, provenance).result()
+        # The index row is written while the file is flushed; the reply waits for both. A crash
+        # before both are done leaves a row whose file reconciliation checks (see _reconcile).
+        pending = self._writer.submit_ingest(dataclasses.replace(received, path=final), provenance)
+        try:
+            self.files.make_durable(fd, final)
+        except OSError as exc:
+            with contextlib.suppress(GatewayError):
+                result = pending.result()
+                if result.path:
+                    self._writer.submit(_forget(result.sop_instance_uid, result.path)).result()
+            final.unlink(missing_ok=True)
+            raise StoreError(f"cannot flush the received file to disk: {exc}") from exc
+        finally:
+            os.close(fd)
+        return pending.result()
 
     async def ingest(
         self, temp_path: Path, provenance: Provenance, *, expect: tuple[str, str] | None = None
@@ -180,13 +196,7 @@ class Store:
                 " (SELECT pk FROM series WHERE study_pk = ?)",
                 (study[0],),
             )
-            conn.execute("DELETE FROM series WHERE study_pk = ?", (study[0],))
-            conn.execute("DELETE FROM studies WHERE pk = ?", (study[0],))
-            conn.execute(
-                "DELETE FROM patients WHERE pk = ? AND NOT EXISTS"
-                " (SELECT 1 FROM studies WHERE patient_pk = ?)",
-                (study[1], study[1]),
-            )
+            _prune_empty(conn)
             return [row[0] for row in rows]
 
         paths = await self.write(delete)
@@ -242,34 +252,38 @@ class Store:
     # -- start-up reconciliation --------------------------------------------------------------
 
     def _reconcile(self, new_index: bool) -> ReconcileReport:
-        """Remove temp files; index or remove files that have no row (blocking)."""
+        """Make files and rows agree after an unclean stop (blocking).
+
+        Temp files are removed. Within the unclean run's buckets, a file without a row is
+        checked and indexed (or removed), and a row whose file is missing or shorter than the
+        row says is removed: its instance was never acknowledged, since a success waits for the
+        file's flush.
+        """
         removed_temp = self.files.clear_temp()
         since = self._writer.submit(_get_running_since).result()
         if new_index:
             since = 0.0  # an index created afresh is rebuilt from every file there is
         indexed = removed = scanned = 0
         if since is not None:
-            known = self._writer.submit(
-                lambda c: (
-                    {r[0] for r in c.execute("SELECT path FROM instances")}
-                    if since == 0.0
-                    else {
-                        r[0]
-                        for r in c.execute(
-                            "SELECT path FROM instances WHERE received_at >= ?",
-                            (since - 2 * _RECONCILE_MARGIN,),
-                        )
-                    }
+            window = max(0.0, since - _RECONCILE_MARGIN)
+            known: dict[str, int] = self._writer.submit(
+                lambda c: dict(
+                    c.execute("SELECT path, size FROM instances WHERE received_at >= ?", (window,))
                 )
             ).result()
-            for relpath in list(self.files.files_since(max(0.0, since - _RECONCILE_MARGIN))):
+            on_disk = set()
+            for relpath in list(self.files.files_since(window)):
                 scanned += 1
-                if relpath in known:
-                    continue
-                if self._adopt(relpath):
-                    indexed += 1
-                else:
-                    removed += 1
+                on_disk.add(relpath)
+                if relpath not in known:
+                    if self._adopt(relpath):
+                        indexed += 1
+                    else:
+                        removed += 1
+                elif self.files.absolute(relpath).stat().st_size < known[relpath]:
+                    removed += self._drop_row(relpath)
+            for relpath in known.keys() - on_disk:
+                removed += self._drop_row(relpath)
         now = time.time()
         self._writer.submit(
             lambda c: c.execute(
@@ -277,6 +291,17 @@ class Store:
             )
         ).result()
         return ReconcileReport(removed_temp, indexed, removed, scanned)
+
+    def _drop_row(self, relpath: str) -> int:
+        log.warning("unflushed_instance_removed", path=relpath)
+
+        def drop(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM instances WHERE path = ?", (relpath,))
+            _prune_empty(conn)
+
+        self._writer.submit(drop).result()
+        self.files.absolute(relpath).unlink(missing_ok=True)
+        return 1
 
     def _adopt(self, relpath: str) -> bool:
         path = self.files.absolute(relpath)
@@ -293,6 +318,30 @@ class Store:
             path.unlink(missing_ok=True)
             return False
         return bool(result.path)
+
+
+def _prune_empty(conn: sqlite3.Connection) -> None:
+    """Remove series without instances, studies without series, patients without studies."""
+    conn.execute(
+        "DELETE FROM series WHERE NOT EXISTS (SELECT 1 FROM instances WHERE series_pk = series.pk)"
+    )
+    conn.execute(
+        "DELETE FROM studies WHERE NOT EXISTS (SELECT 1 FROM series WHERE study_pk = studies.pk)"
+    )
+    conn.execute(
+        "DELETE FROM patients"
+        " WHERE NOT EXISTS (SELECT 1 FROM studies WHERE patient_pk = patients.pk)"
+    )
+
+
+def _forget(sop_uid: str, relpath: str) -> Callable[[sqlite3.Connection], None]:
+    """A write that removes an instance row, if it still points at *relpath*."""
+
+    def forget(conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM instances WHERE sop_uid = ? AND path = ?", (sop_uid, relpath))
+        _prune_empty(conn)
+
+    return forget
 
 
 def _get_running_since(conn: sqlite3.Connection) -> float | None:

@@ -180,6 +180,7 @@ async def test_reconcile_after_crash(tmp_path: Path) -> None:
     store = Store(tmp_path / "data")
     await store.open()
     await store.ingest(stage(store, CT), Provenance())
+    lost = await store.ingest(stage(store, TEST_FILES / "JPEG2000.dcm"), Provenance())
     # Simulate a crash: no clean close, a partial temp file, a placed file without its row,
     # and a placed file that is garbage.
     store._writer.stop()
@@ -187,14 +188,17 @@ async def test_reconcile_after_crash(tmp_path: Path) -> None:
     bucket = next(store.files.objects_dir.glob("*/*"))
     shutil.copyfile(MR, bucket / "orphan.dcm")
     (bucket / "garbage.dcm").write_bytes(b"not dicom")
+    store.files.absolute(lost.path).write_bytes(b"")  # its flush never reached the disk
 
     reopened = Store(tmp_path / "data")
     report = await reopened.open()
     try:
         assert report.temp_files_removed == 1
         assert report.orphans_indexed == 1
-        assert report.orphans_removed == 1
-        assert (await reopened.counts())["instances"] == 2
+        assert report.orphans_removed == 2  # the garbage file, and the row of the empty file
+        counts = await reopened.counts()
+        assert counts["instances"] == 2
+        assert counts["studies"] == 2  # the emptied study is gone too
         assert not (bucket / "garbage.dcm").exists()
     finally:
         await reopened.close()
