@@ -71,7 +71,9 @@ class DicomNode:
     def _make_ae(self) -> AE:
         node = self._settings.node
         ae = AE(ae_title=node.ae_title)
-        ae.maximum_associations = node.max_associations
+        # The limit is the policy's (transport.py), counting established associations;
+        # pynetdicom's own count includes connections still negotiating, so it only backstops.
+        ae.maximum_associations = node.max_associations + 64
         ae.maximum_pdu_size = node.max_pdu_size
         ae.acse_timeout = node.acse_timeout
         ae.dimse_timeout = node.dimse_timeout
@@ -99,7 +101,8 @@ class DicomNode:
 
     @property
     def open_associations(self) -> int:
-        return len([a for a in self._ae.active_associations if a.is_acceptor])
+        """Established associations (a connection still negotiating is not counted)."""
+        return len([a for a in self._ae.active_associations if a.is_acceptor and a.is_established])
 
     def start(self) -> None:
         """Bind the listener and serve associations in background threads."""
@@ -148,6 +151,7 @@ class DicomNode:
         while self.open_associations and time.monotonic() < deadline:
             time.sleep(0.05)
         remaining = [a for a in self._ae.active_associations if a.is_acceptor]
+        aborted = len([a for a in remaining if a.is_established])
         for assoc in remaining:
             assoc.abort()
-        log.info("dicom_node_stopped", aborted=len(remaining))
+        log.info("dicom_node_stopped", aborted=aborted)

@@ -218,7 +218,11 @@ class _PolicyACSE(ACSE):  # type: ignore[misc]
         host = (
             self.assoc.requestor.address_info.address if self.assoc.requestor.address_info else ""
         )
-        active = len([a for a in self.assoc.ae.active_associations if a.is_acceptor])
+        # Established associations only, plus this one: a connection that has not (yet) sent an
+        # A-ASSOCIATE-RQ (a port probe, a half-open socket) does not take a place.
+        active = 1 + len(
+            [a for a in self.assoc.ae.active_associations if a.is_acceptor and a.is_established]
+        )
         verdict = self.policy.rejection(
             assoc_rq.calling_ae_title, assoc_rq.called_ae_title, host, active
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import os
 import re
 import struct
 import zlib
@@ -42,6 +43,7 @@ _LONG_VRS = frozenset(
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _HASH_CHUNK = 4 * 1024 * 1024
+_IN_MEMORY_BYTES = 4 * 1024 * 1024  # files up to this size are read whole
 _INDEXED_KEYWORDS = (
     "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
     "SeriesInstanceUID", "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate",
@@ -302,6 +304,28 @@ def _attributes(raw: dict[int, RawDataElement]) -> IndexAttributes:
     )
 
 
+def _check_dataset(
+    buf: Any, offset: int, size: int, syntax: str, raw: dict[int, RawDataElement]
+) -> None:
+    """Walk the dataset's structure, collecting the indexed elements into *raw*."""
+    if syntax == DeflatedExplicitVRLittleEndian:
+        try:
+            body = zlib.decompress(bytes(buf[offset:size]), -zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise InvalidInstance(f"deflated dataset cannot be inflated: {exc}") from exc
+        _check_elements(body, 0, len(body), False, True, False, raw)
+        return
+    _check_elements(
+        buf,
+        offset,
+        size,
+        syntax == ImplicitVRLittleEndian,
+        syntax != ExplicitVRBigEndian,
+        False,
+        raw,
+    )
+
+
 def read_received_file(path: Path) -> ReceivedFile:
     """Check, hash and decode the Part 10 file at *path*.
 
@@ -313,36 +337,25 @@ def read_received_file(path: Path) -> ReceivedFile:
     """
     raw: dict[int, RawDataElement] = {}
     with path.open("rb") as fh:
-        size = fh.seek(0, 2)
+        size = os.fstat(fh.fileno()).st_size
         if size == 0:
             raise InvalidInstance("empty file")
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            offset, syntax = split_file_meta(mm)
+        if size <= _IN_MEMORY_BYTES:
+            data = fh.read()
+            offset, syntax = split_file_meta(data)
+            digest = hashlib.sha256(memoryview(data)[offset:])
+            _check_dataset(data, offset, size, syntax, raw)
+        else:
+            # Large files: hash through a fixed buffer, walk element headers through a map
+            # (only the pages holding headers are touched), so memory stays flat.
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                offset, syntax = split_file_meta(mm)
+                _check_dataset(mm, offset, size, syntax, raw)
             digest = hashlib.sha256()
-            view = memoryview(mm)
-            try:
-                for start in range(offset, size, _HASH_CHUNK):
-                    digest.update(view[start : min(start + _HASH_CHUNK, size)])
-                if syntax == DeflatedExplicitVRLittleEndian:
-                    try:
-                        body = zlib.decompress(bytes(view[offset:]), -zlib.MAX_WBITS)
-                    except zlib.error as exc:
-                        raise InvalidInstance(
-                            f"deflated dataset cannot be inflated: {exc}"
-                        ) from exc
-                    _check_elements(body, 0, len(body), False, True, False, raw)
-                else:
-                    _check_elements(
-                        mm,
-                        offset,
-                        size,
-                        syntax == ImplicitVRLittleEndian,
-                        syntax != ExplicitVRBigEndian,
-                        False,
-                        raw,
-                    )
-            finally:
-                view.release()
+            buffer = bytearray(_HASH_CHUNK)
+            fh.seek(offset)
+            while count := fh.readinto(buffer):
+                digest.update(memoryview(buffer)[:count])
     return ReceivedFile(
         path=path,
         transfer_syntax=syntax,
