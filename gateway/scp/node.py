@@ -26,6 +26,7 @@ import time
 
 import pydicom.config
 import structlog
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -82,11 +83,14 @@ class DicomNode:
         # The policy is applied by the server's ACSE (transport.py), which logs the reason.
         ae.require_called_aet = False
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        # Explicit VR Little Endian first: where a proposed context offers several syntaxes,
+        # the one that keeps the VRs is chosen. Whatever is accepted is stored as received.
+        syntaxes = [ExplicitVRLittleEndian] + [
+            ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian
+        ]
         for cx in AllStoragePresentationContexts:
             # scp_role: a C-GET requestor may take the storage SCP role on our association.
-            ae.add_supported_context(
-                cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scp_role=True, scu_role=False
-            )
+            ae.add_supported_context(cx.abstract_syntax, syntaxes, scp_role=True, scu_role=False)
         for model in _QR_MODELS:
             ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES)
         # Contexts the node proposes as a requestor (C-ECHO of peers).

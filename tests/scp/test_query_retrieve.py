@@ -568,7 +568,7 @@ def test_get_with_getscu(archive: Archive, tmp_path: Path) -> None:
     out = tmp_path / "getscu"
     out.mkdir()
     result = _run(
-        [require("getscu"), "-v", "-S", "-aec", archive.gw.ae_title, "-od", str(out),
+        [require("getscu"), "-v", "+B", "-S", "-aec", archive.gw.ae_title, "-od", str(out),
          *_keys(("QueryRetrieveLevel=SERIES", f"StudyInstanceUID={CT_STUDY}",
                  f"SeriesInstanceUID={CT2_SERIES}")),
          HOST, str(archive.gw.port)],
