@@ -99,6 +99,7 @@ class ControlSettings(_Section):
     socket: Path | None = None
     max_line_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
     max_clients: Annotated[int, Field(ge=1, le=10000)] = 64
+    idle_timeout: Seconds = 600.0
 
 
 class LogSettings(_Section):

@@ -105,14 +105,16 @@ class GatewayProcess:
         node.update(sections.pop("node", {}))
         self.ae_title = str(node["ae_title"])
         self.data_dir = Path(str(node["data_dir"]))
+        control = {"socket": str(root / "control.sock")}
+        control.update(sections.pop("control", {}))
         config = {
             "node": node,
-            "control": {"socket": str(root / "control.sock")},
+            "control": control,
             "log": {"level": "info", "format": "json"},
             **sections,
         }
         self.config = write_config(root / "config.toml", config)
-        self.socket = root / "control.sock"
+        self.socket = Path(str(control["socket"]))
         self.log_path = root / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -125,13 +127,23 @@ class GatewayProcess:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        wait_for_port(self.port, timeout, self.proc)
+        # Ready when the control socket answers: it is served only once the DICOM listener is
+        # up. (A bare TCP probe of the DICOM port would hold a half-open connection.)
         deadline = time.monotonic() + timeout
-        while not self.socket.exists():
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"gateway exited with {self.proc.returncode}:\n{self.log_text()}"
+                )
+            if self.socket.exists():
+                try:
+                    self.call("status")
+                    return self
+                except Exception:
+                    pass
             if time.monotonic() > deadline:
-                raise TimeoutError("control socket did not appear")
+                raise TimeoutError(f"the gateway did not start:\n{self.log_text()}")
             time.sleep(0.02)
-        return self
 
     def control(self) -> ControlClient:
         return ControlClient(self.socket)

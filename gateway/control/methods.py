@@ -75,7 +75,7 @@ def _value(ds: Dataset, keyword: str) -> Any:
     value = ds.get(keyword)
     if value is None or value == "":
         return None
-    if keyword.startswith("NumberOf"):
+    if keyword.startswith("NumberOf") or keyword == "SeriesNumber":
         return int(value)
     if keyword == "ModalitiesInStudy":
         return list(value) if not isinstance(value, str) else [value]

@@ -103,14 +103,18 @@ class ControlServer:
         task = asyncio.current_task()
         assert task is not None
         if len(self._clients) >= self._settings.max_clients:
-            await self._reply(writer, _error(None, INTERNAL_ERROR, "too many control clients"))
+            await self._reply(writer, _error(None, GATEWAY_ERROR, "too many control clients"))
             writer.close()
             return
         self._clients.add(task)
         try:
             while True:
                 try:
-                    line = await self._read_line(reader)
+                    line = await asyncio.wait_for(
+                        self._read_line(reader), self._settings.idle_timeout
+                    )
+                except TimeoutError:
+                    return  # an idle connection is closed; the client may reconnect
                 except _LineTooLong:
                     limit = self._settings.max_line_bytes
                     await self._reply(

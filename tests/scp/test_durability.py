@@ -87,6 +87,13 @@ class Sender(threading.Thread):
         finally:
             if assoc.is_established:
                 assoc.abort()
+            self.assoc = assoc
+
+    def close(self) -> None:
+        """Close what a killed peer left open (pynetdicom keeps the socket of a broken link)."""
+        sock = getattr(self, "assoc", None) and self.assoc.dul.socket
+        if sock is not None and sock.socket is not None:
+            sock.socket.close()
 
 
 @pytest.fixture
@@ -110,6 +117,7 @@ def test_kill_9_during_four_association_ingest(
     gw.kill()  # SIGKILL, mid-ingest
     for sender in senders:
         sender.join(30)
+        sender.close()
     acknowledged = [pair for s in senders for pair in s.acknowledged]
     assert 150 <= len(acknowledged) < 1600, "the kill did not land mid-ingest"
 
