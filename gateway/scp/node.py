@@ -11,7 +11,8 @@ process-wide (`pynetdicom._config`) and the node sets them once when it starts:
   without decoding and re-encoding them;
 - `UNRESTRICTED_STORAGE_SERVICE`: only when `accept_unknown_sop_classes` is set;
 - `LOG_HANDLER_LEVEL = "none"`: pynetdicom's own per-PDU and per-DIMSE debug handlers are not
-  bound (the node logs associations itself).
+  bound (the node logs associations itself);
+- the File Meta encoder of received files (`transport.install_file_meta_encoder`).
 
 It also turns off pydicom's value validation on element assignment: pynetdicom builds every
 command set through it, and the regular-expression checks were ~0.2 ms of each C-STORE. Received
@@ -41,7 +42,7 @@ from pynetdicom.sop_class import (
 from gateway.config import Settings
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.handlers import DicomServices
-from gateway.scp.transport import AssociationPolicy, GatewayServer
+from gateway.scp.transport import AssociationPolicy, GatewayServer, install_file_meta_encoder
 from gateway.store.store import Store
 
 __all__ = ["DicomNode"]
@@ -116,6 +117,7 @@ class DicomNode:
         _config.STORE_SEND_CHUNKED_DATASET = True
         _config.UNRESTRICTED_STORAGE_SERVICE = node.accept_unknown_sop_classes
         _config.LOG_HANDLER_LEVEL = "none"
+        install_file_meta_encoder()
         pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
         pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
         server = self._ae.make_server(

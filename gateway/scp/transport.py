@@ -10,6 +10,9 @@ pynetdicom's server is kept, with four changes made where pynetdicom offers the 
   measured here, that polling was ~3.5 ms of the ~8 ms a small C-STORE took. The DUL now blocks
   in `select` on the socket and a wake-up pipe written whenever a primitive is queued for it,
   and the association thread waits on an event set whenever the DUL queues a message for it;
+- a C-STORE response is encoded directly (a fixed layout of seven command elements) instead of
+  through a pydicom Dataset: measured, pynetdicom's generic path cost ~1 ms of each C-STORE;
+  the File Meta of each received file likewise (`install_file_meta_encoder`, ~0.3 ms);
 - the acceptor checks the association policy (called AE, calling AE allowlist bound to hosts,
   association limit) itself, so the log names the reason for every rejection.
 
@@ -24,6 +27,7 @@ import os
 import queue
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -31,9 +35,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from pynetdicom import evt
+from pynetdicom import (
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    dimse_messages,
+    evt,
+)
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import (
     AssociationSocket,
     RequestHandler,
@@ -42,7 +54,14 @@ from pynetdicom.transport import (
 
 from gateway.config import CallerSettings
 
-__all__ = ["AssociationPolicy", "GatewayServer", "set_nodelay"]
+__all__ = [
+    "AssociationPolicy",
+    "GatewayServer",
+    "encode_c_store_rsp",
+    "encode_file_meta",
+    "install_file_meta_encoder",
+    "set_nodelay",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -158,6 +177,91 @@ class _BoundedSocket(AssociationSocket):  # type: ignore[misc]
         return buffer
 
 
+def encode_c_store_rsp(primitive: C_STORE) -> bytes | None:
+    """The command set of a C-STORE-RSP in Implicit VR Little Endian, or None when the
+    response carries optional elements (Error Comment, Offending Element) left to pynetdicom."""
+    if primitive.ErrorComment is not None or primitive.OffendingElement is not None:
+        return None
+    elements: list[tuple[int, bytes]] = []
+    if primitive.AffectedSOPClassUID:
+        elements.append((0x0002, _uid_value(primitive.AffectedSOPClassUID)))
+    elements += [
+        (0x0100, b"\x01\x80"),  # CommandField: C-STORE-RSP (0x8001)
+        (0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
+        (0x0800, b"\x01\x01"),  # CommandDataSetType: no dataset (0x0101)
+        (0x0900, struct.pack("<H", primitive.Status)),
+    ]
+    if primitive.AffectedSOPInstanceUID:
+        elements.append((0x1000, _uid_value(primitive.AffectedSOPInstanceUID)))
+    body = b"".join(struct.pack("<HHI", 0, elem, len(v)) + v for elem, v in elements)
+    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
+
+
+def _uid_value(uid: str) -> bytes:
+    value = str(uid).encode("ascii")
+    return value + b"\x00" if len(value) % 2 else value
+
+
+def encode_file_meta(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    implementation_uid: str = PYNETDICOM_IMPLEMENTATION_UID,
+    implementation_version: str = PYNETDICOM_IMPLEMENTATION_VERSION,
+) -> bytes:
+    """File Meta group 0002 (Explicit VR Little Endian), as pynetdicom's `create_file_meta` plus
+    pydicom's `write_file_meta_info` would write it."""
+
+    def element(elem: int, vr: bytes, value: bytes) -> bytes:
+        if vr == b"OB":
+            return struct.pack("<HH2sHI", 2, elem, vr, 0, len(value)) + value
+        return struct.pack("<HH2sH", 2, elem, vr, len(value)) + value
+
+    version = str(implementation_version).encode("ascii")
+    body = b"".join(
+        (
+            element(0x0001, b"OB", b"\x00\x01"),
+            element(0x0002, b"UI", _uid_value(sop_class_uid)),
+            element(0x0003, b"UI", _uid_value(sop_instance_uid)),
+            element(0x0010, b"UI", _uid_value(transfer_syntax)),
+            element(0x0012, b"UI", _uid_value(implementation_uid)),
+            element(0x0013, b"SH", version + b" " if len(version) % 2 else version),
+        )
+    )
+    return element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+def install_file_meta_encoder() -> None:
+    """Have pynetdicom write received files' File Meta with `encode_file_meta`.
+
+    pynetdicom's chunked receive calls `create_file_meta` and `write_file_meta_info` by their
+    module-global names in `pynetdicom.dimse_messages`; those two names are replaced there.
+    """
+
+    def create(**kwargs: Any) -> bytes:
+        return encode_file_meta(**kwargs)
+
+    def write(fp: Any, file_meta: bytes, enforce_standard: bool = True) -> None:
+        fp.write(file_meta)
+
+    dimse_messages.create_file_meta = create
+    dimse_messages.write_file_meta_info = write
+
+
+class _FastResponseDIMSE(DIMSEServiceProvider):  # type: ignore[misc]
+    """pynetdicom's DIMSE provider, with C-STORE responses encoded by `encode_c_store_rsp`."""
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None:
+            command = encode_c_store_rsp(primitive)
+            if command is not None and len(command) + 7 <= (self.maximum_pdu_size or 1 << 32):
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+                self.dul.send_pdu(pdata)
+                return
+        super().send_msg(primitive, context_id)
+
+
 class _EventDrivenAssociation(Association):  # type: ignore[misc]
     """pynetdicom's acceptor with a reactor that waits for work instead of sleeping 1 ms."""
 
@@ -255,6 +359,7 @@ class _RequestHandler(RequestHandler):  # type: ignore[misc]
         assoc.dul.to_provider_queue = _WakingQueue(sock.wake)
         assoc.dul.to_user_queue = _WakingQueue(assoc._wake_event.set)
         assoc.dimse.msg_queue = _WakingQueue(assoc._wake_event.set)
+        assoc.dimse.__class__ = _FastResponseDIMSE
         acse = _PolicyACSE(assoc)
         acse.policy = self.server.policy
         acse.on_reject = self.server.on_reject

@@ -1,0 +1,78 @@
+"""The listener's fast paths produce exactly what pynetdicom and pydicom would."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta, encode
+
+from gateway.config import CallerSettings
+from gateway.scp.transport import AssociationPolicy, encode_c_store_rsp, encode_file_meta
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xB000, 0xA700, 0xA900, 0xC000, 0x0111])
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance"),
+    [(CT, "1.2.3.4.5.6.7.8"), (CT, "1.2.3.4.55"), (None, None)],
+)
+def test_c_store_response_matches_pynetdicom(
+    status: int, sop_class: str | None, sop_instance: str | None
+) -> None:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.Status = status
+    if sop_class:
+        rsp.AffectedSOPClassUID = sop_class
+        rsp.AffectedSOPInstanceUID = sop_instance
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    assert encode_c_store_rsp(rsp) == encode(message.command_set, True, True)
+
+
+def test_c_store_response_with_error_comment_left_to_pynetdicom() -> None:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 1
+    rsp.Status = 0xC000
+    rsp.ErrorComment = "no"
+    assert encode_c_store_rsp(rsp) is None
+
+
+@pytest.mark.parametrize(
+    "uids",
+    [
+        (CT, "1.2.3.4.5.6.7.8.9", "1.2.840.10008.1.2.1"),
+        ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.44", "1.2.840.10008.1.2.4.50"),
+        ("1.2.826.0.1.3680043.9.9999.1", "2.25.1234567890123", "1.2.840.10008.1.2"),
+    ],
+)
+def test_file_meta_matches_pydicom(uids: tuple[str, str, str]) -> None:
+    expected = io.BytesIO()
+    write_file_meta_info(
+        expected,
+        create_file_meta(sop_class_uid=uids[0], sop_instance_uid=uids[1], transfer_syntax=uids[2]),
+    )
+    assert encode_file_meta(*uids) == expected.getvalue()
+
+
+def test_policy_decisions() -> None:
+    policy = AssociationPolicy(
+        ae_title="GATEWAY",
+        check_called_ae=True,
+        allowed_callers=(
+            CallerSettings(ae_title="CT1", host="10.0.0.1"),
+            CallerSettings(ae_title="MR"),
+        ),
+        max_associations=2,
+    )
+    assert policy.rejection("CT1", "GATEWAY", "10.0.0.1", 1) is None
+    assert policy.rejection("MR  ", "GATEWAY ", "10.9.9.9", 2) is None
+    assert policy.rejection("CT1", "OTHER", "10.0.0.1", 1)[0] == "called_ae_title_not_recognised"  # type: ignore[index]
+    assert policy.rejection("XX", "GATEWAY", "10.0.0.1", 1)[0] == "calling_ae_title_not_allowed"  # type: ignore[index]
+    assert policy.rejection("CT1", "GATEWAY", "10.0.0.2", 1)[0] == "calling_host_not_allowed"  # type: ignore[index]
+    assert policy.rejection("MR", "GATEWAY", "h", 3) == ("association_limit_reached", 2, 3, 2)
