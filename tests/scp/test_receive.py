@@ -6,7 +6,6 @@ import shutil
 import sqlite3
 import subprocess
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from tests.conftest import (
     GatewayProcess,
     dataset_bytes,
     dcmtk_env,
+    free_port,
     require,
     write_variant,
 )
@@ -111,25 +111,52 @@ def _sent_ok(result: subprocess.CompletedProcess[str]) -> bool:
     return result.returncode == 0 and "Failed" not in result.stderr
 
 
-def test_every_pydicom_file_dcmtk_sends_is_stored(gateway: GatewayProcess, storescp: Any) -> None:
-    """What DCMTK can send to its own storescp, the gateway stores (or refuses, saying why)."""
-    files = _sendable_files()
+class CaptureSCP:
+    """A pynetdicom storage SCP that records the dataset bytes of every C-STORE, in order."""
 
-    def send_both(path: Path) -> tuple[Path, bool, bool]:
-        reference = subprocess.run(
-            [require("storescu"), "-R", "-aec", storescp.ae_title, HOST, str(storescp.port),
-             str(path)],
-            capture_output=True, text=True, env=dcmtk_env(), timeout=120,
-        )  # fmt: skip
-        return path, _sent_ok(reference), _sent_ok(storescu(gateway, path))
+    def __init__(self) -> None:
+        from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(send_both, files))
-    sendable = [path for path, reference_ok, _ in results if reference_ok]
-    assert len(sendable) >= 40
+        self.received: list[tuple[str, bytes]] = []
+        self.ae = AE(ae_title="CAPTURE")
+        for cx in AllStoragePresentationContexts:
+            self.ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self.port = free_port()
+        self.server = self.ae.start_server(
+            (HOST, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+
+    def _on_store(self, event: Any) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        self.received.append((uid, event.request.DataSet.getvalue()))
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def test_every_pydicom_file_dcmtk_sends_is_stored(gateway: GatewayProcess) -> None:
+    """What DCMTK can send, the gateway stores as DCMTK sent it (or refuses, saying why); where
+    files share a SOP Instance UID, the first one sent is held (`keep_first`); C-GET returns
+    every held instance byte for byte."""
     import pydicom
 
-    held = {row[0] for row in index_rows(gateway, "SELECT sop_uid FROM instances")}
+    capture = CaptureSCP()
+    try:
+        outcomes: list[tuple[Path, bytes | None, bool]] = []
+        for path in _sendable_files():  # in order: the duplicate policy depends on it
+            before = len(capture.received)
+            reference = subprocess.run(
+                [require("storescu"), "-R", "-aec", "CAPTURE", HOST, str(capture.port),
+                 str(path)],
+                capture_output=True, text=True, env=dcmtk_env(), timeout=120,
+            )  # fmt: skip
+            sent = capture.received[before][1] if _sent_ok(reference) else None
+            outcomes.append((path, sent, _sent_ok(storescu(gateway, path))))
+    finally:
+        capture.stop()
+    sendable = [(path, sent, ok) for path, sent, ok in outcomes if sent is not None]
+    assert len(sendable) >= 40
     # Refused for what they are: no SOP Class UID, no Study UID, a truncated dataset.
     expected_refusals = {
         "MR_truncated.dcm", "rtplan_truncated.dcm", "UN_sequence.dcm", "empty_charset_LEI.dcm",
@@ -137,19 +164,35 @@ def test_every_pydicom_file_dcmtk_sends_is_stored(gateway: GatewayProcess, store
         "JPEGLSNearLossless_08.dcm", "JPEGLSNearLossless_16.dcm", "SC_rgb_jls_lossy_line.dcm",
         "SC_rgb_jls_lossy_sample.dcm", "SC_rgb_jpeg.dcm",
     }  # fmt: skip
-    log = gateway.log_text()
-    for path, _, gateway_ok in results:
-        if path not in sendable:
+    held: dict[str, bytes] = {}
+    shared = 0
+    for path, sent, ok in sendable:
+        assert ok == (path.name not in expected_refusals), path.name
+        if not ok:
             continue
-        if path.name in expected_refusals:
-            assert not gateway_ok, path.name
-            continue
-        assert gateway_ok, path.name
         uid = str(pydicom.dcmread(path, stop_before_pixels=True, force=True).SOPInstanceUID)
-        assert uid in held, path.name
-    refused = [p for p, _, ok in results if p in sendable and not ok]
-    assert log.count('"instance_refused"') >= len(refused)
+        if uid in held:
+            shared += 1
+        else:
+            held[uid] = sent  # keep_first: the first copy sent is the one held
+    assert shared >= 2, "the pydicom files that share SOP Instance UIDs were not sent"
+    assert {uid: stored_dataset(gateway, uid) for uid in held} == held
     assert gateway.call("status")["instances"] == len(held)
+    refused = [path for path, _, ok in sendable if not ok]
+    assert gateway.log_text().count('"instance_refused"') >= len(refused)
+    # Everything comes back by C-GET exactly as it was received.
+    from pydicom.dataset import Dataset
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+    from tests.scp.test_query_retrieve import c_get
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = [r[0] for r in index_rows(gateway, "SELECT study_uid FROM studies")]
+    result = c_get(gateway, query, StudyRootQueryRetrieveInformationModelGet)
+    assert result.final.Status == 0x0000
+    assert result.final.NumberOfCompletedSuboperations == len(held)
+    assert result.received == held
 
 
 def test_bytes_are_stored_as_received(gateway: GatewayProcess, raw_sender: AE) -> None:
