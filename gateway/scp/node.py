@@ -24,6 +24,7 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
+from typing import Any
 
 import pydicom.config
 import structlog
@@ -69,6 +70,7 @@ class DicomNode:
         self._ae = self._make_ae()
         self._server: GatewayServer | None = None
         self._thread: threading.Thread | None = None
+        self._saved_globals: tuple[Any, ...] | None = None
 
     def _make_ae(self) -> AE:
         node = self._settings.node
@@ -112,6 +114,15 @@ class DicomNode:
     def start(self) -> None:
         """Bind the listener and serve associations in background threads."""
         node = self._settings.node
+        self._saved_globals = (
+            tempfile.tempdir,
+            _config.STORE_RECV_CHUNKED_DATASET,
+            _config.STORE_SEND_CHUNKED_DATASET,
+            _config.UNRESTRICTED_STORAGE_SERVICE,
+            _config.LOG_HANDLER_LEVEL,
+            pydicom.config.settings.writing_validation_mode,
+            pydicom.config.settings.reading_validation_mode,
+        )
         tempfile.tempdir = str(self._store.files.tmp_dir)
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.STORE_SEND_CHUNKED_DATASET = True
@@ -161,3 +172,19 @@ class DicomNode:
         for assoc in remaining:
             assoc.abort()
         log.info("dicom_node_stopped", aborted=aborted)
+        self._restore_globals()
+
+    def _restore_globals(self) -> None:
+        """Put back the process-wide settings `start` changed (for an embedding process)."""
+        if self._saved_globals is None:
+            return
+        (
+            tempfile.tempdir,
+            _config.STORE_RECV_CHUNKED_DATASET,
+            _config.STORE_SEND_CHUNKED_DATASET,
+            _config.UNRESTRICTED_STORAGE_SERVICE,
+            _config.LOG_HANDLER_LEVEL,
+            pydicom.config.settings.writing_validation_mode,
+            pydicom.config.settings.reading_validation_mode,
+        ) = self._saved_globals
+        self._saved_globals = None
