@@ -70,7 +70,7 @@ class DicomNode:
         self._ae = self._make_ae()
         self._server: GatewayServer | None = None
         self._thread: threading.Thread | None = None
-        self._saved_globals: tuple[Any, ...] | None = None
+        self._saved_settings: list[tuple[Any, str, Any]] = []
 
     def _make_ae(self) -> AE:
         node = self._settings.node
@@ -114,23 +114,7 @@ class DicomNode:
     def start(self) -> None:
         """Bind the listener and serve associations in background threads."""
         node = self._settings.node
-        self._saved_globals = (
-            tempfile.tempdir,
-            _config.STORE_RECV_CHUNKED_DATASET,
-            _config.STORE_SEND_CHUNKED_DATASET,
-            _config.UNRESTRICTED_STORAGE_SERVICE,
-            _config.LOG_HANDLER_LEVEL,
-            pydicom.config.settings.writing_validation_mode,
-            pydicom.config.settings.reading_validation_mode,
-        )
-        tempfile.tempdir = str(self._store.files.tmp_dir)
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        _config.STORE_SEND_CHUNKED_DATASET = True
-        _config.UNRESTRICTED_STORAGE_SERVICE = node.accept_unknown_sop_classes
-        _config.LOG_HANDLER_LEVEL = "none"
-        install_file_meta_encoder()
-        pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
-        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+        self._apply_process_settings()
         server = self._ae.make_server(
             (node.host, node.port),
             evt_handlers=self.services.handlers(),
@@ -172,19 +156,27 @@ class DicomNode:
         for assoc in remaining:
             assoc.abort()
         log.info("dicom_node_stopped", aborted=aborted)
-        self._restore_globals()
+        self._restore_process_settings()
 
-    def _restore_globals(self) -> None:
-        """Put back the process-wide settings `start` changed (for an embedding process)."""
-        if self._saved_globals is None:
-            return
-        (
-            tempfile.tempdir,
-            _config.STORE_RECV_CHUNKED_DATASET,
-            _config.STORE_SEND_CHUNKED_DATASET,
-            _config.UNRESTRICTED_STORAGE_SERVICE,
-            _config.LOG_HANDLER_LEVEL,
-            pydicom.config.settings.writing_validation_mode,
-            pydicom.config.settings.reading_validation_mode,
-        ) = self._saved_globals
-        self._saved_globals = None
+    def _apply_process_settings(self) -> None:
+        """Set the process-wide settings of the module docstring, remembering the old ones."""
+        node = self._settings.node
+        values: dict[tuple[Any, str], Any] = {
+            (tempfile, "tempdir"): str(self._store.files.tmp_dir),
+            (_config, "STORE_RECV_CHUNKED_DATASET"): True,
+            (_config, "STORE_SEND_CHUNKED_DATASET"): True,
+            (_config, "UNRESTRICTED_STORAGE_SERVICE"): node.accept_unknown_sop_classes,
+            (_config, "LOG_HANDLER_LEVEL"): "none",
+            (pydicom.config.settings, "writing_validation_mode"): pydicom.config.IGNORE,
+            (pydicom.config.settings, "reading_validation_mode"): pydicom.config.IGNORE,
+        }
+        self._saved_settings = [(obj, name, getattr(obj, name)) for obj, name in values]
+        for (obj, name), value in values.items():
+            setattr(obj, name, value)
+        install_file_meta_encoder()
+
+    def _restore_process_settings(self) -> None:
+        """Put back what `_apply_process_settings` changed (for a process embedding the node)."""
+        for obj, name, value in self._saved_settings:
+            setattr(obj, name, value)
+        self._saved_settings = []
