@@ -28,6 +28,7 @@ from pynetdicom.sop_class import (
 from gateway.config import Settings
 from gateway.errors import GatewayError, RejectedInstance, StoreError
 from gateway.scp.bridge import LoopBridge
+from gateway.scp.receiving import ReceivingFile
 from gateway.scp.transport import set_nodelay
 from gateway.store.index import Provenance
 from gateway.store.query import QueryError, QueryModel, find, retrieve_filter
@@ -211,10 +212,12 @@ class DicomServices:
             association_id=stats.association_id,
         )
         try:
+            received = request._dataset_file
             result = self._store.ingest_blocking(
                 Path(event.dataset_path),
                 provenance,
                 expect=(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)),
+                checksum=received.dataset_digest if isinstance(received, ReceivingFile) else None,
             )
         except RejectedInstance as exc:
             stats.refused += 1

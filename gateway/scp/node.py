@@ -1,18 +1,17 @@
 """The DICOM node: the pynetdicom AE, its presentation contexts, its listener and its shutdown.
 
-`DicomNode` is the only place that configures pynetdicom. Three of pynetdicom's settings are
-process-wide (`pynetdicom._config`) and the node sets them once when it starts:
+`DicomNode` is the only place that configures pynetdicom. Some of pynetdicom's settings are
+process-wide (`pynetdicom._config`); the node sets them when it starts and restores them when it
+stops:
 
-- `STORE_RECV_CHUNKED_DATASET`: a received dataset is streamed to a temp file as it arrives
-  (bounded memory for any instance size). pynetdicom creates that file with `tempfile`, so the
-  process temp directory is pointed at the store's `tmp/`: moving the file into place is then a
-  rename on the same filesystem;
+- `STORE_RECV_CHUNKED_DATASET`: a received dataset is streamed to a file in the store's `tmp/` as
+  it arrives (bounded memory for any instance size; moving it into place is a rename on the same
+  filesystem). How that file is written is `receiving.py`;
 - `STORE_SEND_CHUNKED_DATASET`: C-MOVE / C-GET send a stored file's dataset bytes as they are,
   without decoding and re-encoding them;
 - `UNRESTRICTED_STORAGE_SERVICE`: only when `accept_unknown_sop_classes` is set;
 - `LOG_HANDLER_LEVEL = "none"`: pynetdicom's own per-PDU and per-DIMSE debug handlers are not
-  bound (the node logs associations itself);
-- the File Meta encoder of received files (`transport.install_file_meta_encoder`).
+  bound (the node logs associations itself).
 
 It also turns off pydicom's value validation on element assignment: pynetdicom builds every
 command set through it, and the regular-expression checks were ~0.2 ms of each C-STORE. Received
@@ -21,9 +20,9 @@ datasets are never re-encoded, so nothing the node stores depends on that valida
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pydicom.config
@@ -43,7 +42,8 @@ from pynetdicom.sop_class import (
 from gateway.config import Settings
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.handlers import DicomServices
-from gateway.scp.transport import AssociationPolicy, GatewayServer, install_file_meta_encoder
+from gateway.scp.receiving import install_receive_path
+from gateway.scp.transport import AssociationPolicy, GatewayServer
 from gateway.store.store import Store
 
 __all__ = ["DicomNode"]
@@ -71,6 +71,7 @@ class DicomNode:
         self._server: GatewayServer | None = None
         self._thread: threading.Thread | None = None
         self._saved_settings: list[tuple[Any, str, Any]] = []
+        self._restore_receive_path: Callable[[], None] | None = None
 
     def _make_ae(self) -> AE:
         node = self._settings.node
@@ -162,7 +163,6 @@ class DicomNode:
         """Set the process-wide settings of the module docstring, remembering the old ones."""
         node = self._settings.node
         values: dict[tuple[Any, str], Any] = {
-            (tempfile, "tempdir"): str(self._store.files.tmp_dir),
             (_config, "STORE_RECV_CHUNKED_DATASET"): True,
             (_config, "STORE_SEND_CHUNKED_DATASET"): True,
             (_config, "UNRESTRICTED_STORAGE_SERVICE"): node.accept_unknown_sop_classes,
@@ -173,10 +173,13 @@ class DicomNode:
         self._saved_settings = [(obj, name, getattr(obj, name)) for obj, name in values]
         for (obj, name), value in values.items():
             setattr(obj, name, value)
-        install_file_meta_encoder()
+        self._restore_receive_path = install_receive_path(self._store.files.tmp_dir)
 
     def _restore_process_settings(self) -> None:
         """Put back what `_apply_process_settings` changed (for a process embedding the node)."""
         for obj, name, value in self._saved_settings:
             setattr(obj, name, value)
         self._saved_settings = []
+        if self._restore_receive_path is not None:
+            self._restore_receive_path()
+            self._restore_receive_path = None

@@ -11,8 +11,8 @@ pynetdicom's server is kept, with four changes made where pynetdicom offers the 
   in `select` on the socket and a wake-up pipe written whenever a primitive is queued for it,
   and the association thread waits on an event set whenever the DUL queues a message for it;
 - a C-STORE response is encoded directly (a fixed layout of seven command elements) instead of
-  through a pydicom Dataset: measured, pynetdicom's generic path cost ~1 ms of each C-STORE;
-  the File Meta of each received file likewise (`install_file_meta_encoder`, ~0.3 ms);
+  through a pydicom Dataset: measured, pynetdicom's generic path cost ~1 ms of each C-STORE
+  (how a received dataset reaches its file is `receiving.py`);
 - the acceptor checks the association policy (called AE, calling AE allowlist bound to hosts,
   association limit) itself, so the log names the reason for every rejection.
 
@@ -36,9 +36,6 @@ from typing import Any
 
 import structlog
 from pynetdicom import (
-    PYNETDICOM_IMPLEMENTATION_UID,
-    PYNETDICOM_IMPLEMENTATION_VERSION,
-    dimse_messages,
     evt,
 )
 from pynetdicom.acse import ACSE
@@ -58,8 +55,6 @@ __all__ = [
     "AssociationPolicy",
     "GatewayServer",
     "encode_c_store_rsp",
-    "encode_file_meta",
-    "install_file_meta_encoder",
     "set_nodelay",
 ]
 
@@ -184,7 +179,7 @@ def encode_c_store_rsp(primitive: C_STORE) -> bytes | None:
         return None
     elements: list[tuple[int, bytes]] = []
     if primitive.AffectedSOPClassUID:
-        elements.append((0x0002, _uid_value(primitive.AffectedSOPClassUID)))
+        elements.append((0x0002, uid_value(primitive.AffectedSOPClassUID)))
     elements += [
         (0x0100, b"\x01\x80"),  # CommandField: C-STORE-RSP (0x8001)
         (0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
@@ -192,60 +187,15 @@ def encode_c_store_rsp(primitive: C_STORE) -> bytes | None:
         (0x0900, struct.pack("<H", primitive.Status)),
     ]
     if primitive.AffectedSOPInstanceUID:
-        elements.append((0x1000, _uid_value(primitive.AffectedSOPInstanceUID)))
+        elements.append((0x1000, uid_value(primitive.AffectedSOPInstanceUID)))
     body = b"".join(struct.pack("<HHI", 0, elem, len(v)) + v for elem, v in elements)
     return struct.pack("<HHII", 0, 0, 4, len(body)) + body
 
 
-def _uid_value(uid: str) -> bytes:
+def uid_value(uid: str) -> bytes:
+    """A UI value as encoded: ASCII, padded with NUL to an even length."""
     value = str(uid).encode("ascii")
     return value + b"\x00" if len(value) % 2 else value
-
-
-def encode_file_meta(
-    sop_class_uid: str,
-    sop_instance_uid: str,
-    transfer_syntax: str,
-    implementation_uid: str = PYNETDICOM_IMPLEMENTATION_UID,
-    implementation_version: str = PYNETDICOM_IMPLEMENTATION_VERSION,
-) -> bytes:
-    """File Meta group 0002 (Explicit VR Little Endian), as pynetdicom's `create_file_meta` plus
-    pydicom's `write_file_meta_info` would write it."""
-
-    def element(elem: int, vr: bytes, value: bytes) -> bytes:
-        if vr == b"OB":
-            return struct.pack("<HH2sHI", 2, elem, vr, 0, len(value)) + value
-        return struct.pack("<HH2sH", 2, elem, vr, len(value)) + value
-
-    version = str(implementation_version).encode("ascii")
-    body = b"".join(
-        (
-            element(0x0001, b"OB", b"\x00\x01"),
-            element(0x0002, b"UI", _uid_value(sop_class_uid)),
-            element(0x0003, b"UI", _uid_value(sop_instance_uid)),
-            element(0x0010, b"UI", _uid_value(transfer_syntax)),
-            element(0x0012, b"UI", _uid_value(implementation_uid)),
-            element(0x0013, b"SH", version + b" " if len(version) % 2 else version),
-        )
-    )
-    return element(0x0000, b"UL", struct.pack("<I", len(body))) + body
-
-
-def install_file_meta_encoder() -> None:
-    """Have pynetdicom write received files' File Meta with `encode_file_meta`.
-
-    pynetdicom's chunked receive calls `create_file_meta` and `write_file_meta_info` by their
-    module-global names in `pynetdicom.dimse_messages`; those two names are replaced there.
-    """
-
-    def create(**kwargs: Any) -> bytes:
-        return encode_file_meta(**kwargs)
-
-    def write(fp: Any, file_meta: bytes, enforce_standard: bool = True) -> None:
-        fp.write(file_meta)
-
-    dimse_messages.create_file_meta = create
-    dimse_messages.write_file_meta_info = write
 
 
 class _FastResponseDIMSE(DIMSEServiceProvider):  # type: ignore[misc]

@@ -326,8 +326,11 @@ def _check_dataset(
     )
 
 
-def read_received_file(path: Path) -> ReceivedFile:
+def read_received_file(path: Path, *, checksum: str | None = None) -> ReceivedFile:
     """Check, hash and decode the Part 10 file at *path*.
+
+    *checksum*, when given, is the dataset's SHA-256 computed as the file was written; the
+    dataset is then not read again to hash it (for a large file only its element headers are).
 
     Raises
     ------
@@ -343,24 +346,27 @@ def read_received_file(path: Path) -> ReceivedFile:
         if size <= _IN_MEMORY_BYTES:
             data = fh.read()
             offset, syntax = split_file_meta(data)
-            digest = hashlib.sha256(memoryview(data)[offset:])
+            if checksum is None:
+                checksum = hashlib.sha256(memoryview(data)[offset:]).hexdigest()
             _check_dataset(data, offset, size, syntax, raw)
         else:
-            # Large files: hash through a fixed buffer, walk element headers through a map
-            # (only the pages holding headers are touched), so memory stays flat.
+            # Large files: walk element headers through a map (only the pages holding headers
+            # are touched) and hash through a fixed buffer, so memory stays flat.
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 offset, syntax = split_file_meta(mm)
                 _check_dataset(mm, offset, size, syntax, raw)
-            digest = hashlib.sha256()
-            buffer = bytearray(_HASH_CHUNK)
-            fh.seek(offset)
-            while count := fh.readinto(buffer):
-                digest.update(memoryview(buffer)[:count])
+            if checksum is None:
+                digest = hashlib.sha256()
+                buffer = bytearray(_HASH_CHUNK)
+                fh.seek(offset)
+                while count := fh.readinto(buffer):
+                    digest.update(memoryview(buffer)[:count])
+                checksum = digest.hexdigest()
     return ReceivedFile(
         path=path,
         transfer_syntax=syntax,
         dataset_offset=offset,
         size=size - offset,
-        checksum=digest.hexdigest(),
+        checksum=checksum,
         attributes=_attributes(raw),
     )

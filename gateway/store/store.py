@@ -121,15 +121,18 @@ class Store:
         provenance: Provenance,
         *,
         expect: tuple[str, str] | None = None,
+        checksum: str | None = None,
     ) -> IngestResult:
         """Check, fsync and index a received file; for association threads.
 
         *expect* is the (SOP Class UID, SOP Instance UID) the C-STORE request announced; the
-        dataset must carry the same. Returns once the row is committed and the file is durably
-        in place. Raises `RejectedInstance` for what the instance is and `StoreError` for what
-        the store could not do; in both cases nothing is left in the store.
+        dataset must carry the same. *checksum* is the dataset's SHA-256 when the receiver
+        hashed it as it arrived (otherwise the file is read to hash it). Returns once the row is
+        committed and the file is durably in place. Raises `RejectedInstance` for what the
+        instance is and `StoreError` for what the store could not do; in both cases nothing is
+        left in the store.
         """
-        received = read_received_file(temp_path)
+        received = read_received_file(temp_path, checksum=checksum)
         if expect is not None:
             attrs = received.attributes
             for name, announced, actual in (

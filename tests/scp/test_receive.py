@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import sqlite3
 import subprocess
@@ -205,6 +206,12 @@ def test_bytes_are_stored_as_received(gateway: GatewayProcess, raw_sender: AE) -
 
         uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
         assert stored_dataset(gateway, uid) == dataset_bytes(path), name
+        # The checksum the receiver computed while the bytes arrived is the dataset's SHA-256.
+        ((checksum, size),) = index_rows(
+            gateway, "SELECT checksum, size FROM instances WHERE sop_uid = ?", (uid,)
+        )
+        assert checksum == hashlib.sha256(dataset_bytes(path)).hexdigest(), name
+        assert size == len(dataset_bytes(path)), name
 
 
 @pytest.mark.parametrize(

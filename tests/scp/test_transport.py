@@ -11,7 +11,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode
 
 from gateway.config import CallerSettings
-from gateway.scp.transport import AssociationPolicy, encode_c_store_rsp, encode_file_meta
+from gateway.scp.receiving import encode_file_meta
+from gateway.scp.transport import AssociationPolicy, encode_c_store_rsp
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
