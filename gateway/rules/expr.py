@@ -386,7 +386,7 @@ def _string(text: str, start: int, rule: str) -> _Token:
         else:
             out.append(char)
             pos += 1
-    raise RuleSyntaxError(rule, start + 1, f"unterminated string (no closing {quote})")
+    raise RuleSyntaxError(rule, start + 1, f"unterminated string: the {quote} here is never closed")
 
 
 def _number(run: str, start: int, rule: str) -> _Token:
