@@ -1,0 +1,177 @@
+"""C-STORE of stored instances to a DICOM peer, as they are stored.
+
+`send_instances` is what every route, forward and retrieval hand-off uses to deliver files. It
+proposes exactly the (SOP class, transfer syntax) pairs of what it sends, at most 128 per
+association (more pairs take further associations), sends each file's dataset bytes unchanged,
+and reports per instance: delivered (success, or a warning status, which is logged) or failed
+with the reason (a failure status, no accepted context for its syntax, an aborted association,
+a peer that cannot be reached). Blocking: callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import structlog
+from pynetdicom import AE, _config, build_context, evt
+
+from gateway.config import NodeSettings, PeerSettings
+from gateway.scp.transport import set_nodelay
+from gateway.store.store import InstanceFile
+
+__all__ = ["MAX_CONTEXTS", "Delivery", "context_batches", "send_instances"]
+
+log = structlog.get_logger(__name__)
+
+MAX_CONTEXTS = 128
+_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The outcome of one instance: `status` is the peer's answer, when it answered."""
+
+    sop_instance_uid: str
+    status: int | None
+    error: str | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self.status is not None and (self.status == 0x0000 or self.status in _WARNINGS)
+
+
+def context_batches(instances: Sequence[InstanceFile]) -> Iterator[list[InstanceFile]]:
+    """Split *instances* (order kept within a batch) so no batch needs more than 128 contexts."""
+    batch: list[InstanceFile] = []
+    pairs: set[tuple[str, str]] = set()
+    for instance in instances:
+        pair = (instance.sop_class_uid, instance.transfer_syntax)
+        if pair not in pairs and len(pairs) == MAX_CONTEXTS:
+            yield batch
+            batch, pairs = [], set()
+        pairs.add(pair)
+        batch.append(instance)
+    if batch:
+        yield batch
+
+
+def _nodelay(event: evt.Event) -> None:
+    set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
+
+
+def send_instances(
+    node: NodeSettings,
+    peer: PeerSettings,
+    instances: Sequence[InstanceFile],
+    *,
+    on_result: Callable[[Delivery], None] | None = None,
+) -> list[Delivery]:
+    """C-STORE *instances* to *peer*; one `Delivery` per instance, in order.
+
+    *on_result* is called as each instance's outcome is known (a caller records deliveries
+    durably as they happen, so a retry sends only what the peer has not acknowledged).
+    """
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the stored bytes, never re-encode
+    results: list[Delivery] = []
+
+    def record(delivery: Delivery) -> None:
+        results.append(delivery)
+        if on_result is not None:
+            on_result(delivery)
+
+    for batch in context_batches(instances):
+        _send_batch(node, peer, batch, record)
+    return results
+
+
+def _send_batch(
+    node: NodeSettings,
+    peer: PeerSettings,
+    batch: list[InstanceFile],
+    record: Callable[[Delivery], None],
+) -> None:
+    ae = AE(ae_title=node.ae_title)
+    ae.acse_timeout = node.acse_timeout
+    ae.dimse_timeout = node.dimse_timeout
+    ae.network_timeout = node.network_timeout
+    ae.connection_timeout = node.connection_timeout
+    pairs = list(dict.fromkeys((i.sop_class_uid, i.transfer_syntax) for i in batch))
+    contexts = [build_context(sop_class, syntax) for sop_class, syntax in pairs]
+    started = time.monotonic()
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        contexts=contexts,
+        ae_title=peer.ae_title,
+        max_pdu=node.max_pdu_size,
+        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+    )
+    if not assoc.is_established:
+        reason = (
+            f"peer {peer.name} rejected the association"
+            if assoc.is_rejected
+            else f"peer {peer.name} ({peer.host}:{peer.port}) could not be reached"
+        )
+        for instance in batch:
+            record(Delivery(instance.sop_instance_uid, None, reason))
+        return
+    accepted = {
+        (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        for cx in assoc.accepted_contexts
+        if cx.as_scu
+    }
+    sent = warned = failed = 0
+    try:
+        for instance in batch:
+            if not assoc.is_established:
+                record(Delivery(instance.sop_instance_uid, None, "the association was aborted"))
+                failed += 1
+                continue
+            if (instance.sop_class_uid, instance.transfer_syntax) not in accepted:
+                record(
+                    Delivery(
+                        instance.sop_instance_uid,
+                        None,
+                        f"peer {peer.name} accepts no context for {instance.sop_class_uid}"
+                        f" in {instance.transfer_syntax}",
+                    )
+                )
+                failed += 1
+                continue
+            delivery = _store_one(assoc, instance, peer)
+            record(delivery)
+            if delivery.delivered:
+                sent += 1
+                warned += delivery.status in _WARNINGS
+            else:
+                failed += 1
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        log.info(
+            "instances_sent",
+            peer=peer.name,
+            delivered=sent,
+            warnings=warned,
+            failed=failed,
+            duration=round(time.monotonic() - started, 3),
+        )
+
+
+def _store_one(assoc: object, instance: InstanceFile, peer: PeerSettings) -> Delivery:
+    uid = instance.sop_instance_uid
+    try:
+        status = assoc.send_c_store(instance.path)  # type: ignore[attr-defined]
+    except (OSError, ValueError, AttributeError, RuntimeError) as exc:
+        return Delivery(uid, None, f"could not send: {exc}")
+    if "Status" not in status:
+        return Delivery(uid, None, f"peer {peer.name} did not answer (aborted or timed out)")
+    code = int(status.Status)
+    if code in _WARNINGS:
+        log.warning("store_warning", peer=peer.name, status=f"0x{code:04X}")
+        return Delivery(uid, code)
+    if code != 0x0000:
+        return Delivery(uid, code, f"peer {peer.name} answered 0x{code:04X}")
+    return Delivery(uid, code)
