@@ -190,6 +190,16 @@ class GatewayProcess:
         return self.proc.pid
 
 
+@contextlib.contextmanager
+def running_gateway(root: Path, **sections: Any) -> Iterator[GatewayProcess]:
+    """A gateway under *root* (for module-scoped fixtures), stopped on exit."""
+    gw = GatewayProcess(root, **sections).start()
+    try:
+        yield gw
+    finally:
+        gw.stop()
+
+
 @pytest.fixture
 def gateway_factory(tmp_path: Path) -> Iterator[Any]:
     """Make (and finally stop) gateway processes: `gateway_factory(name, **sections)`."""

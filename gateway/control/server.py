@@ -26,6 +26,7 @@ from gateway.config import ControlSettings
 from gateway.errors import ControlError, GatewayError
 
 __all__ = [
+    "GATEWAY_ERROR",
     "INTERNAL_ERROR",
     "INVALID_PARAMS",
     "INVALID_REQUEST",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from tests.conftest import (
     dcmtk_env,
     free_port,
     require,
+    running_gateway,
     write_config,
 )
 
@@ -33,10 +33,6 @@ MR = TEST_FILES / "MR_small.dcm"
 CT_STUDY = "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322"
 CT_SERIES = "1.3.6.1.4.1.5962.1.3.1.1.20040119072730.12322"
 MR_STUDY = "1.3.6.1.4.1.5962.1.2.4.20040826185059.5457"
-
-# Short DICOM timeouts: the start-up readiness probe (a bare TCP connect) otherwise holds the
-# node's shutdown for `shutdown_grace`.
-FAST_NODE = {"acse_timeout": 2, "shutdown_grace": 1}
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -98,16 +94,6 @@ def table(stdout: str) -> list[dict[str, str]]:
     ]
 
 
-@contextlib.contextmanager
-def started(root: Path, **sections: Any) -> Iterator[GatewayProcess]:
-    node = {**FAST_NODE, **sections.pop("node", {})}
-    gw = GatewayProcess(root, node=node, **sections).start()
-    try:
-        yield gw
-    finally:
-        gw.stop()
-
-
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """A gateway holding CT_small and MR_small, with an `archive` peer (up) and `offline`."""
@@ -117,7 +103,7 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
             {"name": "archive", "ae_title": scp.ae_title, "host": HOST, "port": scp.port},
             {"name": "offline", "ae_title": "NOBODY", "host": HOST, "port": free_port()},
         ]
-        with started(tmp_path_factory.mktemp("cli"), peers=peers) as gateway:
+        with running_gateway(tmp_path_factory.mktemp("cli"), peers=peers) as gateway:
             storescu(gateway, CT, MR)
             yield gateway
     finally:
@@ -235,7 +221,7 @@ def test_studies_show_unknown(gw: GatewayProcess) -> None:
 
 
 def test_studies_delete(tmp_path: Path) -> None:
-    with started(tmp_path / "gw") as gateway:
+    with running_gateway(tmp_path / "gw") as gateway:
         storescu(gateway, CT, MR)
         assert ok(run(gateway, "studies", "delete", CT_STUDY)) == (
             f"deleted study {CT_STUDY} (1 instances)\n"
@@ -298,7 +284,7 @@ def test_stale_socket_file(tmp_path: Path) -> None:
 def test_too_many_clients(tmp_path: Path) -> None:
     root = tmp_path / "busy"
     control = {"socket": str(root / "control.sock"), "max_clients": 1}
-    with started(root, control=control) as gateway:
+    with running_gateway(root, control=control) as gateway:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as hog:
             hog.connect(str(gateway.socket))
             time.sleep(0.2)

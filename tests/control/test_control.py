@@ -6,7 +6,6 @@ Protocol errors, framing limits, misbehaving clients, concurrency, and each core
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -26,6 +25,14 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from gateway import __version__
+from gateway.control.methods import NOT_FOUND, PEER_ERROR
+from gateway.control.server import (
+    GATEWAY_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+)
 from tests.conftest import (
     HOST,
     TEST_FILES,
@@ -35,6 +42,7 @@ from tests.conftest import (
     dcmtk_env,
     free_port,
     require,
+    running_gateway,
 )
 
 CT = TEST_FILES / "CT_small.dcm"
@@ -42,20 +50,6 @@ MR = TEST_FILES / "MR_small.dcm"
 CT_STUDY = "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322"
 CT_SERIES = "1.3.6.1.4.1.5962.1.3.1.1.20040119072730.12322"
 MR_STUDY = "1.3.6.1.4.1.5962.1.2.4.20040826185059.5457"
-
-# The readiness probe of GatewayProcess.start is a bare TCP connect; the node counts it as an
-# open association until acse_timeout passes, and stopping waits shutdown_grace for it. Short
-# values keep `associations_open` checks and teardown fast.
-FAST_NODE = {"acse_timeout": 2, "shutdown_grace": 1}
-
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
-GATEWAY_ERROR = -32000
-NOT_FOUND = -32004
-PEER_ERROR = -32010
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -168,31 +162,20 @@ def stored_files(gw: GatewayProcess) -> list[Path]:
     return sorted(p for p in (gw.data_dir / "objects").rglob("*") if p.is_file())
 
 
-@contextlib.contextmanager
-def started(root: Path, **sections: Any) -> Iterator[GatewayProcess]:
-    """A gateway under *root*, stopped on exit."""
-    node = {**FAST_NODE, **sections.pop("node", {})}
-    gw = GatewayProcess(root, node=node, **sections).start()
-    try:
-        yield gw
-    finally:
-        gw.stop()
-
-
 # -- fixtures -----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """An empty gateway for the protocol tests, which change nothing in it."""
-    with started(tmp_path_factory.mktemp("shared")) as gw:
+    with running_gateway(tmp_path_factory.mktemp("shared")) as gw:
         yield gw
 
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """A gateway holding CT_small.dcm and MR_small.dcm, for read-only method tests."""
-    with started(tmp_path_factory.mktemp("loaded")) as gw:
+    with running_gateway(tmp_path_factory.mktemp("loaded")) as gw:
         storescu(gw, CT, MR)
         yield gw
 
@@ -206,7 +189,7 @@ def peered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]
             {"name": "archive", "ae_title": scp.ae_title, "host": HOST, "port": scp.port},
             {"name": "offline", "ae_title": "NOBODY", "host": HOST, "port": free_port()},
         ]
-        with started(tmp_path_factory.mktemp("peered"), peers=peers) as gw:
+        with running_gateway(tmp_path_factory.mktemp("peered"), peers=peers) as gw:
             yield gw
     finally:
         scp.stop()
@@ -215,7 +198,7 @@ def peered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]
 @pytest.fixture
 def fresh(tmp_path: Path) -> Iterator[GatewayProcess]:
     """An empty gateway of this test's own."""
-    with started(tmp_path / "gw") as gw:
+    with running_gateway(tmp_path / "gw") as gw:
         yield gw
 
 
@@ -469,7 +452,7 @@ def test_twenty_concurrent_clients(shared: GatewayProcess) -> None:
 def test_client_limit(tmp_path: Path) -> None:
     root = tmp_path / "limited"
     control = {"socket": str(root / "control.sock"), "max_clients": 2}
-    with started(root, control=control) as gw:
+    with running_gateway(root, control=control) as gw:
         with Conn(gw.socket) as first, Conn(gw.socket) as second:
             time.sleep(0.2)
             with Conn(gw.socket) as third:
@@ -516,10 +499,7 @@ def test_status_counts_what_is_stored(fresh: GatewayProcess) -> None:
 
 
 def test_status_counts_open_associations(fresh: GatewayProcess) -> None:
-    # The start-up readiness probe (a bare TCP connect) counts as an association until
-    # acse_timeout (2 s here) passes: wait that out first.
-    wait_until(lambda: fresh.call("status")["uptime_seconds"] > FAST_NODE["acse_timeout"] + 1)
-    wait_until(lambda: fresh.call("status")["associations_open"] == 0)
+    assert fresh.call("status")["associations_open"] == 0
     ae = AE(ae_title="HOLDER")
     ae.add_requested_context(Verification)
     assoc = ae.associate(HOST, fresh.port, ae_title=fresh.ae_title)
