@@ -1,4 +1,4 @@
-"""The `gateway` command: `serve`, `config check`, and verbs that talk to the control socket.
+"""The `gateway` command: `serve`, `config check`, `rules test`, and control socket verbs.
 
 Exit status: 0 success, 1 the operation failed, 2 bad usage or a bad config.
 """
@@ -10,12 +10,19 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, ControlError, GatewayError
+from gateway.rules.engine import RuleSet, fact_text, outcome_report
+from gateway.rules.expr import facts_from_dataset
 
 __all__ = ["main"]
 
@@ -80,6 +87,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(f"  node: {node.ae_title} on {node.host}:{node.port}, data in {node.data_dir}")
     print(f"  control socket: {settings.control_socket}")
     print(f"  peers: {', '.join(p.name for p in settings.peers) or 'none'}")
+    print(f"  folders: {', '.join(f.name for f in settings.folders) or 'none'}")
+    rules = [r.name if r.enabled else f"{r.name} (disabled)" for r in settings.rules]
+    print(f"  rules: {', '.join(rules) or 'none'}")
     return 0
 
 
@@ -172,6 +182,210 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- rules dry runs -----------------------------------------------------------------------------
+
+_OUTCOME_TEXT = {
+    "disabled": "disabled",
+    "skipped": "skipped (a discard rule fired before it)",
+    "fallback_not_needed": "fallback not needed",
+}
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _describe_outcome(rule: dict[str, Any]) -> str:
+    outcome = rule["outcome"]
+    if outcome == "not_fired":
+        return f"no (failed: {rule['failed']})"
+    if outcome != "fired":
+        return _OUTCOME_TEXT.get(outcome, str(outcome))
+    details = [
+        f"{rule['action']} to {', '.join(rule['targets'])}" if rule["targets"] else rule["action"]
+    ]
+    required = rule.get("required_series")
+    if required is not None:
+        details.append(
+            "required_series met"
+            if required["met"]
+            else f"required_series not met: {required['failed']}"
+        )
+    return f"FIRES ({'; '.join(details)})"
+
+
+def _print_series_blocks(study_uid: str | None, series: list[dict[str, Any]]) -> None:
+    """One block per series: what it is, then each rule's outcome."""
+    for index, entry in enumerate(series):
+        if index:
+            print()
+        print(f"series {entry['series_uid']}")
+        fields = [
+            ("study", entry.get("study_uid", study_uid)),
+            ("description", entry["series_description"]),
+            ("modality", entry["modality"]),
+            ("instances", entry["instances"]),
+        ]
+        if "file" in entry:
+            fields.append(("first file", entry["file"]))
+        for label, value in fields:
+            print(f"  {label:12} {'(none)' if value is None else value}")
+        print("  rules")
+        if not entry["rules"]:
+            print("    (no rules configured)")
+        width = max((len(rule["name"]) for rule in entry["rules"]), default=0)
+        for rule in entry["rules"]:
+            print(f"    {rule['name']:{width}}  {_describe_outcome(rule)}")
+
+
+@dataclass
+class _Series:
+    """What the dry run keeps of one series: its first instance's facts and a count."""
+
+    study_uid: str
+    series_uid: str
+    series_number: float
+    first: tuple[int, int, str]  # (no instance number, instance number, path): lowest is first
+    file: Path
+    facts: dict[str, object]
+    instances: int = 1
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Every file under *root* (or *root* itself), in a stable order; symlinked dirs not entered."""
+    if not root.is_dir():
+        yield root
+        return
+    for directory, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            yield Path(directory) / name
+
+
+def _read_header(path: Path, keywords: list[str]) -> Dataset | None:
+    """The dataset of a DICOM Part 10 file without its pixels, or None for anything else."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # odd values in a scanned file are not our concern
+            return dcmread(path, stop_before_pixels=True, specific_tags=keywords)
+    except Exception:  # not DICOM, truncated, unreadable: skipped and counted
+        return None
+
+
+def _first_key(ds: Dataset, path: Path) -> tuple[int, int, str]:
+    try:
+        return (0, int(ds.get("InstanceNumber")), str(path))
+    except (TypeError, ValueError, OverflowError):
+        return (1, 0, str(path))
+
+
+def _series_number(ds: Dataset) -> float:
+    try:
+        return float(int(ds.get("SeriesNumber")))
+    except (TypeError, ValueError, OverflowError):
+        return float("inf")
+
+
+def _scan(
+    root: Path, ruleset: RuleSet, connection: dict[str, str]
+) -> tuple[int, int, dict[str, _Series]]:
+    """Files looked at, files skipped, and each series found with its first instance's facts."""
+    keywords = sorted(ruleset.keywords | {"InstanceNumber", "SeriesNumber"})
+    found: dict[str, _Series] = {}
+    files = skipped = 0
+    for path in _walk(root):
+        files += 1
+        ds = _read_header(path, keywords)
+        series_uid = fact_text(ds.get("SeriesInstanceUID")) if ds is not None else None
+        if ds is None or series_uid is None:
+            skipped += 1
+            continue
+        key = _first_key(ds, path)
+        known = found.get(series_uid)
+        if known is not None:
+            known.instances += 1
+            if key >= known.first:
+                continue
+        facts = facts_from_dataset(ds, ruleset.keywords, connection)
+        sample = _Series(
+            study_uid=fact_text(facts.get("StudyInstanceUID")) or "",
+            series_uid=series_uid,
+            series_number=_series_number(ds),
+            first=key,
+            file=path,
+            facts=facts,
+            instances=known.instances if known is not None else 1,
+        )
+        found[series_uid] = sample
+    return files, skipped, found
+
+
+def cmd_rules_test(args: argparse.Namespace) -> int:
+    ruleset = RuleSet(_settings(args).rules)
+    root = Path(args.path)
+    try:
+        if root.is_dir():
+            os.scandir(root).close()
+        else:
+            with root.open("rb"):
+                pass
+    except OSError as exc:
+        raise GatewayError(f"cannot read {root}: {exc.strerror or exc}") from exc
+    connection = {
+        fact: value
+        for fact, value in (
+            ("CallingAE", args.calling_ae),
+            ("CalledAE", args.called_ae),
+            ("PeerAddress", args.peer_address),
+        )
+        if value is not None
+    }
+    files, skipped, found = _scan(root, ruleset, connection)
+    ordered = sorted(found.values(), key=lambda s: (s.study_uid, s.series_number, s.series_uid))
+    descriptions: dict[str, list[str]] = {}
+    for sample in ordered:
+        descriptions.setdefault(sample.study_uid, []).append(
+            fact_text(sample.facts.get("SeriesDescription")) or ""
+        )
+    series: list[dict[str, Any]] = [
+        {
+            "study_uid": sample.study_uid or None,
+            "series_uid": sample.series_uid,
+            "series_description": fact_text(sample.facts.get("SeriesDescription")),
+            "modality": fact_text(sample.facts.get("Modality")),
+            "instances": sample.instances,
+            "file": str(sample.file),
+            "rules": [
+                outcome_report(outcome, descriptions[sample.study_uid])
+                for outcome in ruleset.explain(sample.facts)
+            ],
+        }
+        for sample in ordered
+    ]
+    if args.json:
+        report = {"path": str(root), "files": files, "skipped": skipped, "series": series}
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
+    _print_series_blocks(None, series)
+    if series:
+        print()
+    instances = sum(sample.instances for sample in ordered)
+    print(
+        f"{_count(files, 'file')}: {_count(instances, 'DICOM instance')} in {len(series)} series,"
+        f" {skipped} skipped (not DICOM, or without a SeriesInstanceUID)"
+    )
+    return 0
+
+
+def cmd_rules_test_study(args: argparse.Namespace) -> int:
+    result = _call(args, "rules.test", {"study_uid": args.study_uid})
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    _print_series_blocks(result["study_uid"], result["series"])
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 
@@ -230,6 +444,22 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("study_uid")
     echo = add(sub, "echo", cmd_echo, "C-ECHO a configured peer from the gateway")
     echo.add_argument("peer", help="the name of a [[peers]] entry")
+    rules = sub.add_parser("rules", help="routing rules: dry runs").add_subparsers(
+        dest="rules_command", required=True, metavar="COMMAND"
+    )
+    test = add(
+        rules, "test", cmd_rules_test, "which rules fire for DICOM files (no gateway needed)"
+    )
+    test.add_argument("path", metavar="PATH", help="a DICOM file, or a folder searched recursively")
+    test.add_argument("--calling-ae", dest="calling_ae", metavar="AE", help="the CallingAE fact")
+    test.add_argument("--called-ae", dest="called_ae", metavar="AE", help="the CalledAE fact")
+    test.add_argument(
+        "--peer-address", dest="peer_address", metavar="ADDR", help="the PeerAddress fact"
+    )
+    test_study = add(
+        rules, "test-study", cmd_rules_test_study, "which rules fire for a stored study"
+    )
+    test_study.add_argument("study_uid")
     return parser
 
 

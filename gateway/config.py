@@ -22,12 +22,15 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.errors import ConfigError
+from gateway.rules.model import SETTING_ERROR, FolderSettings, RuleSettings, setting_error
 
 __all__ = [
     "ControlSettings",
+    "FolderSettings",
     "LogSettings",
     "NodeSettings",
     "PeerSettings",
+    "RuleSettings",
     "SecuritySettings",
     "Settings",
     "load_settings",
@@ -122,6 +125,8 @@ class Settings(BaseSettings):
     node: NodeSettings = Field(default_factory=NodeSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     peers: list[PeerSettings] = Field(default_factory=list)
+    folders: list[FolderSettings] = Field(default_factory=list)
+    rules: list[RuleSettings] = Field(default_factory=list)
     control: ControlSettings = Field(default_factory=ControlSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
@@ -138,12 +143,33 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
     @model_validator(mode="after")
-    def _unique_peers(self) -> Settings:
-        seen: set[str] = set()
-        for peer in self.peers:
-            if peer.name in seen:
-                raise ValueError(f"peer name {peer.name!r} is used twice")
-            seen.add(peer.name)
+    def _check_names(self) -> Settings:
+        """Peer and folder names unique together, rule names unique, targets that exist."""
+        kinds: dict[str, str] = {}
+        for index, peer in enumerate(self.peers):
+            if peer.name in kinds:
+                raise setting_error(f"peer name {peer.name!r} is used twice", f"peers.{index}.name")
+            kinds[peer.name] = "peer"
+        for index, folder in enumerate(self.folders):
+            if folder.name in kinds:
+                message = (
+                    f"folder name {folder.name!r} is already the name of a {kinds[folder.name]}"
+                )
+                raise setting_error(message, f"folders.{index}.name")
+            kinds[folder.name] = "folder"
+        rules: set[str] = set()
+        for index, rule in enumerate(self.rules):
+            if rule.name in rules:
+                raise setting_error(f"rule name {rule.name!r} is used twice", f"rules.{index}.name")
+            rules.add(rule.name)
+            for target in rule.targets:
+                if target not in kinds:
+                    known = ", ".join(kinds) or "none configured"
+                    message = (
+                        f"rule {rule.name!r}: unknown target {target!r}: not the name of a"
+                        f" [[peers]] or [[folders]] entry (known: {known})"
+                    )
+                    raise setting_error(message, f"rules.{index}.targets")
         return self
 
     @property
@@ -159,15 +185,32 @@ class Settings(BaseSettings):
         """The `[[peers]]` entry whose AE title is *ae_title*, if any."""
         return next((p for p in self.peers if p.ae_title == ae_title.strip()), None)
 
+    def folder(self, name: str) -> FolderSettings | None:
+        """The `[[folders]]` entry called *name*, if any."""
+        return next((f for f in self.folders if f.name == name), None)
+
 
 def _describe(error: dict[str, Any]) -> str:
-    location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    parts = [str(part) for part in error["loc"]]
+    if error["type"] == SETTING_ERROR:
+        # Our own checks: the message is complete, and a model-level one names its key.
+        context = error.get("ctx") or {}
+        if context.get("key"):
+            parts.append(str(context["key"]))
+        location = ".".join(parts) or "(top level)"
+        return f"{location}: {_one_line(str(context.get('message', error['msg'])))}"
+    location = ".".join(parts) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"{location}: unknown key"
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] not in ("missing",) and "input" in error:
         return f"{location}: {message} (got {error['input']!r})"
     return f"{location}: {message}"
+
+
+def _one_line(text: str) -> str:
+    """A message that quotes config text (an expression over several lines) kept on one line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def load_settings(path: Path | str) -> Settings:
@@ -201,4 +244,15 @@ def load_settings(path: Path | str) -> Settings:
             update={"socket": path.parent / settings.control.socket}
         )
         settings = settings.model_copy(update={"control": control})
+    if any(not folder.path.is_absolute() for folder in settings.folders):
+        folders = [
+            folder
+            if folder.path.is_absolute()
+            else folder.model_copy(update={"path": path.parent / folder.path})
+            for folder in settings.folders
+        ]
+        settings = settings.model_copy(update={"folders": folders})
+    for index, folder in enumerate(settings.folders):
+        if folder.path.exists() and not folder.path.is_dir():
+            raise ConfigError(f"{path}: folders.{index}.path: {folder.path} is not a directory")
     return settings

@@ -91,3 +91,272 @@ def test_config_check_cli_exit_status(tmp_path: Path) -> None:
         assert result.returncode == 2
         assert "node.port: Input should be greater than or equal to 0" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- [[rules]] and [[folders]] ---------------------------------------------------------------------
+
+PEERS = '[[peers]]\nname = "pacs"\nae_title = "PACS"\nhost = "h"\nport = 104\n'
+FOLDERS = '[[folders]]\nname = "export"\npath = "out"\n'
+
+
+def rules_toml(*rules: str) -> str:
+    return PEERS + FOLDERS + "".join(f"[[rules]]\n{body}\n" for body in rules)
+
+
+def test_rules_and_folders_load_with_defaults(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        rules_toml(
+            'name = "ct"\nmatch = \'Modality == "CT"\'\ntargets = ["pacs"]',
+            'name = "mr-brain"\nmatch = \'Modality == "MR"\'\nlevel = "study"\n'
+            'targets = ["pacs", "export"]\nrequired_series = \'"T1" and ("T2" or "FLAIR")\'\n'
+            'force_seconds = 3600\nforce_action = "discard"\npriority = "urgent"\n'
+            "quiet_seconds = 90.5",
+            'name = "drop-sr"\nmatch = \'Modality == "SR"\'\naction = "discard"\nenabled = false',
+            'name = "tell"\nmatch = \'Modality == "US"\'\naction = "notify"\n'
+            'notify_url = "https://hooks.example.org/gateway"\nnotify_patient_names = true',
+            'name = "rest"\nmatch = \'Modality != ""\'\nfallback = true\ntargets = ["export"]',
+        )
+    )
+    settings = load_settings(config)
+    assert settings.folders[0].path == tmp_path / "out"
+    assert settings.folder("export") is settings.folders[0]
+    assert settings.folder("pacs") is None
+    ct, mr, drop, tell, rest = settings.rules
+    assert (ct.level, ct.action, ct.targets, ct.quiet_seconds) == ("series", "route", ["pacs"], 30)
+    assert (ct.enabled, ct.priority, ct.fallback) == (True, "normal", False)
+    assert (ct.required_series, ct.force_seconds, ct.force_action) == (None, None, "proceed")
+    assert (ct.notify_url, ct.notify_patient_names) == (None, False)
+    assert ct.expression.keywords == {"Modality"}
+    assert ct.required_series_expression is None
+    assert (mr.level, mr.priority, mr.quiet_seconds) == ("study", "urgent", 90.5)
+    assert (mr.force_seconds, mr.force_action) == (3600, "discard")
+    assert mr.required_series_expression is not None
+    assert mr.required_series_expression.evaluate({"SeriesDescription": ["T1 AX", "FLAIR"]})
+    assert (drop.action, drop.targets, drop.enabled) == ("discard", [], False)
+    assert (tell.notify_url, tell.notify_patient_names) == (
+        "https://hooks.example.org/gateway",
+        True,
+    )
+    assert rest.fallback
+
+
+def test_absolute_folder_path_is_kept(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[[folders]]\nname = "x"\npath = "{tmp_path / "abs"}"\n')
+    assert load_settings(config).folders[0].path == tmp_path / "abs"
+
+
+def test_rules_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(PEERS)
+    monkeypatch.setenv(
+        "GATEWAY_RULES", '[{"name": "ct", "match": "Modality == \\"CT\\"", "targets": ["pacs"]}]'
+    )
+    assert load_settings(config).rules[0].expression.evaluate({"Modality": "CT"})
+    monkeypatch.setenv("GATEWAY_RULES", '[{"name": "ct", "match": "Modality ==", "targets": []}]')
+    with pytest.raises(
+        ConfigError, match=r"rules\.0\.match: rule 'ct': column 12: expected a value"
+    ):
+        load_settings(config)
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        (
+            [
+                'name = "brain-ct"\nmatch = \'Modality == "CT" and StudyDate ==\'\n'
+                'targets = ["pacs"]'
+            ],
+            "rules.0.match: rule 'brain-ct': column 34: expected a value after '=='",
+        ),
+        (
+            [
+                'name = "ok"\nmatch = \'Modality == "CT"\'\ntargets = ["pacs"]',
+                'name = "typo"\nmatch = \'Modalty == "CT"\'\ntargets = ["pacs"]',
+            ],
+            "rules.1.match: rule 'typo': column 1: unknown attribute 'Modalty': did you mean",
+        ),
+        (
+            ['name = "x"\nmatch = \'Modality == "CT"\'\ntargets = ["pacs", "archive"]'],
+            "rules.0.targets: rule 'x': unknown target 'archive': not the name of a [[peers]] or"
+            " [[folders]] entry (known: pacs, export)",
+        ),
+        (
+            ['name = "x"\nmatch = \'Modality == "SR"\'\naction = "discard"\ntargets = ["pacs"]'],
+            "rules.0.targets: rule 'x': action \"discard\" sends nothing: remove its targets",
+        ),
+        (
+            ['name = "x"\nmatch = \'Modality == "CT"\''],
+            "rules.0.targets: rule 'x': action \"route\" needs at least one target",
+        ),
+        (
+            ['name = "x"\nmatch = \'Modality == "CT"\'\ntargets = ["pacs", "pacs"]'],
+            "rules.0.targets: rule 'x': target 'pacs' is listed twice",
+        ),
+        (
+            [
+                'name = "x"\nmatch = \'Modality == "MR"\'\ntargets = ["pacs"]\n'
+                "required_series = '\"T1\"'"
+            ],
+            "rules.0.required_series: rule 'x': required_series needs level = \"study\"",
+        ),
+        (
+            [
+                'name = "x"\nmatch = \'Modality == "MR"\'\ntargets = ["pacs"]\nlevel = "study"\n'
+                'required_series = \'"T1" and ("T2" or FLAIR)\''
+            ],
+            "rules.0.required_series: rule 'x': column 19: expected a quoted series description,"
+            " found 'FLAIR'",
+        ),
+        (
+            ['name = "x"\nmatch = \'Modality == "MR"\'\ntargets = ["pacs"]\nforce_seconds = 60'],
+            "rules.0.force_seconds: rule 'x': force_seconds needs level = \"study\"",
+        ),
+        (
+            [
+                'name = "x"\nmatch = \'Modality == "MR"\'\ntargets = ["pacs"]\nlevel = "study"\n'
+                'force_action = "discard"'
+            ],
+            "rules.0.force_action: rule 'x': force_action needs force_seconds",
+        ),
+        (
+            [
+                'name = "x"\nmatch = \'Modality == "MR"\'\ntargets = ["pacs"]\nlevel = "study"\n'
+                "force_seconds = 0"
+            ],
+            "rules.0.force_seconds: Input should be greater than 0",
+        ),
+        (
+            ['name = "x"\nmatch = \'Modality == "US"\'\naction = "notify"'],
+            "rules.0.notify_url: rule 'x': action \"notify\" needs notify_url",
+        ),
+        (
+            [
+                'name = "x"\nmatch = \'Modality == "US"\'\naction = "notify"\n'
+                'notify_url = "ftp://h/x"'
+            ],
+            "rules.0.notify_url: rule 'x': notify_url must be an http:// or https:// URL",
+        ),
+        (
+            [
+                'name = "x"\nmatch = \'Modality == "US"\'\naction = "notify"\n'
+                'notify_url = "http://h:99999/x"'
+            ],
+            "rules.0.notify_url: rule 'x': notify_url must be an http:// or https:// URL",
+        ),
+        (
+            [
+                'name = "x"\nmatch = \'Modality == "US"\'\ntargets = ["pacs"]\n'
+                'notify_url = "http://h/x"'
+            ],
+            "rules.0.notify_url: rule 'x': notify_url is only used by action = \"notify\"",
+        ),
+        (
+            ['name = "x"\nmatch = \'Modality == "US"\'\ntargets = ["pacs"]\nlevel = "patient"'],
+            "rules.0.level: Input should be 'series' or 'study'",
+        ),
+        (
+            ['name = "x"\nmatch = \'Modality == "US"\'\ntargets = ["pacs"]\npriority = "high"'],
+            "rules.0.priority: Input should be 'urgent', 'normal' or 'low'",
+        ),
+        (
+            ['name = "x"\nmatch = \'Modality == "US"\'\ntargets = ["pacs"]\nquiet_seconds = 0'],
+            "rules.0.quiet_seconds: Input should be greater than 0",
+        ),
+        (
+            ['name = "x"\nmatch = \'Modality == "US"\'\ntargets = ["pacs"]\nlevle = "study"'],
+            "rules.0.levle: unknown key",
+        ),
+        (
+            ['match = \'Modality == "US"\'\ntargets = ["pacs"]'],
+            "rules.0.name: Field required",
+        ),
+        (
+            [
+                'name = "x"\nmatch = \'Modality == "CT"\'\ntargets = ["pacs"]',
+                'name = "x"\nmatch = \'Modality == "MR"\'\ntargets = ["pacs"]',
+            ],
+            "rules.1.name: rule name 'x' is used twice",
+        ),
+    ],
+)
+def test_bad_rule_names_the_rule_and_the_key(
+    tmp_path: Path, rules: list[str], message: str
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(rules_toml(*rules))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    assert f"{config}: {message}" in str(caught.value)
+    assert "(got {" not in str(caught.value)  # the whole input is never echoed
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            PEERS + '[[folders]]\nname = "pacs"\npath = "x"\n',
+            "folders.0.name: folder name 'pacs' is already the name of a peer",
+        ),
+        (FOLDERS + FOLDERS, "folders.1.name: folder name 'export' is already the name of a folder"),
+        ('[[folders]]\nname = "x"\npath = ""\n', "folders.0.path: a folder path cannot be empty"),
+        ('[[folders]]\nname = "x y"\npath = "p"\n', "folders.0.name: String should match pattern"),
+        ('[[folders]]\nname = "x"\n', "folders.0.path: Field required"),
+        (PEERS + PEERS, "peers.1.name: peer name 'pacs' is used twice"),
+    ],
+)
+def test_bad_folder_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    assert f"{config}: {message}" in str(caught.value)
+
+
+def test_folder_path_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file")
+    config = tmp_path / "config.toml"
+    config.write_text('[[folders]]\nname = "x"\npath = "taken"\n')
+    with pytest.raises(ConfigError, match=r"folders\.0\.path: .*taken is not a directory"):
+        load_settings(config)
+
+
+def test_rule_expression_over_lines_stays_on_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        rules_toml(
+            "name = \"x\"\nmatch = '''Modality == \"CT\"\nand \"oops\nstill'''\ntargets = []"
+        )
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    assert "rules.0.match: rule 'x': column 22: unterminated string" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_config_check_refuses_a_bad_rule_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        rules_toml('name = "brain-ct"\nmatch = \'Modality = "CT"\'\ntargets = ["pacs"]')
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "config", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"gateway: {config}: rules.0.match: rule 'brain-ct': column 10: unexpected character"
+        " '=': compare with '=='\n"
+    )
+    config.write_text(rules_toml('name = "ct"\nmatch = \'Modality == "CT"\'\ntargets = ["pacs"]'))
+    ok = subprocess.run(
+        [sys.executable, "-m", "gateway", "config", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "  folders: export\n  rules: ct\n" in ok.stdout

@@ -1,4 +1,5 @@
-"""The core control methods: status, studies.search, studies.get, studies.delete, echo.
+"""The core control methods (status, studies.search, studies.get, studies.delete, echo) and
+the rules' dry run (rules.test).
 
 Later features register their own methods beside these (see `ControlServer.register`).
 """
@@ -6,14 +7,21 @@ Later features register their own methods beside these (see `ControlServer.regis
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from gateway.control.server import INVALID_PARAMS, ControlServer
-from gateway.errors import ControlError, PeerError
+from gateway.errors import ControlError, GatewayError, PeerError
+from gateway.rules.engine import RuleSet, fact_text, outcome_report
+from gateway.rules.expr import facts_from_dataset
 from gateway.scu.echo import echo_peer
 from gateway.store.instance import is_valid_uid
 from gateway.store.query import QueryError, find
@@ -21,7 +29,7 @@ from gateway.store.query import QueryError, find
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-__all__ = ["register_core_methods"]
+__all__ = ["register_core_methods", "register_rule_methods"]
 
 PEER_ERROR = -32010
 NOT_FOUND = -32004
@@ -82,8 +90,17 @@ def _value(ds: Dataset, keyword: str) -> Any:
     return str(value)
 
 
+def _study_uid(params: dict[str, Any]) -> str:
+    _no_unknown(params, {"study_uid"})
+    uid = _string(params, "study_uid", required=True)
+    assert uid is not None
+    if not is_valid_uid(uid):
+        raise ControlError(INVALID_PARAMS, "parameter 'study_uid' is not a valid UID")
+    return uid
+
+
 def register_core_methods(server: ControlServer, gateway: Gateway) -> None:
-    """Register the methods of the DICOM node and its store."""
+    """Register the methods of the DICOM node and its store, then `register_rule_methods`."""
     store = gateway.store
 
     async def status(params: dict[str, Any]) -> dict[str, Any]:
@@ -129,14 +146,6 @@ def register_core_methods(server: ControlServer, gateway: Gateway) -> None:
             raise ControlError(INVALID_PARAMS, message) from exc
         studies = [{k: _value(ds, kw) for k, kw in _RETURN_KEYS.items()} for ds in matches]
         return {"studies": studies, "count": len(studies)}
-
-    def _study_uid(params: dict[str, Any]) -> str:
-        _no_unknown(params, {"study_uid"})
-        uid = _string(params, "study_uid", required=True)
-        assert uid is not None
-        if not is_valid_uid(uid):
-            raise ControlError(INVALID_PARAMS, "parameter 'study_uid' is not a valid UID")
-        return uid
 
     async def get(params: dict[str, Any]) -> dict[str, Any]:
         uid = _study_uid(params)
@@ -194,3 +203,87 @@ def register_core_methods(server: ControlServer, gateway: Gateway) -> None:
     server.register("studies.get", get)
     server.register("studies.delete", delete)
     server.register("echo", echo)
+    register_rule_methods(server, gateway)
+
+
+@dataclass(frozen=True, slots=True)
+class _FirstInstance:
+    """A series of a stored study and the instance its rules are evaluated on."""
+
+    series_uid: str
+    instances: int
+    sop_uid: str
+    path: Path
+    connection: dict[str, str]
+
+
+def _first_instances(
+    conn: sqlite3.Connection, study_uid: str, absolute: Callable[[str], Path]
+) -> list[_FirstInstance] | None:
+    """Each series of the study with its first instance (lowest instance_number, then pk)."""
+    study = conn.execute("SELECT pk FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+    if study is None:
+        return None
+    rows = conn.execute(
+        "SELECT s.series_uid,"
+        " (SELECT count(*) FROM instances c WHERE c.series_pk = s.pk),"
+        " i.sop_uid, i.path, i.calling_ae, i.called_ae, i.peer_address"
+        " FROM series s JOIN instances i ON i.pk = ("
+        "   SELECT f.pk FROM instances f WHERE f.series_pk = s.pk"
+        "   ORDER BY f.instance_number IS NULL, f.instance_number, f.pk LIMIT 1)"
+        " WHERE s.study_pk = ? ORDER BY s.series_number IS NULL, s.series_number, s.pk",
+        (study[0],),
+    ).fetchall()
+    first: list[_FirstInstance] = []
+    for series_uid, count, sop_uid, path, calling, called, address in rows:
+        connection = {
+            fact: value
+            for fact, value in (
+                ("CallingAE", calling),
+                ("CalledAE", called),
+                ("PeerAddress", address),
+            )
+            if value is not None
+        }
+        first.append(_FirstInstance(series_uid, count, sop_uid, absolute(path), connection))
+    return first
+
+
+def register_rule_methods(server: ControlServer, gateway: Gateway) -> None:
+    """Register `rules.test`: the configured rules' dry run on a stored study.
+
+    The rule set is built once, from the settings the gateway runs with.
+    """
+    store = gateway.store
+    ruleset = RuleSet(gateway.settings.rules)
+    keywords = sorted(ruleset.keywords)
+
+    def read_facts(first: _FirstInstance) -> dict[str, object]:
+        try:
+            ds = dcmread(first.path, stop_before_pixels=True, specific_tags=keywords)
+        except Exception as exc:  # missing, truncated: the store should not hold such a file
+            raise GatewayError(
+                f"cannot read instance {first.sop_uid} of series {first.series_uid}: {exc}"
+            ) from exc
+        return facts_from_dataset(ds, ruleset.keywords, first.connection)
+
+    async def rules_test(params: dict[str, Any]) -> dict[str, Any]:
+        uid = _study_uid(params)
+        found = await store.read(lambda conn: _first_instances(conn, uid, store.files.absolute))
+        if found is None:
+            raise ControlError(NOT_FOUND, f"no study {uid}")
+        facts = [await anyio.to_thread.run_sync(read_facts, first) for first in found]
+        descriptions = [fact_text(f.get("SeriesDescription")) or "" for f in facts]
+        series = [
+            {
+                "series_uid": first.series_uid,
+                "series_description": fact_text(f.get("SeriesDescription")),
+                "modality": fact_text(f.get("Modality")),
+                "instances": first.instances,
+                "rules": [outcome_report(o, descriptions) for o in ruleset.explain(f)],
+            }
+            for first, f in zip(found, facts, strict=True)
+        ]
+        return {"study_uid": uid, "series": series}
+
+    server.register("rules.test", rules_test)

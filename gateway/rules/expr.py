@@ -6,6 +6,9 @@ the rule and the 1-based column of the problem. `Expression.evaluate` walks the 
 mapping of facts (DICOM keywords and connection facts to their values); `Expression.explain`
 also says which sub-expression made it false. The text is never handed to Python: the tokenizer
 and the recursive-descent parser below are the whole language. docs/rules.md is its reference.
+
+`parse_required_series` reads a study-level rule's `required_series`, a smaller language over the
+same tokens: quoted series descriptions combined with ``and``, ``or``, ``not`` and parentheses.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ __all__ = [
     "Value",
     "facts_from_dataset",
     "parse",
+    "parse_required_series",
 ]
 
 Facts: TypeAlias = Mapping[str, object]
@@ -649,6 +653,56 @@ def parse(text: str, rule: str = "<expression>") -> Expression:
     parser = _Parser(text, rule)
     root = parser.expression()
     return Expression(text=text, root=root, keywords=frozenset(parser.keywords), rule=rule)
+
+
+# --- required series ---------------------------------------------------------------------------
+
+_SERIES_DESCRIPTIONS: Final = Attribute("SeriesDescription", "")  # never split: whole descriptions
+
+
+class _RequiredSeriesParser(_Parser):
+    """`required_series`: the grammar of `parse` with a quoted description as its only condition.
+
+    A literal becomes ``SeriesDescription contains "literal"`` over the study's descriptions given
+    as one multi-valued fact, so it holds when any series' description contains it.
+    """
+
+    def primary(self) -> Node:
+        token = self.peek()
+        if self.at("("):
+            return super().primary()  # the parenthesised or_expr comes back here
+        if token.kind == "string":
+            self.advance()
+            if not token.value:
+                raise self.error(token, "an empty string is part of every series description")
+            return Compare(token.text, _SERIES_DESCRIPTIONS, "contains", Value(token.value))
+        if token.kind == "word" and token.text not in _RESERVED:
+            following = self.tokens[self.pos + 1]
+            if following.kind == "op" or following.text in _RESERVED - {"and", "or"}:
+                hint = 'list quoted series descriptions, not conditions, e.g. "T1" and "T2"'
+            else:
+                hint = f'write it in quotes, e.g. "{token.text}"'
+            raise self.error(
+                token, f"expected a quoted series description, found {token.describe()}: {hint}"
+            )
+        raise self.expected("a quoted series description")
+
+
+def parse_required_series(text: str, rule: str = "<required_series>") -> Expression:
+    """Parse a `required_series` expression such as ``"T1" and ("T2" or "FLAIR")``.
+
+    The result is an `Expression` over the one fact ``SeriesDescription``: give it the
+    descriptions of a study's series as a list, ``{"SeriesDescription": [...]}``. A literal holds
+    when some description contains it (case-sensitive substring).
+
+    Raises
+    ------
+    RuleSyntaxError
+        As `parse` does, naming the rule and the 1-based column.
+    """
+    parser = _RequiredSeriesParser(text, rule)
+    root = parser.expression()
+    return Expression(text=text, root=root, keywords=frozenset({"SeriesDescription"}), rule=rule)
 
 
 # --- facts -------------------------------------------------------------------------------------
