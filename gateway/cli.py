@@ -173,6 +173,53 @@ def cmd_studies_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_studies_force_complete(args: argparse.Namespace) -> int:
+    result = _call(args, "studies.force_complete", {"study_uid": args.study_uid})
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"study {result['study_uid']}: {result['completed']} pending rule wait(s) completed")
+    return 0
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {"limit": args.limit}
+    if args.state:
+        params["state"] = args.state
+    result = _call(args, "jobs.list", params)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    _print_table(
+        result["jobs"],
+        [
+            ("id", "ID"),
+            ("state", "STATE"),
+            ("scope", "SCOPE"),
+            ("uid", "UID"),
+            ("target", "TARGET"),
+            ("rule", "RULE"),
+            ("priority", "PRIORITY"),
+            ("attempts", "ATTEMPTS"),
+            ("delivered", "DELIVERED"),
+            ("last_error", "LAST ERROR"),
+        ],
+    )
+    return 0
+
+
+def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    result = _call(args, "jobs.retry", {"ids": args.ids} if args.ids else {})
+    print(json.dumps(result, indent=2) if args.json else f"{result['requeued']} job(s) requeued")
+    return 0
+
+
+def cmd_jobs_cancel(args: argparse.Namespace) -> int:
+    result = _call(args, "jobs.cancel", {"ids": args.ids})
+    print(json.dumps(result, indent=2) if args.json else f"{result['cancelled']} job(s) cancelled")
+    return 0
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     result = _call(args, "echo", {"peer": args.peer})
     if args.json:
@@ -442,6 +489,20 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("study_uid")
     delete = add(studies, "delete", cmd_studies_delete, "delete a study from the store")
     delete.add_argument("study_uid")
+    force = add(
+        studies, "force-complete", cmd_studies_force_complete, "complete a study's rule waits now"
+    )
+    force.add_argument("study_uid")
+    jobs = sub.add_parser("jobs", help="dispatch jobs").add_subparsers(
+        dest="jobs_command", required=True, metavar="COMMAND"
+    )
+    jobs_list = add(jobs, "list", cmd_jobs_list, "dispatch jobs, newest first")
+    jobs_list.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"])
+    jobs_list.add_argument("--limit", type=int, default=100)
+    jobs_retry = add(jobs, "retry", cmd_jobs_retry, "requeue failed jobs (all, or these ids)")
+    jobs_retry.add_argument("ids", nargs="*", type=int)
+    jobs_cancel = add(jobs, "cancel", cmd_jobs_cancel, "cancel queued or running jobs")
+    jobs_cancel.add_argument("ids", nargs="+", type=int)
     echo = add(sub, "echo", cmd_echo, "C-ECHO a configured peer from the gateway")
     echo.add_argument("peer", help="the name of a [[peers]] entry")
     rules = sub.add_parser("rules", help="routing rules: dry runs").add_subparsers(

@@ -293,3 +293,74 @@ def write_variant(source: Path, target: Path, **attributes: Any) -> Path:
             ds.file_meta.MediaStorageSOPInstanceUID = attributes["SOPInstanceUID"]
         ds.save_as(target, enforce_file_format=True)
     return target
+
+
+class OrthancProcess:
+    """An Orthanc of its own: config, storage and index in *root*, loopback ports, no auth."""
+
+    def __init__(self, root: Path, ae_title: str = "ORTHANC") -> None:
+        import json
+
+        orthanc = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+        if not Path(orthanc).exists():
+            pytest.fail("Orthanc is not installed: run scripts/install-test-deps")
+        root.mkdir(parents=True, exist_ok=True)
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.http_port = free_port()
+        config = {
+            "Name": "test",
+            "DicomAet": ae_title,
+            "DicomPort": self.port,
+            "HttpPort": self.http_port,
+            "StorageDirectory": str(root / "storage"),
+            "IndexDirectory": str(root / "index"),
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+        }
+        (root / "orthanc.json").write_text(json.dumps(config))
+        self.log = (root / "orthanc.log").open("wb")
+        self.proc = subprocess.Popen(
+            [orthanc, str(root / "orthanc.json")],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.rest("/system")
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("Orthanc did not start") from None
+                time.sleep(0.1)
+
+    def rest(self, path: str) -> Any:
+        import json
+        import urllib.request
+
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+    def instance_count(self) -> int:
+        return int(self.rest("/statistics")["CountInstances"])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[OrthancProcess]:
+    server = OrthancProcess(tmp_path / "orthanc")
+    yield server
+    server.stop()

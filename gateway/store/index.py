@@ -171,6 +171,8 @@ class IndexWriter:
         self._conn: sqlite3.Connection | None = None
         self._series_cache: dict[str, int] = {}
         self._sync_mode = "FULL"
+        self._lock = threading.Lock()
+        self._stopped = False
         self._ready: Future[None] = Future()
         self.on_ingested: Callable[[list[IngestResult]], None] | None = None
 
@@ -180,10 +182,20 @@ class IndexWriter:
         self._ready.result()
 
     def stop(self) -> None:
-        """Finish what is queued, then close the connection."""
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
+        """Finish what is queued, then close the connection; later requests fail at once."""
+        with self._lock:
+            self._stopped = True
+            if self._thread.is_alive():
+                self._queue.put(_STOP)
+        if self._thread.ident is not None:  # started
             self._thread.join()
+
+    def _put(self, item: _Ingest | _Call) -> None:
+        with self._lock:
+            if self._stopped:
+                item.future.set_exception(StoreError("the store is closed"))
+                return
+            self._queue.put(item)
 
     def submit_ingest(self, received: ReceivedFile, provenance: Provenance) -> Future[IngestResult]:
         """Queue an instance whose file is durably in its bucket.
@@ -192,13 +204,13 @@ class IndexWriter:
         end up indexed (a duplicate, a refusal, a failed batch) is removed.
         """
         future: Future[IngestResult] = Future()
-        self._queue.put(_Ingest(received, provenance, future))
+        self._put(_Ingest(received, provenance, future))
         return future
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
         """Run *fn* on the write connection in a transaction of its own."""
         future: Future[T] = Future()
-        self._queue.put(_Call(fn, future))
+        self._put(_Call(fn, future))
         return future
 
     # -- the thread --------------------------------------------------------------------------
@@ -250,6 +262,8 @@ class IndexWriter:
     def _run_call(self, call: _Call) -> None:
         conn = self._conn
         assert conn is not None
+        if not call.future.set_running_or_notify_cancel():
+            return  # its awaiting task was cancelled before the call ran
         try:
             self._synchronous(conn, "FULL")
             conn.execute("BEGIN IMMEDIATE")
@@ -267,6 +281,12 @@ class IndexWriter:
     def _run_ingest_batch(self, batch: list[_Ingest]) -> None:
         conn = self._conn
         assert conn is not None
+        for item in batch:
+            if not item.future.set_running_or_notify_cancel():
+                item.received.path.unlink(missing_ok=True)  # nobody waits: leave nothing
+        batch = [item for item in batch if item.future.running()]
+        if not batch:
+            return
         now = time.time()
         superseded: list[str] = []
         results: list[tuple[_Ingest, IngestResult | GatewayError]] = []

@@ -98,7 +98,9 @@ class Store:
         return self.reconcile_report
 
     async def close(self) -> None:
-        """Mark the run as cleanly stopped and close everything."""
+        """Mark the run as cleanly stopped and close everything (again: nothing happens)."""
+        if self._read_conn is None:
+            return
         try:
             await self.write(lambda c: c.execute("DELETE FROM meta WHERE key=?", (_RUNNING_KEY,)))
         except GatewayError as exc:

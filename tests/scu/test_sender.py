@@ -21,13 +21,15 @@ NODE = NodeSettings(ae_title="GATEWAY", acse_timeout=5, dimse_timeout=5, network
 class Recorder:
     """A storage SCP recording (SOP Instance UID, transfer syntax, dataset bytes) per C-STORE."""
 
-    def __init__(self, syntaxes: list[str] | None = None, answer: int = 0x0000) -> None:
+    def __init__(
+        self, syntaxes: list[str] | None = None, answer: int = 0x0000, port: int | None = None
+    ) -> None:
         self.received: list[tuple[str, str, bytes]] = []
         self.answer = answer
         self.ae = AE(ae_title="RECORDER")
         for cx in AllStoragePresentationContexts:
             self.ae.add_supported_context(cx.abstract_syntax, syntaxes or ALL_TRANSFER_SYNTAXES)
-        self.port = free_port()
+        self.port = port or free_port()
         self.server = self.ae.start_server(
             (HOST, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
         )

@@ -1,0 +1,236 @@
+"""The completion engine: feeds arrivals and timers to the rules, and says when work is complete.
+
+Arrivals come from the store (each committed batch of stored instances). A series is evaluated
+once, on its first instance's attributes and connection facts; the rules that fired are
+remembered with it. Each fired `route` or `notify` rule opens, or prolongs, a wait on the series
+(level `series`) or on its study (level `study`), kept as a row in the index (`store/
+completions.py`): every arrival resets the deadline, and a restart re-derives the timers from the
+rows. A `discard` rule opens no wait: discarded data is never dispatched.
+
+A wait completes:
+
+- series level: `quiet_seconds` after the series' last instance;
+- study level without `required_series`: `quiet_seconds` after the study's last instance;
+- study level with `required_series`: as soon as the descriptions of the study's complete series
+  (each quiet for `quiet_seconds`) satisfy the expression;
+- either study form: at `force_seconds` after the first instance, whatever it waits for, which
+  then `proceed`s or `discard`s (`force_action`); and when an operator forces it.
+
+A completed wait is handed to `on_complete` (which enqueues dispatch jobs). Instances that arrive
+after completion open a new wait for what they belong to: the whole series, or the whole study,
+is sent again when that wait completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import anyio
+import structlog
+from pydicom import dcmread
+
+from gateway.rules.engine import RuleSet, required_series_satisfied
+from gateway.rules.expr import facts_from_dataset
+from gateway.rules.model import RuleSettings
+from gateway.store.completions import Completion, CompletionStore, FirstInstance, Touch
+from gateway.store.index import IngestResult
+from gateway.store.store import Store
+
+__all__ = ["CompletedWork", "CompletionEngine"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CompletedWork:
+    """A series or study a rule waited on, now complete."""
+
+    rule: RuleSettings
+    scope: Literal["series", "study"]
+    uid: str
+    study_uid: str
+
+
+class CompletionEngine:
+    """Waits on series and studies for the rules, durably; see the module docstring."""
+
+    def __init__(
+        self,
+        rules: Sequence[RuleSettings],
+        store: Store,
+        on_complete: Callable[[CompletedWork], Awaitable[None]],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._ruleset = RuleSet(rules)
+        self._rules = {rule.name: rule for rule in rules}
+        self._store = store
+        self._completions = CompletionStore(store)
+        self._on_complete = on_complete
+        self._clock = clock
+        self._arrivals: asyncio.Queue[list[IngestResult]] = asyncio.Queue()
+        self._fired: dict[str, list[str]] = {}
+        self._waiting: list[Completion] = []
+
+    def arrived(self, results: list[IngestResult]) -> None:
+        """Queue a committed batch of stored instances (call on the event loop)."""
+        self._arrivals.put_nowait(results)
+
+    async def force_study(self, study_uid: str) -> int:
+        """Complete every wait of a study now; return how many there were."""
+        count = await self._completions.force_study(study_uid, self._clock())
+        self._arrivals.put_nowait([])  # wake the loop
+        return count
+
+    async def run(self) -> None:
+        """Serve arrivals and deadlines until cancelled."""
+        await self._completions.ensure_schema()
+        self._waiting = await self._completions.waiting()
+        log.info("completion_engine_started", waiting=len(self._waiting))
+        while True:
+            await self._settle_due()
+            batch = await self._next_arrivals()
+            if batch:
+                await self._on_arrivals(batch)
+                self._waiting = await self._completions.waiting()
+
+    async def _next_arrivals(self) -> list[IngestResult] | None:
+        deadlines = [c.due_at for c in self._waiting] + [
+            c.force_at for c in self._waiting if c.force_at is not None
+        ]
+        timeout = max(0.0, min(deadlines) - self._clock()) if deadlines else None
+        try:
+            first = await asyncio.wait_for(self._arrivals.get(), timeout)
+        except TimeoutError:
+            return None
+        batch = list(first)
+        while not self._arrivals.empty():
+            batch.extend(self._arrivals.get_nowait())
+        if not batch:  # a wake-up (forced completion): re-read the waits
+            self._waiting = await self._completions.waiting()
+        return batch
+
+    # -- arrivals -----------------------------------------------------------------------------
+
+    async def _on_arrivals(self, results: list[IngestResult]) -> None:
+        now = self._clock()
+        series = {r.series_instance_uid: r.study_instance_uid for r in results}
+        touches: list[Touch] = []
+        for series_uid, study_uid in series.items():
+            for name in await self._rules_for(series_uid):
+                rule = self._rules.get(name)
+                if rule is None or rule.action == "discard":
+                    continue
+                study_level = rule.level == "study"
+                touches.append(
+                    Touch(
+                        rule=name,
+                        scope="study" if study_level else "series",
+                        uid=study_uid if study_level else series_uid,
+                        study_uid=study_uid,
+                        now=now,
+                        quiet_seconds=rule.quiet_seconds,
+                        force_seconds=rule.force_seconds if study_level else None,
+                    )
+                )
+        if touches:
+            await self._completions.touch(touches)
+
+    async def _rules_for(self, series_uid: str) -> list[str]:
+        """The rules that fired for a series, evaluated on its first instance once."""
+        cached = self._fired.get(series_uid)
+        if cached is None:
+            cached = await self._completions.fired_rules(series_uid)
+        if cached is None:
+            first = await self._completions.first_instance(series_uid)
+            if first is None:
+                return []
+            try:
+                facts = await anyio.to_thread.run_sync(self._read_facts, first)
+            except (OSError, ValueError) as exc:
+                log.error("rule_evaluation_failed", series_uid=series_uid, error=str(exc))
+                return []
+            decision = self._ruleset.evaluate(facts)
+            cached = list(decision.names)
+            await self._completions.remember_fired(series_uid, cached)
+            log.info(
+                "series_evaluated",
+                series_uid=series_uid,
+                fired=cached,
+                discarded=decision.discarded,
+            )
+        self._fired[series_uid] = cached
+        return cached
+
+    def _read_facts(self, first: FirstInstance) -> dict[str, object]:
+        ds = dcmread(
+            self._store.files.absolute(first.path),
+            stop_before_pixels=True,
+            specific_tags=sorted(self._ruleset.keywords | {"SpecificCharacterSet"}),
+        )
+        connection = {
+            "CallingAE": first.calling_ae,
+            "CalledAE": first.called_ae,
+            "PeerAddress": first.peer_address,
+        }
+        return facts_from_dataset(ds, self._ruleset.keywords, connection)
+
+    # -- deadlines ----------------------------------------------------------------------------
+
+    async def _settle_due(self) -> None:
+        now = self._clock()
+        changed = False
+        for completion in self._waiting:
+            forced = completion.force_at is not None and completion.force_at <= now
+            if not forced and completion.due_at > now:
+                continue
+            changed = True
+            rule = self._rules.get(completion.rule)
+            if rule is None:  # the rule is gone from the config: its wait ends unsent
+                await self._completions.close(completion.id, "discarded", now)
+                continue
+            if forced:
+                await self._finish(completion, rule, now, rule.force_action == "discard")
+            elif completion.scope == "study" and rule.required_series_expression is not None:
+                await self._check_required(completion, rule, now)
+            else:
+                await self._finish(completion, rule, now, False)
+        if changed:
+            self._waiting = await self._completions.waiting()
+
+    async def _check_required(self, completion: Completion, rule: RuleSettings, now: float) -> None:
+        """Complete when the complete series satisfy `required_series`; else look again later."""
+        series = await self._completions.study_series(completion.study_uid)
+        quiet = rule.quiet_seconds
+        complete = [s.description for s in series if s.last_received_at + quiet <= now]
+        if required_series_satisfied(rule, complete):
+            await self._finish(completion, rule, now, False)
+            return
+        pending = [s.last_received_at + quiet for s in series if s.last_received_at + quiet > now]
+        # Look again when the next series becomes complete, or after another quiet period.
+        await self._completions.reschedule(completion.id, min(pending, default=now + quiet))
+
+    async def _finish(
+        self, completion: Completion, rule: RuleSettings, now: float, discard: bool
+    ) -> None:
+        if not await self._completions.close(
+            completion.id, "discarded" if discard else "done", now
+        ):
+            return
+        log.info(
+            "completion_discarded" if discard else "completion_reached",
+            rule=rule.name,
+            scope=completion.scope,
+            uid=completion.uid,
+            waited=round(now - completion.first_at, 3),
+        )
+        if discard:
+            return
+        # A new cycle re-evaluates nothing: the series' fired rules stay as they were.
+        await self._on_complete(
+            CompletedWork(rule, completion.scope, completion.uid, completion.study_uid)
+        )

@@ -1,0 +1,369 @@
+"""The dispatcher: runs the durable jobs of `gateway.store.jobs` against peers and folders.
+
+One asyncio service. Its loop claims due jobs (most urgent first), runs each in a task under a
+per-target `anyio.CapacityLimiter`, and sleeps until the next job is due or `wake()` is called
+(an enqueue, a retry, a job that finished). A job selects its instances from the index, skips
+those already in `job_deliveries`, and sends the rest: C-STORE to a peer (`send_instances` in a
+worker thread, each acknowledged instance recorded durably as it happens), or an atomic copy
+into a folder. docs/dispatch.md describes the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random as _random
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+import structlog
+from anyio.abc import TaskGroup
+
+from gateway.config import FolderSettings, PeerSettings, Settings
+from gateway.errors import GatewayError
+from gateway.scu.sender import Delivery, send_instances
+from gateway.store.files import fsync_dir
+from gateway.store.instance import is_valid_uid
+from gateway.store.jobs import Backoff, Job, JobQueue
+from gateway.store.store import InstanceFile, Store
+
+__all__ = ["Dispatcher", "folder_path"]
+
+log = structlog.get_logger(__name__)
+
+
+class _Stopping(Exception):
+    """Raised in a sender thread to end a send early (the dispatcher is stopping)."""
+
+
+def folder_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+    """Where a folder target keeps an instance: `<root>/<study>/<series>/<sop>.dcm`.
+
+    Raises ValueError for a UID that is not a digit-dot string (no name on disk is taken from
+    anything else).
+    """
+    for uid in (study_uid, series_uid, sop_uid):
+        if not is_valid_uid(uid):
+            raise ValueError(f"{uid[:70]!r} is not a UID usable as a file name")
+    return root / study_uid / series_uid / f"{sop_uid}.dcm"
+
+
+def _ensure_dirs(directory: Path) -> None:
+    """Create *directory* and missing parents, each made durable in its parent."""
+    created = []
+    probe = directory
+    while not probe.exists():
+        created.append(probe)
+        probe = probe.parent
+    for path in reversed(created):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir()
+        fsync_dir(path.parent)
+
+
+def copy_atomically(source: Path, target: Path) -> None:
+    """Copy *source* to *target* so *target* is either absent, an old copy, or complete.
+
+    The bytes go to a temp name in the target's directory, are fsynced, renamed over the
+    target, and the directory is fsynced.
+    """
+    _ensure_dirs(target.parent)
+    temp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with source.open("rb") as src, temp.open("xb") as dst:
+            shutil.copyfileobj(src, dst, 1024 * 1024)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+
+
+class Dispatcher:
+    """Runs queued jobs until stopped; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        queue: JobQueue,
+        *,
+        backoff: Backoff | None = None,
+        per_target_concurrency: int = 2,
+        poll_seconds: float = 30.0,
+        claim_limit: int = 32,
+        random: _random.Random | None = None,
+    ) -> None:
+        if per_target_concurrency < 1:
+            raise ValueError("per_target_concurrency must be at least 1")
+        self.settings = settings
+        self.store = store
+        self.queue = queue
+        self.backoff = backoff or Backoff()
+        self.per_target_concurrency = per_target_concurrency
+        self.poll_seconds = poll_seconds
+        self.claim_limit = claim_limit
+        self._random = random or _random.Random()
+        self._wake = asyncio.Event()
+        self._stopping = threading.Event()  # read by sender threads
+        self._limiters: dict[str, anyio.CapacityLimiter] = {}
+        self._running: dict[int, Job] = {}
+        self._task_group: TaskGroup | None = None
+
+    # -- control ------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Look for due jobs now (call on the event loop's thread after an enqueue or retry)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """End `run()`: senders stop after the instance in flight, tasks are cancelled.
+
+        Jobs interrupted stay `running` in the queue; `JobQueue.recover_running` at the next
+        start queues them again, and what they delivered is not sent twice.
+        """
+        self._stopping.set()
+        self._wake.set()
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()
+
+    @property
+    def running_jobs(self) -> list[Job]:
+        """The jobs this dispatcher is running now."""
+        return list(self._running.values())
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _busy(self) -> tuple[set[str], dict[str, int]]:
+        counts: dict[str, int] = {}
+        for job in self._running.values():
+            counts[job.target] = counts.get(job.target, 0) + 1
+        free = {t: self.per_target_concurrency - n for t, n in counts.items()}
+        return {t for t, n in free.items() if n <= 0}, free
+
+    async def run(self) -> None:
+        """Claim and run due jobs until `stop()` is called (or the task is cancelled).
+
+        A dispatcher runs once: after `stop()` (even one called before `run()`), `run()` returns.
+        """
+        log.info("dispatcher_started", per_target_concurrency=self.per_target_concurrency)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                while not self._stopping.is_set():
+                    self._wake.clear()
+                    timeout = await self._dispatch_once(tg)
+                    if timeout > 0:
+                        with anyio.move_on_after(timeout):
+                            await self._wake.wait()
+        finally:
+            self._task_group = None
+            log.info("dispatcher_stopped", interrupted=len(self._running))
+            self._running.clear()
+
+    async def _dispatch_once(self, tg: TaskGroup) -> float:
+        """Start what is due; return how long to sleep before looking again."""
+        now = time.time()
+        try:
+            busy, free = self._busy()
+            jobs = await self.queue.claim_due(
+                now,
+                self.claim_limit,
+                busy,
+                free_slots=free,
+                slots_per_target=self.per_target_concurrency,
+            )
+            for job in jobs:
+                self._running[job.id] = job
+                tg.start_soon(self._run_job, job, name=f"job-{job.id}")
+            if len(jobs) >= self.claim_limit:
+                return 0.0
+            busy, _ = self._busy()
+            due = await self.queue.next_due_at(busy)
+        except GatewayError as exc:
+            log.error("dispatch_claim_failed", error=str(exc))
+            return self.poll_seconds
+        if due is None:
+            return self.poll_seconds
+        return min(self.poll_seconds, max(0.0, due - time.time()))
+
+    # -- one job ------------------------------------------------------------------------------
+
+    def _limiter(self, target: str) -> anyio.CapacityLimiter:
+        limiter = self._limiters.get(target)
+        if limiter is None:
+            limiter = self._limiters[target] = anyio.CapacityLimiter(self.per_target_concurrency)
+        return limiter
+
+    async def _run_job(self, job: Job) -> None:
+        try:
+            async with self._limiter(job.target):
+                await self._execute(job)
+        except Exception as exc:
+            # The queue could not be updated: the job stays running until the next start.
+            log.error("job_bookkeeping_failed", job=job.id, target=job.target, error=str(exc))
+        finally:
+            self._running.pop(job.id, None)
+            self._wake.set()
+
+    async def _execute(self, job: Job) -> None:
+        started = time.monotonic()
+        log.info(
+            "job_started",
+            job=job.id,
+            target=job.target,
+            scope=job.scope,
+            rule=job.rule,
+            attempt=job.attempts + 1,
+        )
+        where = "s.series_uid = ?" if job.scope == "series" else "st.study_uid = ?"
+        instances = await self.store.instance_files(where, (job.uid,))
+        already = await self.queue.delivered(job.id)
+        pending = [i for i in instances if i.sop_instance_uid not in already]
+        skipped = len(instances) - len(pending)
+        peer = self.settings.peer(job.target)
+        folder = self.settings.folder(job.target)
+        if not instances:
+            state = await self.queue.finish(job.id, time.time())
+            log.info(
+                "job_done",
+                job=job.id,
+                target=job.target,
+                state=state,
+                delivered=0,
+                skipped=0,
+                note="nothing stored to send (deleted?)",
+            )
+            return
+        if peer is None and folder is None:
+            unknown = f"target {job.target!r} is neither a configured peer nor a folder"
+            await self._failed(job, unknown, 0, skipped, started, permanent=True)
+            return
+        error: str | None
+        try:
+            if peer is not None:
+                delivered, error = await self._send_to_peer(job, peer, pending)
+            else:
+                assert folder is not None
+                delivered, error = await self._copy_to_folder(job, folder, pending, where)
+        except _Stopping:
+            return  # stop() was called; the job resumes at the next start
+        except Exception as exc:  # a bug or an unforeseen error: count it as a failed attempt
+            log.exception("job_crashed", job=job.id, target=job.target)
+            delivered, error = 0, f"{type(exc).__name__}: {exc}"
+        if error is None:
+            state = await self.queue.finish(job.id, time.time())
+            log.info(
+                "job_done",
+                job=job.id,
+                target=job.target,
+                state=state,
+                delivered=delivered,
+                skipped=skipped,
+                duration=round(time.monotonic() - started, 3),
+            )
+        else:
+            await self._failed(job, error, delivered, skipped, started)
+
+    async def _failed(
+        self,
+        job: Job,
+        error: str,
+        delivered: int,
+        skipped: int,
+        started: float,
+        *,
+        permanent: bool = False,
+    ) -> None:
+        state = await self.queue.fail_attempt(
+            job.id, error, time.time(), self.backoff, permanent=permanent
+        )
+        log.warning(
+            "job_failed",
+            job=job.id,
+            target=job.target,
+            attempt=job.attempts + 1,
+            state=state,
+            delivered=delivered,
+            skipped=skipped,
+            error=error,
+            duration=round(time.monotonic() - started, 3),
+        )
+
+    def _recorder(self, job: Job) -> Callable[[str], None]:
+        """For a worker thread: durably record one delivered instance (via the event loop)."""
+
+        def record(sop_uid: str) -> None:
+            anyio.from_thread.run(self.queue.record_delivered, job.id, [sop_uid], time.time())
+
+        return record
+
+    async def _send_to_peer(
+        self, job: Job, peer: PeerSettings, pending: Sequence[InstanceFile]
+    ) -> tuple[int, str | None]:
+        record = self._recorder(job)
+        errors: list[str] = []
+        delivered = 0
+
+        def on_result(delivery: Delivery) -> None:
+            nonlocal delivered
+            if delivery.delivered:
+                record(delivery.sop_instance_uid)
+                delivered += 1
+            elif not errors:
+                errors.append(delivery.error or f"status 0x{delivery.status or 0:04X}")
+            if self._stopping.is_set():
+                raise _Stopping
+
+        node = self.settings.node
+        await anyio.to_thread.run_sync(
+            lambda: send_instances(node, peer, pending, on_result=on_result)
+        )
+        return delivered, errors[0] if errors else None
+
+    async def _copy_to_folder(
+        self, job: Job, folder: FolderSettings, pending: Sequence[InstanceFile], where: str
+    ) -> tuple[int, str | None]:
+        def uids(conn: Any) -> dict[str, tuple[str, str]]:
+            rows = conn.execute(
+                "SELECT i.sop_uid, st.study_uid, s.series_uid FROM instances i"
+                " JOIN series s ON i.series_pk = s.pk JOIN studies st ON s.study_pk = st.pk"
+                f" WHERE {where}",
+                (job.uid,),
+            )
+            return {row[0]: (row[1], row[2]) for row in rows}
+
+        location = await self.store.read(uids)
+        record = self._recorder(job)
+
+        def copy_all() -> tuple[int, str | None]:
+            delivered = 0
+            for instance in pending:
+                if self._stopping.is_set():
+                    raise _Stopping
+                sop = instance.sop_instance_uid
+                if sop not in location:
+                    return delivered, f"instance {sop} is no longer stored"
+                study, series = location[sop]
+                try:
+                    target = folder_path(folder.path, study, series, sop)
+                    copy_atomically(instance.path, target)
+                except (OSError, ValueError) as exc:
+                    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                    return delivered, f"folder {folder.name}: cannot write {sop}: {reason}"
+                record(sop)
+                delivered += 1
+            return delivered, None
+
+        return await anyio.to_thread.run_sync(copy_all)

@@ -1,0 +1,490 @@
+"""The durable dispatch queue: one row per (series or study, target) to deliver.
+
+The `jobs` table is the only record of what is to be sent, what is being sent and what was
+sent; nothing that matters lives only in memory, so a kill -9 at any point loses no work (see
+docs/dispatch.md). Every change is one write transaction on the store's writer thread
+(`synchronous=FULL`); reads use the store's read-only connection.
+
+States::
+
+    queued -> running -> done
+                      -> queued (attempt failed, retried after a backoff)
+                      -> failed (max attempts reached, or a permanent error)
+    queued | running  -> cancelled
+    failed | cancelled -> queued (retry)
+
+At most one *open* job (queued or running) exists per (scope, uid, target): a partial UNIQUE
+index enforces it, and `enqueue` returns the open job instead of adding another. `job_deliveries`
+lists the instances a job has delivered, so a retry sends only the rest.
+"""
+
+from __future__ import annotations
+
+import builtins
+import random as _random
+import sqlite3
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeVar
+
+import anyio
+
+from gateway.store.store import Store
+
+__all__ = [
+    "JOBS_SCHEMA",
+    "PRIORITIES",
+    "Backoff",
+    "Job",
+    "JobQueue",
+    "JobState",
+    "Scope",
+]
+
+T = TypeVar("T")
+Scope = Literal["series", "study"]
+JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+
+PRIORITIES: Final[dict[str, int]] = {"urgent": 0, "normal": 1, "low": 2}
+OPEN_STATES: Final = ("queued", "running")
+
+JOBS_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id              INTEGER PRIMARY KEY,
+    scope           TEXT NOT NULL CHECK (scope IN ('series', 'study')),
+    uid             TEXT NOT NULL,
+    target          TEXT NOT NULL,
+    rule            TEXT NOT NULL,
+    priority        INTEGER NOT NULL DEFAULT 1 CHECK (priority BETWEEN 0 AND 2),
+    state           TEXT NOT NULL DEFAULT 'queued'
+                    CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error      TEXT,
+    rerun           INTEGER NOT NULL DEFAULT 0,
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, priority, next_attempt_at, id);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_open ON jobs (scope, uid, target)
+    WHERE state IN ('queued', 'running');
+CREATE TABLE IF NOT EXISTS job_deliveries (
+    job_id       INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    sop_uid      TEXT NOT NULL,
+    delivered_at REAL NOT NULL,
+    PRIMARY KEY (job_id, sop_uid)
+) WITHOUT ROWID;
+"""
+
+_COLUMNS: Final = (
+    "id, scope, uid, target, rule, priority, state, attempts, next_attempt_at, last_error,"
+    " created_at, updated_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One row of `jobs`, as claimed or listed."""
+
+    id: int
+    scope: Scope
+    uid: str
+    target: str
+    rule: str
+    priority: int
+    state: JobState
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    created_at: float
+    updated_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """The job as JSON-friendly values (priority by name)."""
+        names = {v: k for k, v in PRIORITIES.items()}
+        return {
+            "id": self.id,
+            "scope": self.scope,
+            "uid": self.uid,
+            "target": self.target,
+            "rule": self.rule,
+            "priority": names.get(self.priority, str(self.priority)),
+            "state": self.state,
+            "attempts": self.attempts,
+            "next_attempt_at": self.next_attempt_at,
+            "last_error": self.last_error,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    return Job(*row)
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter between attempts of a job.
+
+    The delay before attempt *n + 1* (after *n* failed attempts) is uniform in
+    ``[0, min(max_seconds, base_seconds * 2 ** (n - 1))]``. After *max_attempts* failed
+    attempts the job is `failed` (until `retry`).
+    """
+
+    base_seconds: float = 5.0
+    max_seconds: float = 600.0
+    max_attempts: int = 10
+
+    def __post_init__(self) -> None:
+        if self.base_seconds < 0 or self.max_seconds < 0 or self.max_attempts < 1:
+            raise ValueError("backoff needs base, max >= 0 and max_attempts >= 1")
+
+    def delay(self, attempt: int, random: _random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number *attempt* (1-based)."""
+        exponent = min(max(attempt, 1) - 1, 62)
+        ceiling = min(self.max_seconds, self.base_seconds * (2.0**exponent))
+        return (random or _random).uniform(0.0, ceiling)
+
+
+def _priority(value: int | str) -> int:
+    if isinstance(value, str):
+        try:
+            return PRIORITIES[value]
+        except KeyError:
+            raise ValueError(f"unknown priority {value!r}: one of urgent, normal, low") from None
+    if value not in (0, 1, 2):
+        raise ValueError(f"priority {value} is not 0 (urgent), 1 (normal) or 2 (low)")
+    return value
+
+
+def _placeholders(values: Collection[Any]) -> str:
+    return ",".join("?" * len(values))
+
+
+class JobQueue:
+    """The `jobs` and `job_deliveries` tables of a `Store`, behind async methods."""
+
+    def __init__(self, store: Store, *, random: _random.Random | None = None) -> None:
+        self.store = store
+        self._random = random or _random.Random()
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`Store.write`, shielded: once submitted, a write is awaited to its end.
+
+        A cancelled await of `Store.write` would cancel the writer's future while the writer
+        still runs it (and the writer thread then dies setting its result); the transaction
+        commits either way, so the caller waits for it and is cancelled just after.
+        """
+        with anyio.CancelScope(shield=True):
+            result = await self.store.write(fn)
+        return result
+
+    async def ensure_schema(self) -> None:
+        """Create the tables and indexes (idempotent); call once after `Store.open`."""
+
+        def create(conn: sqlite3.Connection) -> None:
+            # executescript would COMMIT the writer's transaction: run statement by statement.
+            for statement in JOBS_SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+
+        await self._write(create)
+
+    # -- writes -------------------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        scope: Scope,
+        uid: str,
+        target: str,
+        rule: str,
+        priority: int | str,
+        now: float | None = None,
+    ) -> int:
+        """Queue delivering a series or study to a target; return the job id.
+
+        When an open job for the same (scope, uid, target) exists, its id is returned: it keeps
+        the more urgent of the two priorities, and a *running* one is marked to run once more
+        when it finishes (instances stored since it selected its own are then sent too; what it
+        delivered is not sent again).
+        """
+        if scope not in ("series", "study"):
+            raise ValueError(f"unknown scope {scope!r}")
+        level = _priority(priority)
+        at = time.time() if now is None else now
+
+        def put(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT id, state FROM jobs WHERE scope = ? AND uid = ? AND target = ?"
+                " AND state IN ('queued', 'running')",
+                (scope, uid, target),
+            ).fetchone()
+            if row is not None:
+                conn.execute(
+                    "UPDATE jobs SET priority = min(priority, ?), rerun = (state = 'running'),"
+                    " updated_at = ? WHERE id = ?",
+                    (level, at, row[0]),
+                )
+                return int(row[0])
+            cursor = conn.execute(
+                "INSERT INTO jobs (scope, uid, target, rule, priority, state, attempts,"
+                " next_attempt_at, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?)",
+                (scope, uid, target, rule, level, at, at, at),
+            )
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
+
+        return await self._write(put)
+
+    async def claim_due(
+        self,
+        now: float,
+        limit: int,
+        busy_targets: Collection[str] = (),
+        *,
+        free_slots: Mapping[str, int] | None = None,
+        slots_per_target: int | None = None,
+    ) -> builtins.list[Job]:
+        """Mark up to *limit* due queued jobs running and return them.
+
+        Order: priority, then next_attempt_at, then id. Jobs for *busy_targets* are left queued.
+        With *slots_per_target*, at most that many jobs are claimed per target (at most
+        ``free_slots[target]`` for a target listed there), so a later urgent job is not stuck
+        behind claimed ones waiting for the same target.
+        """
+        busy = builtins.list(dict.fromkeys(busy_targets))
+        slots = dict(free_slots or {})
+
+        def claim(conn: sqlite3.Connection) -> builtins.list[Job]:
+            sql = (
+                f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' AND next_attempt_at <= ?"
+                + (f" AND target NOT IN ({_placeholders(busy)})" if busy else "")
+                + " ORDER BY priority, next_attempt_at, id"
+            )
+            claimed: builtins.list[Job] = []
+            for row in conn.execute(sql, (now, *busy)):
+                if len(claimed) >= limit:
+                    break
+                job = _job(row)
+                if slots_per_target is not None:
+                    left = slots.get(job.target, slots_per_target)
+                    if left <= 0:
+                        continue
+                    slots[job.target] = left - 1
+                claimed.append(job)
+            if claimed:
+                ids = [job.id for job in claimed]
+                conn.execute(
+                    "UPDATE jobs SET state = 'running', rerun = 0, updated_at = ?"
+                    f" WHERE id IN ({_placeholders(ids)})",
+                    (now, *ids),
+                )
+            return [
+                Job(**{**_fields(job), "state": "running", "updated_at": now}) for job in claimed
+            ]
+
+        return await self._write(claim)
+
+    async def record_delivered(
+        self, job_id: int, sop_uids: Iterable[str], now: float | None = None
+    ) -> None:
+        """Record instances the target acknowledged (durably, before returning)."""
+        at = time.time() if now is None else now
+        rows = [(job_id, uid, at) for uid in sop_uids]
+        if not rows:
+            return
+        await self._write(
+            lambda conn: conn.executemany(
+                "INSERT OR IGNORE INTO job_deliveries (job_id, sop_uid, delivered_at)"
+                " VALUES (?, ?, ?)",
+                rows,
+            )
+        )
+
+    async def finish(self, job_id: int, now: float | None = None) -> JobState | None:
+        """A running job delivered everything: `done` (or `queued` again when re-enqueued
+        while running). Returns the new state; None when the job was not running (cancelled).
+        """
+        at = time.time() if now is None else now
+
+        def done(conn: sqlite3.Connection) -> JobState | None:
+            row = conn.execute("SELECT state, rerun FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row[0] != "running":
+                return None
+            state: JobState = "queued" if row[1] else "done"
+            conn.execute(
+                "UPDATE jobs SET state = ?, rerun = 0, last_error = NULL, next_attempt_at = ?,"
+                " updated_at = ? WHERE id = ?",
+                (state, at, at, job_id),
+            )
+            return state
+
+        return await self._write(done)
+
+    async def fail_attempt(
+        self,
+        job_id: int,
+        error: str,
+        now: float | None,
+        backoff: Backoff,
+        *,
+        permanent: bool = False,
+    ) -> JobState | None:
+        """Count a failed attempt of a running job: `queued` after a backoff, or `failed`.
+
+        A *permanent* error (an unknown target) fails the job at once. Returns the new state;
+        None when the job was not running (it was cancelled meanwhile).
+        """
+        at = time.time() if now is None else now
+
+        def fail(conn: sqlite3.Connection) -> JobState | None:
+            row = conn.execute(
+                "SELECT state, attempts FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            if row is None or row[0] != "running":
+                return None
+            attempts = int(row[1]) + 1
+            state: JobState
+            if permanent or attempts >= backoff.max_attempts:
+                state, due = "failed", at
+            else:
+                state, due = "queued", at + backoff.delay(attempts, self._random)
+            conn.execute(
+                "UPDATE jobs SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
+                " rerun = 0, updated_at = ? WHERE id = ?",
+                (state, attempts, due, error, at, job_id),
+            )
+            return state
+
+        return await self._write(fail)
+
+    async def retry(
+        self,
+        job_ids: Iterable[int] | None = None,
+        *,
+        state: Literal["failed", "cancelled"] | None = None,
+        now: float | None = None,
+    ) -> int:
+        """Queue failed or cancelled jobs again, attempts reset; return how many.
+
+        Selects *job_ids*, or every job in *state*, or (neither given) every failed job. A job
+        whose (scope, uid, target) has an open job already is left as it is.
+        """
+        at = time.time() if now is None else now
+        ids = None if job_ids is None else builtins.list(job_ids)
+        states = (state,) if state is not None else ("failed", "cancelled")
+        if ids is None and state is None:
+            states = ("failed",)
+
+        def requeue(conn: sqlite3.Connection) -> int:
+            if ids is not None and not ids:
+                return 0
+            candidates = conn.execute(
+                f"SELECT id FROM jobs WHERE state IN ({_placeholders(states)})"
+                + (f" AND id IN ({_placeholders(ids)})" if ids is not None else "")
+                + " ORDER BY id DESC",
+                (*states, *(ids or ())),
+            ).fetchall()
+            # One at a time, newest first: two closed jobs of one key must not both reopen.
+            count = 0
+            for (job_id,) in candidates:
+                count += conn.execute(
+                    "UPDATE jobs SET state = 'queued', attempts = 0, next_attempt_at = ?,"
+                    " rerun = 0, updated_at = ? WHERE id = ?"
+                    " AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.scope = jobs.scope"
+                    " AND o.uid = jobs.uid AND o.target = jobs.target"
+                    " AND o.state IN ('queued', 'running'))",
+                    (at, at, job_id),
+                ).rowcount
+            return count
+
+        return await self._write(requeue)
+
+    async def cancel(self, job_ids: Iterable[int], now: float | None = None) -> int:
+        """Cancel queued or running jobs; return how many. A running one stops being recorded
+        as running at once; its sender finishes the instance in flight and is ignored."""
+        at = time.time() if now is None else now
+        ids = builtins.list(job_ids)
+        if not ids:
+            return 0
+
+        def stop(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE jobs SET state = 'cancelled', rerun = 0, updated_at = ?"
+                f" WHERE state IN ('queued', 'running') AND id IN ({_placeholders(ids)})",
+                (at, *ids),
+            ).rowcount
+
+        return await self._write(stop)
+
+    async def recover_running(self, now: float | None = None) -> int:
+        """At start-up: jobs left running by an earlier process are queued again, due now."""
+        at = time.time() if now is None else now
+        return await self._write(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE jobs SET state = 'queued', next_attempt_at = ?, updated_at = ?"
+                    " WHERE state = 'running'",
+                    (at, at),
+                ).rowcount
+            )
+        )
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def delivered(self, job_id: int) -> set[str]:
+        """SOP Instance UIDs the job has delivered so far."""
+        return await self.store.read(
+            lambda conn: {
+                row[0]
+                for row in conn.execute(
+                    "SELECT sop_uid FROM job_deliveries WHERE job_id = ?", (job_id,)
+                )
+            }
+        )
+
+    async def get(self, job_id: int) -> Job | None:
+        """One job, if it exists."""
+
+        def one(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return None if row is None else _job(row)
+
+        return await self.store.read(one)
+
+    async def list(
+        self, state: JobState | None = None, limit: int = 100
+    ) -> builtins.list[dict[str, Any]]:
+        """Jobs (newest first) with how many instances each has delivered."""
+
+        def select(conn: sqlite3.Connection) -> builtins.list[dict[str, Any]]:
+            where = "WHERE state = ?" if state is not None else ""
+            params: tuple[Any, ...] = (state, limit) if state is not None else (limit,)
+            rows = conn.execute(
+                f"SELECT {_COLUMNS}, (SELECT count(*) FROM job_deliveries d"
+                f" WHERE d.job_id = jobs.id) FROM jobs {where} ORDER BY id DESC LIMIT ?",
+                params,
+            ).fetchall()
+            return [{**_job(row[:-1]).as_dict(), "delivered": row[-1]} for row in rows]
+
+        return await self.store.read(select)
+
+    async def next_due_at(self, busy_targets: Collection[str] = ()) -> float | None:
+        """When the earliest queued job (of a target not in *busy_targets*) is due."""
+        busy = builtins.list(dict.fromkeys(busy_targets))
+
+        def earliest(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT min(next_attempt_at) FROM jobs WHERE state = 'queued'"
+                + (f" AND target NOT IN ({_placeholders(busy)})" if busy else ""),
+                tuple(busy),
+            ).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self.store.read(earliest)
+
+
+def _fields(job: Job) -> dict[str, Any]:
+    return {name: getattr(job, name) for name in Job.__slots__}

@@ -1,0 +1,188 @@
+"""The completion engine on a real store: quiet periods, required series, force, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from pydicom.uid import generate_uid
+
+from gateway.config import PeerSettings, Settings
+from gateway.rules.runtime import CompletedWork, CompletionEngine
+from gateway.store.index import Provenance
+from gateway.store.store import Store
+from tests.conftest import TEST_FILES, write_variant
+
+CT = TEST_FILES / "CT_small.dcm"
+PEER = PeerSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=104)
+
+
+def rules(*tables: dict[str, Any]) -> Settings:
+    return Settings(peers=[PEER], rules=list(tables))  # type: ignore[arg-type]
+
+
+class Harness:
+    """A store, an engine fed by the store's ingest events, and the completions it reports."""
+
+    def __init__(self, tmp: Path, settings: Settings) -> None:
+        self.tmp = tmp
+        self.store = Store(tmp / "data")
+        self.settings = settings
+        self.completed: list[tuple[str, str, str]] = []
+        self.task: asyncio.Task[None] | None = None
+        self.engine: CompletionEngine | None = None
+
+    async def start(self) -> Harness:
+        await self.store.open()
+        self.engine = CompletionEngine(self.settings.rules, self.store, self._done)
+        loop = asyncio.get_running_loop()
+        engine = self.engine
+        self.store.set_ingest_listener(lambda r: loop.call_soon_threadsafe(engine.arrived, r))
+        self.task = asyncio.create_task(self.engine.run())
+        return self
+
+    async def _done(self, work: CompletedWork) -> None:
+        self.completed.append((work.rule.name, work.scope, work.uid))
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        await self.store.close()
+
+    async def send(self, **attributes: Any) -> None:
+        source = write_variant(CT, self.tmp / f"{generate_uid()}.dcm", **attributes)
+        temp = self.store.files.new_temp_path()
+        shutil.copyfile(source, temp)
+        await self.store.ingest(temp, Provenance(calling_ae="CT1"))
+
+
+@pytest_asyncio.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Any]:
+    made: list[Harness] = []
+
+    async def make(settings: Settings, name: str = "h") -> Harness:
+        h = await Harness(tmp_path / name, settings).start()
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        await h.stop()
+
+
+def series(study: str, description: str) -> dict[str, str]:
+    return {"StudyInstanceUID": study, "SeriesInstanceUID": generate_uid(),
+            "SeriesDescription": description}  # fmt: skip
+
+
+@pytest.mark.asyncio
+async def test_series_completes_after_its_quiet_period_and_arrivals_reset_it(harness: Any) -> None:
+    h = await harness(rules({"name": "ct", "match": 'Modality == "CT"', "targets": ["pacs"],
+                             "quiet_seconds": 0.4}))  # fmt: skip
+    s = series(generate_uid(), "AX")
+    for _ in range(3):
+        await h.send(SOPInstanceUID=generate_uid(), **s)
+        await asyncio.sleep(0.25)  # each arrival resets the 0.4 s wait
+    assert h.completed == []
+    await asyncio.sleep(0.6)
+    assert h.completed == [("ct", "series", s["SeriesInstanceUID"])]
+
+
+@pytest.mark.asyncio
+async def test_rules_that_do_not_match_or_discard_open_no_wait(harness: Any) -> None:
+    h = await harness(rules(
+        {"name": "drop-ct", "match": 'CallingAE == "CT1"', "action": "discard"},
+        {"name": "ct", "match": 'Modality == "CT"', "targets": ["pacs"], "quiet_seconds": 0.2},
+        {"name": "mr", "match": 'Modality == "MR"', "targets": ["pacs"], "quiet_seconds": 0.2},
+    ))  # fmt: skip
+    await h.send(SOPInstanceUID=generate_uid(), **series(generate_uid(), "AX"))
+    await asyncio.sleep(0.6)
+    assert h.completed == []
+
+
+@pytest.mark.asyncio
+async def test_fallback_fires_only_when_nothing_else_did(harness: Any) -> None:
+    h = await harness(rules(
+        {"name": "mr", "match": 'Modality == "MR"', "targets": ["pacs"], "quiet_seconds": 0.2},
+        {"name": "rest", "match": 'Modality != ""', "targets": ["pacs"], "quiet_seconds": 0.2,
+         "fallback": True},
+    ))  # fmt: skip
+    s = series(generate_uid(), "AX")
+    await h.send(SOPInstanceUID=generate_uid(), **s)
+    await asyncio.sleep(0.6)
+    assert h.completed == [("rest", "series", s["SeriesInstanceUID"])]
+
+
+@pytest.mark.asyncio
+async def test_study_with_required_series(harness: Any) -> None:
+    h = await harness(rules({"name": "mr", "match": 'Modality == "CT"', "level": "study",
+                             "targets": ["pacs"], "quiet_seconds": 0.3,
+                             "required_series": '"T1" and ("T2" or "FLAIR")',
+                             "force_seconds": 30}))  # fmt: skip
+    study = generate_uid()
+    await h.send(SOPInstanceUID=generate_uid(), **series(study, "T1 AXIAL"))
+    await asyncio.sleep(0.8)
+    assert h.completed == []  # T1 alone is not enough, however quiet
+    await h.send(SOPInstanceUID=generate_uid(), **series(study, "FLAIR"))
+    await asyncio.sleep(0.8)
+    assert h.completed == [("mr", "study", study)]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("action", "expected"), [("proceed", 1), ("discard", 0)])
+async def test_force_timeout(harness: Any, action: str, expected: int) -> None:
+    h = await harness(rules({"name": "mr", "match": 'Modality == "CT"', "level": "study",
+                             "targets": ["pacs"], "quiet_seconds": 30,
+                             "required_series": '"T2"', "force_seconds": 0.5,
+                             "force_action": action}))  # fmt: skip
+    study = generate_uid()
+    await h.send(SOPInstanceUID=generate_uid(), **series(study, "T1"))
+    await asyncio.sleep(1.0)
+    assert len(h.completed) == expected
+
+
+@pytest.mark.asyncio
+async def test_operator_forces_completion(harness: Any) -> None:
+    h = await harness(rules({"name": "st", "match": 'Modality == "CT"', "level": "study",
+                             "targets": ["pacs"], "quiet_seconds": 60}))  # fmt: skip
+    study = generate_uid()
+    await h.send(SOPInstanceUID=generate_uid(), **series(study, "AX"))
+    await asyncio.sleep(0.2)
+    assert await h.engine.force_study(study) == 1
+    await asyncio.sleep(0.2)
+    assert h.completed == [("st", "study", study)]
+
+
+@pytest.mark.asyncio
+async def test_pending_waits_survive_a_restart(harness: Any, tmp_path: Path) -> None:
+    settings = rules({"name": "ct", "match": 'Modality == "CT"', "targets": ["pacs"],
+                      "quiet_seconds": 0.8})  # fmt: skip
+    first = await harness(settings, "a")
+    s = series(generate_uid(), "AX")
+    await first.send(SOPInstanceUID=generate_uid(), **s)
+    await asyncio.sleep(0.1)
+    await first.stop()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    second = await harness(settings, "b")
+    await asyncio.sleep(0.3)
+    assert second.completed == []
+    await asyncio.sleep(0.8)
+    assert second.completed == [("ct", "series", s["SeriesInstanceUID"])]
+
+
+@pytest.mark.asyncio
+async def test_instances_after_completion_open_a_new_cycle(harness: Any) -> None:
+    h = await harness(rules({"name": "ct", "match": 'Modality == "CT"', "targets": ["pacs"],
+                             "quiet_seconds": 0.2}))  # fmt: skip
+    s = series(generate_uid(), "AX")
+    await h.send(SOPInstanceUID=generate_uid(), **s)
+    await asyncio.sleep(0.5)
+    await h.send(SOPInstanceUID=generate_uid(), **s)
+    await asyncio.sleep(0.5)
+    assert h.completed == [("ct", "series", s["SeriesInstanceUID"])] * 2
