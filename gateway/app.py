@@ -75,9 +75,8 @@ async def run(
         dispatcher.wake()
 
     completion = CompletionEngine(settings.rules, store, enqueue)
-    bridge = LoopBridge(loop)
-    store.set_ingest_listener(lambda results: bridge.notify(completion.arrived, results))
-    node = DicomNode(settings, store, bridge)
+    store.set_ingest_listener(completion.arrived_from_thread)
+    node = DicomNode(settings, store, LoopBridge(loop))
     control = ControlServer(settings.control_socket, settings.control)
     gateway = Gateway(settings, store, node, control, jobs, dispatcher, completion)
     register_core_methods(control, gateway)

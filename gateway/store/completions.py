@@ -48,6 +48,7 @@ COMPLETIONS_SCHEMA = (
         fired      TEXT NOT NULL
     )""",
 )
+_CHECKPOINT_KEY = "completion_checkpoint"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +111,14 @@ class CompletionStore:
 
         await self._store.write(create)
 
-    async def touch(self, touches: Sequence[Touch]) -> None:
+    async def touch(self, touches: Sequence[Touch], checkpoint: float) -> None:
+        """Apply *touches* and move the arrivals checkpoint to *checkpoint*, in one transaction."""
+
         def apply(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (_CHECKPOINT_KEY, repr(checkpoint)),
+            )
             for t in touches:
                 updated = conn.execute(
                     "UPDATE completions SET last_at = ?, due_at = ? WHERE rule = ? AND scope = ?"
@@ -128,6 +135,31 @@ class CompletionStore:
                     )  # fmt: skip
 
         await self._store.write(apply)
+
+    async def arrivals_since_checkpoint(self, now: float) -> list[tuple[str, str]]:
+        """(series UID, study UID) of what arrived since the last checkpoint; on the very first
+        run, nothing (the checkpoint starts now: existing data is not routed)."""
+
+        def select(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            row = conn.execute(
+                "SELECT value FROM meta WHERE key = ?", (_CHECKPOINT_KEY,)
+            ).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)", (_CHECKPOINT_KEY, repr(now))
+                )
+                return []
+            return [
+                (r[0], r[1])
+                for r in conn.execute(
+                    "SELECT DISTINCT s.series_uid, st.study_uid FROM instances i"
+                    " JOIN series s ON i.series_pk = s.pk JOIN studies st ON s.study_pk = st.pk"
+                    " WHERE i.received_at >= ?",
+                    (float(row[0]),),
+                )
+            ]
+
+        return await self._store.write(select)
 
     async def waiting(self) -> list[Completion]:
         def select(conn: sqlite3.Connection) -> list[Completion]:

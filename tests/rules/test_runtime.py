@@ -40,9 +40,7 @@ class Harness:
     async def start(self) -> Harness:
         await self.store.open()
         self.engine = CompletionEngine(self.settings.rules, self.store, self._done)
-        loop = asyncio.get_running_loop()
-        engine = self.engine
-        self.store.set_ingest_listener(lambda r: loop.call_soon_threadsafe(engine.arrived, r))
+        self.store.set_ingest_listener(self.engine.arrived_from_thread)
         self.task = asyncio.create_task(self.engine.run())
         return self
 
