@@ -173,3 +173,34 @@ def test_operator_force_completes_a_study_from_the_cli(
         2,
     )
     assert "0 job(s) requeued" in gw.cli("jobs", "retry").stdout
+
+
+def test_kill_9_mid_dispatch_resumes_and_resends_at_most_in_flight(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    from collections import Counter
+
+    slow = Recorder(delay=0.03)  # each C-STORE takes the target 30 ms
+    try:
+        gw = gateway_factory(
+            peers=[{"name": "rec", "ae_title": "RECORDER", "host": HOST, "port": slow.port}],
+            rules=[{"name": "ct", "match": 'Modality == "CT"', "targets": ["rec"],
+                    "quiet_seconds": 0.3}],
+        )  # fmt: skip
+        files = make_series(tmp_path / "in", 120, generate_uid(), "AX")
+        storescu(gw, files)
+        wait_until(lambda: len(slow.received) >= 30)
+        gw.kill()  # SIGKILL mid-dispatch
+        before = len(slow.received)
+        assert before < 120, "the dispatch finished before the kill"
+        gw.start()
+        wait_until(lambda: gw.call("jobs.list")["jobs"][0]["state"] == "done", timeout=60)
+        counts = Counter(uid for uid, _, _ in slow.received)
+        expected = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+        assert set(counts) == expected  # nothing lost
+        duplicates = sum(n - 1 for n in counts.values())
+        assert duplicates <= 2, counts.most_common(3)  # at most what was in flight at the kill
+        (job,) = gw.call("jobs.list")["jobs"]
+        assert job["delivered"] == 120
+    finally:
+        slow.stop()

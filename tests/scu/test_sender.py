@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,13 @@ class Recorder:
     """A storage SCP recording (SOP Instance UID, transfer syntax, dataset bytes) per C-STORE."""
 
     def __init__(
-        self, syntaxes: list[str] | None = None, answer: int = 0x0000, port: int | None = None
+        self,
+        syntaxes: list[str] | None = None,
+        answer: int = 0x0000,
+        port: int | None = None,
+        delay: float = 0.0,
     ) -> None:
+        self.delay = delay
         self.received: list[tuple[str, str, bytes]] = []
         self.answer = answer
         self.ae = AE(ae_title="RECORDER")
@@ -36,6 +42,8 @@ class Recorder:
         self.nodelay: list[int] = []
 
     def _on_store(self, event: Any) -> int:
+        if self.delay:
+            time.sleep(self.delay)
         self.received.append(
             (
                 str(event.request.AffectedSOPInstanceUID),
