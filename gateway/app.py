@@ -70,6 +70,8 @@ async def run(
     dispatcher = Dispatcher(settings, store, jobs, backoff=Backoff())
 
     async def enqueue(work: CompletedWork) -> None:
+        if work.rule.action != "route":  # notify is not sent yet (docs/rules.md)
+            return
         for target in work.rule.targets:
             await jobs.enqueue(work.scope, work.uid, target, work.rule.name, work.rule.priority)
         dispatcher.wake()

@@ -204,3 +204,23 @@ def test_kill_9_mid_dispatch_resumes_and_resends_at_most_in_flight(
         assert job["delivered"] == 120
     finally:
         slow.stop()
+
+
+def test_notify_and_discard_rules_send_nothing(
+    gateway_factory: Any, recorder: Recorder, tmp_path: Path
+) -> None:
+    gw = gateway_factory(
+        peers=[{"name": "rec", "ae_title": "RECORDER", "host": HOST, "port": recorder.port}],
+        rules=[
+            {"name": "tell", "match": 'Modality == "CT"', "action": "notify", "targets": ["rec"],
+             "notify_url": "http://127.0.0.1:9/hook", "quiet_seconds": 0.3},
+            {"name": "drop", "match": 'CallingAE == "MR1"', "action": "discard"},
+            {"name": "ct", "match": 'CallingAE == "MR1"', "targets": ["rec"], "quiet_seconds": 0.3},
+        ],
+    )  # fmt: skip
+    storescu(gw, make_series(tmp_path / "a", 2, generate_uid(), "AX"))
+    storescu(gw, make_series(tmp_path / "b", 2, generate_uid(), "AX"), calling="MR1")
+    time.sleep(1.5)
+    assert recorder.received == []
+    assert gw.call("jobs.list")["jobs"] == []
+    assert '"completion_reached"' in gw.log_text()  # the notify rule's wait did complete
