@@ -11,7 +11,6 @@ into a folder. docs/dispatch.md describes the model.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random as _random
 import shutil
@@ -31,7 +30,7 @@ from anyio.abc import TaskGroup
 from gateway.config import FolderSettings, PeerSettings, Settings
 from gateway.errors import GatewayError
 from gateway.scu.sender import Delivery, send_instances
-from gateway.store.files import fsync_dir
+from gateway.store.files import ensure_dirs, fsync_dir
 from gateway.store.instance import is_valid_uid
 from gateway.store.jobs import Backoff, Job, JobQueue
 from gateway.store.store import InstanceFile, Store
@@ -57,26 +56,13 @@ def folder_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> Pa
     return root / study_uid / series_uid / f"{sop_uid}.dcm"
 
 
-def _ensure_dirs(directory: Path) -> None:
-    """Create *directory* and missing parents, each made durable in its parent."""
-    created = []
-    probe = directory
-    while not probe.exists():
-        created.append(probe)
-        probe = probe.parent
-    for path in reversed(created):
-        with contextlib.suppress(FileExistsError):
-            path.mkdir()
-        fsync_dir(path.parent)
-
-
 def copy_atomically(source: Path, target: Path) -> None:
     """Copy *source* to *target* so *target* is either absent, an old copy, or complete.
 
     The bytes go to a temp name in the target's directory, are fsynced, renamed over the
     target, and the directory is fsynced.
     """
-    _ensure_dirs(target.parent)
+    ensure_dirs(target.parent)
     temp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
     try:
         with source.open("rb") as src, temp.open("xb") as dst:

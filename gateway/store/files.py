@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["FileStore", "fsync_dir"]
+__all__ = ["FileStore", "ensure_dirs", "fsync_dir"]
 
 _BUCKET_FORMAT = "%Y%m%d/%H"
 
@@ -32,6 +32,18 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def ensure_dirs(directory: Path) -> None:
+    """Create *directory* and its missing parents, each made durable in its parent."""
+    created = []
+    probe = directory
+    while not probe.exists():
+        created.append(probe)
+        probe = probe.parent
+    for path in reversed(created):
+        path.mkdir(exist_ok=True)
+        fsync_dir(path.parent)
 
 
 class FileStore:
@@ -61,17 +73,9 @@ class FileStore:
         return self.objects_dir / time.strftime(_BUCKET_FORMAT, time.gmtime(when))
 
     def _ensure_dir(self, directory: Path) -> None:
-        if directory in self._known_dirs:
-            return
-        created = []
-        probe = directory
-        while not probe.exists():
-            created.append(probe)
-            probe = probe.parent
-        for path in reversed(created):
-            path.mkdir(exist_ok=True)
-            fsync_dir(path.parent)
-        self._known_dirs.add(directory)
+        if directory not in self._known_dirs:
+            ensure_dirs(directory)
+            self._known_dirs.add(directory)
 
     def move_in(self, temp_path: Path, now: float) -> Path:
         """Rename a received file into its bucket (not yet durable); return its new path."""
