@@ -2,9 +2,10 @@
 
 The parts: the store; the DICOM node, whose committed instances feed the completion engine; the
 completion engine, whose completed series and studies become dispatch jobs; the dispatcher,
-which sends them; the control socket. Signals set an event; shutdown stops the DICOM listener
-first, gives open associations `shutdown_grace` seconds, stops the engine and the dispatcher
-(interrupted jobs resume at the next start), then closes the control socket and the store.
+which sends them; retention, which deletes studies whose work is over; the control socket.
+Signals set an event; shutdown stops the DICOM listener first, gives open associations
+`shutdown_grace` seconds, stops the engine, retention and the dispatcher (interrupted jobs
+resume at the next start), then closes the control socket and the store.
 """
 
 from __future__ import annotations
@@ -14,20 +15,25 @@ import contextlib
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import anyio
 import structlog
 
 from gateway import __version__
-from gateway.config import Settings
+from gateway.config import Settings, load_settings
 from gateway.control.jobs import register_job_methods
 from gateway.control.methods import register_core_methods
 from gateway.control.server import ControlServer
+from gateway.errors import ConfigError
 from gateway.rules.runtime import CompletedWork, CompletionEngine
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.node import DicomNode
 from gateway.scu.dispatch import Dispatcher
+from gateway.store.completions import CompletionStore
 from gateway.store.jobs import Backoff, JobQueue
+from gateway.store.retention import Retention
 from gateway.store.store import Store
 
 __all__ = ["Gateway", "run"]
@@ -46,31 +52,90 @@ class Gateway:
     jobs: JobQueue
     dispatcher: Dispatcher
     completion: CompletionEngine
+    config_path: Path | None = None
     started_at: float = field(default_factory=time.time)
     version: str = __version__
+    reloaded_at: float | None = None
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply its rules, peers, folders and webhooks.
+
+        A file that does not load (a malformed rule, an unknown target) raises ConfigError
+        and changes nothing: the running settings stay. Other sections apply at the next
+        start; the result lists those that differ.
+        """
+        if self.config_path is None:
+            raise ConfigError("the gateway was started without a config file to reload")
+        new = load_settings(self.config_path)
+        applied = {key: getattr(new, key) for key in _RELOADABLE}
+        restart = [
+            key
+            for key in type(new).model_fields
+            if key not in _RELOADABLE and getattr(new, key) != getattr(self.settings, key)
+        ]
+        self.settings = self.settings.model_copy(update=applied)
+        self.completion.set_rules(self.settings.rules)
+        self.dispatcher.settings = self.settings
+        self.node.services.use_peers(self.settings)
+        self.dispatcher.wake()  # a job failing for a target now configured may go
+        self.reloaded_at = time.time()
+        log.info(
+            "config_reloaded",
+            rules=len(self.settings.rules),
+            peers=len(self.settings.peers),
+            restart_needed=restart,
+        )
+        return {
+            "rules": [rule.name for rule in self.settings.rules],
+            "applied": list(_RELOADABLE),
+            "restart_needed": restart,
+        }
+
+
+# What `Gateway.reload` applies while running; the other sections are read at start-up.
+_RELOADABLE = ("rules", "peers", "folders", "webhooks")
 
 
 async def run(
     settings: Settings,
     *,
+    config_path: Path | None = None,
     ready: asyncio.Event | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Serve until SIGTERM / SIGINT, or until *stop* is set (tests set it)."""
+    """Serve until SIGTERM / SIGINT, or until *stop* is set (tests set it).
+
+    SIGHUP reloads *config_path* like the `rules.reload` control method.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
             loop.add_signal_handler(signum, stop.set)
-    store = Store(settings.node.data_dir, settings.node.duplicate_policy)
+    store = Store(
+        settings.node.data_dir,
+        settings.node.duplicate_policy,
+        min_free_bytes=settings.node.min_free_mb * 2**20,
+    )
     await store.open()
     jobs = JobQueue(store)
     await jobs.ensure_schema()
+    await CompletionStore(store).ensure_schema()
     await jobs.recover_running()
-    dispatcher = Dispatcher(settings, store, jobs, backoff=Backoff())
+    dispatch = settings.dispatch
+    backoff = Backoff(
+        dispatch.retry_base_seconds, dispatch.retry_max_seconds, dispatch.max_attempts
+    )
+    dispatcher = Dispatcher(
+        settings,
+        store,
+        jobs,
+        backoff=backoff,
+        per_target_concurrency=dispatch.per_target_concurrency,
+    )
 
     async def enqueue(work: CompletedWork) -> None:
-        if work.rule.action != "route":  # notify is not sent yet (docs/rules.md)
+        if work.rule.action == "discard":
             return
         for target in work.rule.targets:
             await jobs.enqueue(work.scope, work.uid, target, work.rule.name, work.rule.priority)
@@ -80,13 +145,27 @@ async def run(
     store.set_ingest_listener(completion.arrived_from_thread)
     node = DicomNode(settings, store, LoopBridge(loop))
     control = ControlServer(settings.control_socket, settings.control)
-    gateway = Gateway(settings, store, node, control, jobs, dispatcher, completion)
+    gateway = Gateway(
+        settings, store, node, control, jobs, dispatcher, completion, config_path=config_path
+    )
+
+    def reload_on_signal() -> None:
+        try:
+            gateway.reload()
+        except ConfigError as exc:
+            log.error("config_reload_refused", error=str(exc))
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, reload_on_signal)
     register_core_methods(control, gateway)
     register_job_methods(control, gateway)
+    retention = Retention(store, settings.retention)
     tasks = [
         asyncio.create_task(completion.run(), name="completion"),
         asyncio.create_task(dispatcher.run(), name="dispatcher"),
     ]
+    if retention.enabled:
+        tasks.append(asyncio.create_task(retention.run(), name="retention"))
     try:
         await control.start()
         node.start()
@@ -98,12 +177,14 @@ async def run(
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(node.stop, settings.node.shutdown_grace)
-            tasks[0].cancel()
+            for task in tasks:
+                if task.get_name() != "dispatcher":
+                    task.cancel()
             dispatcher.stop()
             await asyncio.gather(*tasks, return_exceptions=True)
             await control.stop()
             await store.close()
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(signum)
         log.info("gateway_stopped")

@@ -76,7 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.logs import configure_logging
 
     configure_logging(settings.log)
-    asyncio.run(run(settings))
+    asyncio.run(run(settings, config_path=_config_path(args)))
     return 0
 
 
@@ -433,6 +433,18 @@ def cmd_rules_test_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rules_reload(args: argparse.Namespace) -> int:
+    result = _call(args, "rules.reload", {})
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    rules = ", ".join(result["rules"]) or "none"
+    print(f"reloaded {', '.join(result['applied'])}; rules now: {rules}")
+    if result["restart_needed"]:
+        print(f"changed but applied only at the next start: {', '.join(result['restart_needed'])}")
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 
@@ -505,7 +517,7 @@ def _parser() -> argparse.ArgumentParser:
     jobs_cancel.add_argument("ids", nargs="+", type=int)
     echo = add(sub, "echo", cmd_echo, "C-ECHO a configured peer from the gateway")
     echo.add_argument("peer", help="the name of a [[peers]] entry")
-    rules = sub.add_parser("rules", help="routing rules: dry runs").add_subparsers(
+    rules = sub.add_parser("rules", help="routing rules: dry runs, reload").add_subparsers(
         dest="rules_command", required=True, metavar="COMMAND"
     )
     test = add(
@@ -521,6 +533,12 @@ def _parser() -> argparse.ArgumentParser:
         rules, "test-study", cmd_rules_test_study, "which rules fire for a stored study"
     )
     test_study.add_argument("study_uid")
+    add(
+        rules,
+        "reload",
+        cmd_rules_reload,
+        "apply the config file's rules, peers, folders and webhooks (a bad file is refused)",
+    )
     return parser
 
 

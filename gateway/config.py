@@ -22,17 +22,26 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.errors import ConfigError
-from gateway.rules.model import SETTING_ERROR, FolderSettings, RuleSettings, setting_error
+from gateway.rules.model import (
+    SETTING_ERROR,
+    FolderSettings,
+    RuleSettings,
+    WebhookSettings,
+    setting_error,
+)
 
 __all__ = [
     "ControlSettings",
+    "DispatchSettings",
     "FolderSettings",
     "LogSettings",
     "NodeSettings",
     "PeerSettings",
+    "RetentionSettings",
     "RuleSettings",
     "SecuritySettings",
     "Settings",
+    "WebhookSettings",
     "load_settings",
 ]
 
@@ -72,6 +81,23 @@ class NodeSettings(_Section):
     duplicate_policy: Literal["keep_first", "overwrite", "reject"] = "keep_first"
     accept_unknown_sop_classes: bool = False
     check_called_ae: bool = True
+    min_free_mb: Annotated[int, Field(ge=0)] = 1024
+
+
+class DispatchSettings(_Section):
+    """How jobs are run: concurrency per target, retries with exponential backoff and jitter."""
+
+    per_target_concurrency: Annotated[int, Field(ge=1, le=64)] = 2
+    retry_base_seconds: Annotated[float, Field(ge=0)] = 5.0
+    retry_max_seconds: Annotated[float, Field(ge=0)] = 600.0
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 10
+
+
+class RetentionSettings(_Section):
+    """When studies leave the store: after their jobs are done, once they are old enough."""
+
+    delete_after_days: Annotated[float, Field(ge=0)] = 0.0
+    check_seconds: Seconds = 300.0
 
 
 class CallerSettings(_Section):
@@ -126,7 +152,10 @@ class Settings(BaseSettings):
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     peers: list[PeerSettings] = Field(default_factory=list)
     folders: list[FolderSettings] = Field(default_factory=list)
+    webhooks: list[WebhookSettings] = Field(default_factory=list)
     rules: list[RuleSettings] = Field(default_factory=list)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
@@ -157,17 +186,25 @@ class Settings(BaseSettings):
                 )
                 raise setting_error(message, f"folders.{index}.name")
             kinds[folder.name] = "folder"
+        for index, hook in enumerate(self.webhooks):
+            if hook.name in kinds:
+                message = f"webhook name {hook.name!r} is already the name of a {kinds[hook.name]}"
+                raise setting_error(message, f"webhooks.{index}.name")
+            kinds[hook.name] = "webhook"
         rules: set[str] = set()
         for index, rule in enumerate(self.rules):
             if rule.name in rules:
                 raise setting_error(f"rule name {rule.name!r} is used twice", f"rules.{index}.name")
             rules.add(rule.name)
+            wanted = ("webhook",) if rule.action == "notify" else ("peer", "folder")
+            tables = "[[webhooks]]" if rule.action == "notify" else "[[peers]] or [[folders]]"
             for target in rule.targets:
-                if target not in kinds:
-                    known = ", ".join(kinds) or "none configured"
+                if kinds.get(target) not in wanted:
+                    names = [name for name, kind in kinds.items() if kind in wanted]
+                    known = ", ".join(names) or "none configured"
                     message = (
                         f"rule {rule.name!r}: unknown target {target!r}: not the name of a"
-                        f" [[peers]] or [[folders]] entry (known: {known})"
+                        f" {tables} entry (known: {known})"
                     )
                     raise setting_error(message, f"rules.{index}.targets")
         return self
@@ -188,6 +225,10 @@ class Settings(BaseSettings):
     def folder(self, name: str) -> FolderSettings | None:
         """The `[[folders]]` entry called *name*, if any."""
         return next((f for f in self.folders if f.name == name), None)
+
+    def webhook(self, name: str) -> WebhookSettings | None:
+        """The `[[webhooks]]` entry called *name*, if any."""
+        return next((w for w in self.webhooks if w.name == name), None)
 
 
 def _describe(error: dict[str, Any]) -> str:

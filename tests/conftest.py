@@ -107,16 +107,19 @@ class GatewayProcess:
         self.data_dir = Path(str(node["data_dir"]))
         control = {"socket": str(root / "control.sock")}
         control.update(sections.pop("control", {}))
-        config = {
+        self._base = {
             "node": node,
             "control": control,
             "log": {"level": "info", "format": "json"},
-            **sections,
         }
-        self.config = write_config(root / "config.toml", config)
+        self.config = self.write_config(**sections)
         self.socket = Path(str(control["socket"]))
         self.log_path = root / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(self, **sections: Any) -> Path:
+        """(Re)write config.toml: the node, control and log sections of this gateway, and these."""
+        return write_config(self.root / "config.toml", {**self._base, **sections})
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         self.socket.unlink(missing_ok=True)

@@ -97,10 +97,14 @@ def test_config_check_cli_exit_status(tmp_path: Path) -> None:
 
 PEERS = '[[peers]]\nname = "pacs"\nae_title = "PACS"\nhost = "h"\nport = 104\n'
 FOLDERS = '[[folders]]\nname = "export"\npath = "out"\n'
+HOOKS = (
+    '[[webhooks]]\nname = "ris"\nurl = "https://hooks.example.org/gateway"\n'
+    'patient_names = true\nheaders = { Authorization = "Bearer abc" }\n'
+)
 
 
 def rules_toml(*rules: str) -> str:
-    return PEERS + FOLDERS + "".join(f"[[rules]]\n{body}\n" for body in rules)
+    return PEERS + FOLDERS + HOOKS + "".join(f"[[rules]]\n{body}\n" for body in rules)
 
 
 def test_rules_and_folders_load_with_defaults(tmp_path: Path) -> None:
@@ -113,8 +117,7 @@ def test_rules_and_folders_load_with_defaults(tmp_path: Path) -> None:
             'force_seconds = 3600\nforce_action = "discard"\npriority = "urgent"\n'
             "quiet_seconds = 90.5",
             'name = "drop-sr"\nmatch = \'Modality == "SR"\'\naction = "discard"\nenabled = false',
-            'name = "tell"\nmatch = \'Modality == "US"\'\naction = "notify"\n'
-            'notify_url = "https://hooks.example.org/gateway"\nnotify_patient_names = true',
+            'name = "tell"\nmatch = \'Modality == "US"\'\naction = "notify"\ntargets = ["ris"]',
             'name = "rest"\nmatch = \'Modality != ""\'\nfallback = true\ntargets = ["export"]',
         )
     )
@@ -126,7 +129,6 @@ def test_rules_and_folders_load_with_defaults(tmp_path: Path) -> None:
     assert (ct.level, ct.action, ct.targets, ct.quiet_seconds) == ("series", "route", ["pacs"], 30)
     assert (ct.enabled, ct.priority, ct.fallback) == (True, "normal", False)
     assert (ct.required_series, ct.force_seconds, ct.force_action) == (None, None, "proceed")
-    assert (ct.notify_url, ct.notify_patient_names) == (None, False)
     assert ct.expression.keywords == {"Modality"}
     assert ct.required_series_expression is None
     assert (mr.level, mr.priority, mr.quiet_seconds) == ("study", "urgent", 90.5)
@@ -134,10 +136,15 @@ def test_rules_and_folders_load_with_defaults(tmp_path: Path) -> None:
     assert mr.required_series_expression is not None
     assert mr.required_series_expression.evaluate({"SeriesDescription": ["T1 AX", "FLAIR"]})
     assert (drop.action, drop.targets, drop.enabled) == ("discard", [], False)
-    assert (tell.notify_url, tell.notify_patient_names) == (
+    assert (tell.action, tell.targets) == ("notify", ["ris"])
+    hook = settings.webhook("ris")
+    assert hook is not None and settings.webhook("pacs") is None
+    assert (hook.url, hook.patient_names, hook.timeout_seconds) == (
         "https://hooks.example.org/gateway",
         True,
+        10.0,
     )
+    assert hook.headers == {"Authorization": "Bearer abc"}
     assert rest.fallback
 
 
@@ -230,28 +237,17 @@ def test_rules_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ),
         (
             ['name = "x"\nmatch = \'Modality == "US"\'\naction = "notify"'],
-            "rules.0.notify_url: rule 'x': action \"notify\" needs notify_url",
+            "rules.0.targets: rule 'x': action \"notify\" needs at least one target",
         ),
         (
-            [
-                'name = "x"\nmatch = \'Modality == "US"\'\naction = "notify"\n'
-                'notify_url = "ftp://h/x"'
-            ],
-            "rules.0.notify_url: rule 'x': notify_url must be an http:// or https:// URL",
+            ['name = "x"\nmatch = \'Modality == "US"\'\naction = "notify"\ntargets = ["pacs"]'],
+            "rules.0.targets: rule 'x': unknown target 'pacs': not the name of a [[webhooks]]"
+            " entry (known: ris)",
         ),
         (
-            [
-                'name = "x"\nmatch = \'Modality == "US"\'\naction = "notify"\n'
-                'notify_url = "http://h:99999/x"'
-            ],
-            "rules.0.notify_url: rule 'x': notify_url must be an http:// or https:// URL",
-        ),
-        (
-            [
-                'name = "x"\nmatch = \'Modality == "US"\'\ntargets = ["pacs"]\n'
-                'notify_url = "http://h/x"'
-            ],
-            "rules.0.notify_url: rule 'x': notify_url is only used by action = \"notify\"",
+            ['name = "x"\nmatch = \'Modality == "US"\'\ntargets = ["ris"]'],
+            "rules.0.targets: rule 'x': unknown target 'ris': not the name of a [[peers]] or"
+            " [[folders]] entry (known: pacs, export)",
         ),
         (
             ['name = "x"\nmatch = \'Modality == "US"\'\ntargets = ["pacs"]\nlevel = "patient"'],
@@ -305,6 +301,27 @@ def test_bad_rule_names_the_rule_and_the_key(
         ('[[folders]]\nname = "x y"\npath = "p"\n', "folders.0.name: String should match pattern"),
         ('[[folders]]\nname = "x"\n', "folders.0.path: Field required"),
         (PEERS + PEERS, "peers.1.name: peer name 'pacs' is used twice"),
+        (
+            PEERS + '[[webhooks]]\nname = "pacs"\nurl = "http://h/x"\n',
+            "webhooks.0.name: webhook name 'pacs' is already the name of a peer",
+        ),
+        (
+            '[[webhooks]]\nname = "w"\nurl = "ftp://h/x"\n',
+            "webhooks.0.url: must be an http:// or https:// URL (got 'ftp://h/x')",
+        ),
+        (
+            '[[webhooks]]\nname = "w"\nurl = "http://h:99999/x"\n',
+            "webhooks.0.url: must be an http:// or https:// URL",
+        ),
+        (
+            '[[webhooks]]\nname = "w"\nurl = "http://h/x"\nheaders = { "a b" = "c" }\n',
+            "webhooks.0.headers: 'a b' is not an HTTP header name",
+        ),
+        (
+            '[[webhooks]]\nname = "w"\nurl = "http://h/x"\nheaders = { X = "a\\nb" }\n',
+            "webhooks.0.headers: the value of header 'X' holds a control character",
+        ),
+        ('[[webhooks]]\nname = "w"\n', "webhooks.0.url: Field required"),
     ],
 )
 def test_bad_folder_names_the_key(tmp_path: Path, text: str, message: str) -> None:

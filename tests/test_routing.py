@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -10,8 +11,11 @@ from typing import Any
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
 
+from gateway.errors import ControlError
 from tests.conftest import (
     HOST,
     TEST_FILES,
@@ -23,6 +27,7 @@ from tests.conftest import (
     write_variant,
 )
 from tests.scp.test_query_retrieve import stored_dataset
+from tests.scu.test_notify import Webhook
 from tests.scu.test_sender import Recorder
 
 CT = TEST_FILES / "CT_small.dcm"
@@ -206,21 +211,180 @@ def test_kill_9_mid_dispatch_resumes_and_resends_at_most_in_flight(
         slow.stop()
 
 
-def test_notify_and_discard_rules_send_nothing(
+def test_notify_posts_a_summary_once_complete_retrying_and_discard_sends_nothing(
+    gateway_factory: Any, recorder: Recorder, tmp_path: Path
+) -> None:
+    hook = Webhook(answers=[503])  # the first attempt fails, the retry is accepted
+    try:
+        gw = gateway_factory(
+            peers=[{"name": "rec", "ae_title": "RECORDER", "host": HOST,
+                    "port": recorder.port}],
+            webhooks=[{"name": "ris", "url": hook.url, "headers": {"X-Token": "t"}}],
+            rules=[
+                {"name": "tell", "match": 'CallingAE == "CT1"', "action": "notify",
+                 "level": "study", "targets": ["ris"], "quiet_seconds": 0.5},
+                {"name": "drop", "match": 'CallingAE == "MR1"', "action": "discard"},
+                {"name": "ct", "match": 'CallingAE == "MR1"', "targets": ["rec"],
+                 "quiet_seconds": 0.3},
+            ],
+            dispatch={"retry_base_seconds": 0.2, "retry_max_seconds": 0.5},
+        )  # fmt: skip
+        study = generate_uid()
+        storescu(gw, make_series(tmp_path / "a", 2, study, "AX"))
+        storescu(gw, make_series(tmp_path / "b", 1, study, "COR"))
+        storescu(gw, make_series(tmp_path / "c", 2, generate_uid(), "AX"), calling="MR1")
+        assert hook.attempts == 0  # nothing before the study is complete
+        wait_until(lambda: len(hook.requests) == 1)
+        (_, headers, body), attempts = hook.requests[0], hook.attempts
+        assert attempts == 2 and headers["X-Token"] == "t"
+        assert (body["event"], body["rule"], body["uid"], body["instances"]) == (
+            "study.complete",
+            "tell",
+            study,
+            3,
+        )
+        assert sorted(s["SeriesDescription"] for s in body["series"]) == ["AX", "COR"]
+        assert "patient" not in body and "CompressedSamples" not in json.dumps(body)
+        (job,) = gw.call("jobs.list")["jobs"]
+        assert (job["target"], job["state"], job["attempts"]) == ("ris", "done", 1)
+        assert "webhook ris answered HTTP 503" in gw.log_text()
+        time.sleep(0.5)
+        assert recorder.received == [] and len(hook.requests) == 1  # discarded: nothing sent
+    finally:
+        hook.stop()
+
+
+def test_series_and_study_rules_to_one_target_send_each_instance_once(
     gateway_factory: Any, recorder: Recorder, tmp_path: Path
 ) -> None:
     gw = gateway_factory(
         peers=[{"name": "rec", "ae_title": "RECORDER", "host": HOST, "port": recorder.port}],
         rules=[
-            {"name": "tell", "match": 'Modality == "CT"', "action": "notify", "targets": ["rec"],
-             "notify_url": "http://127.0.0.1:9/hook", "quiet_seconds": 0.3},
-            {"name": "drop", "match": 'CallingAE == "MR1"', "action": "discard"},
-            {"name": "ct", "match": 'CallingAE == "MR1"', "targets": ["rec"], "quiet_seconds": 0.3},
+            {"name": "each-series", "match": 'Modality == "CT"', "targets": ["rec"],
+             "quiet_seconds": 0.3},
+            {"name": "whole-study", "match": 'Modality == "CT"', "level": "study",
+             "targets": ["rec"], "quiet_seconds": 0.6},
         ],
     )  # fmt: skip
+    study = generate_uid()
+    files = make_series(tmp_path / "a", 3, study, "AX") + make_series(tmp_path / "b", 2, study, "S")
+    storescu(gw, files)
+    wait_until(lambda: len(gw.call("jobs.list")["jobs"]) == 3)
+    wait_until(lambda: all(j["state"] == "done" for j in gw.call("jobs.list")["jobs"]))
+    time.sleep(0.3)
+    received = sorted(uid for uid, _, _ in recorder.received)
+    assert received == sorted(str(pydicom.dcmread(f).SOPInstanceUID) for f in files)
+    jobs = {j["scope"]: j for j in gw.call("jobs.list")["jobs"]}
+    assert sum(j["delivered"] for j in gw.call("jobs.list")["jobs"]) == 5
+    assert jobs["study"]["delivered"] == 0  # the series jobs had delivered all of it
+
+
+def test_urgent_jobs_overtake_queued_low_ones(gateway_factory: Any, tmp_path: Path) -> None:
+    slow = Recorder(delay=0.3)
+    try:
+        gw = gateway_factory(
+            peers=[{"name": "rec", "ae_title": "RECORDER", "host": HOST, "port": slow.port}],
+            rules=[
+                {"name": "busy", "match": 'SeriesDescription == "BUSY"', "targets": ["rec"],
+                 "quiet_seconds": 0.2},
+                {"name": "low", "match": 'SeriesDescription == "LOW"', "targets": ["rec"],
+                 "priority": "low", "quiet_seconds": 0.2},
+                {"name": "urgent", "match": 'SeriesDescription == "URGENT"',
+                 "targets": ["rec"], "priority": "urgent", "quiet_seconds": 0.2},
+            ],
+            dispatch={"per_target_concurrency": 1},
+        )  # fmt: skip
+        busy = make_series(tmp_path / "a", 6, generate_uid(), "BUSY")
+        low = make_series(tmp_path / "b", 2, generate_uid(), "LOW")
+        urgent = make_series(tmp_path / "c", 2, generate_uid(), "URGENT")
+        storescu(gw, busy)
+        wait_until(lambda: len(slow.received) >= 1)  # the one slot is taken
+        storescu(gw, low)  # queued first ...
+        storescu(gw, urgent)  # ... and overtaken
+        wait_until(lambda: len(slow.received) == 10, timeout=30)
+        order = [uid for uid, _, _ in slow.received]
+        uids = {name: {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+                for name, files in (("busy", busy), ("low", low), ("urgent", urgent))}  # fmt: skip
+        assert set(order[:6]) == uids["busy"]
+        assert set(order[6:8]) == uids["urgent"] and set(order[8:]) == uids["low"]
+    finally:
+        slow.stop()
+
+
+def test_retention_deletes_studies_whose_work_is_over(
+    gateway_factory: Any, recorder: Recorder, tmp_path: Path
+) -> None:
+    from tests.conftest import free_port
+
+    gw = gateway_factory(
+        peers=[
+            {"name": "rec", "ae_title": "RECORDER", "host": HOST, "port": recorder.port},
+            {"name": "down", "ae_title": "DOWN", "host": HOST, "port": free_port()},
+        ],
+        rules=[
+            {"name": "send", "match": 'SeriesDescription == "SEND"', "targets": ["rec"],
+             "quiet_seconds": 0.2},
+            {"name": "stuck", "match": 'SeriesDescription == "STUCK"', "targets": ["down"],
+             "quiet_seconds": 0.2},
+        ],
+        dispatch={"max_attempts": 1},
+        retention={"delete_after_days": 1.5 / 86400, "check_seconds": 0.2},
+    )  # fmt: skip
+    sent, stuck, unmatched = generate_uid(), generate_uid(), generate_uid()
+    storescu(gw, make_series(tmp_path / "a", 2, sent, "SEND"))
+    storescu(gw, make_series(tmp_path / "b", 2, stuck, "STUCK"))
+    storescu(gw, make_series(tmp_path / "c", 2, unmatched, "OTHER"))
+
+    def held() -> set[str]:
+        return {s["study_uid"] for s in gw.call("studies.search")["studies"]}
+
+    assert held() == {sent, stuck, unmatched}
+    wait_until(lambda: held() == {stuck})
+    assert len(recorder.received) == 2  # delivered before it went
+    states = {(j["target"], j["state"]) for j in gw.call("jobs.list")["jobs"]}
+    assert states == {("down", "failed")}  # the done job went with its study
+    assert '"retention_deleted"' in gw.log_text()
+
+
+def test_low_disk_refuses_new_instances_with_a700(gateway_factory: Any) -> None:
+    gw = gateway_factory(node={"min_free_mb": 1 << 40})  # more than any disk has free
+    ae = AE(ae_title="CT1")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate(HOST, gw.port, ae_title=gw.ae_title)
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(pydicom.dcmread(CT))
+    finally:
+        assoc.release()
+    assert status.Status == 0xA700
+    status_now = gw.call("status")
+    assert status_now["instances"] == 0 and status_now["accepting_instances"] is False
+    assert "low disk" in gw.log_text() and "node.min_free_mb" in gw.log_text()
+
+
+def test_rules_reload_refuses_a_bad_file_and_applies_a_good_one(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    folders = [{"name": "first", "path": str(first)}, {"name": "second", "path": str(second)}]
+
+    def rule(match: str, target: str) -> dict[str, Any]:
+        return {"name": "ct", "match": match, "targets": [target], "quiet_seconds": 0.2}
+
+    gw = gateway_factory(folders=folders, rules=[rule('Modality == "CT"', "first")])
+    gw.write_config(folders=folders, rules=[rule('Modality == "CT" and (', "second")])
+    with pytest.raises(ControlError) as caught:
+        gw.call("rules.reload")
+    assert caught.value.code == -32011
+    assert "rules.0.match: rule 'ct': column 23: expected a condition after" in caught.value.message
     storescu(gw, make_series(tmp_path / "a", 2, generate_uid(), "AX"))
-    storescu(gw, make_series(tmp_path / "b", 2, generate_uid(), "AX"), calling="MR1")
-    time.sleep(1.5)
-    assert recorder.received == []
-    assert gw.call("jobs.list")["jobs"] == []
-    assert '"completion_reached"' in gw.log_text()  # the notify rule's wait did complete
+    wait_until(lambda: len(list(first.rglob("*.dcm"))) == 2)  # the running rules still hold
+
+    gw.write_config(folders=folders, rules=[rule('Modality == "CT"', "second")],
+                    node={**gw._base["node"], "max_associations": 5})  # fmt: skip
+    result = gw.cli("rules", "reload")
+    assert "rules now: ct" in result.stdout
+    assert "applied only at the next start: node" in result.stdout
+    storescu(gw, make_series(tmp_path / "b", 3, generate_uid(), "AX"))
+    wait_until(lambda: len(list(second.rglob("*.dcm"))) == 3)
+    assert len(list(first.rglob("*.dcm"))) == 2

@@ -19,7 +19,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from gateway.control.server import INVALID_PARAMS, ControlServer
-from gateway.errors import ControlError, GatewayError, PeerError
+from gateway.errors import ConfigError, ControlError, GatewayError, PeerError
 from gateway.rules.engine import RuleSet, fact_text, outcome_report
 from gateway.rules.expr import facts_from_dataset
 from gateway.scu.echo import echo_peer
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["register_core_methods", "register_rule_methods"]
 
 PEER_ERROR = -32010
+CONFIG_INVALID = -32011
 NOT_FOUND = -32004
 
 # Search parameter -> DICOM keyword in the Study Root C-FIND identifier.
@@ -120,6 +121,8 @@ def register_core_methods(server: ControlServer, gateway: Gateway) -> None:
             "bytes": counts["bytes"],
             "disk_free_bytes": usage.free,
             "disk_total_bytes": usage.total,
+            "min_free_bytes": store.min_free_bytes,
+            "accepting_instances": usage.free >= store.min_free_bytes,
         }
 
     async def search(params: dict[str, Any]) -> dict[str, Any]:
@@ -250,15 +253,12 @@ def _first_instances(
 
 
 def register_rule_methods(server: ControlServer, gateway: Gateway) -> None:
-    """Register `rules.test`: the configured rules' dry run on a stored study.
-
-    The rule set is built once, from the settings the gateway runs with.
-    """
+    """Register `rules.test` (the running rules' dry run on a stored study) and
+    `rules.reload` (apply the config file's rules, peers, folders and webhooks, or refuse)."""
     store = gateway.store
-    ruleset = RuleSet(gateway.settings.rules)
-    keywords = sorted(ruleset.keywords)
 
-    def read_facts(first: _FirstInstance) -> dict[str, object]:
+    def read_facts(first: _FirstInstance, ruleset: RuleSet) -> dict[str, object]:
+        keywords = sorted(ruleset.keywords)
         try:
             ds = dcmread(first.path, stop_before_pixels=True, specific_tags=keywords)
         except Exception as exc:  # missing, truncated: the store should not hold such a file
@@ -272,7 +272,8 @@ def register_rule_methods(server: ControlServer, gateway: Gateway) -> None:
         found = await store.read(lambda conn: _first_instances(conn, uid, store.files.absolute))
         if found is None:
             raise ControlError(NOT_FOUND, f"no study {uid}")
-        facts = [await anyio.to_thread.run_sync(read_facts, first) for first in found]
+        ruleset = RuleSet(gateway.settings.rules)
+        facts = [await anyio.to_thread.run_sync(read_facts, first, ruleset) for first in found]
         descriptions = [fact_text(f.get("SeriesDescription")) or "" for f in facts]
         series = [
             {
@@ -286,4 +287,11 @@ def register_rule_methods(server: ControlServer, gateway: Gateway) -> None:
         ]
         return {"study_uid": uid, "series": series}
 
+    async def rules_reload(params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return gateway.reload()
+        except ConfigError as exc:
+            raise ControlError(CONFIG_INVALID, f"config not reloaded: {exc}") from None
+
     server.register("rules.test", rules_test)
+    server.register("rules.reload", rules_reload)

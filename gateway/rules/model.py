@@ -26,6 +26,7 @@ __all__ = [
     "Level",
     "Priority",
     "RuleSettings",
+    "WebhookSettings",
     "setting_error",
 ]
 
@@ -68,6 +69,33 @@ class FolderSettings(_Table):
         return value
 
 
+class WebhookSettings(_Table):
+    """An HTTP endpoint that `notify` rules POST a JSON summary to, named like a peer."""
+
+    name: Name
+    url: str
+    patient_names: bool = False
+    timeout_seconds: Seconds = 10.0
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not _is_http_url(value):
+            raise setting_error(f"must be an http:// or https:// URL (got {value!r})")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _header_values(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, text in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", key):
+                raise setting_error(f"{key!r} is not an HTTP header name")
+            if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", text):
+                raise setting_error(f"the value of header {key!r} holds a control character")
+        return value
+
+
 class RuleSettings(_Table):
     """One `[[rules]]` entry: what it selects, at which level, and what happens to it."""
 
@@ -83,8 +111,6 @@ class RuleSettings(_Table):
     required_series: str | None = None
     force_seconds: Seconds | None = None
     force_action: ForceAction = "proceed"
-    notify_url: str | None = None
-    notify_patient_names: bool = False
 
     _expression: Expression = PrivateAttr()
     _required_series: Expression | None = PrivateAttr(default=None)
@@ -120,12 +146,12 @@ class RuleSettings(_Table):
         if "force_action" in self.model_fields_set and self.force_seconds is None:
             raise setting_error(f"{rule}: force_action needs force_seconds", "force_action")
         self._check_targets(rule)
-        self._check_notify(rule)
         return self
 
     def _check_targets(self, rule: str) -> None:
-        if self.action == "route" and not self.targets:
-            raise setting_error(f'{rule}: action "route" needs at least one target', "targets")
+        if self.action in ("route", "notify") and not self.targets:
+            message = f'{rule}: action "{self.action}" needs at least one target'
+            raise setting_error(message, "targets")
         if self.action == "discard" and self.targets:
             message = f'{rule}: action "discard" sends nothing: remove its targets'
             raise setting_error(message, "targets")
@@ -134,20 +160,6 @@ class RuleSettings(_Table):
             if target in seen:
                 raise setting_error(f"{rule}: target {target!r} is listed twice", "targets")
             seen.add(target)
-
-    def _check_notify(self, rule: str) -> None:
-        if self.action != "notify":
-            for key in ("notify_url", "notify_patient_names"):
-                if key in self.model_fields_set and getattr(self, key) not in (None, False):
-                    raise setting_error(f'{rule}: {key} is only used by action = "notify"', key)
-            return
-        if self.notify_url is None:
-            raise setting_error(f'{rule}: action "notify" needs notify_url', "notify_url")
-        if not _is_http_url(self.notify_url):
-            message = (
-                f"{rule}: notify_url must be an http:// or https:// URL (got {self.notify_url!r})"
-            )
-            raise setting_error(message, "notify_url")
 
 
 def _is_http_url(text: str) -> bool:

@@ -118,6 +118,16 @@ class CompletionEngine:
             self._drain_scheduled = False
         self.arrived(results)
 
+    def set_rules(self, rules: Sequence[RuleSettings]) -> None:
+        """Use a reloaded rule set from now on (call on the event loop's thread).
+
+        Series not yet evaluated are evaluated with the new rules. A series evaluated before
+        keeps the rules that fired for it; its open waits complete with the new definition of
+        a rule of the same name, and end unsent when that rule is gone.
+        """
+        self._ruleset = RuleSet(rules)
+        self._rules = {rule.name: rule for rule in rules}
+
     async def force_study(self, study_uid: str) -> int:
         """Complete every wait of a study now; return how many there were."""
         count = await self._completions.force_study(study_uid, self._clock())

@@ -124,6 +124,10 @@ class DicomServices:
         self._bridge = bridge
         self._stats: dict[int, AssociationStats] = {}
 
+    def use_peers(self, settings: Settings) -> None:
+        """Take the `[[peers]]` of reloaded settings (C-MOVE destinations); the rest stays."""
+        self._settings = self._settings.model_copy(update={"peers": settings.peers})
+
     # -- association events ------------------------------------------------------------------
 
     def handlers(self) -> list[tuple[Any, Any]]:

@@ -3,9 +3,9 @@
 One asyncio service. Its loop claims due jobs (most urgent first), runs each in a task under a
 per-target `anyio.CapacityLimiter`, and sleeps until the next job is due or `wake()` is called
 (an enqueue, a retry, a job that finished). A job selects its instances from the index, skips
-those already in `job_deliveries`, and sends the rest: C-STORE to a peer (`send_instances` in a
-worker thread, each acknowledged instance recorded durably as it happens), or an atomic copy
-into a folder. docs/dispatch.md describes the model.
+those its target already holds (the `deliveries` ledger), and sends the rest: C-STORE to a peer
+(`send_instances` in a worker thread), or an atomic copy into a folder. Acknowledgements are
+recorded as they come, group-committed by `_Ledger`. docs/dispatch.md describes the model.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,9 @@ import anyio.to_thread
 import structlog
 from anyio.abc import TaskGroup
 
-from gateway.config import FolderSettings, PeerSettings, Settings
+from gateway.config import FolderSettings, PeerSettings, Settings, WebhookSettings
 from gateway.errors import GatewayError
+from gateway.scu.notify import NotifyError, post_json, summary
 from gateway.scu.sender import Delivery, send_instances
 from gateway.store.files import ensure_dirs, fsync_dir
 from gateway.store.instance import is_valid_uid
@@ -74,6 +76,39 @@ def copy_atomically(source: Path, target: Path) -> None:
         temp.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+class _Ledger:
+    """Records a job's acknowledged instances from its sender thread, group-committed.
+
+    One ledger transaction is in flight at a time; acknowledgements that arrive while it
+    commits go into the next one. The sender never waits for the disk between instances, and
+    a kill loses at most the acknowledgements of the commit in flight (those instances are sent
+    once more). `close()` waits for everything to be committed.
+    """
+
+    def __init__(self, queue: JobQueue, job_id: int) -> None:
+        self._queue = queue
+        self._job_id = job_id
+        self._waiting: list[InstanceFile] = []
+        self._in_flight: Future[int] | None = None
+
+    def add(self, instance: InstanceFile) -> None:
+        self._waiting.append(instance)
+        if self._in_flight is None or self._in_flight.done():
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.result()  # a failed commit fails the attempt
+            self._in_flight = None
+        if self._waiting:
+            batch, self._waiting = self._waiting, []
+            self._in_flight = self._queue.record_delivered_nowait(self._job_id, batch)
+
+    def close(self) -> None:
+        self._flush()
+        self._flush()
 
 
 class Dispatcher:
@@ -213,27 +248,29 @@ class Dispatcher:
             rule=job.rule,
             attempt=job.attempts + 1,
         )
+        hook = self.settings.webhook(job.target)
+        if hook is not None:
+            await self._notify(job, hook, started)
+            return
         where = "s.series_uid = ?" if job.scope == "series" else "st.study_uid = ?"
-        instances = await self.store.instance_files(where, (job.uid,))
-        already = await self.queue.delivered(job.id)
-        pending = [i for i in instances if i.sop_instance_uid not in already]
-        skipped = len(instances) - len(pending)
+        pending, skipped = await self.queue.pending(job)
         peer = self.settings.peer(job.target)
         folder = self.settings.folder(job.target)
-        if not instances:
+        if not pending:
             state = await self.queue.finish(job.id, time.time())
+            note = "the target holds all of it" if skipped else "nothing stored (deleted?)"
             log.info(
                 "job_done",
                 job=job.id,
                 target=job.target,
                 state=state,
                 delivered=0,
-                skipped=0,
-                note="nothing stored to send (deleted?)",
+                skipped=skipped,
+                note=note,
             )
             return
         if peer is None and folder is None:
-            unknown = f"target {job.target!r} is neither a configured peer nor a folder"
+            unknown = f"target {job.target!r} is not a configured peer, folder or webhook"
             await self._failed(job, unknown, 0, skipped, started, permanent=True)
             return
         error: str | None
@@ -287,35 +324,59 @@ class Dispatcher:
             duration=round(time.monotonic() - started, 3),
         )
 
-    def _recorder(self, job: Job) -> Callable[[str], None]:
-        """For a worker thread: durably record one delivered instance (via the event loop)."""
-
-        def record(sop_uid: str) -> None:
-            anyio.from_thread.run(self.queue.record_delivered, job.id, [sop_uid], time.time())
-
-        return record
+    async def _notify(self, job: Job, hook: WebhookSettings, started: float) -> None:
+        body = await summary(
+            self.store,
+            job.scope,
+            job.uid,
+            rule=job.rule,
+            ae_title=self.settings.node.ae_title,
+            patient=hook.patient_names,
+        )
+        if body is None:
+            state = await self.queue.finish(job.id, time.time())
+            log.info("job_done", job=job.id, target=job.target, state=state, note="nothing stored")
+            return
+        try:
+            status = await anyio.to_thread.run_sync(post_json, hook, body)
+        except NotifyError as exc:
+            await self._failed(job, str(exc), 0, 0, started)
+            return
+        state = await self.queue.finish(job.id, time.time())
+        log.info(
+            "job_done",
+            job=job.id,
+            target=job.target,
+            state=state,
+            http_status=status,
+            duration=round(time.monotonic() - started, 3),
+        )
 
     async def _send_to_peer(
         self, job: Job, peer: PeerSettings, pending: Sequence[InstanceFile]
     ) -> tuple[int, str | None]:
-        record = self._recorder(job)
+        ledger = _Ledger(self.queue, job.id)
+        by_uid = {instance.sop_instance_uid: instance for instance in pending}
         errors: list[str] = []
         delivered = 0
 
         def on_result(delivery: Delivery) -> None:
             nonlocal delivered
             if delivery.delivered:
-                record(delivery.sop_instance_uid)
+                ledger.add(by_uid[delivery.sop_instance_uid])
                 delivered += 1
             elif not errors:
                 errors.append(delivery.error or f"status 0x{delivery.status or 0:04X}")
             if self._stopping.is_set():
                 raise _Stopping
 
-        node = self.settings.node
-        await anyio.to_thread.run_sync(
-            lambda: send_instances(node, peer, pending, on_result=on_result)
-        )
+        def send() -> None:
+            try:
+                send_instances(self.settings.node, peer, pending, on_result=on_result)
+            finally:
+                ledger.close()
+
+        await anyio.to_thread.run_sync(send)
         return delivered, errors[0] if errors else None
 
     async def _copy_to_folder(
@@ -331,9 +392,15 @@ class Dispatcher:
             return {row[0]: (row[1], row[2]) for row in rows}
 
         location = await self.store.read(uids)
-        record = self._recorder(job)
+        ledger = _Ledger(self.queue, job.id)
 
         def copy_all() -> tuple[int, str | None]:
+            try:
+                return copy_each()
+            finally:
+                ledger.close()
+
+        def copy_each() -> tuple[int, str | None]:
             delivered = 0
             for instance in pending:
                 if self._stopping.is_set():
@@ -348,7 +415,7 @@ class Dispatcher:
                 except (OSError, ValueError) as exc:
                     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
                     return delivered, f"folder {folder.name}: cannot write {sop}: {reason}"
-                record(sop)
+                ledger.add(instance)
                 delivered += 1
             return delivered, None
 

@@ -43,6 +43,7 @@ COMPLETIONS_SCHEMA = (
     """CREATE UNIQUE INDEX IF NOT EXISTS completions_open
         ON completions (rule, scope, uid) WHERE state = 'waiting'""",
     "CREATE INDEX IF NOT EXISTS completions_due ON completions (state, due_at)",
+    "CREATE INDEX IF NOT EXISTS completions_study ON completions (study_uid)",
     """CREATE TABLE IF NOT EXISTS series_rules (
         series_uid TEXT PRIMARY KEY,
         fired      TEXT NOT NULL

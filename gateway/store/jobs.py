@@ -14,8 +14,11 @@ States::
     failed | cancelled -> queued (retry)
 
 At most one *open* job (queued or running) exists per (scope, uid, target): a partial UNIQUE
-index enforces it, and `enqueue` returns the open job instead of adding another. `job_deliveries`
-lists the instances a job has delivered, so a retry sends only the rest.
+index enforces it, and `enqueue` returns the open job instead of adding another. `deliveries` is
+the ledger of what each target acknowledged (instance, content checksum): an attempt sends only
+what the target does not hold yet, so a retry, a resumed job, or a second rule routing the same
+data at another level sends nothing twice. Jobs of one study for one target run one at a time, so
+each sees the ledger the other left.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ import random as _random
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
 
 import anyio
 
-from gateway.store.store import Store
+from gateway.store.store import InstanceFile, Store
 
 __all__ = [
     "JOBS_SCHEMA",
@@ -54,6 +58,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id              INTEGER PRIMARY KEY,
     scope           TEXT NOT NULL CHECK (scope IN ('series', 'study')),
     uid             TEXT NOT NULL,
+    study_uid       TEXT NOT NULL,
     target          TEXT NOT NULL,
     rule            TEXT NOT NULL,
     priority        INTEGER NOT NULL DEFAULT 1 CHECK (priority BETWEEN 0 AND 2),
@@ -63,23 +68,35 @@ CREATE TABLE IF NOT EXISTS jobs (
     next_attempt_at REAL NOT NULL,
     last_error      TEXT,
     rerun           INTEGER NOT NULL DEFAULT 0,
+    delivered       INTEGER NOT NULL DEFAULT 0,
     created_at      REAL NOT NULL,
     updated_at      REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, priority, next_attempt_at, id);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_open ON jobs (scope, uid, target)
     WHERE state IN ('queued', 'running');
-CREATE TABLE IF NOT EXISTS job_deliveries (
-    job_id       INTEGER NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
-    sop_uid      TEXT NOT NULL,
+CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_uid);
+CREATE INDEX IF NOT EXISTS jobs_running ON jobs (target, study_uid) WHERE state = 'running';
+CREATE TABLE IF NOT EXISTS deliveries (
+    instance_pk  INTEGER NOT NULL REFERENCES instances (pk) ON DELETE CASCADE,
+    target       TEXT NOT NULL,
+    checksum     TEXT NOT NULL,
+    job_id       INTEGER NOT NULL,
     delivered_at REAL NOT NULL,
-    PRIMARY KEY (job_id, sop_uid)
+    PRIMARY KEY (instance_pk, target)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries (job_id);
 """
 
+# SQL over `i` (instances) that is true when *target* (the parameter) holds the instance as stored.
+ACKNOWLEDGED: Final = (
+    "EXISTS (SELECT 1 FROM deliveries d WHERE d.instance_pk = i.pk AND d.target = ?"
+    " AND d.checksum = i.checksum)"
+)
+
 _COLUMNS: Final = (
-    "id, scope, uid, target, rule, priority, state, attempts, next_attempt_at, last_error,"
-    " created_at, updated_at"
+    "id, scope, uid, study_uid, target, rule, priority, state, attempts, next_attempt_at,"
+    " last_error, delivered, created_at, updated_at"
 )
 
 
@@ -90,6 +107,7 @@ class Job:
     id: int
     scope: Scope
     uid: str
+    study_uid: str
     target: str
     rule: str
     priority: int
@@ -97,6 +115,7 @@ class Job:
     attempts: int
     next_attempt_at: float
     last_error: str | None
+    delivered: int
     created_at: float
     updated_at: float
 
@@ -107,6 +126,7 @@ class Job:
             "id": self.id,
             "scope": self.scope,
             "uid": self.uid,
+            "study_uid": self.study_uid,
             "target": self.target,
             "rule": self.rule,
             "priority": names.get(self.priority, str(self.priority)),
@@ -114,6 +134,7 @@ class Job:
             "attempts": self.attempts,
             "next_attempt_at": self.next_attempt_at,
             "last_error": self.last_error,
+            "delivered": self.delivered,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }
@@ -163,7 +184,7 @@ def _placeholders(values: Collection[Any]) -> str:
 
 
 class JobQueue:
-    """The `jobs` and `job_deliveries` tables of a `Store`, behind async methods."""
+    """The `jobs` and `deliveries` tables of a `Store`, behind async methods."""
 
     def __init__(self, store: Store, *, random: _random.Random | None = None) -> None:
         self.store = store
@@ -184,10 +205,20 @@ class JobQueue:
         """Create the tables and indexes (idempotent); call once after `Store.open`."""
 
         def create(conn: sqlite3.Connection) -> None:
+            _migrate(conn)
             # executescript would COMMIT the writer's transaction: run statement by statement.
             for statement in JOBS_SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
+            if _table_exists(conn, "job_deliveries"):  # the per-job list of version 0.1
+                conn.execute(
+                    "INSERT OR IGNORE INTO deliveries"
+                    " (instance_pk, target, checksum, job_id, delivered_at)"
+                    " SELECT i.pk, j.target, i.checksum, j.id, d.delivered_at"
+                    " FROM job_deliveries d JOIN jobs j ON d.job_id = j.id"
+                    " JOIN instances i ON i.sop_uid = d.sop_uid"
+                )
+                conn.execute("DROP TABLE job_deliveries")
 
         await self._write(create)
 
@@ -228,10 +259,10 @@ class JobQueue:
                 )
                 return int(row[0])
             cursor = conn.execute(
-                "INSERT INTO jobs (scope, uid, target, rule, priority, state, attempts,"
-                " next_attempt_at, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?)",
-                (scope, uid, target, rule, level, at, at, at),
+                "INSERT INTO jobs (scope, uid, study_uid, target, rule, priority, state,"
+                " attempts, next_attempt_at, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?)",
+                (scope, uid, _study_of(conn, scope, uid), target, rule, level, at, at, at),
             )
             assert cursor.lastrowid is not None
             return cursor.lastrowid
@@ -252,7 +283,9 @@ class JobQueue:
         Order: priority, then next_attempt_at, then id. Jobs for *busy_targets* are left queued.
         With *slots_per_target*, at most that many jobs are claimed per target (at most
         ``free_slots[target]`` for a target listed there), so a later urgent job is not stuck
-        behind claimed ones waiting for the same target.
+        behind claimed ones waiting for the same target. A job whose target is already sending
+        the same study (a series job and a study job of two rules) waits for it to finish, and
+        then finds in the ledger what that one delivered.
         """
         busy = builtins.list(dict.fromkeys(busy_targets))
         slots = dict(free_slots or {})
@@ -264,16 +297,22 @@ class JobQueue:
                 + " ORDER BY priority, next_attempt_at, id"
             )
             claimed: builtins.list[Job] = []
+            sending = set(
+                conn.execute("SELECT target, study_uid FROM jobs WHERE state = 'running'")
+            )
             for row in conn.execute(sql, (now, *busy)):
                 if len(claimed) >= limit:
                     break
                 job = _job(row)
+                if job.study_uid and (job.target, job.study_uid) in sending:
+                    continue
                 if slots_per_target is not None:
                     left = slots.get(job.target, slots_per_target)
                     if left <= 0:
                         continue
                     slots[job.target] = left - 1
                 claimed.append(job)
+                sending.add((job.target, job.study_uid))
             if claimed:
                 ids = [job.id for job in claimed]
                 conn.execute(
@@ -288,20 +327,20 @@ class JobQueue:
         return await self._write(claim)
 
     async def record_delivered(
-        self, job_id: int, sop_uids: Iterable[str], now: float | None = None
-    ) -> None:
-        """Record instances the target acknowledged (durably, before returning)."""
-        at = time.time() if now is None else now
-        rows = [(job_id, uid, at) for uid in sop_uids]
-        if not rows:
-            return
-        await self._write(
-            lambda conn: conn.executemany(
-                "INSERT OR IGNORE INTO job_deliveries (job_id, sop_uid, delivered_at)"
-                " VALUES (?, ?, ?)",
-                rows,
-            )
-        )
+        self, job_id: int, instances: Iterable[InstanceFile | str], now: float | None = None
+    ) -> int:
+        """Record instances the job's target acknowledged (durably, before returning).
+
+        An `InstanceFile` is recorded with the checksum it was sent with; a SOP Instance UID
+        with the checksum stored now. Returns how many were not in the ledger yet.
+        """
+        return await self._write(_recorder(job_id, instances, now))
+
+    def record_delivered_nowait(
+        self, job_id: int, instances: Iterable[InstanceFile | str], now: float | None = None
+    ) -> Future[int]:
+        """`record_delivered` without waiting: the commit's future (for a sender thread)."""
+        return self.store.write_nowait(_recorder(job_id, instances, now))
 
     async def finish(self, job_id: int, now: float | None = None) -> JobState | None:
         """A running job delivered everything: `done` (or `queued` again when re-enqueued
@@ -435,15 +474,33 @@ class JobQueue:
     # -- reads --------------------------------------------------------------------------------
 
     async def delivered(self, job_id: int) -> set[str]:
-        """SOP Instance UIDs the job has delivered so far."""
+        """SOP Instance UIDs whose ledger entry this job wrote (its target holds them)."""
         return await self.store.read(
             lambda conn: {
                 row[0]
                 for row in conn.execute(
-                    "SELECT sop_uid FROM job_deliveries WHERE job_id = ?", (job_id,)
+                    "SELECT i.sop_uid FROM deliveries d JOIN instances i ON d.instance_pk = i.pk"
+                    " WHERE d.job_id = ?",
+                    (job_id,),
                 )
             }
         )
+
+    async def pending(self, job: Job) -> tuple[builtins.list[InstanceFile], int]:
+        """The job's instances its target does not hold as stored; and how many it holds."""
+        where = "s.series_uid = ?" if job.scope == "series" else "st.study_uid = ?"
+        instances = await self.store.instance_files(where, (job.uid,))
+        held = await self.store.read(
+            lambda conn: {
+                row[0]
+                for row in conn.execute(
+                    "SELECT i.sop_uid FROM instances i JOIN series s ON i.series_pk = s.pk"
+                    f" JOIN studies st ON s.study_pk = st.pk WHERE {where} AND {ACKNOWLEDGED}",
+                    (job.uid, job.target),
+                )
+            }
+        )
+        return [i for i in instances if i.sop_instance_uid not in held], len(held)
 
     async def get(self, job_id: int) -> Job | None:
         """One job, if it exists."""
@@ -463,11 +520,9 @@ class JobQueue:
             where = "WHERE state = ?" if state is not None else ""
             params: tuple[Any, ...] = (state, limit) if state is not None else (limit,)
             rows = conn.execute(
-                f"SELECT {_COLUMNS}, (SELECT count(*) FROM job_deliveries d"
-                f" WHERE d.job_id = jobs.id) FROM jobs {where} ORDER BY id DESC LIMIT ?",
-                params,
+                f"SELECT {_COLUMNS} FROM jobs {where} ORDER BY id DESC LIMIT ?", params
             ).fetchall()
-            return [{**_job(row[:-1]).as_dict(), "delivered": row[-1]} for row in rows]
+            return [_job(row).as_dict() for row in rows]
 
         return await self.store.read(select)
 
@@ -484,6 +539,79 @@ class JobQueue:
             return None if row is None or row[0] is None else float(row[0])
 
         return await self.store.read(earliest)
+
+
+def _recorder(
+    job_id: int, instances: Iterable[InstanceFile | str], now: float | None
+) -> Callable[[sqlite3.Connection], int]:
+    at = time.time() if now is None else now
+    items = builtins.list(instances)
+
+    def record(conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT target FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or not items:
+            return 0
+        target = row[0]
+        added = 0
+        for item in items:
+            if isinstance(item, str):
+                found = conn.execute(
+                    "SELECT pk, checksum FROM instances WHERE sop_uid = ?", (item,)
+                ).fetchone()
+                if found is None:
+                    continue
+                pk, checksum = found
+            else:
+                pk, checksum = item.pk, item.checksum
+            known = conn.execute(
+                "SELECT 1 FROM deliveries WHERE instance_pk = ? AND target = ? AND checksum = ?",
+                (pk, target, checksum),
+            ).fetchone()
+            # INSERT ... SELECT: an instance deleted meanwhile is skipped, not a key error.
+            inserted = conn.execute(
+                "INSERT OR REPLACE INTO deliveries"
+                " (instance_pk, target, checksum, job_id, delivered_at)"
+                " SELECT pk, ?, ?, ?, ? FROM instances WHERE pk = ?",
+                (target, checksum, job_id, at, pk),
+            ).rowcount
+            added += int(known is None and inserted > 0)
+        if added:
+            conn.execute("UPDATE jobs SET delivered = delivered + ? WHERE id = ?", (added, job_id))
+        return added
+
+    return record
+
+
+def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+    return row.fetchone() is not None
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a `jobs` table of version 0.1 (no study_uid, no delivered) up to date."""
+    if not _table_exists(conn, "jobs"):
+        return
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    if "study_uid" not in columns:
+        conn.execute("ALTER TABLE jobs ADD COLUMN study_uid TEXT NOT NULL DEFAULT ''")
+        conn.execute(
+            "UPDATE jobs SET study_uid = CASE scope WHEN 'study' THEN uid ELSE coalesce("
+            "(SELECT st.study_uid FROM series s JOIN studies st ON s.study_pk = st.pk"
+            " WHERE s.series_uid = jobs.uid), '') END"
+        )
+    if "delivered" not in columns:
+        conn.execute("ALTER TABLE jobs ADD COLUMN delivered INTEGER NOT NULL DEFAULT 0")
+
+
+def _study_of(conn: sqlite3.Connection, scope: Scope, uid: str) -> str:
+    if scope == "study":
+        return uid
+    row = conn.execute(
+        "SELECT st.study_uid FROM series s JOIN studies st ON s.study_pk = st.pk"
+        " WHERE s.series_uid = ?",
+        (uid,),
+    ).fetchone()
+    return "" if row is None else str(row[0])
 
 
 def _fields(job: Job) -> dict[str, Any]:

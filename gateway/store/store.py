@@ -14,6 +14,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,6 +51,8 @@ class InstanceFile:
     transfer_syntax: str
     path: Path
     size: int
+    checksum: str = ""
+    pk: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +68,17 @@ class ReconcileReport:
 class Store:
     """Instance files under `data_dir` and their SQLite index."""
 
-    def __init__(self, data_dir: Path, duplicate_policy: DuplicatePolicy = "keep_first") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        duplicate_policy: DuplicatePolicy = "keep_first",
+        *,
+        min_free_bytes: int = 0,
+    ) -> None:
         self.files = FileStore(data_dir)
+        self.min_free_bytes = min_free_bytes
+        self._free_checked_at = -1.0
+        self._free_bytes = 0
         self.db_path = data_dir / "index.sqlite"
         self._writer = IndexWriter(self.db_path, self.files, duplicate_policy)
         self._read_conn: sqlite3.Connection | None = None
@@ -117,6 +129,15 @@ class Store:
 
     # -- writes -------------------------------------------------------------------------------
 
+    def free_bytes(self, max_age: float = 1.0) -> int:
+        """Bytes free for the store on its file system, measured at most *max_age* s ago."""
+        now = time.monotonic()
+        if now - self._free_checked_at > max_age:
+            stat = os.statvfs(self.files.root)
+            self._free_bytes = stat.f_bavail * stat.f_frsize
+            self._free_checked_at = now
+        return self._free_bytes
+
     def ingest_blocking(
         self,
         temp_path: Path,
@@ -134,6 +155,14 @@ class Store:
         instance is and `StoreError` for what the store could not do; in both cases nothing is
         left in the store.
         """
+        if self.min_free_bytes:
+            free = self.free_bytes()
+            if free < self.min_free_bytes:
+                temp_path.unlink(missing_ok=True)
+                raise StoreError(
+                    f"low disk: {free // 2**20} MB free in {self.files.root}, below the"
+                    f" {self.min_free_bytes // 2**20} MB the store keeps free (node.min_free_mb)"
+                )
         received = read_received_file(temp_path, checksum=checksum)
         if expect is not None:
             attrs = received.attributes
@@ -181,6 +210,10 @@ class Store:
             return await asyncio.wrap_future(self._writer.submit(fn))
         except sqlite3.Error as exc:
             raise StoreError(f"the index could not be updated: {exc}") from exc
+
+    def write_nowait(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        """Queue *fn* like `write` and return its future at once (for worker threads)."""
+        return self._writer.submit(fn)
 
     async def delete_study(self, study_uid: str) -> int:
         """Remove a study's rows and files; return how many instances it had."""
@@ -243,14 +276,17 @@ class Store:
 
         def select(conn: sqlite3.Connection) -> list[InstanceFile]:
             rows = conn.execute(
-                "SELECT i.sop_uid, i.sop_class_uid, i.transfer_syntax, i.path, i.size"
-                " FROM instances i JOIN series s ON i.series_pk = s.pk"
+                "SELECT i.sop_uid, i.sop_class_uid, i.transfer_syntax, i.path, i.size,"
+                " i.checksum, i.pk FROM instances i JOIN series s ON i.series_pk = s.pk"
                 " JOIN studies st ON s.study_pk = st.pk"
                 " JOIN patients p ON st.patient_pk = p.pk"
                 f" WHERE {where} ORDER BY st.pk, s.series_number, s.pk, i.instance_number, i.pk",
                 tuple(params),
             ).fetchall()
-            return [InstanceFile(r[0], r[1], r[2], self.files.absolute(r[3]), r[4]) for r in rows]
+            return [
+                InstanceFile(r[0], r[1], r[2], self.files.absolute(r[3]), r[4], r[5], r[6])
+                for r in rows
+            ]
 
         return await self.read(select)
 

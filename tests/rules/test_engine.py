@@ -177,7 +177,7 @@ def test_evaluate_agrees_with_explain() -> None:
             rule("b", 'CallingAE startswith "MR"'),
             rule("c", 'Modality in ["SR"]', action="discard"),
             rule("d", 'StudyDescription icontains "brain"', enabled=False),
-            rule("e", 'StudyDescription != ""', action="notify", notify_url="http://h/x"),
+            rule("e", 'StudyDescription != ""', action="notify", targets=["hook"]),
         ]
     )
     for facts in (CT, MR, SR, {}, {"Modality": ["CT", "SR"]}):

@@ -195,7 +195,8 @@ async def test_backoff_fail_attempts_then_failed_retry_and_cancel(queue: JobQueu
     assert [j["id"] for j in await queue.list(state="queued")] == [newer]
 
 
-async def test_recover_running_after_a_crash(store: Store, queue: JobQueue) -> None:
+async def test_recover_running_after_a_crash(store: Store, queue: JobQueue, tmp_path: Path) -> None:
+    await populate(store, tmp_path)
     job = await queue.enqueue("series", SERIES_A, "pacs", "r", "normal", now=1.0)
     await queue.claim_due(2.0, 5)
     await queue.record_delivered(job, [f"{SERIES_A}.1"], 2.5)
@@ -240,6 +241,66 @@ async def test_study_job_sends_all_its_series(
         dispatcher.wake()
         await wait_state(queue, gone, "done")  # nothing stored: done, nothing sent
     assert sorted(uid for uid, _, _ in recorder.received) == sorted(made[SERIES_A] + made[SERIES_B])
+
+
+async def test_series_and_study_jobs_of_one_target_share_the_ledger(
+    store: Store, queue: JobQueue, recorder: Recorder, tmp_path: Path
+) -> None:
+    made = await populate(store, tmp_path)
+    series_job = await queue.enqueue("series", SERIES_A, "recorder", "a", "normal")
+    study_job = await queue.enqueue("study", STUDY, "recorder", "b", "normal")
+    # Never side by side: the study job waits while the series job of its study runs.
+    assert [j.id for j in await queue.claim_due(time.time(), 10)] == [series_job]
+    assert await queue.claim_due(time.time(), 10) == []
+    await queue.recover_running()
+    dispatcher = Dispatcher(settings(recorder.peer), store, queue, backoff=FAST)
+    async with running(dispatcher):
+        dispatcher.wake()
+        await wait_state(queue, series_job, "done")
+        await wait_state(queue, study_job, "done")
+        again = await queue.enqueue("study", STUDY, "recorder", "b", "normal")  # a new cycle
+        dispatcher.wake()
+        await wait_state(queue, again, "done")
+    everything = made[SERIES_A] + made[SERIES_B]
+    assert sorted(uid for uid, _, _ in recorder.received) == sorted(everything)
+    jobs = {j["id"]: j["delivered"] for j in await queue.list()}
+    assert jobs[series_job] + jobs[study_job] == 5 and jobs[again] == 0
+    # A study deleted and received again is new to the target: its ledger rows went with it.
+    await store.delete_study(STUDY)
+    with sqlite3.connect(store.db_path) as conn:
+        assert conn.execute("SELECT count(*) FROM deliveries").fetchone() == (0,)
+
+
+async def test_a_version_0_1_queue_is_migrated(store: Store, tmp_path: Path) -> None:
+    made = await populate(store, tmp_path)
+
+    def old_schema(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "CREATE TABLE jobs (id INTEGER PRIMARY KEY, scope TEXT NOT NULL, uid TEXT NOT NULL,"
+            " target TEXT NOT NULL, rule TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 1,"
+            " state TEXT NOT NULL DEFAULT 'queued', attempts INTEGER NOT NULL DEFAULT 0,"
+            " next_attempt_at REAL NOT NULL, last_error TEXT, rerun INTEGER NOT NULL DEFAULT 0,"
+            " created_at REAL NOT NULL, updated_at REAL NOT NULL)"
+        )
+        conn.execute(
+            "CREATE TABLE job_deliveries (job_id INTEGER NOT NULL, sop_uid TEXT NOT NULL,"
+            " delivered_at REAL NOT NULL, PRIMARY KEY (job_id, sop_uid))"
+        )
+        conn.execute(
+            "INSERT INTO jobs (scope, uid, target, rule, next_attempt_at, created_at, updated_at)"
+            " VALUES ('series', ?, 'pacs', 'r', 1, 1, 1)",
+            (SERIES_A,),
+        )
+        conn.execute("INSERT INTO job_deliveries VALUES (1, ?, 2)", (made[SERIES_A][0],))
+
+    await store.write(old_schema)
+    queue = JobQueue(store)
+    await queue.ensure_schema()
+    (job,) = await queue.claim_due(time.time(), 5)
+    assert (job.study_uid, job.target) == (STUDY, "pacs")
+    assert await queue.delivered(job.id) == {made[SERIES_A][0]}
+    pending, held = await queue.pending(job)
+    assert held == 1 and [i.sop_instance_uid for i in pending] == made[SERIES_A][1:]
 
 
 # pynetdicom drops a refused connection's socket without closing it (the GC closes it).
