@@ -2,7 +2,8 @@
 
 The parts: the store; the DICOM node, whose committed instances feed the completion engine; the
 completion engine, whose completed series and studies become dispatch jobs; the dispatcher,
-which sends them; retention, which deletes studies whose work is over; the control socket.
+which sends them; the retriever, which fetches cohorts from the archives and hands them to the
+dispatcher; retention, which deletes studies whose work is over; the control socket.
 Signals set an event; shutdown stops the DICOM listener first, gives open associations
 `shutdown_grace` seconds, stops the engine, retention and the dispatcher (interrupted jobs
 resume at the next start), then closes the control socket and the store.
@@ -25,8 +26,11 @@ from gateway import __version__
 from gateway.config import Settings, load_settings
 from gateway.control.jobs import register_job_methods
 from gateway.control.methods import register_core_methods
+from gateway.control.retrieve import register_retrieve_methods
 from gateway.control.server import ControlServer
 from gateway.errors import ConfigError
+from gateway.retrieve.requests import RetrievalQueue
+from gateway.retrieve.worker import Retriever
 from gateway.rules.runtime import CompletedWork, CompletionEngine
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.node import DicomNode
@@ -52,6 +56,8 @@ class Gateway:
     jobs: JobQueue
     dispatcher: Dispatcher
     completion: CompletionEngine
+    retriever: Retriever
+    retrievals: RetrievalQueue
     config_path: Path | None = None
     started_at: float = field(default_factory=time.time)
     version: str = __version__
@@ -76,6 +82,7 @@ class Gateway:
         self.settings = self.settings.model_copy(update=applied)
         self.completion.set_rules(self.settings.rules)
         self.dispatcher.settings = self.settings
+        self.retriever.settings = self.settings
         self.node.services.use_peers(self.settings)
         self.dispatcher.wake()  # a job failing for a target now configured may go
         self.reloaded_at = time.time()
@@ -93,7 +100,7 @@ class Gateway:
 
 
 # What `Gateway.reload` applies while running; the other sections are read at start-up.
-_RELOADABLE = ("rules", "peers", "folders", "webhooks")
+_RELOADABLE = ("rules", "peers", "folders", "webhooks", "projects")
 
 
 async def run(
@@ -121,6 +128,8 @@ async def run(
     jobs = JobQueue(store)
     await jobs.ensure_schema()
     await CompletionStore(store).ensure_schema()
+    retrievals = RetrievalQueue(store)
+    await retrievals.ensure_schema()
     await jobs.recover_running()
     dispatch = settings.dispatch
     backoff = Backoff(
@@ -142,11 +151,21 @@ async def run(
         dispatcher.wake()
 
     completion = CompletionEngine(settings.rules, store, enqueue)
+    retriever = Retriever(settings, store, retrievals, jobs, wake_dispatcher=dispatcher.wake)
     store.set_ingest_listener(completion.arrived_from_thread)
     node = DicomNode(settings, store, LoopBridge(loop))
     control = ControlServer(settings.control_socket, settings.control)
     gateway = Gateway(
-        settings, store, node, control, jobs, dispatcher, completion, config_path=config_path
+        settings,
+        store,
+        node,
+        control,
+        jobs,
+        dispatcher,
+        completion,
+        retriever,
+        retrievals,
+        config_path=config_path,
     )
 
     def reload_on_signal() -> None:
@@ -159,10 +178,12 @@ async def run(
         loop.add_signal_handler(signal.SIGHUP, reload_on_signal)
     register_core_methods(control, gateway)
     register_job_methods(control, gateway)
+    register_retrieve_methods(control, gateway)
     retention = Retention(store, settings.retention)
     tasks = [
         asyncio.create_task(completion.run(), name="completion"),
         asyncio.create_task(dispatcher.run(), name="dispatcher"),
+        asyncio.create_task(retriever.run(), name="retriever"),
     ]
     if retention.enabled:
         tasks.append(asyncio.create_task(retention.run(), name="retention"))
@@ -178,9 +199,10 @@ async def run(
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(node.stop, settings.node.shutdown_grace)
             for task in tasks:
-                if task.get_name() != "dispatcher":
+                if task.get_name() not in ("dispatcher", "retriever"):
                     task.cancel()
             dispatcher.stop()
+            retriever.stop()
             await asyncio.gather(*tasks, return_exceptions=True)
             await control.stop()
             await store.close()

@@ -10,6 +10,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AfterValidator,
@@ -17,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -37,11 +39,14 @@ __all__ = [
     "LogSettings",
     "NodeSettings",
     "PeerSettings",
+    "ProjectSettings",
     "RetentionSettings",
+    "RetrieveSettings",
     "RuleSettings",
     "SecuritySettings",
     "Settings",
     "WebhookSettings",
+    "WindowSettings",
     "load_settings",
 ]
 
@@ -120,6 +125,76 @@ class PeerSettings(_Section):
     ae_title: AETitle
     host: str
     port: Port
+    # As an archive that retrieval queries and retrieves from:
+    retrieve: Literal["move", "get"] = "move"
+    queries_per_minute: Annotated[float, Field(ge=0)] = 0.0
+    moves_per_minute: Annotated[float, Field(ge=0)] = 0.0
+    max_concurrent_moves: Annotated[int, Field(ge=1, le=64)] = 2
+
+
+Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+DAYS: tuple[Day, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_CLOCK_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$|^24:00$")
+
+
+class WindowSettings(_Section):
+    """When the secondary archive may be used: on *days*, from *start* to *end* (local time).
+
+    An *end* at or before *start* runs past midnight into the next day ("19:00" to "07:00").
+    """
+
+    days: list[Day] = Field(default_factory=lambda: list(DAYS))
+    start: str = "00:00"
+    end: str = "24:00"
+
+    @field_validator("start", "end")
+    @classmethod
+    def _clock(cls, value: str) -> str:
+        if not _CLOCK_RE.match(value):
+            raise setting_error(f"{value!r} is not a time of day as HH:MM (00:00 to 24:00)")
+        return value
+
+    def minutes(self) -> tuple[int, int]:
+        """Start and end as minutes after midnight."""
+        start_h, start_m = self.start.split(":")
+        end_h, end_m = self.end.split(":")
+        return int(start_h) * 60 + int(start_m), int(end_h) * 60 + int(end_m)
+
+
+class ProjectSettings(_Section):
+    """A project retrieval requests may name, and where its studies go."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    anonymiser: str | None = None
+
+
+class RetrieveSettings(_Section):
+    """Cohort retrieval: the archives, the anonymiser, and how requests are worked."""
+
+    primary: str | None = None
+    secondary: str | None = None
+    anonymiser: str | None = None
+    timezone: str = "UTC"
+    secondary_windows: list[WindowSettings] = Field(default_factory=list)
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 4
+    stall_seconds: Seconds = 300.0
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
+    retry_base_seconds: Annotated[float, Field(ge=0)] = 10.0
+    retry_max_seconds: Annotated[float, Field(ge=0)] = 600.0
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            message = f"unknown time zone {value!r} (an IANA name such as Europe/London)"
+            raise setting_error(message) from None
+        return value
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
 
 
 class ControlSettings(_Section):
@@ -155,6 +230,8 @@ class Settings(BaseSettings):
     webhooks: list[WebhookSettings] = Field(default_factory=list)
     rules: list[RuleSettings] = Field(default_factory=list)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    retrieve: RetrieveSettings = Field(default_factory=RetrieveSettings)
+    projects: list[ProjectSettings] = Field(default_factory=list)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
     log: LogSettings = Field(default_factory=LogSettings)
@@ -207,7 +284,34 @@ class Settings(BaseSettings):
                         f" {tables} entry (known: {known})"
                     )
                     raise setting_error(message, f"rules.{index}.targets")
+        self._check_retrieval(kinds)
         return self
+
+    def _check_retrieval(self, kinds: dict[str, str]) -> None:
+        peers = [name for name, kind in kinds.items() if kind == "peer"]
+        known = ", ".join(peers) or "none configured"
+        for key in ("primary", "secondary", "anonymiser"):
+            name = getattr(self.retrieve, key)
+            if name is not None and kinds.get(name) != "peer":
+                message = f"{name!r} is not the name of a [[peers]] entry (known: {known})"
+                raise setting_error(message, f"retrieve.{key}")
+        if self.retrieve.secondary is not None and self.retrieve.primary is None:
+            raise setting_error("a secondary archive needs a primary one", "retrieve.secondary")
+        names: set[str] = set()
+        for index, project in enumerate(self.projects):
+            if project.name in names:
+                message = f"project name {project.name!r} is used twice"
+                raise setting_error(message, f"projects.{index}.name")
+            names.add(project.name)
+            if project.anonymiser is not None and kinds.get(project.anonymiser) != "peer":
+                message = (
+                    f"{project.anonymiser!r} is not the name of a [[peers]] entry (known: {known})"
+                )
+                raise setting_error(message, f"projects.{index}.anonymiser")
+
+    def project(self, name: str) -> ProjectSettings | None:
+        """The `[[projects]]` entry called *name*, if any."""
+        return next((p for p in self.projects if p.name == name), None)
 
     @property
     def control_socket(self) -> Path:

@@ -299,18 +299,31 @@ def write_variant(source: Path, target: Path, **attributes: Any) -> Path:
 
 
 class OrthancProcess:
-    """An Orthanc of its own: config, storage and index in *root*, loopback ports, no auth."""
+    """An Orthanc of its own: config, storage and index in *root*, loopback ports, no auth.
 
-    def __init__(self, root: Path, ae_title: str = "ORTHANC") -> None:
+    *modalities* are its DicomModalities (name -> (AE title, host, port)): the nodes it may
+    C-STORE to, as C-MOVE destinations. `stop()` and `start()` again keep its data and ports.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        ae_title: str = "ORTHANC",
+        modalities: dict[str, tuple[str, str, int]] | None = None,
+        *,
+        verbose: bool = False,
+    ) -> None:
         import json
 
-        orthanc = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-        if not Path(orthanc).exists():
+        self.orthanc = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+        if not Path(self.orthanc).exists():
             pytest.fail("Orthanc is not installed: run scripts/install-test-deps")
         root.mkdir(parents=True, exist_ok=True)
+        self.root = root
         self.ae_title = ae_title
         self.port = free_port()
         self.http_port = free_port()
+        self.verbose = verbose
         config = {
             "Name": "test",
             "DicomAet": ae_title,
@@ -321,45 +334,71 @@ class OrthancProcess:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": False,
+            "DicomModalities": {name: list(m) for name, m in (modalities or {}).items()},
         }
         (root / "orthanc.json").write_text(json.dumps(config))
-        self.log = (root / "orthanc.log").open("wb")
-        self.proc = subprocess.Popen(
-            [orthanc, str(root / "orthanc.json")],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "TCP_NODELAY": "1"},
-        )
+        self.log_path = root / "orthanc.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> OrthancProcess:
+        argv = [
+            self.orthanc,
+            *(["--verbose"] if self.verbose else []),
+            str(self.root / "orthanc.json"),
+        ]
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"}
+            )
         deadline = time.monotonic() + 30
         while True:
             try:
                 self.rest("/system")
-                break
+                return self
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("Orthanc did not start") from None
                 time.sleep(0.1)
 
-    def rest(self, path: str) -> Any:
+    def rest(self, path: str, data: bytes | None = None, method: str | None = None) -> Any:
         import json
         import urllib.request
 
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
-            return json.loads(response.read())
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method
+        )
+        with opener.open(request, timeout=30) as response:
+            body = response.read()
+            return json.loads(body) if body else None
+
+    def upload(self, *paths: Path) -> None:
+        """Store files through the REST API (the archive's own content, not a C-STORE)."""
+        for path in paths:
+            self.rest("/instances", data=path.read_bytes(), method="POST")
 
     def instance_count(self) -> int:
         return int(self.rest("/statistics")["CountInstances"])
 
+    def sop_uids(self) -> set[str]:
+        """SOP Instance UIDs of every instance held."""
+        return {
+            self.rest(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"]
+            for i in self.rest("/instances")
+        }
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.log.close()
 
 
 @pytest.fixture

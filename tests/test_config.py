@@ -322,6 +322,30 @@ def test_bad_rule_names_the_rule_and_the_key(
             "webhooks.0.headers: the value of header 'X' holds a control character",
         ),
         ('[[webhooks]]\nname = "w"\n', "webhooks.0.url: Field required"),
+        (
+            PEERS + '[retrieve]\nprimary = "vna"\n',
+            "retrieve.primary: 'vna' is not the name of a [[peers]] entry (known: pacs)",
+        ),
+        (
+            PEERS + '[retrieve]\nsecondary = "pacs"\n',
+            "retrieve.secondary: a secondary archive needs a primary one",
+        ),
+        (
+            '[retrieve]\ntimezone = "Mars/Olympus"\n',
+            "retrieve.timezone: unknown time zone 'Mars/Olympus'",
+        ),
+        (
+            '[retrieve]\nsecondary_windows = [{ days = ["mon"], start = "7pm" }]\n',
+            "retrieve.secondary_windows.0.start: '7pm' is not a time of day as HH:MM",
+        ),
+        (
+            PEERS + '[[projects]]\nname = "p"\nanonymiser = "anon"\n',
+            "projects.0.anonymiser: 'anon' is not the name of a [[peers]] entry (known: pacs)",
+        ),
+        (
+            '[[projects]]\nname = "p"\n[[projects]]\nname = "p"\n',
+            "projects.1.name: project name 'p' is used twice",
+        ),
     ],
 )
 def test_bad_folder_names_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from gateway.config import NodeSettings, PeerSettings
-from gateway.errors import PeerError
-from gateway.scp.transport import set_nodelay
+from gateway.scu.association import associate, client_ae, no_answer
 
 __all__ = ["EchoResult", "echo_peer"]
 
@@ -23,10 +21,6 @@ class EchoResult:
     seconds: float
 
 
-def _nodelay(event: evt.Event) -> None:
-    set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
-
-
 def echo_peer(node: NodeSettings, peer: PeerSettings) -> EchoResult:
     """Associate with *peer*, send C-ECHO, release. Blocking: run it in a worker thread.
 
@@ -35,28 +29,15 @@ def echo_peer(node: NodeSettings, peer: PeerSettings) -> EchoResult:
     PeerError
         The peer could not be reached, refused the association or did not answer.
     """
-    ae = AE(ae_title=node.ae_title)
-    ae.acse_timeout = node.acse_timeout
-    ae.dimse_timeout = node.dimse_timeout
-    ae.network_timeout = node.network_timeout
-    ae.connection_timeout = node.connection_timeout
+    ae = client_ae(node)
     ae.add_requested_context(Verification)
     started = time.monotonic()
-    assoc = ae.associate(
-        peer.host,
-        peer.port,
-        ae_title=peer.ae_title,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
-    )
-    if not assoc.is_established:
-        if assoc.is_rejected:
-            raise PeerError(f"peer {peer.name} rejected the association")
-        raise PeerError(f"peer {peer.name} ({peer.host}:{peer.port}) could not be reached")
+    assoc = associate(ae, node, peer)
     try:
         status = assoc.send_c_echo()
     finally:
         if assoc.is_established:
             assoc.release()
     if "Status" not in status:
-        raise PeerError(f"peer {peer.name} did not answer the C-ECHO")
+        raise no_answer(peer, "C-ECHO")
     return EchoResult(int(status.Status), time.monotonic() - started)

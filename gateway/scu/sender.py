@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import structlog
-from pynetdicom import AE, _config, build_context, evt
+from pynetdicom import _config, build_context
 
 from gateway.config import NodeSettings, PeerSettings
-from gateway.scp.transport import set_nodelay
+from gateway.errors import PeerError
+from gateway.scu.association import associate, client_ae, no_answer
 from gateway.store.store import InstanceFile
 
 __all__ = ["MAX_CONTEXTS", "Delivery", "context_batches", "send_instances"]
@@ -57,10 +58,6 @@ def context_batches(instances: Sequence[InstanceFile]) -> Iterator[list[Instance
         yield batch
 
 
-def _nodelay(event: evt.Event) -> None:
-    set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
-
-
 def send_instances(
     node: NodeSettings,
     peer: PeerSettings,
@@ -92,30 +89,14 @@ def _send_batch(
     batch: list[InstanceFile],
     record: Callable[[Delivery], None],
 ) -> None:
-    ae = AE(ae_title=node.ae_title)
-    ae.acse_timeout = node.acse_timeout
-    ae.dimse_timeout = node.dimse_timeout
-    ae.network_timeout = node.network_timeout
-    ae.connection_timeout = node.connection_timeout
     pairs = list(dict.fromkeys((i.sop_class_uid, i.transfer_syntax) for i in batch))
     contexts = [build_context(sop_class, syntax) for sop_class, syntax in pairs]
     started = time.monotonic()
-    assoc = ae.associate(
-        peer.host,
-        peer.port,
-        contexts=contexts,
-        ae_title=peer.ae_title,
-        max_pdu=node.max_pdu_size,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
-    )
-    if not assoc.is_established:
-        reason = (
-            f"peer {peer.name} rejected the association"
-            if assoc.is_rejected
-            else f"peer {peer.name} ({peer.host}:{peer.port}) could not be reached"
-        )
+    try:
+        assoc = associate(client_ae(node), node, peer, contexts=contexts)
+    except PeerError as exc:
         for instance in batch:
-            record(Delivery(instance.sop_instance_uid, None, reason))
+            record(Delivery(instance.sop_instance_uid, None, str(exc)))
         return
     accepted = {
         (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
@@ -167,7 +148,7 @@ def _store_one(assoc: object, instance: InstanceFile, peer: PeerSettings) -> Del
     except (OSError, ValueError, AttributeError, RuntimeError) as exc:
         return Delivery(uid, None, f"could not send: {exc}")
     if "Status" not in status:
-        return Delivery(uid, None, f"peer {peer.name} did not answer (aborted or timed out)")
+        return Delivery(uid, None, str(no_answer(peer, "C-STORE")))
     code = int(status.Status)
     if code in _WARNINGS:
         log.warning("store_warning", peer=peer.name, status=f"0x{code:04X}")

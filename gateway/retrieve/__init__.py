@@ -1,0 +1,1 @@
+"""Cohort retrieval: requests, archive limits, the retriever."""

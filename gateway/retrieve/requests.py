@@ -1,0 +1,482 @@
+"""Retrieval requests: the durable record of each study a project asked for, and where it is.
+
+One row per request in `retrievals`, in the index beside the dispatch jobs. A request names a
+project and a study (a StudyInstanceUID, or a PatientID (MRN) + AccessionNumber, optionally a
+SeriesInstanceUID) and a priority 1-5 (5 the most urgent). Its `status` is FLIP's:
+
+- `Queued`: accepted, not started, or waiting for the secondary archive's time window;
+- `Processing`: a step is running or will be retried after a transient failure;
+- `Successful`: every instance acknowledged by the anonymiser;
+- `Failed`: not found in either archive, out of attempts, or cancelled (the reason says which);
+- `QueueFailed`: refused at submission (bad or incomplete identifiers, unknown project).
+
+Its `step` is where it is: `query` (primary archive), `query_secondary`, `compare`, `move`,
+`verify`, `forward`, `done`. A restart resumes every request at its step: each step is
+idempotent (what it needs is re-derived from the archive and the store). `retrieval_instances`
+lists what the archive holds for the request (written by `compare`, checked by `verify`);
+`retrieval_jobs` the dispatch jobs of its `forward` step. docs/retrieve.md describes it all.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeVar
+
+import anyio
+
+from gateway.store.instance import is_valid_uid
+from gateway.store.store import Store
+
+__all__ = [
+    "RETRIEVE_SCHEMA",
+    "STATUSES",
+    "ArchiveInstance",
+    "Request",
+    "RetrievalQueue",
+    "Status",
+    "Step",
+    "validate",
+]
+
+T = TypeVar("T")
+Status = Literal["Queued", "Processing", "Successful", "Failed", "QueueFailed"]
+Step = Literal["submit", "query", "query_secondary", "compare", "move", "verify", "forward", "done"]
+STATUSES: Final[tuple[Status, ...]] = (
+    "Successful",
+    "Processing",
+    "Failed",
+    "Queued",
+    "QueueFailed",
+)
+OPEN: Final = ("Queued", "Processing")
+
+RETRIEVE_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS retrievals (
+        id              INTEGER PRIMARY KEY,
+        project         TEXT NOT NULL,
+        mrn             TEXT NOT NULL DEFAULT '',
+        accession       TEXT NOT NULL DEFAULT '',
+        study_uid       TEXT NOT NULL DEFAULT '',
+        series_uid      TEXT NOT NULL DEFAULT '',
+        priority        INTEGER NOT NULL DEFAULT 1,
+        status          TEXT NOT NULL,
+        step            TEXT NOT NULL,
+        reason          TEXT,
+        archive         TEXT,
+        studies         TEXT NOT NULL DEFAULT '[]',
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        moved           INTEGER NOT NULL DEFAULT 0,
+        timings         TEXT NOT NULL DEFAULT '{}',
+        created_at      REAL NOT NULL,
+        updated_at      REAL NOT NULL,
+        finished_at     REAL
+    )""",
+    "CREATE INDEX IF NOT EXISTS retrievals_due ON retrievals (status, next_attempt_at)",
+    "CREATE INDEX IF NOT EXISTS retrievals_project ON retrievals (project, id)",
+    """CREATE TABLE IF NOT EXISTS retrieval_instances (
+        request_id    INTEGER NOT NULL,
+        sop_uid       TEXT NOT NULL,
+        series_uid    TEXT NOT NULL,
+        study_uid     TEXT NOT NULL,
+        sop_class_uid TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (request_id, sop_uid)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS retrieval_jobs (
+        request_id INTEGER NOT NULL,
+        job_id     INTEGER NOT NULL,
+        PRIMARY KEY (request_id, job_id)
+    ) WITHOUT ROWID""",
+)
+
+_COLUMNS: Final = (
+    "id, project, mrn, accession, study_uid, series_uid, priority, status, step, reason, archive,"
+    " studies, attempts, next_attempt_at, moved, timings, created_at, updated_at, finished_at"
+)
+_MAX_ID_LENGTH: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One row of `retrievals`."""
+
+    id: int
+    project: str
+    mrn: str
+    accession: str
+    study_uid: str
+    series_uid: str
+    priority: int
+    status: Status
+    step: Step
+    reason: str | None
+    archive: str | None
+    studies: tuple[str, ...]
+    attempts: int
+    next_attempt_at: float
+    moved: int
+    timings: dict[str, float]
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "project": self.project,
+            "status": self.status,
+            "step": self.step,
+            "reason": self.reason,
+            "mrn": self.mrn,
+            "accession": self.accession,
+            "study_uid": self.study_uid,
+            "series_uid": self.series_uid,
+            "priority": self.priority,
+            "archive": self.archive,
+            "studies": list(self.studies),
+            "attempts": self.attempts,
+            "next_attempt_at": self.next_attempt_at,
+            "moved": self.moved,
+            "timings": self.timings,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "finished_at": self.finished_at,
+        }
+
+
+def _request(row: tuple[Any, ...]) -> Request:
+    values = list(row)
+    values[11] = tuple(json.loads(values[11]))
+    values[15] = json.loads(values[15])
+    return Request(*values)
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveInstance:
+    """An instance the archive listed for a request (an IMAGE-level C-FIND answer)."""
+
+    sop_uid: str
+    series_uid: str
+    study_uid: str
+    sop_class_uid: str
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def validate(
+    fields: Mapping[str, Any], known_project: Callable[[str], bool]
+) -> tuple[dict[str, Any], str | None]:
+    """Normalise a request's fields; return them and the reason it is refused (None if fine).
+
+    Refused: an unknown or missing project; neither a StudyInstanceUID nor both MRN and
+    accession; a malformed UID; an identifier with a wildcard or backslash, or over 64
+    characters; a priority that is not an integer 1-5.
+    """
+    unknown = set(fields) - {"project", "mrn", "accession", "study_uid", "series_uid", "priority"}
+    clean: dict[str, Any] = {
+        "project": _text(fields.get("project")),
+        "mrn": _text(fields.get("mrn")),
+        "accession": _text(fields.get("accession")),
+        "study_uid": _text(fields.get("study_uid")),
+        "series_uid": _text(fields.get("series_uid")),
+        "priority": 1,
+    }
+    raw_priority = fields.get("priority")
+    if unknown:
+        return clean, f"unknown field(s): {', '.join(sorted(unknown))}"
+    if not clean["project"]:
+        return clean, "no project"
+    if not known_project(clean["project"]):
+        return clean, f"unknown project {clean['project'][:64]!r}"
+    if raw_priority not in (None, ""):
+        try:
+            priority = int(str(raw_priority).strip())
+        except ValueError:
+            priority = 0
+        if isinstance(raw_priority, bool) or not 1 <= priority <= 5:
+            return (
+                clean,
+                f"priority must be an integer from 1 to 5 (got {str(raw_priority)[:20]!r})",
+            )
+        clean["priority"] = priority
+    for key in ("study_uid", "series_uid"):
+        if clean[key] and not is_valid_uid(clean[key]):
+            return clean, f"{key} {clean[key][:70]!r} is not a valid UID"
+    for key in ("mrn", "accession"):
+        value = clean[key]
+        if len(value) > _MAX_ID_LENGTH or any(c in value for c in "*?\\"):
+            return clean, f"{key} {value[:70]!r} is not usable as a query key"
+    if not clean["study_uid"]:
+        missing = [key for key in ("mrn", "accession") if not clean[key]]
+        if missing:
+            return clean, "needs a study_uid, or both mrn and accession (missing: " + (
+                ", ".join(missing) + ")"
+            )
+    return clean, None
+
+
+class RetrievalQueue:
+    """The retrieval tables of a `Store`, behind async methods."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with anyio.CancelScope(shield=True):  # a submitted write is awaited to its end
+            result = await self.store.write(fn)
+        return result
+
+    async def ensure_schema(self) -> None:
+        def create(conn: sqlite3.Connection) -> None:
+            for statement in RETRIEVE_SCHEMA:
+                conn.execute(statement)
+
+        await self._write(create)
+
+    # -- submission, operator actions ---------------------------------------------------------
+
+    async def submit(
+        self,
+        items: Iterable[Mapping[str, Any]],
+        known_project: Callable[[str], bool],
+        now: float | None = None,
+    ) -> builtins.list[dict[str, Any]]:
+        """Record each request: Queued, or QueueFailed with the reason. One transaction.
+
+        A request identical to an open one of the same project (same identifiers) is not added
+        twice: the open one's id is returned (with the more urgent priority).
+        """
+        at = time.time() if now is None else now
+        checked = [validate(item, known_project) for item in items]
+
+        def put(conn: sqlite3.Connection) -> builtins.list[dict[str, Any]]:
+            out: builtins.list[dict[str, Any]] = []
+            for clean, reason in checked:
+                keys = (clean["mrn"], clean["accession"], clean["study_uid"], clean["series_uid"])
+                if reason is None:
+                    row = conn.execute(
+                        "SELECT id, status FROM retrievals WHERE project = ? AND mrn = ?"
+                        " AND accession = ? AND study_uid = ? AND series_uid = ?"
+                        " AND status IN ('Queued', 'Processing')",
+                        (clean["project"], *keys),
+                    ).fetchone()
+                    if row is not None:
+                        conn.execute(
+                            "UPDATE retrievals SET priority = max(priority, ?) WHERE id = ?",
+                            (clean["priority"], row[0]),
+                        )
+                        out.append({"id": row[0], "status": row[1], "reason": "already requested"})
+                        continue
+                status, step = ("Queued", "query") if reason is None else ("QueueFailed", "submit")
+                cursor = conn.execute(
+                    "INSERT INTO retrievals (project, mrn, accession, study_uid, series_uid,"
+                    " priority, status, step, reason, next_attempt_at, created_at, updated_at,"
+                    " finished_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (clean["project"], *keys, clean["priority"], status, step, reason, at, at, at,
+                     None if reason is None else at),
+                )  # fmt: skip
+                out.append({"id": cursor.lastrowid, "status": status, "reason": reason})
+            return out
+
+        return await self._write(put)
+
+    async def retry(self, project: str, now: float | None = None) -> int:
+        """Queue the project's Failed requests again (attempts reset, at the step they failed in;
+        a request that was not found starts over with the primary query). Returns how many."""
+        at = time.time() if now is None else now
+        return await self._write(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE retrievals SET status = 'Queued', attempts = 0, next_attempt_at = ?,"
+                    " updated_at = ?, finished_at = NULL,"
+                    " step = CASE WHEN step IN ('query', 'query_secondary', 'done') THEN 'query'"
+                    " ELSE step END WHERE project = ? AND status = 'Failed'",
+                    (at, at, project),
+                ).rowcount
+            )
+        )
+
+    async def cancel(self, project: str, now: float | None = None) -> builtins.list[int]:
+        """Fail every open request of the project with reason "cancelled"; return their ids."""
+        at = time.time() if now is None else now
+
+        def stop(conn: sqlite3.Connection) -> builtins.list[int]:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT id FROM retrievals WHERE project = ? AND status IN"
+                    " ('Queued', 'Processing')",
+                    (project,),
+                )
+            ]
+            conn.execute(
+                "UPDATE retrievals SET status = 'Failed', reason = 'cancelled by an operator',"
+                " updated_at = ?, finished_at = ? WHERE project = ?"
+                " AND status IN ('Queued', 'Processing')",
+                (at, at, project),
+            )
+            return ids
+
+        return await self._write(stop)
+
+    # -- the worker's bookkeeping -------------------------------------------------------------
+
+    async def update(self, request_id: int, **changes: Any) -> None:
+        """Set columns of an open request (a cancelled one is left as it is)."""
+        if not changes:
+            return
+        if "studies" in changes:
+            changes["studies"] = json.dumps(list(changes["studies"]))
+        if "timings" in changes:
+            changes["timings"] = json.dumps(changes["timings"])
+        changes.setdefault("updated_at", time.time())
+        columns = ", ".join(f"{key} = ?" for key in changes)
+        await self._write(
+            lambda conn: conn.execute(
+                f"UPDATE retrievals SET {columns} WHERE id = ?"
+                " AND status IN ('Queued', 'Processing')",
+                (*changes.values(), request_id),
+            )
+        )
+
+    async def due(self, now: float, limit: int, exclude: Iterable[int]) -> builtins.list[Request]:
+        """Open requests due by *now*, most urgent first, not in *exclude* (running)."""
+        skip = builtins.list(exclude)
+        marks = ",".join("?" * len(skip))
+
+        def select(conn: sqlite3.Connection) -> builtins.list[Request]:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM retrievals WHERE status IN ('Queued', 'Processing')"
+                " AND next_attempt_at <= ?"
+                + (f" AND id NOT IN ({marks})" if skip else "")
+                + " ORDER BY priority DESC, next_attempt_at, id LIMIT ?",
+                (now, *skip, limit),
+            ).fetchall()
+            return [_request(row) for row in rows]
+
+        return await self.store.read(select)
+
+    async def next_due_at(self, exclude: Iterable[int]) -> float | None:
+        skip = builtins.list(exclude)
+        marks = ",".join("?" * len(skip))
+
+        def earliest(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT min(next_attempt_at) FROM retrievals WHERE status IN"
+                " ('Queued', 'Processing')" + (f" AND id NOT IN ({marks})" if skip else ""),
+                tuple(skip),
+            ).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self.store.read(earliest)
+
+    async def get(self, request_id: int) -> Request | None:
+        def one(conn: sqlite3.Connection) -> Request | None:
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM retrievals WHERE id = ?", (request_id,)
+            ).fetchone()
+            return None if row is None else _request(row)
+
+        return await self.store.read(one)
+
+    async def set_instances(self, request_id: int, instances: Iterable[ArchiveInstance]) -> None:
+        rows = [
+            (request_id, i.sop_uid, i.series_uid, i.study_uid, i.sop_class_uid) for i in instances
+        ]
+
+        def replace(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM retrieval_instances WHERE request_id = ?", (request_id,))
+            conn.executemany("INSERT OR IGNORE INTO retrieval_instances VALUES (?,?,?,?,?)", rows)
+
+        await self._write(replace)
+
+    async def missing(self, request_id: int) -> builtins.list[ArchiveInstance]:
+        """The archive's instances for the request that the store does not hold."""
+        return await self.store.read(
+            lambda conn: [
+                ArchiveInstance(*row)
+                for row in conn.execute(
+                    "SELECT r.sop_uid, r.series_uid, r.study_uid, r.sop_class_uid"
+                    " FROM retrieval_instances r WHERE r.request_id = ? AND NOT EXISTS"
+                    " (SELECT 1 FROM instances i WHERE i.sop_uid = r.sop_uid)"
+                    " ORDER BY r.study_uid, r.series_uid, r.sop_uid",
+                    (request_id,),
+                )
+            ]
+        )
+
+    async def expected(self, request_id: int) -> int:
+        return await self.store.read(
+            lambda conn: int(
+                conn.execute(
+                    "SELECT count(*) FROM retrieval_instances WHERE request_id = ?", (request_id,)
+                ).fetchone()[0]
+            )
+        )
+
+    async def add_jobs(self, request_id: int, job_ids: Iterable[int]) -> None:
+        rows = [(request_id, job_id) for job_id in job_ids]
+        await self._write(
+            lambda conn: conn.executemany(
+                "INSERT OR IGNORE INTO retrieval_jobs VALUES (?, ?)", rows
+            )
+        )
+
+    async def latest_jobs(self, request_id: int) -> dict[tuple[str, str], tuple[str, str | None]]:
+        """Per (scope, uid) the request forwards: the state and last error of its newest job."""
+        rows = await self.store.read(
+            lambda conn: conn.execute(
+                "SELECT j.scope, j.uid, j.state, j.last_error FROM retrieval_jobs r"
+                " JOIN jobs j ON j.id = r.job_id WHERE r.request_id = ? ORDER BY j.id",
+                (request_id,),
+            ).fetchall()
+        )
+        return {(row[0], row[1]): (row[2], row[3]) for row in rows}
+
+    async def held(self, request_id: int) -> int:
+        """How many of the archive's instances for the request the store holds."""
+        return await self.store.read(
+            lambda conn: int(
+                conn.execute(
+                    "SELECT count(*) FROM retrieval_instances r JOIN instances i"
+                    " ON i.sop_uid = r.sop_uid WHERE r.request_id = ?",
+                    (request_id,),
+                ).fetchone()[0]
+            )
+        )
+
+    # -- status -------------------------------------------------------------------------------
+
+    async def status(self, project: str) -> dict[str, Any]:
+        """`{"project", "counts", "requests"}`: every request of the project, oldest first, each
+        with its instance counts (expected from the archive, held in the store, forwarded)."""
+
+        def select(conn: sqlite3.Connection) -> dict[str, Any]:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS},"
+                " (SELECT count(*) FROM retrieval_instances r WHERE r.request_id = retrievals.id),"
+                " (SELECT count(*) FROM retrieval_instances r JOIN instances i"
+                "  ON i.sop_uid = r.sop_uid WHERE r.request_id = retrievals.id),"
+                " (SELECT coalesce(sum(j.delivered), 0) FROM retrieval_jobs rj"
+                "  JOIN jobs j ON j.id = rj.job_id WHERE rj.request_id = retrievals.id)"
+                " FROM retrievals WHERE project = ? ORDER BY id",
+                (project,),
+            ).fetchall()
+            counts = dict.fromkeys(STATUSES, 0)
+            requests = []
+            for row in rows:
+                request = _request(row[:-3])
+                counts[request.status] += 1
+                entry = request.as_dict()
+                entry["instances"] = {"expected": row[-3], "stored": row[-2], "forwarded": row[-1]}
+                requests.append(entry)
+            return {"project": project, "counts": counts, "requests": requests}
+
+        return await self.store.read(select)

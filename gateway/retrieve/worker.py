@@ -1,0 +1,532 @@
+"""The retriever: works retrieval requests step by step, durably (PIXL's imaging API).
+
+One asyncio service. Its loop takes due requests (most urgent first, at most
+`[retrieve] concurrency` at once) and runs each from its recorded step:
+
+1. `query`: C-FIND the primary archive (Study Root, STUDY level) by StudyInstanceUID, else by
+   PatientID + AccessionNumber; every matching study is retrieved.
+2. `query_secondary`: not found there: the secondary archive, inside its time window (outside
+   it the request is Queued until the window opens). Not found there either: Failed.
+3. `compare`: C-FIND the archive's series, then the instances of each series; recorded.
+4. `move`: C-MOVE to the gateway's own AE title (or C-GET, per peer) only what the store
+   lacks: a whole series at SERIES level, a partial one at IMAGE level with the missing UIDs.
+5. `verify`: wait until the store holds every instance the archive listed (they arrive on the
+   archive's own association, possibly a moment after its final C-MOVE response).
+6. `forward`: one dispatch job per study (or series) to the anonymiser; Successful when every
+   job is done, i.e. every instance acknowledged.
+
+A connection failure, a refused or failed move, or a step without progress for
+`stall_seconds` (no response, no new instance) fails the attempt; the request stays
+Processing and the step is retried after a backoff, until `max_attempts`. Waiting for a rate
+token, a move slot, the window or the anonymiser's jobs is not a stall. docs/retrieve.md.
+"""
+
+from __future__ import annotations
+
+import random as _random
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+import structlog
+from anyio.abc import TaskGroup
+from pydicom.dataset import Dataset
+
+from gateway.config import PeerSettings, Settings
+from gateway.errors import GatewayError, PeerError
+from gateway.retrieve.limits import ArchiveLimits, window_opens_at
+from gateway.retrieve.requests import ArchiveInstance, Request, RetrievalQueue, Step
+from gateway.scu.query import Progress, RetrieveResult, c_find, c_get, c_move, identifier
+from gateway.store.jobs import Backoff, JobQueue
+from gateway.store.store import Store
+
+__all__ = ["Retriever", "dispatch_priority"]
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+_UIDS_PER_MOVE = 256  # SOP Instance UIDs in one IMAGE-level C-MOVE identifier
+_FORWARD_POLL = 1.0
+
+
+def dispatch_priority(priority: int) -> str:
+    """A request's priority (1-5, 5 the most urgent) as a dispatch job's."""
+    return "urgent" if priority >= 4 else "normal" if priority >= 2 else "low"
+
+
+class _Attempt(Exception):
+    """The attempt failed for a reason that may pass (retried); *step* is where to resume."""
+
+    def __init__(self, reason: str, step: Step | None = None) -> None:
+        super().__init__(reason)
+        self.step = step
+
+
+class _Pause(Exception):
+    """Come back later without counting an attempt (a window, the anonymiser's jobs)."""
+
+    def __init__(self, at: float, reason: str, status: str = "Processing") -> None:
+        super().__init__(reason)
+        self.at = at
+        self.status = status
+
+
+class _Final(Exception):
+    """The request ends Failed with this reason (not found)."""
+
+
+class Retriever:
+    """Runs retrieval requests until stopped; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        queue: RetrievalQueue,
+        jobs: JobQueue,
+        *,
+        wake_dispatcher: Callable[[], None] = lambda: None,
+        poll_seconds: float = 30.0,
+        random: _random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.queue = queue
+        self.jobs = jobs
+        self.wake_dispatcher = wake_dispatcher
+        self.poll_seconds = poll_seconds
+        self._random = random or _random.Random()
+        self._wake = anyio.Event()
+        self._stopping = False
+        self._running: set[int] = set()
+        self._held_back: dict[int, float] = {}  # request id -> monotonic time it may run again
+        self._progress: set[Progress] = set()
+        self._limits: dict[str, ArchiveLimits] = {}
+        self._task_group: TaskGroup | None = None
+
+    # -- control ------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """End `run()`; retrieves in flight are aborted and resume at the next start."""
+        self._stopping = True
+        for progress in list(self._progress):
+            progress.stop()
+        self._wake.set()
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()
+
+    def limits(self, peer: PeerSettings) -> ArchiveLimits:
+        limits = self._limits.get(peer.name)
+        if limits is None:
+            limits = self._limits[peer.name] = ArchiveLimits(peer)
+        return limits
+
+    @property
+    def backoff(self) -> Backoff:
+        r = self.settings.retrieve
+        return Backoff(r.retry_base_seconds, r.retry_max_seconds, r.max_attempts)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        log.info("retriever_started", concurrency=self.settings.retrieve.concurrency)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                while not self._stopping:
+                    self._wake = anyio.Event()
+                    timeout = await self._start_due(tg)
+                    if timeout > 0:
+                        with anyio.move_on_after(timeout):
+                            await self._wake.wait()
+        finally:
+            self._task_group = None
+            log.info("retriever_stopped", interrupted=len(self._running))
+
+    async def _start_due(self, tg: TaskGroup) -> float:
+        free = self.settings.retrieve.concurrency - len(self._running)
+        now = time.monotonic()
+        self._held_back = {k: v for k, v in self._held_back.items() if v > now}
+        skip = self._running | set(self._held_back)
+        try:
+            if free > 0:
+                for request in await self.queue.due(time.time(), free, skip):
+                    self._running.add(request.id)
+                    tg.start_soon(self._work, request, name=f"retrieval-{request.id}")
+            due = await self.queue.next_due_at(skip)
+        except GatewayError as exc:
+            log.error("retrieval_claim_failed", error=str(exc))
+            return self.poll_seconds
+        if len(self._running) >= self.settings.retrieve.concurrency:
+            return self.poll_seconds  # full: a finishing request wakes the loop
+        if due is None:
+            return self.poll_seconds
+        return min(self.poll_seconds, max(0.0, due - time.time()))
+
+    async def _work(self, request: Request) -> None:
+        try:
+            await self._advance(request)
+        except Exception as exc:  # a bug, or the index failed: count it as a failed attempt
+            log.exception("retrieval_crashed", request=request.id, step=request.step)
+            try:
+                reason = f"internal error: {type(exc).__name__}: {exc}"
+                await self._failed_attempt(request, reason, request.step, dict(request.timings))
+            except Exception:  # the index cannot be written: leave it alone for a while
+                self._held_back[request.id] = time.monotonic() + self.poll_seconds
+        finally:
+            self._running.discard(request.id)
+            self._wake.set()
+
+    async def _advance(self, request: Request) -> None:
+        steps: dict[str, Callable[[Request], Awaitable[Step]]] = {
+            "query": self._query_primary,
+            "query_secondary": self._query_secondary,
+            "compare": self._compare,
+            "move": self._move,
+            "verify": self._verify,
+        }
+        resumed = request.status == "Queued"
+        if request.status == "Queued":
+            await self.queue.update(request.id, status="Processing")
+        step: Step = request.step
+        timings = dict(request.timings)
+        while step != "done":
+            started = time.monotonic()
+            try:
+                if step == "forward":
+                    following = await self._forward(request, resumed=resumed)
+                else:
+                    following = await steps[step](request)
+            except _Pause as pause:
+                await self.queue.update(
+                    request.id,
+                    status=pause.status,
+                    reason=str(pause),
+                    next_attempt_at=pause.at,
+                    timings=_add(timings, step, started),
+                )
+                return
+            except _Final as final:
+                await self._end(request, "Failed", str(final), timings, step, started)
+                return
+            except (_Attempt, PeerError) as exc:
+                resume = exc.step if isinstance(exc, _Attempt) and exc.step else step
+                await self._failed_attempt(request, str(exc), resume, _add(timings, step, started))
+                return
+            _add(timings, step, started)
+            step = following
+            current = await self.queue.get(request.id)
+            if current is None or current.status not in ("Queued", "Processing"):
+                return  # cancelled meanwhile
+            request = current
+            await self.queue.update(request.id, step=step, timings=timings)
+        await self._end(request, "Successful", None, timings, "done", None)
+
+    async def _end(
+        self,
+        request: Request,
+        status: str,
+        reason: str | None,
+        timings: dict[str, float],
+        step: str,
+        started: float | None,
+    ) -> None:
+        if started is not None:
+            _add(timings, step, started)
+        now = time.time()
+        await self.queue.update(
+            request.id,
+            status=status,
+            reason=reason,
+            step="done" if status == "Successful" else step,
+            finished_at=now,
+            timings=timings,
+        )
+        log.info("retrieval_ended", request=request.id, project=request.project, status=status,
+                 reason=reason, timings=timings)  # fmt: skip
+
+    async def _failed_attempt(
+        self, request: Request, reason: str, step: str, timings: dict[str, float]
+    ) -> None:
+        attempts = request.attempts + 1
+        backoff = self.backoff
+        if attempts >= backoff.max_attempts:
+            await self.queue.update(
+                request.id,
+                status="Failed",
+                reason=f"{reason} (after {attempts} attempts)",
+                attempts=attempts,
+                step=step,
+                finished_at=time.time(),
+                timings=timings,
+            )
+            log.warning("retrieval_failed", request=request.id, reason=reason, attempts=attempts)
+            return
+        due = time.time() + backoff.delay(attempts, self._random)
+        await self.queue.update(
+            request.id,
+            status="Processing",
+            reason=reason,
+            attempts=attempts,
+            step=step,
+            next_attempt_at=due,
+            timings=timings,
+        )
+        log.info("retrieval_attempt_failed", request=request.id, step=step, reason=reason,
+                 attempt=attempts)  # fmt: skip
+
+    # -- DICOM, rate-limited, in worker threads -----------------------------------------------
+
+    def _peer(self, name: str | None, role: str) -> PeerSettings:
+        peer = self.settings.peer(name) if name else None
+        if peer is None:
+            raise _Final(f"the {role} archive {name!r} is not a configured peer")
+        return peer
+
+    async def _find(self, peer: PeerSettings, query: Dataset) -> list[Dataset]:
+        await self.limits(peer).queries.acquire()
+        node = self.settings.node
+        return await anyio.to_thread.run_sync(c_find, node, peer, query)
+
+    # -- the steps ----------------------------------------------------------------------------
+
+    def _study_query(self, request: Request) -> Dataset:
+        if request.study_uid:
+            return identifier("STUDY", StudyInstanceUID=request.study_uid)
+        return identifier(
+            "STUDY",
+            StudyInstanceUID="",
+            PatientID=request.mrn,
+            AccessionNumber=request.accession,
+        )
+
+    async def _found_studies(self, peer: PeerSettings, request: Request) -> list[str]:
+        answers = await self._find(peer, self._study_query(request))
+        uids = [str(a.get("StudyInstanceUID", "")) for a in answers]
+        return list(dict.fromkeys(uid for uid in uids if uid))
+
+    async def _query_primary(self, request: Request) -> Step:
+        primary = self._peer(self.settings.retrieve.primary, "primary")
+        studies = await self._found_studies(primary, request)
+        if studies:
+            await self.queue.update(request.id, archive=primary.name, studies=studies)
+            return "compare"
+        if self.settings.retrieve.secondary:
+            return "query_secondary"
+        raise _Final(f"not found in {primary.name}")
+
+    async def _query_secondary(self, request: Request) -> Step:
+        retrieve = self.settings.retrieve
+        secondary = self._peer(retrieve.secondary, "secondary")
+        opens = window_opens_at(retrieve.secondary_windows, retrieve.zone, time.time())
+        if opens is not None:
+            when = datetime.fromtimestamp(opens, retrieve.zone).isoformat(timespec="minutes")
+            raise _Pause(opens, f"waiting for the window of {secondary.name} (opens {when})",
+                         status="Queued")  # fmt: skip
+        studies = await self._found_studies(secondary, request)
+        if studies:
+            await self.queue.update(request.id, archive=secondary.name, studies=studies)
+            return "compare"
+        raise _Final(f"not found in {retrieve.primary} or {secondary.name}")
+
+    async def _compare(self, request: Request) -> Step:
+        peer = self._peer(request.archive, "chosen")
+        listed: list[ArchiveInstance] = []
+        for study in request.studies:
+            series_query = identifier(
+                "SERIES", StudyInstanceUID=study, SeriesInstanceUID=request.series_uid
+            )
+            series = [
+                str(a.get("SeriesInstanceUID", "")) for a in await self._find(peer, series_query)
+            ]
+            for series_uid in dict.fromkeys(s for s in series if s):
+                image_query = identifier(
+                    "IMAGE",
+                    StudyInstanceUID=study,
+                    SeriesInstanceUID=series_uid,
+                    SOPInstanceUID="",
+                    SOPClassUID="",
+                )
+                for answer in await self._find(peer, image_query):
+                    sop = str(answer.get("SOPInstanceUID", ""))
+                    if sop:
+                        listed.append(
+                            ArchiveInstance(
+                                sop, series_uid, study, str(answer.get("SOPClassUID", ""))
+                            )
+                        )
+        if not listed:
+            what = f"series {request.series_uid}" if request.series_uid else "any instance"
+            studies = ", ".join(request.studies)
+            raise _Final(f"{peer.name} lists no instance of {what} in study(ies) {studies}")
+        await self.queue.set_instances(request.id, listed)
+        return "move"
+
+    async def _move(self, request: Request) -> Step:
+        peer = self._peer(request.archive, "chosen")
+        missing = await self.queue.missing(request.id)
+        if not missing:
+            return "verify"
+        listed = await self.store.read(
+            lambda conn: {
+                row[0]: row[1]
+                for row in conn.execute(
+                    "SELECT series_uid, count(*) FROM retrieval_instances WHERE request_id = ?"
+                    " GROUP BY series_uid",
+                    (request.id,),
+                )
+            }
+        )
+        by_series: dict[tuple[str, str], list[ArchiveInstance]] = {}
+        for instance in missing:
+            by_series.setdefault((instance.study_uid, instance.series_uid), []).append(instance)
+        moved = request.moved
+        for (study, series), instances in by_series.items():
+            if len(instances) == listed.get(series):
+                queries = [identifier("SERIES", StudyInstanceUID=study, SeriesInstanceUID=series)]
+            else:
+                uids = [i.sop_uid for i in instances]
+                queries = [
+                    identifier("IMAGE", StudyInstanceUID=study, SeriesInstanceUID=series,
+                               SOPInstanceUID=uids[n : n + _UIDS_PER_MOVE])
+                    for n in range(0, len(uids), _UIDS_PER_MOVE)
+                ]  # fmt: skip
+            classes = sorted({i.sop_class_uid for i in instances if i.sop_class_uid})
+            for query in queries:
+                result = await self._retrieve(request, peer, query, classes)
+                moved += result.completed + result.warning
+                await self.queue.update(request.id, moved=moved)
+                if result.failed:
+                    raise _Attempt(
+                        f"{peer.name}: {result.failed} of the retrieve's sub-operations failed"
+                    )
+        return "verify"
+
+    async def _retrieve(
+        self, request: Request, peer: PeerSettings, query: Dataset, classes: list[str]
+    ) -> RetrieveResult:
+        limits = self.limits(peer)
+        await limits.moves.acquire()
+        async with limits.concurrent:
+            progress = Progress()
+            self._progress.add(progress)
+            node = self.settings.node
+            stall = self.settings.retrieve.stall_seconds
+            what = "C-GET" if peer.retrieve == "get" else "C-MOVE"
+            stalled = False
+            try:
+                async with anyio.create_task_group() as tg:
+
+                    async def watch() -> None:
+                        nonlocal stalled
+                        held = await self.queue.held(request.id)
+                        last = time.monotonic()
+                        while True:
+                            await anyio.sleep(min(1.0, stall / 4))
+                            now_held = await self.queue.held(request.id)
+                            if now_held != held:
+                                held, last = now_held, time.monotonic()
+                            if time.monotonic() - max(last, progress.last) > stall:
+                                stalled = True
+                                progress.stop()
+                                return
+
+                    tg.start_soon(watch)
+                    try:
+                        if peer.retrieve == "get":
+                            result = await anyio.to_thread.run_sync(
+                                lambda: c_get(node, peer, query, classes, self.store, progress)
+                            )
+                        else:
+                            result = await anyio.to_thread.run_sync(
+                                lambda: c_move(node, peer, query, progress)
+                            )
+                    finally:
+                        tg.cancel_scope.cancel()
+            except PeerError as exc:
+                if stalled:
+                    raise _Attempt(
+                        f"timeout: no progress for {stall:g} s during the {what}"
+                    ) from exc
+                raise
+            finally:
+                self._progress.discard(progress)
+        log.info(
+            "retrieve_answered",
+            request=request.id,
+            peer=peer.name,
+            method=what,
+            completed=result.completed,
+            failed=result.failed,
+            warning=result.warning,
+        )
+        return result
+
+    async def _verify(self, request: Request) -> Step:
+        stall = self.settings.retrieve.stall_seconds
+        held = -1
+        last = time.monotonic()
+        while True:
+            missing = await self.queue.missing(request.id)
+            if not missing:
+                return "forward"
+            expected = await self.queue.expected(request.id)
+            if expected - len(missing) != held:
+                held, last = expected - len(missing), time.monotonic()
+            elif time.monotonic() - last > stall:
+                raise _Attempt(
+                    f"timeout: {len(missing)} instance(s) listed by {request.archive} did not"
+                    f" arrive within {stall:g} s",
+                    step="move",
+                )
+            await anyio.sleep(min(0.2, stall / 10))
+
+    async def _forward(self, request: Request, *, resumed: bool = False) -> Step:
+        project = self.settings.project(request.project)
+        target = (project.anonymiser if project else None) or self.settings.retrieve.anonymiser
+        if target is None or self.settings.peer(target) is None:
+            raise _Final(f"no anonymiser configured for project {request.project!r}")
+        if request.series_uid:
+            scopes = [("series", request.series_uid)]
+        else:
+            scopes = [("study", uid) for uid in request.studies]
+        latest = await self.queue.latest_jobs(request.id)
+        queued: list[int] = []
+        waiting: list[str] = []
+        for scope, uid in scopes:
+            state, error = latest.get((scope, uid), (None, None))
+            if state == "done":
+                continue
+            if state in ("failed", "cancelled") and not resumed:
+                raise _Final(f"forward to {target} {state}: {error or 'no reason recorded'}")
+            if state in (None, "failed", "cancelled"):
+                queued.append(
+                    await self.jobs.enqueue(
+                        scope, uid, target, f"retrieve:{request.project}",  # type: ignore[arg-type]
+                        dispatch_priority(request.priority),
+                    )
+                )  # fmt: skip
+                waiting.append("queued")
+            else:
+                waiting.append(error or state or "queued")
+        if queued:
+            await self.queue.add_jobs(request.id, queued)
+            self.wake_dispatcher()
+        if not waiting:
+            return "done"
+        errors = [w for w in waiting if w not in ("queued", "running")]
+        reason = f"forwarding to {target}: " + (
+            errors[0] if errors else f"{len(waiting)} job(s) open"
+        )
+        raise _Pause(time.time() + _FORWARD_POLL, reason)
+
+
+def _add(timings: dict[str, float], step: str, started: float) -> dict[str, float]:
+    timings[step] = round(timings.get(step, 0.0) + time.monotonic() - started, 3)
+    return timings

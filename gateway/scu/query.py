@@ -1,0 +1,257 @@
+"""C-FIND SCU, C-MOVE SCU and C-GET SCU against an archive (Study Root).
+
+Blocking functions for worker threads, used by retrieval (`gateway/retrieve/`). Each opens its
+own association (`gateway.scu.association`), so a failure is always a `PeerError` naming the
+peer: could not be reached, rejected the association, did not answer, or answered a failure
+status. C-MOVE asks the archive to send to the gateway's own AE title (the archive must know it
+as a DICOM modality); C-GET receives on the same association, each instance ingested into the
+store as the C-STORE sub-operation arrives.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom import ALL_TRANSFER_SYNTAXES, build_context, build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from gateway.config import NodeSettings, PeerSettings
+from gateway.errors import GatewayError, PeerError, RejectedInstance
+from gateway.scp.receiving import encode_file_meta
+from gateway.scu.association import associate, client_ae, no_answer
+from gateway.store.index import Provenance
+from gateway.store.store import Store
+
+__all__ = ["RetrieveResult", "c_find", "c_get", "c_move", "identifier"]
+
+_PENDING = frozenset({0xFF00, 0xFF01})
+_WARNING = 0xB000
+MAX_GET_STORAGE_CONTEXTS = 127  # one context of 128 is the C-GET model's
+
+
+def identifier(level: str, **keys: str | list[str]) -> Dataset:
+    """A Study Root identifier: QueryRetrieveLevel and the given keys (empty = return key)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def c_find(node: NodeSettings, peer: PeerSettings, query: Dataset) -> list[Dataset]:
+    """Every match *peer* answers for *query* (Study Root)."""
+    ae = client_ae(node)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = associate(ae, node, peer)
+    matches: list[Dataset] = []
+    try:
+        for status, answer in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+            if "Status" not in status:
+                raise no_answer(peer, "C-FIND")
+            code = int(status.Status)
+            if code in _PENDING:
+                if answer is not None:
+                    matches.append(answer)
+                continue
+            if code != 0x0000:
+                raise PeerError(f"peer {peer.name} answered C-FIND with 0x{code:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return matches
+
+
+@dataclass
+class RetrieveResult:
+    """The final answer of a C-MOVE or C-GET, with its sub-operation counts."""
+
+    status: int
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+    stored: int = 0  # C-GET: instances the store took
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (0x0000, _WARNING) and self.failed == 0
+
+
+@dataclass(eq=False)
+class Progress:
+    """Shared with the watcher of a retrieve: when the archive last said something, and a way
+    to stop the retrieve (an abort of its association)."""
+
+    last: float = field(default_factory=time.monotonic)
+    assoc: Association | None = None
+    abort: threading.Event = field(default_factory=threading.Event)
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self.abort.set()
+        if self.assoc is not None and self.assoc.is_alive():
+            self.assoc.abort()
+
+
+def _counts(status: Dataset) -> tuple[int, int, int]:
+    def value(keyword: str) -> int:
+        raw = status.get(keyword)
+        return int(raw) if raw is not None and raw != "" else 0
+
+    return (
+        value("NumberOfCompletedSuboperations"),
+        value("NumberOfFailedSuboperations"),
+        value("NumberOfWarningSuboperations"),
+    )
+
+
+def _collect(
+    responses: Iterable[tuple[Dataset, Dataset | None]],
+    peer: PeerSettings,
+    what: str,
+    progress: Progress,
+) -> RetrieveResult:
+    result: RetrieveResult | None = None
+    for status, answer in responses:
+        progress.touch()
+        if progress.abort.is_set():
+            break
+        if "Status" not in status:
+            raise no_answer(peer, what)
+        code = int(status.Status)
+        completed, failed, warning = _counts(status)
+        if code in _PENDING:
+            continue
+        result = RetrieveResult(code, completed, failed, warning)
+        if answer is not None and "FailedSOPInstanceUIDList" in answer:
+            value = answer.FailedSOPInstanceUIDList
+            result.failed_uids = [str(v) for v in (value if isinstance(value, list) else [value])]
+    if progress.abort.is_set():
+        raise PeerError(f"peer {peer.name}: the {what} was stopped")
+    if result is None:
+        raise no_answer(peer, what)
+    if result.status not in (0x0000, _WARNING):
+        raise PeerError(
+            f"peer {peer.name} answered {what} with 0x{result.status:04X}"
+            f" ({result.completed} completed, {result.failed} failed)"
+        )
+    return result
+
+
+def c_move(
+    node: NodeSettings,
+    peer: PeerSettings,
+    query: Dataset,
+    progress: Progress | None = None,
+) -> RetrieveResult:
+    """Ask *peer* to C-STORE what *query* selects to the gateway's own AE title."""
+    progress = progress or Progress()
+    ae = client_ae(node)
+    ae.dimse_timeout = None  # a long move answers pending only per sub-operation: the watcher
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = associate(ae, node, peer)
+    progress.assoc = assoc
+    try:
+        responses = assoc.send_c_move(
+            query, node.ae_title, StudyRootQueryRetrieveInformationModelMove
+        )
+        return _collect(responses, peer, "C-MOVE", progress)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def c_get(
+    node: NodeSettings,
+    peer: PeerSettings,
+    query: Dataset,
+    sop_classes: Sequence[str],
+    store: Store,
+    progress: Progress | None = None,
+    on_stored: Callable[[str], None] | None = None,
+) -> RetrieveResult:
+    """C-GET what *query* selects; each instance is ingested into *store* as it arrives.
+
+    *sop_classes* are the storage SOP classes to accept (the IMAGE-level answers' SOPClassUID);
+    at most 127 fit next to the C-GET context.
+    """
+    progress = progress or Progress()
+    classes = list(dict.fromkeys(sop_classes))
+    if len(classes) > MAX_GET_STORAGE_CONTEXTS:
+        raise GatewayError(
+            f"C-GET of {len(classes)} SOP classes: at most {MAX_GET_STORAGE_CONTEXTS} fit on one"
+            " association"
+        )
+    ae = client_ae(node)
+    ae.dimse_timeout = None
+    contexts = [build_context(StudyRootQueryRetrieveInformationModelGet)]
+    contexts += [build_context(uid, ALL_TRANSFER_SYNTAXES) for uid in classes]
+    roles = [build_role(uid, scp_role=True) for uid in classes]
+    stored = 0
+    provenance = Provenance(
+        calling_ae=peer.ae_title, called_ae=node.ae_title, peer_address=f"{peer.host}:{peer.port}"
+    )
+
+    def on_store(event: evt.Event) -> int:
+        nonlocal stored
+        progress.touch()
+        request = event.request
+        temp = store.files.new_temp_path()
+        try:
+            _write_part10(temp, event)
+            result = store.ingest_blocking(
+                temp,
+                provenance,
+                expect=(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)),
+            )
+        except RejectedInstance as exc:
+            temp.unlink(missing_ok=True)
+            return exc.status
+        except (GatewayError, OSError):
+            temp.unlink(missing_ok=True)
+            return 0xA700
+        stored += 1
+        if on_stored is not None:
+            on_stored(result.sop_instance_uid)
+        return 0x0000
+
+    assoc = associate(
+        ae, node, peer, contexts=contexts, ext_neg=roles,
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )  # fmt: skip
+    progress.assoc = assoc
+    try:
+        responses = assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
+        result = _collect(responses, peer, "C-GET", progress)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    result.stored = stored
+    return result
+
+
+def _write_part10(path: Path, event: evt.Event) -> None:
+    """The received dataset as a Part 10 file: File Meta, then the bytes as they came."""
+    context = event.context
+    request = event.request
+    meta = encode_file_meta(
+        str(request.AffectedSOPClassUID),
+        str(request.AffectedSOPInstanceUID),
+        str(context.transfer_syntax),
+    )
+    with path.open("xb") as out:
+        out.write(b"\x00" * 128 + b"DICM")
+        out.write(meta)
+        out.write(request.DataSet.getvalue())

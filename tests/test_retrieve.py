@@ -1,0 +1,311 @@
+"""Retrieval end to end: three Orthancs as VNA, PACS and anonymiser, the gateway in between."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.conftest import (
+    HOST,
+    TEST_FILES,
+    GatewayProcess,
+    OrthancProcess,
+    free_port,
+    write_variant,
+)
+from tests.scu.test_sender import Recorder
+from tests.test_routing import storescu, wait_until
+
+CT = TEST_FILES / "CT_small.dcm"
+FAST_RETRY = {"retry_base_seconds": 0.2, "retry_max_seconds": 1.0, "max_attempts": 200}
+
+
+@dataclass
+class Study:
+    uid: str
+    mrn: str
+    accession: str
+    files: list[Path]  # per series, in order
+    series: list[str]
+
+    @property
+    def sops(self) -> set[str]:
+        return {p.stem for p in self.files}
+
+
+def make_study(directory: Path, mrn: str, accession: str, series_sizes: tuple[int, ...]) -> Study:
+    directory.mkdir(parents=True, exist_ok=True)
+    study = generate_uid()
+    files: list[Path] = []
+    series_uids: list[str] = []
+    for number, size in enumerate(series_sizes, start=1):
+        series = generate_uid()
+        series_uids.append(series)
+        for n in range(1, size + 1):
+            sop = generate_uid()
+            files.append(
+                write_variant(CT, directory / f"{sop}.dcm", StudyInstanceUID=study,
+                              SeriesInstanceUID=series, SOPInstanceUID=sop, InstanceNumber=n,
+                              SeriesNumber=number, PatientID=mrn, AccessionNumber=accession)
+            )  # fmt: skip
+    return Study(study, mrn, accession, files, series_uids)
+
+
+class Site:
+    """The gateway, a VNA and a PACS (Orthancs knowing the gateway) and an anonymiser."""
+
+    def __init__(
+        self, gateway_factory: Any, tmp_path: Path, *, anonymiser: Recorder | None = None,
+        retrieve: dict[str, Any] | None = None, peers: dict[str, dict[str, Any]] | None = None,
+    ) -> None:  # fmt: skip
+        self.gw: GatewayProcess = gateway_factory(start=False)
+        me = {"gateway": ("GATEWAY", HOST, self.gw.port)}
+        self.vna = OrthancProcess(tmp_path / "vna", "VNA", me, verbose=True)
+        self.pacs = OrthancProcess(tmp_path / "pacs", "PACS", me, verbose=True)
+        self.anon_orthanc = None if anonymiser else OrthancProcess(tmp_path / "anon", "ANON")
+        anon_port = anonymiser.port if anonymiser else self.anon_orthanc.port  # type: ignore[union-attr]
+        anon_ae = "RECORDER" if anonymiser else "ANON"
+        extra = peers or {}
+        self.sections = {
+            "peers": [
+                {"name": "vna", "ae_title": "VNA", "host": HOST, "port": self.vna.port,
+                 **extra.get("vna", {})},
+                {"name": "pacs", "ae_title": "PACS", "host": HOST, "port": self.pacs.port,
+                 **extra.get("pacs", {})},
+                {"name": "anon", "ae_title": anon_ae, "host": HOST, "port": anon_port},
+            ],
+            "retrieve": {"primary": "vna", "secondary": "pacs", "anonymiser": "anon",
+                         "stall_seconds": 5, **FAST_RETRY, **(retrieve or {})},
+            "projects": [{"name": "P1"}, {"name": "P2"}],
+            "dispatch": {"retry_base_seconds": 0.2, "retry_max_seconds": 1.0},
+        }  # fmt: skip
+        self.gw.write_config(**self.sections)
+        self.gw.start()
+
+    def stop(self) -> None:
+        for orthanc in (self.vna, self.pacs, self.anon_orthanc):
+            if orthanc is not None:
+                orthanc.stop()
+
+    def status(self, project: str = "P1") -> dict[str, Any]:
+        result: dict[str, Any] = self.gw.call("retrieve.status", {"project": project})
+        return result
+
+    def wait_settled(self, project: str = "P1", timeout: float = 60.0) -> dict[str, Any]:
+        def settled() -> bool:
+            counts = self.status(project)["counts"]
+            return counts["Queued"] + counts["Processing"] == 0
+
+        try:
+            wait_until(settled, timeout=timeout)
+        except AssertionError:
+            log = self.gw.log_text()[-6000:]
+            raise AssertionError(f"not settled: {self.status(project)}\n{log}") from None
+        return self.status(project)
+
+
+@pytest.fixture
+def site(gateway_factory: Any, tmp_path: Path) -> Iterator[Site]:
+    s = Site(gateway_factory, tmp_path)
+    yield s
+    s.stop()
+
+
+def moves_at(orthanc: OrthancProcess) -> list[float]:
+    """When *orthanc* received each C-MOVE request (its own log's clock, seconds of the day)."""
+    times = []
+    for line in orthanc.log_text().splitlines():
+        if "Incoming Move request" in line:
+            match = re.search(r" (\d\d):(\d\d):(\d\d\.\d+) ", line)
+            assert match, line
+            h, m, s = match.groups()
+            times.append(int(h) * 3600 + int(m) * 60 + float(s))
+    return times
+
+
+def test_vna_then_pacs_by_uid_and_by_mrn_and_accession(site: Site, tmp_path: Path) -> None:
+    only_vna = make_study(tmp_path / "a", "MRN1", "ACC1", (2,))
+    only_pacs = make_study(tmp_path / "b", "MRN2", "ACC2", (1, 2))
+    by_ids = make_study(tmp_path / "c", "MRN3", "ACC3", (2,))
+    twins = [make_study(tmp_path / f"d{n}", "MRN4", "ACC4", (1,)) for n in (1, 2)]
+    site.vna.upload(*only_vna.files, *by_ids.files, *twins[0].files, *twins[1].files)
+    site.pacs.upload(*only_pacs.files)
+    result = site.gw.call("retrieve.submit", {"project": "P1", "requests": [
+        {"study_uid": only_vna.uid, "priority": 3},
+        {"study_uid": only_pacs.uid},
+        {"mrn": "MRN3", "accession": "ACC3"},
+        {"mrn": "MRN4", "accession": "ACC4", "priority": 5},
+        {"study_uid": generate_uid()},
+    ]})  # fmt: skip
+    assert result["counts"] == {"Queued": 5, "QueueFailed": 0, "Processing": 0}
+    status = site.wait_settled()
+    assert status["counts"] == {"Successful": 4, "Processing": 0, "Failed": 1, "Queued": 0,
+                                "QueueFailed": 0}  # fmt: skip
+    a, b, c, d, missing = status["requests"]
+    assert (missing["status"], missing["reason"]) == ("Failed", "not found in vna or pacs")
+    assert (a["archive"], b["archive"], c["archive"], d["archive"]) == ("vna", "pacs", "vna", "vna")
+    assert a["studies"] == [only_vna.uid] and c["studies"] == [by_ids.uid]
+    assert sorted(d["studies"]) == sorted(t.uid for t in twins)  # both matches are retrieved
+    assert all(r["step"] == "done" and r["reason"] is None for r in (a, b, c, d))
+    assert d["instances"] == {"expected": 2, "stored": 2, "forwarded": 2}
+    assert set(a["timings"]) >= {"query", "compare", "move", "verify", "forward"}
+    assert "query_secondary" in b["timings"]
+    expected = set().union(*(s.sops for s in (only_vna, only_pacs, by_ids, *twins)))
+    assert site.anon_orthanc is not None and site.anon_orthanc.sop_uids() == expected
+    # Human form, from the CLI.
+    text = site.gw.cli("retrieve", "status", "--project", "P1").stdout
+    assert "Successful 4" in text and "Failed 1" in text and "MRN4 / ACC4" in text
+
+
+def test_only_the_missing_half_is_moved(site: Site, tmp_path: Path) -> None:
+    study = make_study(tmp_path / "s", "MRN1", "ACC1", (3, 3))
+    site.vna.upload(*study.files)
+    # The store holds all of series 1 and one instance of series 2.
+    storescu(site.gw, study.files[:4])
+    site.gw.call("retrieve.submit", {"project": "P1", "study_uid": study.uid})
+    (request,) = site.wait_settled()["requests"]
+    assert request["status"] == "Successful", request
+    assert request["moved"] == 2  # C-MOVE sub-operations completed: only what was missing
+    assert len(moves_at(site.vna)) == 1  # one IMAGE-level move with the two missing UIDs
+    assert request["instances"] == {"expected": 6, "stored": 6, "forwarded": 6}
+    assert site.anon_orthanc is not None and site.anon_orthanc.sop_uids() == study.sops
+
+
+def test_refusals_and_the_secondary_window(gateway_factory: Any, tmp_path: Path) -> None:
+    tomorrow = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[(datetime.now().weekday() + 2) % 7]
+    site = Site(gateway_factory, tmp_path, retrieve={
+        "secondary_windows": [{"days": [tomorrow], "start": "01:00", "end": "02:00"}],
+    })  # fmt: skip
+    try:
+        only_pacs = make_study(tmp_path / "b", "MRN2", "ACC2", (1,))
+        site.pacs.upload(*only_pacs.files)
+        result = site.gw.call("retrieve.submit", {"project": "P1", "requests": [
+            {"study_uid": generate_uid()},
+            {"study_uid": only_pacs.uid},
+            {"mrn": "MRN9"},
+            {"study_uid": "1.2.x"},
+            {"study_uid": generate_uid(), "project": "nope"},
+            {"study_uid": generate_uid(), "priority": 9},
+        ]})  # fmt: skip
+        reasons = [r["reason"] for r in result["submitted"]]
+        assert reasons[2:] == [
+            "needs a study_uid, or both mrn and accession (missing: accession)",
+            "study_uid '1.2.x' is not a valid UID",
+            "unknown project 'nope'",
+            "priority must be an integer from 1 to 5 (got '9')",
+        ]
+        # Not in the VNA: both wait for the PACS's window, Queued, with the reason.
+        wait_until(lambda: all(r["reason"] for r in site.status()["requests"]))
+        for waiting in site.status()["requests"][:2]:
+            assert waiting["status"] == "Queued" and waiting["step"] == "query_secondary"
+            assert waiting["reason"].startswith("waiting for the window of pacs (opens ")
+            assert waiting["reason"].endswith("T01:00+00:00)")
+        assert site.status("nope")["counts"]["QueueFailed"] == 1  # recorded under its project
+        assert site.status()["counts"]["QueueFailed"] == 3
+    finally:
+        site.stop()
+
+
+def test_archive_down_stays_processing_and_completes_when_it_returns(
+    site: Site, tmp_path: Path
+) -> None:
+    study = make_study(tmp_path / "a", "MRN1", "ACC1", (2,))
+    site.vna.upload(*study.files)
+    site.vna.stop()
+    site.gw.call("retrieve.submit", {"project": "P1", "study_uid": study.uid})
+    wait_until(lambda: site.status()["requests"][0]["attempts"] >= 2)
+    (request,) = site.status()["requests"]
+    assert request["status"] == "Processing" and request["step"] == "query"
+    assert "peer vna" in request["reason"] and "could not be reached" in request["reason"]
+    site.vna.start()
+    (request,) = site.wait_settled()["requests"]
+    assert request["status"] == "Successful" and request["archive"] == "vna"
+
+
+def test_anonymiser_down_retries_only_the_forward_step(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    port = free_port()
+    anonymiser = Recorder(port=port)
+    anonymiser.stop()  # down from the start; comes up later on the same port
+    site = Site(gateway_factory, tmp_path, anonymiser=anonymiser)
+    late: Recorder | None = None
+    try:
+        study = make_study(tmp_path / "a", "MRN1", "ACC1", (3,))
+        site.vna.upload(*study.files)
+        site.gw.call("retrieve.submit", {"project": "P1", "study_uid": study.uid})
+
+        def forwarding_fails() -> bool:
+            request = site.status()["requests"][0]
+            return request["step"] == "forward" and "could not be reached" in (
+                request["reason"] or ""
+            )
+
+        wait_until(forwarding_fails)
+        assert site.status()["requests"][0]["status"] == "Processing"
+        time.sleep(1.5)  # jobs retry meanwhile; the archive is not asked again
+        late = Recorder(port=port)
+        (request,) = site.wait_settled()["requests"]
+        assert request["status"] == "Successful"
+        assert len(moves_at(site.vna)) == 1
+        assert sorted(u for u, _, _ in late.received) == sorted(study.sops)
+    finally:
+        if late is not None:
+            late.stop()
+        site.stop()
+
+
+def test_cohort_of_50_rate_limited_survives_kill_9(gateway_factory: Any, tmp_path: Path) -> None:
+    anonymiser = Recorder()
+    rate = 240.0  # moves a minute: one every 0.25 s
+    site = Site(gateway_factory, tmp_path, anonymiser=anonymiser,
+                peers={"vna": {"moves_per_minute": rate}})  # fmt: skip
+    try:
+        cohort = [make_study(tmp_path / f"s{n}", f"MRN{n}", f"ACC{n}", (2,)) for n in range(50)]
+        site.vna.upload(*(f for s in cohort for f in s.files))
+        csv_file = tmp_path / "cohort.csv"
+        rows = ["project,mrn,accession,study_uid,series_uid,priority"]
+        rows += [f",{s.mrn},{s.accession},,," for s in cohort[:25]]
+        rows += [f"P1,,,{s.uid},,2" for s in cohort[25:]]
+        csv_file.write_text("\n".join(rows) + "\n")
+        out = site.gw.cli("retrieve", "submit", "--project", "P1", str(csv_file)).stdout
+        assert "50 request(s): 50 queued, 0 refused" in out
+        seen_successful = 0
+        while site.status()["counts"]["Successful"] < 15:  # status stays right while it runs
+            status = site.status()
+            assert sum(status["counts"].values()) == 50
+            assert status["counts"]["Successful"] >= seen_successful
+            seen_successful = status["counts"]["Successful"]
+            for request in status["requests"]:
+                if request["status"] == "Successful":
+                    assert request["instances"]["forwarded"] == 2
+            time.sleep(0.1)
+        site.gw.kill()  # mid-cohort
+        before = len(anonymiser.received)
+        assert before < 100, "the cohort finished before the kill"
+        site.gw.start()
+        status = site.wait_settled(timeout=120)
+        assert status["counts"]["Successful"] == 50, status["counts"]
+        counts = Counter(uid for uid, _, _ in anonymiser.received)
+        assert set(counts) == set().union(*(s.sops for s in cohort))  # nothing lost
+        assert sum(n - 1 for n in counts.values()) <= 4, counts.most_common(3)  # in flight only
+        gaps = [b - a for a, b in zip(moves_at(site.vna), moves_at(site.vna)[1:], strict=False)]
+        # The rate held, at the archive: one move every 0.25 s (each arrival is a new
+        # association, whose setup jitters by a few ms), and never five within a second.
+        starts = moves_at(site.vna)
+        assert len(starts) >= 50
+        assert min(gaps) >= 60 / rate * 0.75, sorted(gaps)[:3]
+        spans = [b - a for a, b in zip(starts, starts[4:], strict=False)]
+        assert min(spans) >= 4 * 60 / rate - 0.05, sorted(spans)[:3]
+    finally:
+        anonymiser.stop()
+        site.stop()
