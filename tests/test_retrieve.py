@@ -309,3 +309,108 @@ def test_cohort_of_50_rate_limited_survives_kill_9(gateway_factory: Any, tmp_pat
     finally:
         anonymiser.stop()
         site.stop()
+
+
+def test_c_get_archive(gateway_factory: Any, tmp_path: Path) -> None:
+    site = Site(gateway_factory, tmp_path, peers={"vna": {"retrieve": "get"}})
+    try:
+        study = make_study(tmp_path / "a", "MRN1", "ACC1", (2, 1))
+        site.vna.upload(*study.files)
+        storescu(site.gw, study.files[:1])  # one instance held: C-GET the other two
+        site.gw.call("retrieve.submit", {"project": "P1", "study_uid": study.uid})
+        (request,) = site.wait_settled()["requests"]
+        assert request["status"] == "Successful", request
+        assert request["moved"] == 2
+        assert moves_at(site.vna) == []  # no C-MOVE: the instances came on the C-GET association
+        assert site.anon_orthanc is not None and site.anon_orthanc.sop_uids() == study.sops
+    finally:
+        site.stop()
+
+
+class SilentArchive:
+    """A pynetdicom Q/R SCP that answers C-FIND from a list and never finishes a C-MOVE."""
+
+    def __init__(self, study: Study) -> None:
+        import threading
+
+        from pydicom import dcmread
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import (
+            StudyRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelMove,
+        )
+
+        self.datasets = [dcmread(f, stop_before_pixels=True) for f in study.files]
+        self.release = threading.Event()
+        self.ae = AE(ae_title="SILENT")
+        self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+        self.port = free_port()
+        self.server = self.ae.start_server(
+            (HOST, self.port), block=False,
+            evt_handlers=[(evt.EVT_C_FIND, self._find), (evt.EVT_C_MOVE, self._move)],
+        )  # fmt: skip
+
+    def _find(self, event: Any) -> Any:
+        from pydicom.dataset import Dataset
+
+        query = event.identifier
+        seen = set()
+        for ds in self.datasets:
+            if query.StudyInstanceUID not in ("", ds.StudyInstanceUID):
+                continue
+            if query.get("SeriesInstanceUID", "") not in ("", ds.SeriesInstanceUID):
+                continue
+            level = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID"}
+            key = ds.get(level.get(query.QueryRetrieveLevel, "SOPInstanceUID"))
+            if key in seen:
+                continue
+            seen.add(key)
+            answer = Dataset()
+            for keyword in ("QueryRetrieveLevel", "StudyInstanceUID", "SeriesInstanceUID",
+                            "SOPInstanceUID", "SOPClassUID"):  # fmt: skip
+                if keyword in query:
+                    setattr(answer, keyword, getattr(ds, keyword, query.QueryRetrieveLevel))
+            yield 0xFF00, answer
+
+    def _move(self, event: Any) -> Any:
+        self.release.wait(30)  # silence: no sub-operation, no response
+        yield None, None  # then: unknown destination
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+
+
+def test_a_move_without_progress_times_out_and_is_retried(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    study = make_study(tmp_path / "a", "MRN1", "ACC1", (2,))
+    archive = SilentArchive(study)
+    anonymiser = Recorder()
+    gw = gateway_factory(
+        peers=[
+            {"name": "silent", "ae_title": "SILENT", "host": HOST, "port": archive.port},
+            {"name": "anon", "ae_title": "RECORDER", "host": HOST, "port": anonymiser.port},
+        ],
+        retrieve={"primary": "silent", "anonymiser": "anon", "stall_seconds": 1,
+                  "retry_base_seconds": 0.1, "retry_max_seconds": 0.2, "max_attempts": 2},
+        projects=[{"name": "P1"}],
+    )  # fmt: skip
+    try:
+        gw.call("retrieve.submit", {"project": "P1", "study_uid": study.uid})
+        wait_until(lambda: gw.call("retrieve.status", {"project": "P1"})["counts"]["Failed"] == 1)
+        (request,) = gw.call("retrieve.status", {"project": "P1"})["requests"]
+        assert request["step"] == "move" and request["attempts"] == 2, request["reason"]
+        assert request["reason"] == (
+            "timeout: no progress for 1 s during the C-MOVE (after 2 attempts)"
+        )
+        assert anonymiser.received == []
+        # Retry requeues it at its step.
+        assert gw.call("retrieve.retry", {"project": "P1"}) == {"requeued": 1}
+        wait_until(
+            lambda: gw.call("retrieve.status", {"project": "P1"})["requests"][0]["attempts"] == 0
+        )
+    finally:
+        archive.stop()
+        anonymiser.stop()

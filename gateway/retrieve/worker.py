@@ -172,13 +172,9 @@ class Retriever:
     async def _work(self, request: Request) -> None:
         try:
             await self._advance(request)
-        except Exception as exc:  # a bug, or the index failed: count it as a failed attempt
-            log.exception("retrieval_crashed", request=request.id, step=request.step)
-            try:
-                reason = f"internal error: {type(exc).__name__}: {exc}"
-                await self._failed_attempt(request, reason, request.step, dict(request.timings))
-            except Exception:  # the index cannot be written: leave it alone for a while
-                self._held_back[request.id] = time.monotonic() + self.poll_seconds
+        except Exception as exc:  # the index could not be written: leave it alone for a while
+            log.error("retrieval_bookkeeping_failed", request=request.id, error=str(exc))
+            self._held_back[request.id] = time.monotonic() + self.poll_seconds
         finally:
             self._running.discard(request.id)
             self._wake.set()
@@ -218,6 +214,15 @@ class Retriever:
             except (_Attempt, PeerError) as exc:
                 resume = exc.step if isinstance(exc, _Attempt) and exc.step else step
                 await self._failed_attempt(request, str(exc), resume, _add(timings, step, started))
+                return
+            except GatewayError as exc:  # the store, an unusable answer: retried like the rest
+                log.warning("retrieval_step_error", request=request.id, step=step, error=str(exc))
+                await self._failed_attempt(request, str(exc), step, _add(timings, step, started))
+                return
+            except Exception as exc:  # a bug: logged with its traceback, counted as an attempt
+                log.exception("retrieval_crashed", request=request.id, step=step)
+                reason = f"internal error: {type(exc).__name__}: {exc}"
+                await self._failed_attempt(request, reason, step, _add(timings, step, started))
                 return
             _add(timings, step, started)
             step = following
@@ -420,6 +425,7 @@ class Retriever:
             stall = self.settings.retrieve.stall_seconds
             what = "C-GET" if peer.retrieve == "get" else "C-MOVE"
             stalled = False
+            outcome: RetrieveResult | BaseException | None = None
             try:
                 async with anyio.create_task_group() as tg:
 
@@ -440,23 +446,26 @@ class Retriever:
                     tg.start_soon(watch)
                     try:
                         if peer.retrieve == "get":
-                            result = await anyio.to_thread.run_sync(
+                            outcome = await anyio.to_thread.run_sync(
                                 lambda: c_get(node, peer, query, classes, self.store, progress)
                             )
                         else:
-                            result = await anyio.to_thread.run_sync(
+                            outcome = await anyio.to_thread.run_sync(
                                 lambda: c_move(node, peer, query, progress)
                             )
+                    except (PeerError, GatewayError) as exc:
+                        outcome = exc  # raised below, outside the task group (not in a group)
                     finally:
                         tg.cancel_scope.cancel()
-            except PeerError as exc:
-                if stalled:
-                    raise _Attempt(
-                        f"timeout: no progress for {stall:g} s during the {what}"
-                    ) from exc
-                raise
             finally:
                 self._progress.discard(progress)
+            if isinstance(outcome, BaseException):
+                if stalled:
+                    reason = f"timeout: no progress for {stall:g} s during the {what}"
+                    raise _Attempt(reason) from outcome
+                raise outcome
+            assert outcome is not None
+            result = outcome
         log.info(
             "retrieve_answered",
             request=request.id,

@@ -27,7 +27,7 @@ from pynetdicom.sop_class import (
 
 from gateway.config import NodeSettings, PeerSettings
 from gateway.errors import GatewayError, PeerError, RejectedInstance
-from gateway.scp.receiving import encode_file_meta
+from gateway.scp.receiving import ReceivingFile, encode_file_meta
 from gateway.scu.association import associate, client_ae, no_answer
 from gateway.store.index import Provenance
 from gateway.store.store import Store
@@ -101,8 +101,12 @@ class Progress:
 
     def stop(self) -> None:
         self.abort.set()
-        if self.assoc is not None and self.assoc.is_alive():
-            self.assoc.abort()
+        assoc = self.assoc
+        if assoc is not None:
+            if assoc.is_alive():
+                assoc.abort()
+            # With no DIMSE timeout the requestor waits on its message queue forever: wake it.
+            assoc.dimse.msg_queue.put((None, None))
 
 
 def _counts(status: Dataset) -> tuple[int, int, int]:
@@ -208,13 +212,22 @@ def c_get(
         nonlocal stored
         progress.touch()
         request = event.request
-        temp = store.files.new_temp_path()
+        checksum: str | None = None
+        try:  # the node's receive path streamed it to a file in the store's tmp/ already
+            temp = Path(event.dataset_path)
+            received = getattr(request, "_dataset_file", None)
+            if isinstance(received, ReceivingFile):
+                checksum = received.dataset_digest
+        except AttributeError:  # received in memory (no node running in this process)
+            temp = store.files.new_temp_path()
         try:
-            _write_part10(temp, event)
+            if not temp.exists():
+                _write_part10(temp, event)
             result = store.ingest_blocking(
                 temp,
                 provenance,
                 expect=(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)),
+                checksum=checksum,
             )
         except RejectedInstance as exc:
             temp.unlink(missing_ok=True)
