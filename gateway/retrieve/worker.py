@@ -30,6 +30,7 @@ from datetime import datetime
 from typing import TypeVar
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 import structlog
 from anyio.abc import TaskGroup
@@ -39,7 +40,15 @@ from gateway.config import PeerSettings, Settings
 from gateway.errors import GatewayError, PeerError
 from gateway.retrieve.limits import ArchiveLimits, window_opens_at
 from gateway.retrieve.requests import ArchiveInstance, Request, RetrievalQueue, Step
-from gateway.scu.query import Progress, RetrieveResult, c_find, c_get, c_move, identifier
+from gateway.scu.query import (
+    FindSession,
+    Progress,
+    RetrieveResult,
+    c_find,
+    c_get,
+    c_move,
+    identifier,
+)
 from gateway.store.jobs import Backoff, JobQueue
 from gateway.store.store import Store
 
@@ -342,30 +351,38 @@ class Retriever:
 
     async def _compare(self, request: Request) -> Step:
         peer = self._peer(request.archive, "chosen")
-        listed: list[ArchiveInstance] = []
-        for study in request.studies:
-            series_query = identifier(
-                "SERIES", StudyInstanceUID=study, SeriesInstanceUID=request.series_uid
-            )
-            series = [
-                str(a.get("SeriesInstanceUID", "")) for a in await self._find(peer, series_query)
-            ]
-            for series_uid in dict.fromkeys(s for s in series if s):
-                image_query = identifier(
-                    "IMAGE",
-                    StudyInstanceUID=study,
-                    SeriesInstanceUID=series_uid,
-                    SOPInstanceUID="",
-                    SOPClassUID="",
-                )
-                for answer in await self._find(peer, image_query):
-                    sop = str(answer.get("SOPInstanceUID", ""))
-                    if sop:
-                        listed.append(
-                            ArchiveInstance(
-                                sop, series_uid, study, str(answer.get("SOPClassUID", ""))
-                            )
+        limits = self.limits(peer)
+        portal = anyio.from_thread
+        series_uid = request.series_uid
+
+        def list_instances() -> list[ArchiveInstance]:
+            # One association for the study's series and each series' instances; every C-FIND
+            # still takes a query token (acquired on the event loop).
+            listed: list[ArchiveInstance] = []
+            with FindSession(self.settings.node, peer) as session:
+                for study in request.studies:
+                    portal.run(limits.queries.acquire)
+                    query = identifier(
+                        "SERIES", StudyInstanceUID=study, SeriesInstanceUID=series_uid
+                    )
+                    series = [str(a.get("SeriesInstanceUID", "")) for a in session.find(query)]
+                    for uid in dict.fromkeys(s for s in series if s):
+                        portal.run(limits.queries.acquire)
+                        image_query = identifier(
+                            "IMAGE",
+                            StudyInstanceUID=study,
+                            SeriesInstanceUID=uid,
+                            SOPInstanceUID="",
+                            SOPClassUID="",
                         )
+                        for answer in session.find(image_query):
+                            sop = str(answer.get("SOPInstanceUID", ""))
+                            sop_class = str(answer.get("SOPClassUID", ""))
+                            if sop:
+                                listed.append(ArchiveInstance(sop, uid, study, sop_class))
+            return listed
+
+        listed = await anyio.to_thread.run_sync(list_instances)
         if not listed:
             what = f"series {request.series_uid}" if request.series_uid else "any instance"
             studies = ", ".join(request.studies)

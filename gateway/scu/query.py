@@ -32,7 +32,7 @@ from gateway.scu.association import associate, client_ae, no_answer
 from gateway.store.index import Provenance
 from gateway.store.store import Store
 
-__all__ = ["RetrieveResult", "c_find", "c_get", "c_move", "identifier"]
+__all__ = ["FindSession", "RetrieveResult", "c_find", "c_get", "c_move", "identifier"]
 
 _PENDING = frozenset({0xFF00, 0xFF01})
 _WARNING = 0xB000
@@ -48,27 +48,49 @@ def identifier(level: str, **keys: str | list[str]) -> Dataset:
     return ds
 
 
-def c_find(node: NodeSettings, peer: PeerSettings, query: Dataset) -> list[Dataset]:
-    """Every match *peer* answers for *query* (Study Root)."""
-    ae = client_ae(node)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = associate(ae, node, peer)
-    matches: list[Dataset] = []
-    try:
-        for status, answer in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+class FindSession:
+    """One association for several C-FINDs (a study's series, then each series' instances).
+
+    Blocking; use it as a context manager in a worker thread.
+    """
+
+    def __init__(self, node: NodeSettings, peer: PeerSettings) -> None:
+        self.peer = peer
+        ae = client_ae(node)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        self._assoc = associate(ae, node, peer)
+
+    def __enter__(self) -> FindSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._assoc.is_established:
+            self._assoc.release()
+
+    def find(self, query: Dataset) -> list[Dataset]:
+        """Every match the peer answers for *query* (Study Root)."""
+        model = StudyRootQueryRetrieveInformationModelFind
+        matches: list[Dataset] = []
+        for status, answer in self._assoc.send_c_find(query, model):
             if "Status" not in status:
-                raise no_answer(peer, "C-FIND")
+                raise no_answer(self.peer, "C-FIND")
             code = int(status.Status)
             if code in _PENDING:
                 if answer is not None:
                     matches.append(answer)
                 continue
             if code != 0x0000:
-                raise PeerError(f"peer {peer.name} answered C-FIND with 0x{code:04X}")
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return matches
+                raise PeerError(f"peer {self.peer.name} answered C-FIND with 0x{code:04X}")
+        return matches
+
+
+def c_find(node: NodeSettings, peer: PeerSettings, query: Dataset) -> list[Dataset]:
+    """Every match *peer* answers for *query* (Study Root), on an association of its own."""
+    with FindSession(node, peer) as session:
+        return session.find(query)
 
 
 @dataclass
