@@ -52,9 +52,11 @@ from pynetdicom.transport import (
 from gateway.config import CallerSettings
 
 __all__ = [
+    "MIN_PDU_LIMIT",
     "AssociationPolicy",
     "GatewayServer",
     "encode_c_store_rsp",
+    "make_event_driven",
     "set_nodelay",
 ]
 
@@ -64,7 +66,7 @@ _READ_CHUNK = 64 * 1024
 # How long an idle association's threads wait before re-checking timers (ARTIM, idle timeout).
 _IDLE_WAIT = 0.05
 # A-ASSOCIATE-RQ/AC PDUs are not bounded by the maximum PDU length; allow them this much.
-_MIN_PDU_LIMIT = 256 * 1024
+MIN_PDU_LIMIT = 256 * 1024
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -116,7 +118,7 @@ class _BoundedSocket(AssociationSocket):  # type: ignore[misc]
     """An AssociationSocket that refuses over-long PDUs, reads in large chunks, and lets the DUL
     thread block until the peer sends or a primitive is queued for sending."""
 
-    pdu_limit: int = _MIN_PDU_LIMIT
+    pdu_limit: int = MIN_PDU_LIMIT
     _wake_r: int = -1
     _wake_w: int = -1
 
@@ -219,12 +221,15 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
 
     def _run_reactor(self) -> None:
         # pynetdicom 3.0 Association._run_reactor, with `time.sleep(0.001)` replaced by a wait
-        # on `_wake_event` (set when the DUL queues a DIMSE message or an ACSE primitive).
+        # on `_wake_event` (set when the DUL queues a DIMSE message or an ACSE primitive). The
+        # reactor counts as paused while it waits: a requestor's send_*() (which clears the
+        # checkpoint and waits for the pause) goes at once, and the reactor, woken by the
+        # response, stops at the checkpoint until that send_*() has taken its responses.
         self._is_paused = False
         while not self._kill:
+            self._is_paused = True
             self._wake_event.wait(_IDLE_WAIT)
             self._wake_event.clear()
-            self._is_paused = True
             self._reactor_checkpoint.wait()
             self._is_paused = False
             context_id, msg = self.dimse.get_msg(block=False)
@@ -291,25 +296,29 @@ class _PolicyACSE(ACSE):  # type: ignore[misc]
         self.assoc.kill()
 
 
+def make_event_driven(assoc: Association, pdu_limit: int) -> None:
+    """Give an association (acceptor or requestor, its threads not started yet) the bounded
+    socket and the wake-ups instead of polling (see the module docstring)."""
+    sock = assoc.dul.socket
+    sock.__class__ = _BoundedSocket
+    sock.pdu_limit = pdu_limit
+    sock.enable_wakeups()
+    assoc.__class__ = _EventDrivenAssociation
+    assoc._wake_event = threading.Event()
+    assoc.dul._run_loop_delay = 0
+    assoc.dul.to_provider_queue = _WakingQueue(sock.wake)
+    assoc.dul.to_user_queue = _WakingQueue(assoc._wake_event.set)
+    assoc.dimse.msg_queue = _WakingQueue(assoc._wake_event.set)
+    assoc.dimse.__class__ = _FastResponseDIMSE
+
+
 class _RequestHandler(RequestHandler):  # type: ignore[misc]
     server: GatewayServer
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         set_nodelay(self.request)
-        sock = assoc.dul.socket
-        sock.__class__ = _BoundedSocket
-        sock.pdu_limit = max(_MIN_PDU_LIMIT, self.ae.maximum_pdu_size + 6)
-        # Wake-ups instead of polling (see the module docstring). The queues are still empty:
-        # neither thread of the association has started.
-        sock.enable_wakeups()
-        assoc.__class__ = _EventDrivenAssociation
-        assoc._wake_event = threading.Event()
-        assoc.dul._run_loop_delay = 0
-        assoc.dul.to_provider_queue = _WakingQueue(sock.wake)
-        assoc.dul.to_user_queue = _WakingQueue(assoc._wake_event.set)
-        assoc.dimse.msg_queue = _WakingQueue(assoc._wake_event.set)
-        assoc.dimse.__class__ = _FastResponseDIMSE
+        make_event_driven(assoc, max(MIN_PDU_LIMIT, self.ae.maximum_pdu_size + 6))
         acse = _PolicyACSE(assoc)
         acse.policy = self.server.policy
         acse.on_reject = self.server.on_reject
