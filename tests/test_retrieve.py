@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from pydicom.uid import generate_uid
 
+from gateway.errors import ControlError
 from tests.conftest import (
     HOST,
     TEST_FILES,
@@ -211,6 +212,25 @@ def test_refusals_and_the_secondary_window(gateway_factory: Any, tmp_path: Path)
             assert waiting["reason"].endswith("T01:00+00:00)")
         assert site.status("nope")["counts"]["QueueFailed"] == 1  # recorded under its project
         assert site.status()["counts"]["QueueFailed"] == 3
+        # Operators: cancel what has not finished, retry it, change an archive's limits.
+        assert (
+            "2 request(s) cancelled" in site.gw.cli("retrieve", "cancel", "--project", "P1").stdout
+        )
+        cancelled = site.status()["requests"][:2]
+        assert all(r["status"] == "Failed" for r in cancelled)
+        assert all(r["reason"] == "cancelled by an operator" for r in cancelled)
+        assert "2 request(s) requeued" in site.gw.cli("retrieve", "retry", "--project", "P1").stdout
+        wait_until(lambda: all(r["status"] == "Queued" and r["reason"]
+                               for r in site.status()["requests"][:2]))  # fmt: skip
+        limits = site.gw.call("retrieve.limits", {"peer": "vna", "moves_per_minute": 30,
+                                                  "max_concurrent_moves": 1})  # fmt: skip
+        assert limits["archives"]["vna"]["moves_per_minute"] == 30
+        assert limits["archives"]["vna"]["max_concurrent_moves"] == 1
+        assert limits["archives"]["pacs"]["moves_per_minute"] == 0  # unlimited
+        text = site.gw.cli("retrieve", "limits").stdout
+        assert "vna: queries/min unlimited, moves/min 30.0, concurrent moves 1" in text
+        with pytest.raises(ControlError, match="peer 'anon' is not a retrieval archive"):
+            site.gw.call("retrieve.limits", {"peer": "anon", "moves_per_minute": 1})
     finally:
         site.stop()
 

@@ -16,8 +16,10 @@ pynetdicom's server is kept, with four changes made where pynetdicom offers the 
 - the acceptor checks the association policy (called AE, calling AE allowlist bound to hosts,
   association limit) itself, so the log names the reason for every rejection.
 
-pynetdicom is pinned to 3.0.x: `_EventDrivenAssociation._run_reactor` is pynetdicom 3.0's
-acceptor loop with its sleep replaced by that wait.
+`make_event_driven` applies the same socket and wake-ups to the gateway's outbound
+(requestor) associations (`gateway.scu.association`). pynetdicom is pinned to 3.0.x:
+`_EventDrivenAssociation._run_reactor` is pynetdicom 3.0's reactor loop with its sleep replaced
+by that wait.
 """
 
 from __future__ import annotations
