@@ -53,7 +53,6 @@ STATUSES: Final[tuple[Status, ...]] = (
     "Queued",
     "QueueFailed",
 )
-OPEN: Final = ("Queued", "Processing")
 
 RETRIEVE_SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS retrievals (

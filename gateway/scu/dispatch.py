@@ -257,17 +257,8 @@ class Dispatcher:
         peer = self.settings.peer(job.target)
         folder = self.settings.folder(job.target)
         if not pending:
-            state = await self.queue.finish(job.id, time.time())
             note = "the target holds all of it" if skipped else "nothing stored (deleted?)"
-            log.info(
-                "job_done",
-                job=job.id,
-                target=job.target,
-                state=state,
-                delivered=0,
-                skipped=skipped,
-                note=note,
-            )
+            await self._done(job, started, delivered=0, skipped=skipped, note=note)
             return
         if peer is None and folder is None:
             unknown = f"target {job.target!r} is not a configured peer, folder or webhook"
@@ -286,16 +277,7 @@ class Dispatcher:
             log.exception("job_crashed", job=job.id, target=job.target)
             delivered, error = 0, f"{type(exc).__name__}: {exc}"
         if error is None:
-            state = await self.queue.finish(job.id, time.time())
-            log.info(
-                "job_done",
-                job=job.id,
-                target=job.target,
-                state=state,
-                delivered=delivered,
-                skipped=skipped,
-                duration=round(time.monotonic() - started, 3),
-            )
+            await self._done(job, started, delivered=delivered, skipped=skipped)
         else:
             await self._failed(job, error, delivered, skipped, started)
 
@@ -334,22 +316,21 @@ class Dispatcher:
             patient=hook.patient_names,
         )
         if body is None:
-            state = await self.queue.finish(job.id, time.time())
-            log.info("job_done", job=job.id, target=job.target, state=state, note="nothing stored")
+            await self._done(job, started, note="nothing stored")
             return
         try:
             status = await anyio.to_thread.run_sync(post_json, hook, body)
         except NotifyError as exc:
             await self._failed(job, str(exc), 0, 0, started)
             return
+        await self._done(job, started, http_status=status)
+
+    async def _done(self, job: Job, started: float, **fields: object) -> None:
+        """The attempt delivered everything: finish the job and log it."""
         state = await self.queue.finish(job.id, time.time())
+        duration = round(time.monotonic() - started, 3)
         log.info(
-            "job_done",
-            job=job.id,
-            target=job.target,
-            state=state,
-            http_status=status,
-            duration=round(time.monotonic() - started, 3),
+            "job_done", job=job.id, target=job.target, state=state, duration=duration, **fields
         )
 
     async def _send_to_peer(
