@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import Counter
@@ -165,6 +166,12 @@ def test_vna_then_pacs_by_uid_and_by_mrn_and_accession(site: Site, tmp_path: Pat
     # Human form, from the CLI.
     text = site.gw.cli("retrieve", "status", "--project", "P1").stdout
     assert "Successful 4" in text and "Failed 1" in text and "MRN4 / ACC4" in text
+    assert "not found in vna or pacs" in text
+    # --watch returns once nothing is open; --json is the method's result.
+    watched = site.gw.cli("retrieve", "status", "--project", "P1", "--watch", "0.2").stdout
+    assert watched.startswith("project P1: Successful 4")
+    as_json = json.loads(site.gw.cli("retrieve", "status", "--project", "P1", "--json").stdout)
+    assert as_json["counts"] == status["counts"] and len(as_json["requests"]) == 5
 
 
 def test_only_the_missing_half_is_moved(site: Site, tmp_path: Path) -> None:
