@@ -23,7 +23,9 @@ import anyio
 import structlog
 
 from gateway import __version__
+from gateway.acquire.registry import Registry
 from gateway.config import Settings, load_settings
+from gateway.control.acquire import register_acquisition_methods
 from gateway.control.jobs import register_job_methods
 from gateway.control.methods import register_core_methods
 from gateway.control.retrieve import register_retrieve_methods
@@ -58,6 +60,7 @@ class Gateway:
     completion: CompletionEngine
     retriever: Retriever
     retrievals: RetrievalQueue
+    registry: Registry
     config_path: Path | None = None
     started_at: float = field(default_factory=time.time)
     version: str = __version__
@@ -130,6 +133,8 @@ async def run(
     await CompletionStore(store).ensure_schema()
     retrievals = RetrievalQueue(store)
     await retrievals.ensure_schema()
+    registry = Registry(store)
+    await registry.ensure_schema()
     await jobs.recover_running()
     dispatch = settings.dispatch
     backoff = Backoff(
@@ -153,7 +158,7 @@ async def run(
     completion = CompletionEngine(settings.rules, store, enqueue)
     retriever = Retriever(settings, store, retrievals, jobs, wake_dispatcher=dispatcher.wake)
     store.set_ingest_listener(completion.arrived_from_thread)
-    node = DicomNode(settings, store, LoopBridge(loop))
+    node = DicomNode(settings, store, LoopBridge(loop), registry)
     control = ControlServer(settings.control_socket, settings.control)
     gateway = Gateway(
         settings,
@@ -165,6 +170,7 @@ async def run(
         completion,
         retriever,
         retrievals,
+        registry,
         config_path=config_path,
     )
 
@@ -179,6 +185,7 @@ async def run(
     register_core_methods(control, gateway)
     register_job_methods(control, gateway)
     register_retrieve_methods(control, gateway)
+    register_acquisition_methods(control, gateway)
     retention = Retention(store, settings.retention)
     tasks = [
         asyncio.create_task(completion.run(), name="completion"),

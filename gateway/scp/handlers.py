@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
+    ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -30,6 +31,7 @@ from gateway.errors import GatewayError, RejectedInstance, StoreError
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.receiving import ReceivingFile
 from gateway.scp.transport import set_nodelay
+from gateway.scp.worklist import AcquisitionServices
 from gateway.store.index import Provenance
 from gateway.store.query import QueryError, QueryModel, find, retrieve_filter
 from gateway.store.store import InstanceFile, Store
@@ -118,10 +120,17 @@ class AssociationStats:
 class DicomServices:
     """The node's DIMSE handlers and association bookkeeping."""
 
-    def __init__(self, settings: Settings, store: Store, bridge: LoopBridge) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        bridge: LoopBridge,
+        acquisition: AcquisitionServices | None = None,
+    ) -> None:
         self._settings = settings
         self._store = store
         self._bridge = bridge
+        self._acquisition = acquisition
         self._stats: dict[int, AssociationStats] = {}
 
     def use_peers(self, settings: Settings) -> None:
@@ -142,7 +151,19 @@ class DicomServices:
             (evt.EVT_C_FIND, self.on_find),
             (evt.EVT_C_MOVE, self.on_move),
             (evt.EVT_C_GET, self.on_get),
+            (evt.EVT_N_CREATE, self.on_n_create),
+            (evt.EVT_N_SET, self.on_n_set),
         ]
+
+    def on_n_create(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        if self._acquisition is None:
+            return 0x0110, None
+        return self._acquisition.on_n_create(event)
+
+    def on_n_set(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        if self._acquisition is None:
+            return 0x0110, None
+        return self._acquisition.on_n_set(event)
 
     @property
     def open_associations(self) -> int:
@@ -259,6 +280,12 @@ class DicomServices:
     def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
         stats = self._stats_for(event.assoc)
         stats.queries += 1
+        if str(event.request.AffectedSOPClassUID) == ModalityWorklistInformationFind:
+            if self._acquisition is None:
+                yield 0xC000, None
+                return
+            yield from self._acquisition.on_worklist_find(event)
+            return
         model = _model(event)
         try:
             matches = self._bridge.call(find, self._store, model, event.identifier)

@@ -36,6 +36,8 @@ import structlog
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config
 from pynetdicom.sop_class import (
+    ModalityPerformedProcedureStep,
+    ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
@@ -45,11 +47,13 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from gateway.acquire.registry import Registry
 from gateway.config import Settings
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.handlers import DicomServices
 from gateway.scp.receiving import install_receive_path
 from gateway.scp.transport import AssociationPolicy, GatewayServer
+from gateway.scp.worklist import AcquisitionServices
 from gateway.store.store import Store
 
 __all__ = ["DicomNode"]
@@ -69,10 +73,17 @@ _QR_MODELS = (
 class DicomNode:
     """Accepts associations and serves them with `DicomServices`."""
 
-    def __init__(self, settings: Settings, store: Store, bridge: LoopBridge) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        bridge: LoopBridge,
+        registry: Registry | None = None,
+    ) -> None:
         self._settings = settings
         self._store = store
-        self.services = DicomServices(settings, store, bridge)
+        acquisition = AcquisitionServices(registry, bridge) if registry is not None else None
+        self.services = DicomServices(settings, store, bridge, acquisition)
         self._ae = self._make_ae()
         self._server: GatewayServer | None = None
         self._thread: threading.Thread | None = None
@@ -103,6 +114,9 @@ class DicomNode:
             ae.add_supported_context(cx.abstract_syntax, syntaxes, scp_role=True, scu_role=False)
         for model in _QR_MODELS:
             ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES)
+        # Modality Worklist and MPPS: acquisition tasks for standard modalities.
+        ae.add_supported_context(ModalityWorklistInformationFind, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(ModalityPerformedProcedureStep, ALL_TRANSFER_SYNTAXES)
         # Contexts the node proposes as a requestor (C-ECHO of peers).
         ae.add_requested_context(Verification)
         return ae

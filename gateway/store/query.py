@@ -41,7 +41,14 @@ from pydicom.multival import MultiValue
 from gateway.errors import RejectedInstance
 from gateway.store.store import Store
 
-__all__ = ["QueryError", "QueryModel", "find", "retrieve_filter"]
+__all__ = [
+    "QueryError",
+    "QueryModel",
+    "find",
+    "match_term",
+    "prepare_connection",
+    "retrieve_filter",
+]
 
 QueryModel = Literal["patient", "study"]
 _Kind = Literal["text", "pn", "uid", "date", "time", "int", "count", "modalities"]
@@ -290,6 +297,23 @@ def _condition(key: _Key, values: Sequence[str]) -> tuple[str, list[object]] | N
     return _any_of(key.kind, key.column, values, key.keyword)
 
 
+def match_term(
+    kind: Literal["text", "pn", "uid", "date", "time"],
+    column: str,
+    values: Sequence[str],
+    keyword: str,
+) -> tuple[str, list[object]]:
+    """The WHERE term matching *column* against any of *values* with this module's rules
+    (single value, wildcard, range, list; PN case-insensitive), for other tables (the worklist).
+    Run it on a connection given to `prepare_connection`."""
+    return _any_of(kind, column, values, keyword)
+
+
+def prepare_connection(conn: sqlite3.Connection) -> None:
+    """Register the SQL function PN matching uses (idempotent)."""
+    conn.create_function(_PN_FUNCTION, 2, _pn_match, deterministic=True)
+
+
 def _any_of(
     kind: _Kind, column: str, values: Sequence[str], keyword: str
 ) -> tuple[str, list[object]]:
@@ -418,7 +442,7 @@ def _pn_match(stored: object, query: object) -> int:
 
 def _run(conn: sqlite3.Connection, query: _Query) -> list[Dataset]:
     """Execute *query* on a read connection; build one response identifier per row."""
-    conn.create_function(_PN_FUNCTION, 2, _pn_match, deterministic=True)
+    prepare_connection(conn)
     rows = conn.execute(query.sql, query.params).fetchall()
     return [_response(query, row) for row in rows]
 

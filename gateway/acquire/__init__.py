@@ -1,0 +1,1 @@
+"""Device acquisition: devices, sequences, tasks, the Modality Worklist and MPPS."""
