@@ -594,6 +594,167 @@ def cmd_retrieve_limits(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- acquisition (operators) ---------------------------------------------------------------------
+
+
+def _print_result(args: argparse.Namespace, result: Any, text: str) -> None:
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else text)
+
+
+def cmd_devices_register(args: argparse.Namespace) -> int:
+    fields = {k: getattr(args, k) for k in ("name", "modality", "manufacturer", "serial_number",
+                                            "site", "station_ae") if getattr(args, k)}  # fmt: skip
+    result = _call(args, "devices.register", fields)
+    _print_result(args, result, f"device {result['id']}\ntoken {result['token']}\n"
+                  "(the token is shown once: give it to the device now)")  # fmt: skip
+    return 0
+
+
+def cmd_devices_list(args: argparse.Namespace) -> int:
+    result = _call(args, "devices.list")
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    _print_table(
+        result["devices"],
+        [("id", "ID"), ("name", "NAME"), ("modality", "MODALITY"), ("station_ae", "STATION AE"),
+         ("site", "SITE"), ("has_token", "TOKEN")],
+    )  # fmt: skip
+    return 0
+
+
+def cmd_devices_token(args: argparse.Namespace) -> int:
+    if args.devices_command == "rotate-token":
+        result = _call(args, "devices.rotate_token", {"device_id": args.device_id})
+        _print_result(args, result, f"token {result['token']}\n(shown once)")
+    else:
+        result = _call(args, "devices.revoke", {"device_id": args.device_id})
+        _print_result(args, result, f"device {args.device_id}: token revoked")
+    return 0
+
+
+def cmd_sequences_create(args: argparse.Namespace) -> int:
+    try:
+        parameters = json.loads(args.parameters) if args.parameters else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--parameters is not JSON: {exc}") from None
+    params = {"name": args.name, "description": args.description or "", "parameters": parameters}
+    result = _call(args, "sequences.create", params)
+    _print_result(args, result, f"sequence {result['id']} ({result['name']})")
+    return 0
+
+
+def cmd_sequences_list(args: argparse.Namespace) -> int:
+    result = _call(args, "sequences.list")
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    _print_table(
+        result["sequences"], [("id", "ID"), ("name", "NAME"), ("description", "DESCRIPTION")]
+    )
+    return 0
+
+
+def cmd_tasks_create(args: argparse.Namespace) -> int:
+    try:
+        parameters = json.loads(args.parameters) if args.parameters else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--parameters is not JSON: {exc}") from None
+    patient = {"id": args.patient_id, "name": args.patient_name or "",
+               "birth_date": args.birth_date or "", "sex": args.sex or ""}  # fmt: skip
+    params: dict[str, Any] = {"device_id": args.device, "sequence_id": args.sequence,
+                              "patient": patient, "parameters": parameters}  # fmt: skip
+    if args.scheduled_at:
+        params["scheduled_at"] = args.scheduled_at
+    result = _call(args, "tasks.create", params)
+    _print_result(
+        args, result,
+        f"task {result['id']}: accession {result['accession_number']},"
+        f" study {result['study_uid']}",
+    )  # fmt: skip
+    return 0
+
+
+_TASK_COLUMNS = [
+    ("id", "ID"), ("status", "STATUS"), ("progress", "%"), ("device", "DEVICE"),
+    ("patient_id", "PATIENT"), ("sequence", "SEQUENCE"), ("scheduled_date", "DATE"),
+    ("accession_number", "ACCESSION"), ("reason", "REASON"),
+]  # fmt: skip
+
+
+def cmd_tasks_list(args: argparse.Namespace) -> int:
+    params = {k: v for k, v in (("device_id", args.device), ("status", args.status)) if v}
+    result = _call(args, "tasks.list", params)
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    _print_table([{**t, "reason": t["reason"] or ""} for t in result["tasks"]], _TASK_COLUMNS)
+    return 0
+
+
+def cmd_tasks_show(args: argparse.Namespace) -> int:
+    result = _call(args, "tasks.get", {"task_id": args.task_id})
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    for key, value in result.items():
+        print(f"{key:24} {value}")
+    return 0
+
+
+def cmd_tasks_cancel(args: argparse.Namespace) -> int:
+    params = {"task_id": args.task_id, **({"reason": args.reason} if args.reason else {})}
+    result = _call(args, "tasks.cancel", params)
+    _print_result(args, result, f"task {result['id']}: {result['status']} ({result['reason']})")
+    return 0
+
+
+def _add_acquisition(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
+    devices = sub.add_parser("devices", help="scanners and their tokens").add_subparsers(
+        dest="devices_command", required=True, metavar="COMMAND"
+    )
+    register = add(
+        devices, "register", cmd_devices_register, "register a device (token shown once)"
+    )
+    register.add_argument("--name", required=True)
+    register.add_argument("--modality", required=True)
+    for option in ("manufacturer", "serial-number", "site", "station-ae"):
+        register.add_argument(f"--{option}", dest=option.replace("-", "_"))
+    add(devices, "list", cmd_devices_list, "registered devices")
+    for name, text in (("rotate-token", "give a device a new token"),
+                       ("revoke", "revoke a device's token")):  # fmt: skip
+        p = add(devices, name, cmd_devices_token, text)
+        p.add_argument("device_id")
+    sequences = sub.add_parser("sequences", help="acquisition protocols").add_subparsers(
+        dest="sequences_command", required=True, metavar="COMMAND"
+    )
+    create = add(sequences, "create", cmd_sequences_create, "create a sequence")
+    create.add_argument("--name", required=True)
+    create.add_argument("--description")
+    create.add_argument("--parameters", help="a JSON object")
+    add(sequences, "list", cmd_sequences_list, "sequences")
+    tasks = sub.add_parser("tasks", help="acquisition tasks").add_subparsers(
+        dest="tasks_command", required=True, metavar="COMMAND"
+    )
+    task = add(tasks, "create", cmd_tasks_create, "create an acquisition task (a worklist item)")
+    task.add_argument("--device", required=True, help="device id")
+    task.add_argument("--sequence", required=True, help="sequence id")
+    task.add_argument("--patient-id", dest="patient_id", required=True)
+    task.add_argument("--patient-name", dest="patient_name", help="DICOM PN, e.g. Doe^Jane")
+    task.add_argument("--birth-date", dest="birth_date", help="YYYYMMDD")
+    task.add_argument("--sex", choices=["M", "F", "O"])
+    task.add_argument("--scheduled-at", dest="scheduled_at", help="ISO date-time (default now)")
+    task.add_argument("--parameters", help="a JSON object")
+    listing = add(tasks, "list", cmd_tasks_list, "tasks")
+    listing.add_argument("--device")
+    listing.add_argument("--status", choices=["NEW", "STARTED", "INPROGRESS", "FINISHED", "ERROR"])
+    show = add(tasks, "show", cmd_tasks_show, "one task")
+    show.add_argument("task_id")
+    cancel = add(tasks, "cancel", cmd_tasks_cancel, "end a task that has not finished (ERROR)")
+    cancel.add_argument("task_id")
+    cancel.add_argument("--reason")
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 
@@ -683,6 +844,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     test_study.add_argument("study_uid")
     _add_retrieve(sub, add)
+    _add_acquisition(sub, add)
     add(
         rules,
         "reload",

@@ -214,3 +214,29 @@ def test_mpps_moves_tasks_through_their_states(gateway: GatewayProcess, tmp_path
     assert mpps_set(gateway.port, stopped, "DISCONTINUED", "Patient refused") == 0x0000
     assert state(second) == ("ERROR", 0, "Patient refused")
     assert findscu(gateway, tmp_path) == []
+
+
+def test_operator_cli(gateway: GatewayProcess) -> None:
+    import json
+
+    out = gateway.cli("devices", "register", "--name", "MR 2", "--modality", "MR",
+                      "--station-ae", "MR2").stdout  # fmt: skip
+    assert "(the token is shown once" in out
+    device_id = out.split()[1]
+    sequence = json.loads(gateway.cli("sequences", "create", "--name", "DWI", "--parameters",
+                                      '{"b": [0, 1000]}', "--json").stdout)  # fmt: skip
+    assert sequence["parameters"] == {"b": [0, 1000]}
+    created = gateway.cli(
+        "tasks", "create", "--device", device_id, "--sequence", sequence["id"],
+        "--patient-id", "P7", "--patient-name", "Poe^Ed", "--sex", "M",
+    ).stdout  # fmt: skip
+    task_id = created.split()[1].rstrip(":")
+    assert "accession GW" in created
+    assert "NEW" in gateway.cli("tasks", "list", "--status", "NEW").stdout
+    assert "Poe^Ed" in gateway.cli("tasks", "show", task_id).stdout
+    cancelled = gateway.cli("tasks", "cancel", task_id, "--reason", "scanner down").stdout
+    assert f"task {task_id}: ERROR (scanner down)" in cancelled
+    bad = gateway.cli("tasks", "cancel", task_id, check=False)
+    assert bad.returncode == 1 and "is ERROR, not NEW/STARTED/INPROGRESS" in bad.stderr
+    assert "MR 2" in gateway.cli("devices", "list").stdout
+    assert "token revoked" in gateway.cli("devices", "revoke", device_id).stdout
