@@ -610,17 +610,31 @@ def cmd_devices_register(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_devices_list(args: argparse.Namespace) -> int:
-    result = _call(args, "devices.list")
+def _print_listing(
+    args: argparse.Namespace, result: dict[str, Any], key: str, columns: list[tuple[str, str]]
+) -> int:
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
-        return 0
-    _print_table(
-        result["devices"],
-        [("id", "ID"), ("name", "NAME"), ("modality", "MODALITY"), ("station_ae", "STATION AE"),
-         ("site", "SITE"), ("has_token", "TOKEN")],
-    )  # fmt: skip
+    else:
+        _print_table([{k: "" if v is None else v for k, v in r.items()} for r in result[key]],
+                     columns)  # fmt: skip
     return 0
+
+
+def _json_object(text: str | None, option: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{option} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} must be a JSON object")
+    return value
+
+
+def cmd_devices_list(args: argparse.Namespace) -> int:
+    columns = [("id", "ID"), ("name", "NAME"), ("modality", "MODALITY"),
+               ("station_ae", "STATION AE"), ("site", "SITE"), ("has_token", "TOKEN")]  # fmt: skip
+    return _print_listing(args, _call(args, "devices.list"), "devices", columns)
 
 
 def cmd_devices_token(args: argparse.Namespace) -> int:
@@ -634,10 +648,7 @@ def cmd_devices_token(args: argparse.Namespace) -> int:
 
 
 def cmd_sequences_create(args: argparse.Namespace) -> int:
-    try:
-        parameters = json.loads(args.parameters) if args.parameters else {}
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--parameters is not JSON: {exc}") from None
+    parameters = _json_object(args.parameters, "--parameters")
     params = {"name": args.name, "description": args.description or "", "parameters": parameters}
     result = _call(args, "sequences.create", params)
     _print_result(args, result, f"sequence {result['id']} ({result['name']})")
@@ -645,21 +656,12 @@ def cmd_sequences_create(args: argparse.Namespace) -> int:
 
 
 def cmd_sequences_list(args: argparse.Namespace) -> int:
-    result = _call(args, "sequences.list")
-    if args.json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-        return 0
-    _print_table(
-        result["sequences"], [("id", "ID"), ("name", "NAME"), ("description", "DESCRIPTION")]
-    )
-    return 0
+    columns = [("id", "ID"), ("name", "NAME"), ("description", "DESCRIPTION")]
+    return _print_listing(args, _call(args, "sequences.list"), "sequences", columns)
 
 
 def cmd_tasks_create(args: argparse.Namespace) -> int:
-    try:
-        parameters = json.loads(args.parameters) if args.parameters else {}
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--parameters is not JSON: {exc}") from None
+    parameters = _json_object(args.parameters, "--parameters")
     patient = {"id": args.patient_id, "name": args.patient_name or "",
                "birth_date": args.birth_date or "", "sex": args.sex or ""}  # fmt: skip
     params: dict[str, Any] = {"device_id": args.device, "sequence_id": args.sequence,
@@ -684,12 +686,7 @@ _TASK_COLUMNS = [
 
 def cmd_tasks_list(args: argparse.Namespace) -> int:
     params = {k: v for k, v in (("device_id", args.device), ("status", args.status)) if v}
-    result = _call(args, "tasks.list", params)
-    if args.json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-        return 0
-    _print_table([{**t, "reason": t["reason"] or ""} for t in result["tasks"]], _TASK_COLUMNS)
-    return 0
+    return _print_listing(args, _call(args, "tasks.list", params), "tasks", _TASK_COLUMNS)
 
 
 def cmd_tasks_show(args: argparse.Namespace) -> int:
