@@ -26,6 +26,7 @@ from gateway import __version__
 from gateway.acquire.registry import Registry
 from gateway.config import Settings, load_settings
 from gateway.control.acquire import register_acquisition_methods
+from gateway.control.auth import device_gone, make_authenticator
 from gateway.control.jobs import register_job_methods
 from gateway.control.methods import register_core_methods
 from gateway.control.retrieve import register_retrieve_methods
@@ -186,6 +187,8 @@ async def run(
     register_job_methods(control, gateway)
     register_retrieve_methods(control, gateway)
     register_acquisition_methods(control, gateway)
+    control.authenticator = make_authenticator(gateway)
+    control.on_session_end = lambda session: device_gone(gateway, session)
     retention = Retention(store, settings.retention)
     tasks = [
         asyncio.create_task(completion.run(), name="completion"),

@@ -706,7 +706,24 @@ def cmd_tasks_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_control_hash_token(args: argparse.Namespace) -> int:
+    from gateway.control.auth import new_operator_token
+
+    token, line = new_operator_token()
+    if args.json:
+        print(json.dumps({"token": token, "hash": line}))
+        return 0
+    print(f"operator token (give it to the operator, it is not stored): {token}")
+    print("add its hash to [control] operator_token_hashes in config.toml:")
+    print(f'  "{line}"')
+    return 0
+
+
 def _add_acquisition(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
+    control = sub.add_parser("control", help="the control socket").add_subparsers(
+        dest="control_command", required=True, metavar="COMMAND"
+    )
+    add(control, "hash-token", cmd_control_hash_token, "make an operator token and its hash")
     devices = sub.add_parser("devices", help="scanners and their tokens").add_subparsers(
         dest="devices_command", required=True, metavar="COMMAND"
     )

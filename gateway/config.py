@@ -204,6 +204,35 @@ class ControlSettings(_Section):
     max_line_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
     max_clients: Annotated[int, Field(ge=1, le=10000)] = 64
     idle_timeout: Seconds = 600.0
+    # The TCP listener for devices and remote operators (off unless tcp_port is set).
+    tcp_host: str = "127.0.0.1"
+    tcp_port: Annotated[int | None, Field(ge=0, le=65535)] = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    operator_token_hashes: list[str] = Field(default_factory=list)
+
+    @field_validator("operator_token_hashes")
+    @classmethod
+    def _hashes(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parts = item.split("$")
+            if (
+                len(parts) != 3
+                or parts[0] != "sha256"
+                or not all(re.fullmatch(r"[0-9a-f]+", p) for p in parts[1:])
+            ):
+                message = (
+                    f"{item[:20]!r}... is not a token hash: make one with `gateway control"
+                    " hash-token` (sha256$<salt hex>$<digest hex>)"
+                )
+                raise setting_error(message)
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ControlSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise setting_error("tls_cert and tls_key go together", "tls_key")
+        return self
 
 
 class LogSettings(_Section):
@@ -384,11 +413,19 @@ def load_settings(path: Path | str) -> Settings:
         # Relative data paths are relative to the config file, not to the working directory.
         node = settings.node.model_copy(update={"data_dir": path.parent / settings.node.data_dir})
         settings = settings.model_copy(update={"node": node})
-    if settings.control.socket is not None and not settings.control.socket.is_absolute():
-        control = settings.control.model_copy(
-            update={"socket": path.parent / settings.control.socket}
+    relative = {
+        key: path.parent / value
+        for key in ("socket", "tls_cert", "tls_key")
+        if (value := getattr(settings.control, key)) is not None and not value.is_absolute()
+    }
+    if relative:
+        settings = settings.model_copy(
+            update={"control": settings.control.model_copy(update=relative)}
         )
-        settings = settings.model_copy(update={"control": control})
+    for key in ("tls_cert", "tls_key"):
+        file = getattr(settings.control, key)
+        if file is not None and not file.is_file():
+            raise ConfigError(f"{path}: control.{key}: {file} is not a readable file")
     if any(not folder.path.is_absolute() for folder in settings.folders):
         folders = [
             folder

@@ -39,6 +39,7 @@ __all__ = [
     "ACQUIRE_SCHEMA",
     "TASK_STATUSES",
     "AcquisitionError",
+    "DeviceState",
     "Registry",
     "TaskStatus",
     "hash_token",
@@ -58,6 +59,8 @@ ACQUIRE_SCHEMA: Final = (
         serial_number TEXT NOT NULL DEFAULT '',
         site          TEXT NOT NULL DEFAULT '',
         station_ae    TEXT NOT NULL DEFAULT '',
+        state         TEXT NOT NULL DEFAULT 'OFFLINE',
+        last_seen     REAL,
         token_salt    BLOB,
         token_hash    BLOB,
         created_at    REAL NOT NULL,
@@ -105,7 +108,10 @@ ACQUIRE_SCHEMA: Final = (
 )
 
 _DEVICE_FIELDS: Final = ("name", "modality", "manufacturer", "serial_number", "site", "station_ae")
-_DEVICE_COLUMNS: Final = "id, " + ", ".join(_DEVICE_FIELDS) + ", token_hash IS NOT NULL"
+_DEVICE_COLUMNS: Final = (
+    "id, " + ", ".join(_DEVICE_FIELDS) + ", token_hash IS NOT NULL, state, last_seen"
+)
+DeviceState = Literal["ONLINE", "BUSY", "ERROR", "OFFLINE"]
 _TASK_COLUMNS: Final = (
     "t.id, t.device_id, t.sequence_id, t.parameters, t.patient_id, t.patient_name,"
     " t.patient_birth_date, t.patient_sex, t.scheduled_date, t.scheduled_time, t.description,"
@@ -171,11 +177,9 @@ def _uid() -> str:
 
 
 def _device(row: tuple[Any, ...]) -> dict[str, Any]:
-    return {
-        "id": row[0],
-        **dict(zip(_DEVICE_FIELDS, row[1:7], strict=True)),
-        "has_token": bool(row[7]),
-    }
+    fields = dict(zip(_DEVICE_FIELDS, row[1:7], strict=True))
+    return {"id": row[0], **fields, "has_token": bool(row[7]), "state": row[8],
+            "last_seen": row[9]}  # fmt: skip
 
 
 def _task(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -199,6 +203,11 @@ class Registry:
         def create(conn: sqlite3.Connection) -> None:
             for statement in ACQUIRE_SCHEMA:
                 conn.execute(statement)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(devices)")}
+            if "state" not in columns:  # a devices table of the first acquisition build
+                conn.execute("ALTER TABLE devices ADD COLUMN state TEXT NOT NULL DEFAULT 'OFFLINE'")
+                conn.execute("ALTER TABLE devices ADD COLUMN last_seen REAL")
+            conn.execute("UPDATE devices SET state = 'OFFLINE'")  # no connection survives a start
 
         await self._write(create)
 
@@ -221,7 +230,8 @@ class Registry:
                 (device_id, *values.values(), salt, digest, now, now),
             )
         )
-        return {"id": device_id, **values, "has_token": True, "token": token}
+        return {"id": device_id, **values, "has_token": True, "state": "OFFLINE",
+                "last_seen": None, "token": token}  # fmt: skip
 
     async def update_device(self, device_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
         changes = {key: _text(fields, key, required=key in ("name", "modality"))
@@ -263,6 +273,25 @@ class Registry:
         )
         if not count:
             raise AcquisitionError("not_found", f"no device {device_id[:40]!r}")
+
+    async def set_device_state(self, device_id: str, state: DeviceState) -> None:
+        """Record a device's connection state (and when it was last heard from)."""
+        await self._write(
+            lambda conn: conn.execute(
+                "UPDATE devices SET state = ?, last_seen = ? WHERE id = ?",
+                (state, time.time(), device_id),
+            )
+        )
+
+    async def seen(self, device_id: str) -> str:
+        """A heartbeat: the device was heard from now; return its state."""
+
+        def touch(conn: sqlite3.Connection) -> str:
+            conn.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (time.time(), device_id))
+            row = conn.execute("SELECT state FROM devices WHERE id = ?", (device_id,)).fetchone()
+            return "OFFLINE" if row is None else str(row[0])
+
+        return await self._write(touch)
 
     async def check_token(self, device_id: str, token: str) -> bool:
         """Whether *token* is the device's current token (constant-time comparison)."""

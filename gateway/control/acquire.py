@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.acquire.registry import AcquisitionError
 from gateway.control.methods import NOT_FOUND, _no_unknown
-from gateway.control.server import INVALID_PARAMS, ControlServer
+from gateway.control.server import INVALID_PARAMS, ControlServer, current_session
 from gateway.errors import ControlError
 
 if TYPE_CHECKING:
@@ -108,6 +108,14 @@ def register_acquisition_methods(server: ControlServer, gateway: Gateway) -> Non
             allowed_from=("NEW", "STARTED", "INPROGRESS"),
         )  # fmt: skip
 
+    async def heartbeat(params: dict[str, Any]) -> dict[str, Any]:
+        _no_unknown(params, set())
+        session = current_session()
+        assert session is not None and session.device_id is not None
+        state = await registry.seen(session.device_id)
+        return {"device_id": session.device_id, "state": state}
+
+    server.register("devices.heartbeat", _wrapped(heartbeat), access="device")
     for name, method in (
         ("devices.register", register),
         ("devices.list", list_devices),

@@ -1,4 +1,12 @@
-"""The control socket: JSON-RPC 2.0, one JSON object per line, on a Unix socket (mode 0600).
+"""The control socket: JSON-RPC 2.0, one JSON object per line, on a Unix socket (mode 0600)
+and, when `[control] tcp_port` is set, on a TCP listener (TLS when a certificate is configured).
+
+Who may call what: a Unix-socket client is an operator (the file mode is the access control).
+A TCP client must first call `auth.login`, with an operator token or a device id and its token;
+until it has, any other request is refused with -32001 and the connection closed, and a failed
+login gets -32001 and is closed too. Every method is registered with its access: `operator`
+(the default), `device` (devices only; the device is `current_session()`), or `any`. A device
+calling an operator method gets -32003.
 
 Methods are registered by name with an async function taking the params object; later features
 add theirs. Errors follow JSON-RPC: -32700 bad JSON, -32600 invalid request, -32601 unknown
@@ -14,11 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import os
+import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
@@ -26,6 +37,8 @@ from gateway.config import ControlSettings
 from gateway.errors import ControlError, GatewayError
 
 __all__ = [
+    "AUTH_FAILED",
+    "FORBIDDEN",
     "GATEWAY_ERROR",
     "INTERNAL_ERROR",
     "INVALID_PARAMS",
@@ -34,6 +47,8 @@ __all__ = [
     "PARSE_ERROR",
     "ControlServer",
     "Method",
+    "Session",
+    "current_session",
 ]
 
 log = structlog.get_logger(__name__)
@@ -44,8 +59,51 @@ METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 GATEWAY_ERROR = -32000
+AUTH_FAILED = -32001
+FORBIDDEN = -32003
 
 Method = Callable[[dict[str, Any]], Awaitable[Any]]
+Access = Literal["operator", "device", "any"]
+Role = Literal["operator", "device"]
+
+
+@dataclass(eq=False)
+class Session:
+    """One control connection: who it is, and a way to push notifications to it."""
+
+    transport: Literal["unix", "tcp"]
+    peer: str
+    role: Role | None = None
+    device_id: str | None = None
+    writer: asyncio.StreamWriter | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    close_after_reply: bool = False
+
+    async def notify(self, method: str, params: dict[str, Any]) -> bool:
+        """Send a JSON-RPC notification; False when the connection is gone."""
+        writer = self.writer
+        if writer is None or writer.is_closing():
+            return False
+        message = {"jsonrpc": "2.0", "method": method, "params": params}
+        try:
+            async with self.lock:
+                writer.write(json.dumps(message, default=str).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, RuntimeError):
+            return False
+        return True
+
+
+_SESSION: contextvars.ContextVar[Session | None] = contextvars.ContextVar("session", default=None)
+
+
+def current_session() -> Session | None:
+    """The session of the request being handled (None outside a request)."""
+    return _SESSION.get()
+
+
+# auth.login's check: (params, session) -> the role and device id, or raises ControlError.
+Authenticator = Callable[[dict[str, Any]], Awaitable[tuple[Role, str | None]]]
 
 
 class _LineTooLong(Exception):
@@ -59,14 +117,27 @@ class ControlServer:
         self.path = path
         self._settings = settings
         self._methods: dict[str, Method] = {}
+        self._access: dict[str, Access] = {}
         self._server: asyncio.AbstractServer | None = None
+        self._tcp_server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        self.authenticator: Authenticator | None = None
+        self.on_session_end: Callable[[Session], Awaitable[None]] | None = None
+        self.sessions: set[Session] = set()
 
-    def register(self, name: str, method: Method) -> None:
+    def register(self, name: str, method: Method, access: Access = "operator") -> None:
         """Expose *method* as *name*; it receives the params object (a dict)."""
         if name in self._methods:
             raise ValueError(f"control method {name!r} registered twice")
         self._methods[name] = method
+        self._access[name] = access
+
+    @property
+    def tcp_port(self) -> int | None:
+        """The TCP listener's port (the bound one when `tcp_port = 0`), or None."""
+        if self._tcp_server is None or not self._tcp_server.sockets:
+            return None
+        return int(self._tcp_server.sockets[0].getsockname()[1])
 
     @property
     def methods(self) -> list[str]:
@@ -85,22 +156,52 @@ class ControlServer:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)
         log.info("control_socket_listening", path=str(self.path))
+        settings = self._settings
+        if settings.tcp_port is not None:
+            context = None
+            if settings.tls_cert is not None and settings.tls_key is not None:
+                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                context.minimum_version = ssl.TLSVersion.TLSv1_2
+                context.load_cert_chain(settings.tls_cert, settings.tls_key)
+            tls: dict[str, Any] = {"ssl": context, "ssl_handshake_timeout": 30} if context else {}
+            self._tcp_server = await asyncio.start_server(
+                self._serve_tcp, settings.tcp_host, settings.tcp_port, limit=64 * 1024, **tls
+            )
+            log.info("control_tcp_listening", host=settings.tcp_host, port=self.tcp_port,
+                     tls=context is not None)  # fmt: skip
 
     async def stop(self) -> None:
         if self._server is None:
             return
         self._server.close()
+        if self._tcp_server is not None:
+            self._tcp_server.close()
         for task in list(self._clients):
             task.cancel()
         await asyncio.gather(*self._clients, return_exceptions=True)
         await self._server.wait_closed()
+        if self._tcp_server is not None:
+            await self._tcp_server.wait_closed()
+            self._tcp_server = None
         self._server = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
     # -- connections -------------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        await self._serve(reader, writer, Session("tcp", address))
+
+    async def _serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        session: Session | None = None,
+    ) -> None:
+        session = session or Session("unix", "unix", role="operator")
+        session.writer = writer
         task = asyncio.current_task()
         assert task is not None
         if len(self._clients) >= self._settings.max_clients:
@@ -108,6 +209,8 @@ class ControlServer:
             writer.close()
             return
         self._clients.add(task)
+        self.sessions.add(session)
+        token = _SESSION.set(session)
         try:
             while True:
                 try:
@@ -130,13 +233,21 @@ class ControlServer:
                 response = await self.handle_line(line)
                 if response is not None:
                     await self._reply(writer, response)
-        except (ConnectionError, asyncio.IncompleteReadError):
+                if session.close_after_reply or (session.role is None and response is not None
+                                                 and "error" in response):  # fmt: skip
+                    return  # an unauthenticated connection gets one error, then is closed
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             return
         finally:
+            _SESSION.reset(token)
             self._clients.discard(task)
+            self.sessions.discard(session)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+            if session.role == "device" and self.on_session_end is not None:
+                with contextlib.suppress(Exception):
+                    await self.on_session_end(session)
 
     async def _read_line(self, reader: asyncio.StreamReader) -> bytes | None:
         """One line, at most `max_line_bytes`; a longer one is drained and refused."""
@@ -166,8 +277,15 @@ class ControlServer:
         return b"".join(chunks)
 
     async def _reply(self, writer: asyncio.StreamWriter, response: dict[str, Any]) -> None:
-        writer.write(json.dumps(response, default=str).encode() + b"\n")
-        await writer.drain()
+        session = _SESSION.get()
+        data = json.dumps(response, default=str).encode() + b"\n"
+        if session is None:
+            writer.write(data)
+            await writer.drain()
+            return
+        async with session.lock:  # notifications to a device share the connection
+            writer.write(data)
+            await writer.drain()
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -208,9 +326,19 @@ class ControlServer:
             params = {}
         if not isinstance(params, dict):
             return _error(request_id, INVALID_PARAMS, '"params" must be an object')
+        session = _SESSION.get()
+        if method_name == "auth.login":
+            return await self._login(request_id, params, session)
+        if session is not None and session.role is None:
+            session.close_after_reply = True
+            return _error(request_id, AUTH_FAILED, "authenticate first: call auth.login")
         method = self._methods.get(method_name)
         if method is None:
             return _error(request_id, METHOD_NOT_FOUND, f"unknown method {method_name!r}")
+        access = self._access[method_name]
+        role = session.role if session is not None else "operator"
+        if access != "any" and access != role:
+            return _error(request_id, FORBIDDEN, f"{method_name} is for {access}s only")
         try:
             result = await method(params)
         except ControlError as exc:
@@ -222,6 +350,30 @@ class ControlServer:
         except Exception as exc:
             log.exception("control_method_failed", method=method_name)
             return _error(request_id, INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+        return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+    async def _login(
+        self, request_id: object, params: dict[str, Any], session: Session | None
+    ) -> dict[str, Any]:
+        if session is None or session.transport == "unix":
+            return {"jsonrpc": "2.0", "id": request_id, "result": {"role": "operator"}}
+        if session.role is not None:
+            return _error(request_id, INVALID_REQUEST, "already authenticated")
+        failure = None
+        if self.authenticator is None:
+            failure = "authentication is not available"
+        else:
+            try:
+                session.role, session.device_id = await self.authenticator(params)
+            except ControlError as exc:
+                failure = exc.message
+        if failure is not None:
+            session.close_after_reply = True
+            log.warning("control_auth_failed", peer=session.peer, reason=failure)
+            return _error(request_id, AUTH_FAILED, f"authentication failed: {failure}")
+        log.info("control_authenticated", peer=session.peer, role=session.role,
+                 device=session.device_id)  # fmt: skip
+        result = {"role": session.role, "device_id": session.device_id}
         return {"jsonrpc": "2.0", "id": request_id, "result": result}
 
 

@@ -1,0 +1,63 @@
+"""Who a TCP control connection is: operator tokens (from the config) and device tokens.
+
+Operator tokens live in `[control] operator_token_hashes` as `sha256$<salt hex>$<digest hex>`
+(make one with `gateway control hash-token`); device tokens in the devices table. Both are only
+ever stored as salted SHA-256 digests of 256-bit random tokens and compared with
+`hmac.compare_digest`. A device that logs in is ONLINE until its connection closes (OFFLINE).
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from gateway.acquire.registry import hash_token
+from gateway.control.server import AUTH_FAILED, Authenticator, Role, Session
+from gateway.errors import ControlError
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+__all__ = ["make_authenticator", "new_operator_token", "operator_token_matches"]
+
+
+def new_operator_token() -> tuple[str, str]:
+    """A new operator token and the line that configures it (its salted hash)."""
+    token = secrets.token_urlsafe(32)
+    salt = secrets.token_bytes(16)
+    return token, f"sha256${salt.hex()}${hash_token(token, salt).hex()}"
+
+
+def operator_token_matches(token: str, hashes: Sequence[str]) -> bool:
+    """Whether *token* is one of the configured operator tokens (every entry is compared)."""
+    found = False
+    for entry in hashes:
+        _, salt, digest = entry.split("$")
+        found |= hmac.compare_digest(hash_token(token, bytes.fromhex(salt)), bytes.fromhex(digest))
+    return found
+
+
+def make_authenticator(gateway: Gateway) -> Authenticator:
+    async def login(params: dict[str, Any]) -> tuple[Role, str | None]:
+        if isinstance(params.get("operator_token"), str):
+            hashes = gateway.settings.control.operator_token_hashes
+            if operator_token_matches(params["operator_token"], hashes):
+                return "operator", None
+            raise ControlError(AUTH_FAILED, "unknown operator token")
+        device_id, token = params.get("device_id"), params.get("token")
+        if isinstance(device_id, str) and isinstance(token, str):
+            if await gateway.registry.check_token(device_id, token):
+                await gateway.registry.set_device_state(device_id, "ONLINE")
+                return "device", device_id
+            raise ControlError(AUTH_FAILED, "unknown device or token")
+        raise ControlError(AUTH_FAILED, "auth.login needs operator_token, or device_id and token")
+
+    return login
+
+
+async def device_gone(gateway: Gateway, session: Session) -> None:
+    """A device's connection closed: it is OFFLINE."""
+    if session.device_id is not None:
+        await gateway.registry.set_device_state(session.device_id, "OFFLINE")

@@ -1,0 +1,146 @@
+"""The control socket over TCP: authentication first, operator and device roles, TLS."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.control.auth import new_operator_token
+from tests.conftest import HOST, GatewayProcess, free_port
+
+
+class Line:
+    """A raw JSON-lines client over TCP (optionally TLS)."""
+
+    def __init__(self, port: int, context: ssl.SSLContext | None = None) -> None:
+        sock = socket.create_connection((HOST, port), timeout=10)
+        self.sock = context.wrap_socket(sock, server_hostname="localhost") if context else sock
+        self.file = self.sock.makefile("rwb")
+        self.next_id = 0
+
+    def send_raw(self, data: bytes) -> Any:
+        self.file.write(data)
+        self.file.flush()
+        line = self.file.readline()
+        return json.loads(line) if line else None
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        self.next_id += 1
+        request = {"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params or {}}
+        return self.send_raw(json.dumps(request).encode() + b"\n")
+
+    def closed(self) -> bool:
+        """Whether the gateway closed the connection (this side is closed either way)."""
+        try:
+            return self.file.readline() == b""
+        except (ConnectionError, ssl.SSLError):
+            return True
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def tcp_gateway(gateway_factory: Any) -> tuple[GatewayProcess, int, str]:
+    token, hashed = new_operator_token()
+    port = free_port()
+    gw = gateway_factory(control={"tcp_port": port, "operator_token_hashes": [hashed],
+                                  "max_line_bytes": 4096})  # fmt: skip
+    return gw, port, token
+
+
+def test_unauthenticated_malformed_and_oversized_requests_are_refused_and_closed(
+    tcp_gateway: tuple[GatewayProcess, int, str],
+) -> None:
+    gw, port, _ = tcp_gateway
+    client = Line(port)
+    answer = client.call("status")
+    assert answer["error"] == {"code": -32001, "message": "authenticate first: call auth.login"}
+    assert client.closed()
+    client = Line(port)
+    assert client.send_raw(b'{"jsonrpc": "2.0", "id": 1, "method": \n')["error"]["code"] == -32700
+    assert client.closed()
+    client = Line(port)
+    answer = client.send_raw(b'{"x": "' + b"a" * 5000 + b'"}\n')
+    assert (
+        answer["error"]["code"] == -32600 and "longer than 4096 bytes" in answer["error"]["message"]
+    )
+    assert client.closed()
+    client = Line(port)
+    answer = client.call("auth.login", {"operator_token": "guess"})
+    failed = "authentication failed: unknown operator token"
+    assert answer["error"] == {"code": -32001, "message": failed}
+    assert client.closed()
+    assert "control_auth_failed" in gw.log_text()
+
+
+def test_operator_and_device_roles(tcp_gateway: tuple[GatewayProcess, int, str]) -> None:
+    gw, port, token = tcp_gateway
+    operator = Line(port)
+    assert operator.call("auth.login", {"operator_token": token})["result"]["role"] == "operator"
+    device = operator.call("devices.register", {"name": "MR 1", "modality": "MR",
+                                                "station_ae": "MR1"})["result"]  # fmt: skip
+    assert operator.call("status")["result"]["version"]
+    assert operator.call("devices.heartbeat")["error"]["code"] == -32003  # a device method
+
+    scanner = Line(port)
+    login = scanner.call("auth.login", {"device_id": device["id"], "token": device["token"]})
+    assert login["result"] == {"role": "device", "device_id": device["id"]}
+    assert gw.call("devices.get", {"device_id": device["id"]})["state"] == "ONLINE"
+    assert scanner.call("devices.heartbeat")["result"]["state"] == "ONLINE"
+    forbidden = scanner.call("devices.list")["error"]
+    assert forbidden == {"code": -32003, "message": "devices.list is for operators only"}
+    assert scanner.call("auth.login", {"operator_token": token})["error"]["code"] == -32600
+    scanner.close()
+
+    def offline() -> bool:
+        return gw.call("devices.get", {"device_id": device["id"]})["state"] == "OFFLINE"
+
+    deadline = time.monotonic() + 5
+    while not offline():
+        assert time.monotonic() < deadline, "the device stayed ONLINE after its connection closed"
+        time.sleep(0.05)
+    # A revoked token no longer logs in.
+    gw.call("devices.revoke", {"device_id": device["id"]})
+    again = Line(port)
+    refused = again.call("auth.login", {"device_id": device["id"], "token": device["token"]})
+    assert refused["error"]["message"] == "authentication failed: unknown device or token"
+    assert again.closed()
+    operator.close()
+
+
+def test_tls(gateway_factory: Any, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    token, hashed = new_operator_token()
+    port = free_port()
+    gateway_factory(control={"tcp_port": port, "operator_token_hashes": [hashed],
+                             "tls_cert": str(cert), "tls_key": str(key)})  # fmt: skip
+    context = ssl.create_default_context(cafile=str(cert))
+    client = Line(port, context)
+    assert client.call("auth.login", {"operator_token": token})["result"]["role"] == "operator"
+    assert client.call("status")["result"]["version"]
+    client.close()
+    plain = Line(port)  # no TLS: the handshake fails, nothing is served
+    try:
+        answer = plain.call("status")
+    except (ConnectionError, json.JSONDecodeError):
+        answer = None
+    finally:
+        plain.close()
+    assert answer is None
