@@ -699,6 +699,28 @@ def cmd_tasks_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks_start(args: argparse.Namespace) -> int:
+    result = _call(args, "tasks.start", {"task_id": args.task_id})
+    _print_result(args, result, f"task {result['id']}: STARTED on {result['device']}")
+    return 0
+
+
+def cmd_tasks_watch(args: argparse.Namespace) -> int:
+    """Print a task's status and progress as they change, until it ends (exit 1 on ERROR)."""
+    shown = None
+    while True:
+        task = _call(args, "tasks.get", {"task_id": args.task_id})
+        line = f"{task['status']:10} {task['progress']:3d}%" + (
+            f"  {task['reason']}" if task["reason"] else ""
+        )
+        if line != shown:
+            print(json.dumps(task) if args.json else line, flush=True)
+            shown = line
+        if task["status"] in ("FINISHED", "ERROR"):
+            return 0 if task["status"] == "FINISHED" else 1
+        time.sleep(args.interval)
+
+
 def cmd_tasks_cancel(args: argparse.Namespace) -> int:
     params = {"task_id": args.task_id, **({"reason": args.reason} if args.reason else {})}
     result = _call(args, "tasks.cancel", params)
@@ -764,6 +786,11 @@ def _add_acquisition(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> N
     listing.add_argument("--status", choices=["NEW", "STARTED", "INPROGRESS", "FINISHED", "ERROR"])
     show = add(tasks, "show", cmd_tasks_show, "one task")
     show.add_argument("task_id")
+    start = add(tasks, "start", cmd_tasks_start, "send a NEW task to its (connected) device")
+    start.add_argument("task_id")
+    watch = add(tasks, "watch", cmd_tasks_watch, "follow a task's progress until it ends")
+    watch.add_argument("task_id")
+    watch.add_argument("--interval", type=float, default=1.0, metavar="SECONDS")
     cancel = add(tasks, "cancel", cmd_tasks_cancel, "end a task that has not finished (ERROR)")
     cancel.add_argument("task_id")
     cancel.add_argument("--reason")

@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.acquire.registry import AcquisitionError
 from gateway.control.methods import NOT_FOUND, _no_unknown
-from gateway.control.server import INVALID_PARAMS, ControlServer, current_session
+from gateway.control.server import (
+    FORBIDDEN,
+    INVALID_PARAMS,
+    ControlServer,
+    Session,
+    current_session,
+)
 from gateway.errors import ControlError
 
 if TYPE_CHECKING:
@@ -115,7 +121,84 @@ def register_acquisition_methods(server: ControlServer, gateway: Gateway) -> Non
         state = await registry.seen(session.device_id)
         return {"device_id": session.device_id, "state": state}
 
+    def device_session(device_id: str) -> Session | None:
+        return next(
+            (s for s in server.sessions if s.role == "device" and s.device_id == device_id), None
+        )
+
+    async def start_task(params: dict[str, Any]) -> dict[str, Any]:
+        _no_unknown(params, {"task_id"})
+        task = await registry.task(_id(params, "task_id"))
+        if task["status"] != "NEW":
+            raise ControlError(CONFLICT, f"task {task['id']} is {task['status']}, not NEW")
+        device = await registry.device(task["device_id"])
+        session = device_session(device["id"])
+        if session is None or device["state"] == "OFFLINE":
+            raise ControlError(CONFLICT, f"device {device['name']!r} is offline")
+        if device["state"] == "BUSY":
+            raise ControlError(CONFLICT, f"device {device['name']!r} is busy with another task")
+        started = await registry.set_task_status(task["id"], "STARTED", allowed_from=("NEW",))
+        await registry.set_device_state(device["id"], "BUSY")
+        sequence = next(
+            (q for q in await registry.sequences() if q["id"] == started["sequence_id"]), None
+        )
+        delivered = await session.notify(
+            "task.start",
+            {"task": started, "sequence": sequence, "parameters": started["parameters"]},
+        )
+        if not delivered:  # the connection went away between the check and the send
+            await registry.set_task_status(task["id"], "NEW", allowed_from=("STARTED",))
+            await registry.set_device_state(device["id"], "OFFLINE")
+            raise ControlError(CONFLICT, f"device {device['name']!r} is offline")
+        return started
+
+    async def report(params: dict[str, Any]) -> dict[str, Any]:
+        """A device reports progress or the end of one of its own tasks."""
+        _no_unknown(params, {"task_id", "progress", "status", "reason"})
+        session = current_session()
+        assert session is not None and session.device_id is not None
+        task = await registry.task(_id(params, "task_id"))
+        if task["device_id"] != session.device_id:
+            raise ControlError(FORBIDDEN, f"task {task['id']} belongs to another device")
+        progress = params.get("progress")
+        if progress is not None and (
+            isinstance(progress, bool) or not isinstance(progress, int) or not 0 <= progress <= 100
+        ):
+            raise ControlError(INVALID_PARAMS, "parameter 'progress' must be an integer 0..100")
+        status = params.get("status", "INPROGRESS")
+        if status not in ("INPROGRESS", "FINISHED", "ERROR"):
+            raise ControlError(
+                INVALID_PARAMS, "parameter 'status' must be INPROGRESS, FINISHED or ERROR"
+            )
+        reason = params.get("reason")
+        if status == "ERROR" and not reason:
+            reason = "reported by the device"
+        updated = await registry.set_task_status(
+            task["id"],
+            status,
+            progress=progress,
+            reason=None if reason is None else str(reason)[:256],
+            allowed_from=("STARTED", "INPROGRESS"),
+        )
+        if status in ("FINISHED", "ERROR"):
+            await registry.set_device_state(session.device_id, "ONLINE")
+        return updated
+
+    async def device_state(params: dict[str, Any]) -> dict[str, Any]:
+        """A device reports its own state: ERROR (with a reason) or ONLINE again."""
+        _no_unknown(params, {"state", "reason"})
+        session = current_session()
+        assert session is not None and session.device_id is not None
+        state = params.get("state")
+        if state not in ("ONLINE", "ERROR"):
+            raise ControlError(INVALID_PARAMS, "parameter 'state' must be ONLINE or ERROR")
+        await registry.set_device_state(session.device_id, state)
+        return await registry.device(session.device_id)
+
     server.register("devices.heartbeat", _wrapped(heartbeat), access="device")
+    server.register("tasks.report", _wrapped(report), access="device")
+    server.register("devices.report_state", _wrapped(device_state), access="device")
+    server.register("tasks.start", _wrapped(start_task))
     for name, method in (
         ("devices.register", register),
         ("devices.list", list_devices),

@@ -6,6 +6,7 @@ import json
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from gateway.control.auth import new_operator_token
+from gateway.errors import ControlError
 from tests.conftest import HOST, GatewayProcess, free_port
 
 
@@ -144,3 +146,70 @@ def test_tls(gateway_factory: Any, tmp_path: Path) -> None:
     finally:
         plain.close()
     assert answer is None
+
+
+def test_a_scripted_device_runs_its_task(tcp_gateway: tuple[GatewayProcess, int, str]) -> None:
+    gw, port, _ = tcp_gateway
+    mr = gw.call("devices.register", {"name": "MR 1", "modality": "MR", "station_ae": "MR1"})
+    ct = gw.call("devices.register", {"name": "CT 1", "modality": "CT", "station_ae": "CT1"})
+    seq = gw.call("sequences.create", {"name": "T2 TSE", "parameters": {"TR": 4000}})
+    task = gw.call("tasks.create", {"device_id": mr["id"], "sequence_id": seq["id"],
+                                    "parameters": {"slices": 30},
+                                    "patient": {"id": "P1", "name": "Doe^Jane"}})  # fmt: skip
+    second = gw.call("tasks.create", {"device_id": mr["id"], "sequence_id": seq["id"],
+                                      "patient": {"id": "P2"}})  # fmt: skip
+    with pytest.raises(ControlError, match="device 'MR 1' is offline"):
+        gw.call("tasks.start", {"task_id": task["id"]})
+
+    device = Line(port)
+    device.call("auth.login", {"device_id": mr["id"], "token": mr["token"]})
+    other = Line(port)
+    other.call("auth.login", {"device_id": ct["id"], "token": ct["token"]})
+
+    started = gw.call("tasks.start", {"task_id": task["id"]})
+    assert started["status"] == "STARTED"
+    notification = json.loads(device.file.readline())  # pushed to the device's connection
+    assert notification["method"] == "task.start" and "id" not in notification
+    assert notification["params"]["task"]["id"] == task["id"]
+    assert notification["params"]["task"]["study_uid"] == task["study_uid"]
+    assert notification["params"]["sequence"]["parameters"] == {"TR": 4000}
+    assert notification["params"]["parameters"] == {"slices": 30}
+    assert gw.call("devices.get", {"device_id": mr["id"]})["state"] == "BUSY"
+    with pytest.raises(ControlError, match="device 'MR 1' is busy"):
+        gw.call("tasks.start", {"task_id": second["id"]})
+
+    # Only the task's own device may report on it.
+    refused = other.call("tasks.report", {"task_id": task["id"], "progress": 10})["error"]
+    assert refused == {"code": -32003, "message": f"task {task['id']} belongs to another device"}
+    bad = device.call("tasks.report", {"task_id": task["id"], "progress": 101})["error"]
+    assert bad["code"] == -32602
+    assert (
+        device.call("tasks.report", {"task_id": task["id"], "progress": 50})["result"]["progress"]
+        == 50
+    )
+    assert gw.call("tasks.get", {"task_id": task["id"]})["status"] == "INPROGRESS"
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "tasks", "watch", task["id"], "--interval", "0.1",
+         "--config", str(gw.config)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    done = device.call("tasks.report", {"task_id": task["id"], "status": "FINISHED"})["result"]
+    assert (done["status"], done["progress"]) == ("FINISHED", 100)
+    assert gw.call("devices.get", {"device_id": mr["id"]})["state"] == "ONLINE"
+    out, _ = watcher.communicate(timeout=30)
+    assert watcher.returncode == 0 and out.splitlines()[-1].split() == ["FINISHED", "100%"]
+    again = device.call("tasks.report", {"task_id": task["id"], "progress": 60})["error"]
+    assert again["code"] == -32013  # a finished task takes no more reports
+
+    # A device disconnecting mid-task: OFFLINE, the task kept as it was.
+    gw.call("tasks.start", {"task_id": second["id"]})
+    assert json.loads(device.file.readline())["params"]["task"]["id"] == second["id"]
+    device.call("tasks.report", {"task_id": second["id"], "progress": 20})
+    device.close()
+    deadline = time.monotonic() + 5
+    while gw.call("devices.get", {"device_id": mr["id"]})["state"] != "OFFLINE":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    kept = gw.call("tasks.get", {"task_id": second["id"]})
+    assert (kept["status"], kept["progress"]) == ("INPROGRESS", 20)
+    other.close()
