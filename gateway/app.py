@@ -24,6 +24,7 @@ import structlog
 
 from gateway import __version__
 from gateway.acquire.registry import Registry
+from gateway.acquire.results import Uploads
 from gateway.config import Settings, load_settings
 from gateway.control.acquire import register_acquisition_methods
 from gateway.control.auth import device_gone, make_authenticator
@@ -62,6 +63,7 @@ class Gateway:
     retriever: Retriever
     retrievals: RetrievalQueue
     registry: Registry
+    uploads: Uploads
     config_path: Path | None = None
     started_at: float = field(default_factory=time.time)
     version: str = __version__
@@ -136,6 +138,8 @@ async def run(
     await retrievals.ensure_schema()
     registry = Registry(store)
     await registry.ensure_schema()
+    uploads = Uploads(store, registry)
+    await uploads.ensure_schema()
     await jobs.recover_running()
     dispatch = settings.dispatch
     backoff = Backoff(
@@ -172,6 +176,7 @@ async def run(
         retriever,
         retrievals,
         registry,
+        uploads,
         config_path=config_path,
     )
 

@@ -128,9 +128,11 @@ _TASK_KEYS: Final = (
 
 
 class AcquisitionError(Exception):
-    """A request the registry refuses; `kind` says which ("invalid", "not_found", "conflict")."""
+    """A request refused; `kind` says why ("invalid", "not_found", "conflict", "forbidden")."""
 
-    def __init__(self, kind: Literal["invalid", "not_found", "conflict"], message: str) -> None:
+    def __init__(
+        self, kind: Literal["invalid", "not_found", "conflict", "forbidden"], message: str
+    ) -> None:
         super().__init__(message)
         self.kind = kind
 

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway.acquire.registry import AcquisitionError
+from gateway.acquire.results import task_results
 from gateway.control.methods import NOT_FOUND, _no_unknown
 from gateway.control.server import (
     FORBIDDEN,
@@ -26,7 +27,12 @@ if TYPE_CHECKING:
 __all__ = ["CONFLICT", "register_acquisition_methods"]
 
 CONFLICT = -32013
-_CODES = {"invalid": INVALID_PARAMS, "not_found": NOT_FOUND, "conflict": CONFLICT}
+_CODES = {
+    "invalid": INVALID_PARAMS,
+    "not_found": NOT_FOUND,
+    "conflict": CONFLICT,
+    "forbidden": FORBIDDEN,
+}
 _DEVICE_FIELDS = {"name", "modality", "manufacturer", "serial_number", "site", "station_ae"}
 
 Method = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -195,6 +201,32 @@ def register_acquisition_methods(server: ControlServer, gateway: Gateway) -> Non
         await registry.set_device_state(session.device_id, state)
         return await registry.device(session.device_id)
 
+    async def results(params: dict[str, Any]) -> dict[str, Any]:
+        _no_unknown(params, {"task_id"})
+        task = await registry.task(_id(params, "task_id"))
+        session = current_session()
+        if (
+            session is not None
+            and session.role == "device"
+            and task["device_id"] != session.device_id
+        ):
+            raise ControlError(FORBIDDEN, f"task {task['id']} belongs to another device")
+        return await task_results(gateway.store, task)
+
+    def device_call(name: str) -> Method:
+        async def call(params: dict[str, Any]) -> dict[str, Any]:
+            session = current_session()
+            assert session is not None and session.device_id is not None
+            method = getattr(gateway.uploads, name)
+            result: dict[str, Any] = await method(session.device_id, params)
+            return result
+
+        return call
+
+    server.register("tasks.results", _wrapped(results), access="any")
+    server.register("uploads.begin", _wrapped(device_call("begin")), access="device")
+    server.register("uploads.chunk", _wrapped(device_call("chunk")), access="device")
+    server.register("uploads.finish", _wrapped(device_call("finish")), access="device")
     server.register("devices.heartbeat", _wrapped(heartbeat), access="device")
     server.register("tasks.report", _wrapped(report), access="device")
     server.register("devices.report_state", _wrapped(device_state), access="device")

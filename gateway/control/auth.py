@@ -58,6 +58,7 @@ def make_authenticator(gateway: Gateway) -> Authenticator:
 
 
 async def device_gone(gateway: Gateway, session: Session) -> None:
-    """A device's connection closed: it is OFFLINE."""
+    """A device's connection closed: it is OFFLINE, its unfinished uploads dropped."""
     if session.device_id is not None:
+        gateway.uploads.drop_device(session.device_id)
         await gateway.registry.set_device_state(session.device_id, "OFFLINE")

@@ -213,3 +213,74 @@ def test_a_scripted_device_runs_its_task(tcp_gateway: tuple[GatewayProcess, int,
     kept = gw.call("tasks.get", {"task_id": second["id"]})
     assert (kept["status"], kept["progress"]) == ("INPROGRESS", 20)
     other.close()
+
+
+def test_results_are_linked_and_uploads_verified(
+    tcp_gateway: tuple[GatewayProcess, int, str], tmp_path: Path
+) -> None:
+    import base64
+    import hashlib
+
+    from pydicom.uid import generate_uid
+
+    from tests.conftest import TEST_FILES, write_variant
+    from tests.test_routing import storescu
+
+    gw, port, _ = tcp_gateway
+    mr = gw.call("devices.register", {"name": "MR 1", "modality": "MR", "station_ae": "MR1"})
+    seq = gw.call("sequences.create", {"name": "T1"})
+    task = gw.call("tasks.create", {"device_id": mr["id"], "sequence_id": seq["id"],
+                                    "patient": {"id": "P1"}})  # fmt: skip
+    device = Line(port)
+    device.call("auth.login", {"device_id": mr["id"], "token": mr["token"]})
+    gw.call("tasks.start", {"task_id": task["id"]})
+    device.file.readline()  # the start notification
+
+    # The scanner's images by C-STORE (DCMTK), into the task's study: linked automatically.
+    images = [
+        write_variant(TEST_FILES / "MR_small.dcm", tmp_path / f"{n}.dcm",
+                      StudyInstanceUID=task["study_uid"], SOPInstanceUID=generate_uid(),
+                      AccessionNumber=task["accession_number"], InstanceNumber=n)
+        for n in (1, 2, 3)
+    ]  # fmt: skip
+    storescu(gw, images, calling="MR1")
+    linked = device.call("tasks.results", {"task_id": task["id"]})["result"]
+    assert linked["instances"] == 3 and linked["dicom"][0]["modality"] == "MR"
+
+    def upload(name: str, data: bytes, sha: str | None = None, chunk: int = 1000) -> Any:
+        digest = sha or hashlib.sha256(data).hexdigest()
+        announced = {"task_id": task["id"], "name": name, "size": len(data), "sha256": digest}
+        begin = device.call("uploads.begin", announced)
+        upload_id = begin["result"]["upload_id"]
+        for offset in range(0, len(data), chunk):
+            piece = base64.b64encode(data[offset : offset + chunk]).decode()
+            sent = device.call("uploads.chunk", {"upload_id": upload_id, "offset": offset,
+                                                 "data": piece})  # fmt: skip
+            assert "result" in sent, sent
+        return device.call("uploads.finish", {"upload_id": upload_id})
+
+    raw = bytes(range(256)) * 20
+    kept = upload("kspace.raw", raw)["result"]
+    assert (kept["kind"], kept["size"]) == ("file", len(raw))
+    stored = gw.data_dir / "results" / task["id"] / "kspace.raw"
+    assert stored.read_bytes() == raw
+    # A wrong sha256: refused, nothing kept.
+    bad = upload("log.txt", b"scan log\n" * 100, sha="0" * 64)["error"]
+    assert bad == {"code": -32602, "message": "sha256 does not match the bytes: nothing kept"}
+    assert not (gw.data_dir / "results" / task["id"] / "log.txt").exists()
+    assert list((gw.data_dir / "tmp").iterdir()) == []
+    # A DICOM upload goes into the store, if it is the task's study.
+    dicom = write_variant(
+        TEST_FILES / "MR_small.dcm", tmp_path / "up.dcm",
+        StudyInstanceUID=task["study_uid"], SOPInstanceUID=generate_uid(),
+    )  # fmt: skip
+    assert upload("extra.dcm", dicom.read_bytes(), chunk=2000)["result"]["kind"] == "dicom"
+    other = write_variant(TEST_FILES / "MR_small.dcm", tmp_path / "other.dcm",
+                          StudyInstanceUID=generate_uid(), AccessionNumber="X",
+                          SOPInstanceUID=generate_uid())  # fmt: skip
+    refused = upload("other.dcm", other.read_bytes(), chunk=2000)["error"]
+    assert "belongs to another study" in refused["message"]
+    results = gw.call("tasks.results", {"task_id": task["id"]})
+    assert results["instances"] == 4
+    assert [f["name"] for f in results["files"]] == ["kspace.raw", "extra.dcm"]
+    device.close()

@@ -1,0 +1,240 @@
+"""A task's results: the DICOM instances it produced, and files its device uploaded.
+
+- **DICOM results are linked automatically.** Every stored instance whose StudyInstanceUID is the
+  task's, or whose AccessionNumber is the task's, is the task's: however it arrived (C-STORE from
+  the scanner, an upload). `task_results` reads the link from the index when asked, so it is
+  never stale and survives any restart.
+- **Uploads** come over the control socket in chunks (`uploads.begin` with the name, size and
+  SHA-256; `uploads.chunk` with base64 data at an offset; `uploads.finish`). The bytes go to a
+  temp file in the store's `tmp/`; at the end the size and the SHA-256 are checked. A mismatch
+  is refused and nothing is kept. A DICOM Part 10 file then goes into the store like any
+  received instance (its study is the task's, or it is refused). Any other file (raw data, a
+  log) is written atomically beside the task's results, in `<data_dir>/results/<task id>/`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+
+from gateway.acquire.registry import AcquisitionError, Registry
+from gateway.store.files import ensure_dirs, fsync_dir
+from gateway.store.index import Provenance
+from gateway.store.store import Store
+
+__all__ = ["RESULTS_SCHEMA", "Uploads", "task_results"]
+
+RESULTS_SCHEMA: Final = """CREATE TABLE IF NOT EXISTS result_files (
+    id         TEXT PRIMARY KEY,
+    task_id    TEXT NOT NULL,
+    name       TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    sha256     TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    sop_uid    TEXT,
+    path       TEXT,
+    created_at REAL NOT NULL
+)"""
+
+_MAX_UPLOAD: Final = 64 * 1024**3
+_SERIES_KEYS: Final = (
+    "study_uid", "series_uid", "series_number", "modality", "series_description", "instances",
+)  # fmt: skip
+_FILE_KEYS: Final = ("id", "name", "size", "sha256", "kind", "sop_uid", "created_at")
+_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+async def task_results(store: Store, task: dict[str, Any]) -> dict[str, Any]:
+    """The task's DICOM results (from the index) and uploaded files."""
+
+    def read(conn: sqlite3.Connection) -> dict[str, Any]:
+        series = conn.execute(
+            "SELECT st.study_uid, s.series_uid, s.series_number, s.modality,"
+            " s.series_description, count(i.pk) FROM studies st JOIN series s ON s.study_pk = st.pk"
+            " JOIN instances i ON i.series_pk = s.pk"
+            " WHERE st.study_uid = ? OR st.accession_number = ?"
+            " GROUP BY s.pk ORDER BY s.series_number, s.pk",
+            (task["study_uid"], task["accession_number"]),
+        ).fetchall()
+        files = conn.execute(
+            "SELECT id, name, size, sha256, kind, sop_uid, created_at FROM result_files"
+            " WHERE task_id = ? ORDER BY created_at",
+            (task["id"],),
+        ).fetchall()
+        return {
+            "task_id": task["id"],
+            "dicom": [dict(zip(_SERIES_KEYS, r, strict=True)) for r in series],
+            "instances": sum(r[5] for r in series),
+            "files": [dict(zip(_FILE_KEYS, r, strict=True)) for r in files],
+        }
+
+    return await store.read(read)
+
+
+@dataclass
+class _Upload:
+    id: str
+    task: dict[str, Any]
+    device_id: str
+    name: str
+    size: int
+    sha256: str
+    path: Path
+    received: int = 0
+    digest: Any = field(default_factory=hashlib.sha256)
+    touched: float = field(default_factory=time.monotonic)
+
+
+class Uploads:
+    """Uploads in progress (in memory: an upload interrupted by a restart starts again)."""
+
+    def __init__(self, store: Store, registry: Registry) -> None:
+        self.store = store
+        self.registry = registry
+        self._open: dict[str, _Upload] = {}
+
+    async def ensure_schema(self) -> None:
+        await self.store.write(lambda conn: conn.execute(RESULTS_SCHEMA))
+
+    async def begin(self, device_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        task = await self.registry.task(str(params.get("task_id", "")))
+        if task["device_id"] != device_id:
+            raise AcquisitionError("forbidden", f"task {task['id']} belongs to another device")
+        name, size, sha = params.get("name"), params.get("size"), params.get("sha256")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise AcquisitionError("invalid", "name must be a file name: letters, digits, . _ -")
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= _MAX_UPLOAD:
+            raise AcquisitionError("invalid", "size must be a number of bytes")
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise AcquisitionError("invalid", "sha256 must be 64 lower-case hex digits")
+        upload = _Upload(uuid.uuid4().hex, task, device_id, name, size, sha,
+                         self.store.files.new_temp_path())  # fmt: skip
+        upload.path.touch()
+        self._open[upload.id] = upload
+        return {"upload_id": upload.id, "received": 0}
+
+    def _get(self, device_id: str, params: dict[str, Any]) -> _Upload:
+        upload = self._open.get(str(params.get("upload_id", "")))
+        if upload is None or upload.device_id != device_id:
+            raise AcquisitionError("not_found", "no such upload in progress")
+        return upload
+
+    async def chunk(self, device_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        upload = self._get(device_id, params)
+        offset, data = params.get("offset"), params.get("data")
+        if offset != upload.received:
+            raise AcquisitionError(
+                "invalid", f"offset must be {upload.received} (the bytes received so far)"
+            )
+        try:
+            chunk = base64.b64decode(data if isinstance(data, str) else "", validate=True)
+        except ValueError:
+            raise AcquisitionError("invalid", "data must be base64") from None
+        if upload.received + len(chunk) > upload.size:
+            self._drop(upload)
+            raise AcquisitionError("invalid", "more bytes than the announced size: upload dropped")
+
+        def append() -> None:
+            with upload.path.open("ab") as f:
+                f.write(chunk)
+
+        await anyio.to_thread.run_sync(append)
+        upload.digest.update(chunk)
+        upload.received += len(chunk)
+        upload.touched = time.monotonic()
+        return {"upload_id": upload.id, "received": upload.received}
+
+    async def finish(self, device_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        upload = self._get(device_id, params)
+        self._open.pop(upload.id, None)
+        if upload.received != upload.size:
+            upload.path.unlink(missing_ok=True)
+            raise AcquisitionError(
+                "invalid", f"received {upload.received} of {upload.size} bytes: nothing kept"
+            )
+        if upload.digest.hexdigest() != upload.sha256:
+            upload.path.unlink(missing_ok=True)
+            raise AcquisitionError("invalid", "sha256 does not match the bytes: nothing kept")
+        head = await anyio.to_thread.run_sync(_head, upload.path)
+        record: dict[str, Any] = {"id": uuid.uuid4().hex, "kind": "file", "sop_uid": None}
+        if head[128:132] == b"DICM":
+            ids = await anyio.to_thread.run_sync(_study_keys, upload.path)
+            if ids[0] != upload.task["study_uid"] and ids[1] != upload.task["accession_number"]:
+                upload.path.unlink(missing_ok=True)
+                raise AcquisitionError(
+                    "invalid",
+                    "the DICOM file belongs to another study (neither the task's"
+                    " StudyInstanceUID nor its AccessionNumber): nothing kept",
+                )
+            result = await self.store.ingest(
+                upload.path, Provenance(calling_ae=f"device:{device_id}"[:64])
+            )
+            record.update(kind="dicom", sop_uid=result.sop_instance_uid)
+            relpath = None
+        else:
+            relpath = await anyio.to_thread.run_sync(self._keep, upload)
+        now = time.time()
+        await self.store.write(
+            lambda conn: conn.execute(
+                "INSERT INTO result_files (id, task_id, name, size, sha256, kind, sop_uid, path,"
+                " created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    record["id"],
+                    upload.task["id"],
+                    upload.name,
+                    upload.size,
+                    upload.sha256,
+                    record["kind"],
+                    record["sop_uid"],
+                    relpath,
+                    now,
+                ),
+            )
+        )
+        return {**record, "name": upload.name, "size": upload.size, "sha256": upload.sha256}
+
+    def _keep(self, upload: _Upload) -> str:
+        directory = self.store.files.root / "results" / upload.task["id"]
+        ensure_dirs(directory)
+        target = directory / upload.name
+        with upload.path.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(upload.path, target)
+        fsync_dir(directory)
+        return str(target.relative_to(self.store.files.root))
+
+    def _drop(self, upload: _Upload) -> None:
+        self._open.pop(upload.id, None)
+        upload.path.unlink(missing_ok=True)
+
+    def drop_device(self, device_id: str) -> None:
+        """The device's connection closed: its unfinished uploads are dropped."""
+        for upload in [u for u in self._open.values() if u.device_id == device_id]:
+            self._drop(upload)
+
+
+def _study_keys(path: Path) -> tuple[str, str]:
+    from pydicom import dcmread
+
+    try:
+        ds = dcmread(
+            path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "AccessionNumber"]
+        )
+    except Exception:  # not readable: the store's own checks refuse it with the reason
+        return "", ""
+    return str(ds.get("StudyInstanceUID", "")), str(ds.get("AccessionNumber", ""))  # fmt: skip
+
+
+def _head(path: Path) -> bytes:
+    with path.open("rb") as f:
+        return f.read(132)
