@@ -210,6 +210,7 @@ class ControlSettings(_Section):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     operator_token_hashes: list[str] = Field(default_factory=list)
+    device_heartbeat_timeout: Seconds = 60.0
 
     @field_validator("operator_token_hashes")
     @classmethod

@@ -213,11 +213,18 @@ class ControlServer:
         token = _SESSION.set(session)
         try:
             while True:
+                # A device must be heard from (any request, devices.heartbeat at least) every
+                # device_heartbeat_timeout; a silent one is closed, which makes it OFFLINE.
+                timeout = (
+                    self._settings.device_heartbeat_timeout
+                    if session.role == "device"
+                    else self._settings.idle_timeout
+                )
                 try:
-                    line = await asyncio.wait_for(
-                        self._read_line(reader), self._settings.idle_timeout
-                    )
+                    line = await asyncio.wait_for(self._read_line(reader), timeout)
                 except TimeoutError:
+                    if session.role == "device":
+                        log.warning("device_silent", device=session.device_id, seconds=timeout)
                     return  # an idle connection is closed; the client may reconnect
                 except _LineTooLong:
                     limit = self._settings.max_line_bytes

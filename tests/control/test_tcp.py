@@ -215,6 +215,24 @@ def test_a_scripted_device_runs_its_task(tcp_gateway: tuple[GatewayProcess, int,
     other.close()
 
 
+def test_a_device_whose_heartbeats_stop_goes_offline(gateway_factory: Any) -> None:
+    port = free_port()
+    gw = gateway_factory(control={"tcp_port": port, "device_heartbeat_timeout": 1.5})
+    ct = gw.call("devices.register", {"name": "CT 1", "modality": "CT"})
+    device = Line(port)
+    device.call("auth.login", {"device_id": ct["id"], "token": ct["token"]})
+    time.sleep(1.0)
+    assert device.call("devices.heartbeat")["result"]["state"] == "ONLINE"
+    time.sleep(1.0)  # 2 s since the login, 1 s since the heartbeat: still connected
+    assert gw.call("devices.get", {"device_id": ct["id"]})["state"] == "ONLINE"
+    assert device.closed()  # then silent for more than 1.5 s
+    deadline = time.monotonic() + 5
+    while gw.call("devices.get", {"device_id": ct["id"]})["state"] != "OFFLINE":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert '"device_silent"' in gw.log_text()
+
+
 def test_results_are_linked_and_uploads_verified(
     tcp_gateway: tuple[GatewayProcess, int, str], tmp_path: Path
 ) -> None:
