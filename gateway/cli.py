@@ -649,7 +649,25 @@ def cmd_devices_token(args: argparse.Namespace) -> int:
 
 def cmd_sequences_create(args: argparse.Namespace) -> int:
     parameters = _json_object(args.parameters, "--parameters")
-    params = {"name": args.name, "description": args.description or "", "parameters": parameters}
+    params: dict[str, Any] = {
+        "name": args.name,
+        "description": args.description or "",
+        "parameters": parameters,
+    }
+    if args.file:
+        import base64
+        import hashlib
+
+        path = Path(args.file)
+        try:
+            content = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        params["file"] = {
+            "name": path.name,
+            "data": base64.b64encode(content).decode(),
+            "sha256": hashlib.sha256(content).hexdigest(),
+        }
     result = _call(args, "sequences.create", params)
     _print_result(args, result, f"sequence {result['id']} ({result['name']})")
     return 0
@@ -768,6 +786,7 @@ def _add_acquisition(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> N
     create.add_argument("--name", required=True)
     create.add_argument("--description")
     create.add_argument("--parameters", help="a JSON object")
+    create.add_argument("--file", metavar="PATH", help="a protocol file to attach (sent inline)")
     add(sequences, "list", cmd_sequences_list, "sequences")
     tasks = sub.add_parser("tasks", help="acquisition tasks").add_subparsers(
         dest="tasks_command", required=True, metavar="COMMAND"

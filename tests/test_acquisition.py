@@ -216,7 +216,8 @@ def test_mpps_moves_tasks_through_their_states(gateway: GatewayProcess, tmp_path
     assert findscu(gateway, tmp_path) == []
 
 
-def test_operator_cli(gateway: GatewayProcess) -> None:
+def test_operator_cli(gateway: GatewayProcess, tmp_path: Path) -> None:
+    import base64
     import json
 
     out = gateway.cli("devices", "register", "--name", "MR 2", "--modality", "MR",
@@ -226,6 +227,26 @@ def test_operator_cli(gateway: GatewayProcess) -> None:
     sequence = json.loads(gateway.cli("sequences", "create", "--name", "DWI", "--parameters",
                                       '{"b": [0, 1000]}', "--json").stdout)  # fmt: skip
     assert sequence["parameters"] == {"b": [0, 1000]}
+    protocol = tmp_path / "dwi.exar1"
+    protocol.write_bytes(b"<protocol b='1000'/>\n" * 50)
+    attached = json.loads(gateway.cli("sequences", "create", "--name", "DWI file", "--file",
+                                      str(protocol), "--json").stdout)  # fmt: skip
+    assert attached["file"]["name"] == "dwi.exar1" and attached["file"]["size"] == 1050
+    fetched = gateway.call("sequences.file", {"sequence_id": attached["id"]})
+    assert base64.b64decode(fetched["data"]) == protocol.read_bytes()
+    with pytest.raises(ControlError, match="sha256 does not match the data: nothing kept"):
+        gateway.call(
+            "sequences.create",
+            {
+                "name": "Bad",
+                "file": {
+                    "name": "x.txt",
+                    "data": base64.b64encode(b"abc").decode(),
+                    "sha256": "0" * 64,
+                },
+            },
+        )
+    assert not any(q["name"] == "Bad" for q in gateway.call("sequences.list")["sequences"])
     created = gateway.cli(
         "tasks", "create", "--device", device_id, "--sequence", sequence["id"],
         "--patient-id", "P7", "--patient-name", "Poe^Ed", "--sex", "M",

@@ -18,20 +18,25 @@ docs/acquisition.md describes the model, the worklist and MPPS.
 
 from __future__ import annotations
 
+import base64
 import builtins
 import hashlib
 import hmac
 import json
+import os
+import re
 import secrets
 import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
 import anyio
 
+from gateway.store.files import ensure_dirs, fsync_dir
 from gateway.store.query import prepare_connection
 from gateway.store.store import Store
 
@@ -71,6 +76,7 @@ ACQUIRE_SCHEMA: Final = (
         name        TEXT NOT NULL UNIQUE,
         description TEXT NOT NULL DEFAULT '',
         parameters  TEXT NOT NULL DEFAULT '{}',
+        file        TEXT,
         created_at  REAL NOT NULL
     )""",
     """CREATE TABLE IF NOT EXISTS tasks (
@@ -205,6 +211,8 @@ class Registry:
         def create(conn: sqlite3.Connection) -> None:
             for statement in ACQUIRE_SCHEMA:
                 conn.execute(statement)
+            if "file" not in {row[1] for row in conn.execute("PRAGMA table_info(sequences)")}:
+                conn.execute("ALTER TABLE sequences ADD COLUMN file TEXT")
             columns = {row[1] for row in conn.execute("PRAGMA table_info(devices)")}
             if "state" not in columns:  # a devices table of the first acquisition build
                 conn.execute("ALTER TABLE devices ADD COLUMN state TEXT NOT NULL DEFAULT 'OFFLINE'")
@@ -327,36 +335,58 @@ class Registry:
     # -- sequences ----------------------------------------------------------------------------
 
     async def create_sequence(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Create a sequence; an attached file (`file`: name, base64 data, sha256) is verified
+        and kept in `<data_dir>/sequences/<id>/`."""
         name = _text(fields, "name", required=True)
         description = _text(fields, "description", limit=1024)
         parameters = fields.get("parameters", {})
         if not isinstance(parameters, dict):
             raise AcquisitionError("invalid", "parameters must be a JSON object")
         sequence_id = uuid.uuid4().hex
+        attached = fields.get("file")
+        file_info = None
+        if attached is not None:
+            file_info = await anyio.to_thread.run_sync(
+                _keep_sequence_file, self.store.files.root / "sequences" / sequence_id, attached
+            )
         now = time.time()
 
         def insert(conn: sqlite3.Connection) -> None:
             try:
                 conn.execute(
-                    "INSERT INTO sequences (id, name, description, parameters, created_at)"
-                    " VALUES (?,?,?,?,?)",
-                    (sequence_id, name, description, json.dumps(parameters), now),
-                )
+                    "INSERT INTO sequences (id, name, description, parameters, file, created_at)"
+                    " VALUES (?,?,?,?,?,?)",
+                    (sequence_id, name, description, json.dumps(parameters),
+                     None if file_info is None else json.dumps(file_info), now),
+                )  # fmt: skip
             except sqlite3.IntegrityError:
                 raise AcquisitionError("conflict", f"a sequence named {name!r} exists") from None
 
         await self._write(insert)
         return {"id": sequence_id, "name": name, "description": description,
-                "parameters": parameters, "created_at": now}  # fmt: skip
+                "parameters": parameters, "file": file_info, "created_at": now}  # fmt: skip
 
     async def sequences(self) -> builtins.list[dict[str, Any]]:
         rows = await self.store.read(
             lambda conn: conn.execute(
-                "SELECT id, name, description, parameters, created_at FROM sequences ORDER BY name"
+                "SELECT id, name, description, parameters, file, created_at FROM sequences"
+                " ORDER BY name"
             ).fetchall()
         )
         return [{"id": r[0], "name": r[1], "description": r[2], "parameters": json.loads(r[3]),
-                 "created_at": r[4]} for r in rows]  # fmt: skip
+                 "file": json.loads(r[4]) if r[4] else None, "created_at": r[5]}
+                for r in rows]  # fmt: skip
+
+    async def sequence_file(self, sequence_id: str) -> dict[str, Any]:
+        """The attached file of a sequence: its name, sha256 and base64 data."""
+        sequence = next((q for q in await self.sequences() if q["id"] == sequence_id), None)
+        if sequence is None:
+            raise AcquisitionError("not_found", f"no sequence {sequence_id[:40]!r}")
+        if sequence["file"] is None:
+            raise AcquisitionError("not_found", f"sequence {sequence['name']!r} has no file")
+        path = self.store.files.root / "sequences" / sequence_id / sequence["file"]["name"]
+        data = await anyio.to_thread.run_sync(path.read_bytes)
+        return {**sequence["file"], "data": base64.b64encode(data).decode()}
 
     # -- tasks --------------------------------------------------------------------------------
 
@@ -563,6 +593,30 @@ class Registry:
             return [_task(row) for row in rows]
 
         return await self.store.read(select)
+
+
+def _keep_sequence_file(directory: Path, attached: Any) -> dict[str, Any]:
+    """Verify an attached file (name, base64 data, sha256) and write it atomically."""
+    if not isinstance(attached, dict):
+        raise AcquisitionError("invalid", "file must be an object with name, data and sha256")
+    name, data, sha = attached.get("name"), attached.get("data"), attached.get("sha256")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+        raise AcquisitionError("invalid", "file.name must be a file name: letters, digits, . _ -")
+    try:
+        content = base64.b64decode(data if isinstance(data, str) else "", validate=True)
+    except ValueError:
+        raise AcquisitionError("invalid", "file.data must be base64") from None
+    if not isinstance(sha, str) or hashlib.sha256(content).hexdigest() != sha.lower():
+        raise AcquisitionError("invalid", "file.sha256 does not match the data: nothing kept")
+    ensure_dirs(directory)
+    temp = directory / f".{name}.tmp"
+    with temp.open("wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, directory / name)
+    fsync_dir(directory)
+    return {"name": name, "size": len(content), "sha256": sha.lower()}
 
 
 def _find_task(conn: sqlite3.Connection, keys: Mapping[str, str]) -> str | None:

@@ -88,8 +88,12 @@ def register_acquisition_methods(server: ControlServer, gateway: Gateway) -> Non
         return {"id": device_id, "revoked": True}
 
     async def create_sequence(params: dict[str, Any]) -> dict[str, Any]:
-        _no_unknown(params, {"name", "description", "parameters"})
+        _no_unknown(params, {"name", "description", "parameters", "file"})
         return await registry.create_sequence(params)
+
+    async def sequence_file(params: dict[str, Any]) -> dict[str, Any]:
+        _no_unknown(params, {"sequence_id"})
+        return await registry.sequence_file(_id(params, "sequence_id"))
 
     async def list_sequences(params: dict[str, Any]) -> dict[str, Any]:
         _no_unknown(params, set())
@@ -224,6 +228,7 @@ def register_acquisition_methods(server: ControlServer, gateway: Gateway) -> Non
         return call
 
     server.register("tasks.results", _wrapped(results), access="any")
+    server.register("sequences.file", _wrapped(sequence_file), access="any")
     server.register("uploads.begin", _wrapped(device_call("begin")), access="device")
     server.register("uploads.chunk", _wrapped(device_call("chunk")), access="device")
     server.register("uploads.finish", _wrapped(device_call("finish")), access="device")
