@@ -302,3 +302,58 @@ def test_results_are_linked_and_uploads_verified(
     assert results["instances"] == 4
     assert [f["name"] for f in results["files"]] == ["kspace.raw", "extra.dcm"]
     device.close()
+
+
+def test_scripted_device_end_to_end(
+    tcp_gateway: tuple[GatewayProcess, int, str], tmp_path: Path
+) -> None:
+    """Register, connect, get the start notification, report progress, send the images by
+    C-STORE (DCMTK), see them linked, finish; then an upload with a wrong sha256 is refused."""
+    import base64
+    import hashlib
+
+    from pydicom.uid import generate_uid
+
+    from tests.conftest import TEST_FILES, write_variant
+    from tests.test_routing import storescu
+
+    gw, port, operator_token = tcp_gateway
+    operator = Line(port)  # a remote operator, over TCP like the device
+    operator.call("auth.login", {"operator_token": operator_token})
+    device_info = operator.call("devices.register", {"name": "MR 9", "modality": "MR",
+                                                     "station_ae": "MR9"})["result"]  # fmt: skip
+    seq = operator.call("sequences.create", {"name": "FLAIR"})["result"]
+    task = operator.call("tasks.create", {"device_id": device_info["id"], "sequence_id": seq["id"],
+                                          "patient": {"id": "E2E"}})["result"]  # fmt: skip
+    device = Line(port)
+    device.call("auth.login", {"device_id": device_info["id"], "token": device_info["token"]})
+    assert operator.call("tasks.start", {"task_id": task["id"]})["result"]["status"] == "STARTED"
+    start = json.loads(device.file.readline())
+    assert start["method"] == "task.start" and start["params"]["task"]["id"] == task["id"]
+    assert (
+        device.call("tasks.report", {"task_id": task["id"], "progress": 40})["result"]["status"]
+        == "INPROGRESS"
+    )
+    images = [
+        write_variant(TEST_FILES / "MR_small.dcm", tmp_path / f"i{n}.dcm",
+                      StudyInstanceUID=start["params"]["task"]["study_uid"],
+                      SOPInstanceUID=generate_uid(), InstanceNumber=n)
+        for n in (1, 2)
+    ]  # fmt: skip
+    storescu(gw, images, calling="MR9")
+    results = device.call("tasks.results", {"task_id": task["id"]})["result"]
+    assert results["instances"] == 2
+    finished = device.call("tasks.report", {"task_id": task["id"], "status": "FINISHED"})
+    assert finished["result"]["status"] == "FINISHED"
+    data = b"raw" * 100
+    begin = device.call("uploads.begin", {"task_id": task["id"], "name": "raw.dat",
+                                          "size": len(data), "sha256": "f" * 64})  # fmt: skip
+    upload_id = begin["result"]["upload_id"]
+    device.call("uploads.chunk", {"upload_id": upload_id, "offset": 0,
+                                  "data": base64.b64encode(data).decode()})  # fmt: skip
+    refused = device.call("uploads.finish", {"upload_id": upload_id})["error"]
+    assert refused["message"] == "sha256 does not match the bytes: nothing kept"
+    assert hashlib.sha256(data).hexdigest() != "f" * 64
+    assert operator.call("tasks.results", {"task_id": task["id"]})["result"]["files"] == []
+    device.close()
+    operator.close()
