@@ -602,8 +602,7 @@ def _print_result(args: argparse.Namespace, result: Any, text: str) -> None:
 
 
 def cmd_devices_register(args: argparse.Namespace) -> int:
-    fields = {k: getattr(args, k) for k in ("name", "modality", "manufacturer", "serial_number",
-                                            "site", "station_ae") if getattr(args, k)}  # fmt: skip
+    fields = {k: getattr(args, k) for k in _DEVICE_OPTIONS if getattr(args, k)}
     result = _call(args, "devices.register", fields)
     _print_result(args, result, f"device {result['id']}\ntoken {result['token']}\n"
                   "(the token is shown once: give it to the device now)")  # fmt: skip
@@ -635,6 +634,16 @@ def cmd_devices_list(args: argparse.Namespace) -> int:
     columns = [("id", "ID"), ("name", "NAME"), ("modality", "MODALITY"),
                ("station_ae", "STATION AE"), ("site", "SITE"), ("has_token", "TOKEN")]  # fmt: skip
     return _print_listing(args, _call(args, "devices.list"), "devices", columns)
+
+
+_DEVICE_OPTIONS = ("name", "modality", "manufacturer", "serial_number", "site", "station_ae")
+
+
+def cmd_devices_update(args: argparse.Namespace) -> int:
+    fields = {k: getattr(args, k) for k in _DEVICE_OPTIONS if getattr(args, k) is not None}
+    result = _call(args, "devices.update", {"device_id": args.device_id, **fields})
+    _print_result(args, result, f"device {result['id']} updated")
+    return 0
 
 
 def cmd_devices_token(args: argparse.Namespace) -> int:
@@ -775,6 +784,10 @@ def _add_acquisition(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> N
     for option in ("manufacturer", "serial-number", "site", "station-ae"):
         register.add_argument(f"--{option}", dest=option.replace("-", "_"))
     add(devices, "list", cmd_devices_list, "registered devices")
+    update = add(devices, "update", cmd_devices_update, "change a device's details")
+    update.add_argument("device_id")
+    for option in ("name", "modality", "manufacturer", "serial-number", "site", "station-ae"):
+        update.add_argument(f"--{option}", dest=option.replace("-", "_"))
     for name, text in (("rotate-token", "give a device a new token"),
                        ("revoke", "revoke a device's token")):  # fmt: skip
         p = add(devices, name, cmd_devices_token, text)

@@ -259,5 +259,9 @@ def test_operator_cli(gateway: GatewayProcess, tmp_path: Path) -> None:
     assert f"task {task_id}: ERROR (scanner down)" in cancelled
     bad = gateway.cli("tasks", "cancel", task_id, check=False)
     assert bad.returncode == 1 and "is ERROR, not NEW/STARTED/INPROGRESS" in bad.stderr
-    assert "MR 2" in gateway.cli("devices", "list").stdout
+    assert "updated" in gateway.cli("devices", "update", device_id, "--site", "Annex").stdout
+    assert (
+        "MR 2" in gateway.cli("devices", "list").stdout
+        and "Annex" in gateway.cli("devices", "list").stdout
+    )
     assert "token revoked" in gateway.cli("devices", "revoke", device_id).stdout
