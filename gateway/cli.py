@@ -39,6 +39,17 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(_config_path(args))
 
 
+def _print_listing(
+    args: argparse.Namespace, result: dict[str, Any], key: str, columns: list[tuple[str, str]]
+) -> int:
+    """A listing method's result: as JSON with --json, else as a table of *columns*."""
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        _print_table(result[key], columns)
+    return 0
+
+
 def _print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> None:
     if not rows:
         print("(none)")
@@ -124,23 +135,17 @@ def cmd_studies_list(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             params[name] = value
-    result = _call(args, "studies.search", params)
-    if args.json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-        return 0
-    _print_table(
-        result["studies"],
-        [
-            ("study_uid", "STUDY UID"),
-            ("patient_id", "PATIENT ID"),
-            ("patient_name", "NAME"),
-            ("study_date", "DATE"),
-            ("accession_number", "ACCESSION"),
-            ("modalities", "MOD"),
-            ("series", "SERIES"),
-            ("instances", "INSTANCES"),
-        ],
-    )
+    columns = [
+        ("study_uid", "STUDY UID"),
+        ("patient_id", "PATIENT ID"),
+        ("patient_name", "NAME"),
+        ("study_date", "DATE"),
+        ("accession_number", "ACCESSION"),
+        ("modalities", "MOD"),
+        ("series", "SERIES"),
+        ("instances", "INSTANCES"),
+    ]
+    _print_listing(args, _call(args, "studies.search", params), "studies", columns)
     return 0
 
 
@@ -606,17 +611,6 @@ def cmd_devices_register(args: argparse.Namespace) -> int:
     result = _call(args, "devices.register", fields)
     _print_result(args, result, f"device {result['id']}\ntoken {result['token']}\n"
                   "(the token is shown once: give it to the device now)")  # fmt: skip
-    return 0
-
-
-def _print_listing(
-    args: argparse.Namespace, result: dict[str, Any], key: str, columns: list[tuple[str, str]]
-) -> int:
-    if args.json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
-    else:
-        _print_table([{k: "" if v is None else v for k, v in r.items()} for r in result[key]],
-                     columns)  # fmt: skip
     return 0
 
 

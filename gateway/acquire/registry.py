@@ -23,7 +23,6 @@ import builtins
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
 import sqlite3
@@ -32,16 +31,17 @@ import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, BinaryIO, Final, Literal, TypeVar
 
 import anyio
 
-from gateway.store.files import ensure_dirs, fsync_dir
+from gateway.store.files import write_atomically
 from gateway.store.query import prepare_connection
 from gateway.store.store import Store
 
 __all__ = [
     "ACQUIRE_SCHEMA",
+    "FILE_NAME_RE",
     "TASK_STATUSES",
     "AcquisitionError",
     "DeviceState",
@@ -53,7 +53,11 @@ __all__ = [
 T = TypeVar("T")
 TaskStatus = Literal["NEW", "STARTED", "INPROGRESS", "FINISHED", "ERROR"]
 TASK_STATUSES: Final[tuple[TaskStatus, ...]] = ("NEW", "STARTED", "INPROGRESS", "FINISHED", "ERROR")
-_UID_ROOT: Final = "2.25."  # UUID-derived UIDs (PS3.5 B.2): no registered root needed
+_UID_ROOT: Final = "2.25."
+# A name a device or operator gives a file the gateway keeps (uploads, sequence files).
+FILE_NAME_RE: Final = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+)  # UUID-derived UIDs (PS3.5 B.2): no registered root needed
 
 ACQUIRE_SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS devices (
@@ -366,22 +370,29 @@ class Registry:
         return {"id": sequence_id, "name": name, "description": description,
                 "parameters": parameters, "file": file_info, "created_at": now}  # fmt: skip
 
-    async def sequences(self) -> builtins.list[dict[str, Any]]:
+    async def sequences(self, sequence_id: str | None = None) -> builtins.list[dict[str, Any]]:
+        """Every sequence by name, or the one with *sequence_id* (an empty list if none)."""
+        where, params = ("WHERE id = ?", (sequence_id,)) if sequence_id is not None else ("", ())
         rows = await self.store.read(
             lambda conn: conn.execute(
                 "SELECT id, name, description, parameters, file, created_at FROM sequences"
-                " ORDER BY name"
+                f" {where} ORDER BY name",
+                params,
             ).fetchall()
         )
         return [{"id": r[0], "name": r[1], "description": r[2], "parameters": json.loads(r[3]),
                  "file": json.loads(r[4]) if r[4] else None, "created_at": r[5]}
                 for r in rows]  # fmt: skip
 
+    async def sequence(self, sequence_id: str) -> dict[str, Any]:
+        found = await self.sequences(sequence_id)
+        if not found:
+            raise AcquisitionError("not_found", f"no sequence {sequence_id[:40]!r}")
+        return found[0]
+
     async def sequence_file(self, sequence_id: str) -> dict[str, Any]:
         """The attached file of a sequence: its name, sha256 and base64 data."""
-        sequence = next((q for q in await self.sequences() if q["id"] == sequence_id), None)
-        if sequence is None:
-            raise AcquisitionError("not_found", f"no sequence {sequence_id[:40]!r}")
+        sequence = await self.sequence(sequence_id)
         if sequence["file"] is None:
             raise AcquisitionError("not_found", f"sequence {sequence['name']!r} has no file")
         path = self.store.files.root / "sequences" / sequence_id / sequence["file"]["name"]
@@ -600,7 +611,7 @@ def _keep_sequence_file(directory: Path, attached: Any) -> dict[str, Any]:
     if not isinstance(attached, dict):
         raise AcquisitionError("invalid", "file must be an object with name, data and sha256")
     name, data, sha = attached.get("name"), attached.get("data"), attached.get("sha256")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+    if not isinstance(name, str) or not FILE_NAME_RE.fullmatch(name):
         raise AcquisitionError("invalid", "file.name must be a file name: letters, digits, . _ -")
     try:
         content = base64.b64decode(data if isinstance(data, str) else "", validate=True)
@@ -608,14 +619,11 @@ def _keep_sequence_file(directory: Path, attached: Any) -> dict[str, Any]:
         raise AcquisitionError("invalid", "file.data must be base64") from None
     if not isinstance(sha, str) or hashlib.sha256(content).hexdigest() != sha.lower():
         raise AcquisitionError("invalid", "file.sha256 does not match the data: nothing kept")
-    ensure_dirs(directory)
-    temp = directory / f".{name}.tmp"
-    with temp.open("wb") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, directory / name)
-    fsync_dir(directory)
+
+    def fill(out: BinaryIO) -> None:
+        out.write(content)
+
+    write_atomically(directory / name, fill)
     return {"name": name, "size": len(content), "sha256": sha.lower()}
 
 

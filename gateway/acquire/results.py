@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import re
 import sqlite3
 import time
@@ -27,8 +26,8 @@ from typing import Any, Final
 
 import anyio
 
-from gateway.acquire.registry import AcquisitionError, Registry
-from gateway.store.files import ensure_dirs, fsync_dir
+from gateway.acquire.registry import FILE_NAME_RE, AcquisitionError, Registry
+from gateway.store.files import replace_durably
 from gateway.store.index import Provenance
 from gateway.store.store import Store
 
@@ -51,7 +50,6 @@ _SERIES_KEYS: Final = (
     "study_uid", "series_uid", "series_number", "modality", "series_description", "instances",
 )  # fmt: skip
 _FILE_KEYS: Final = ("id", "name", "size", "sha256", "kind", "sop_uid", "created_at")
-_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 async def task_results(store: Store, task: dict[str, Any]) -> dict[str, Any]:
@@ -111,7 +109,7 @@ class Uploads:
         if task["device_id"] != device_id:
             raise AcquisitionError("forbidden", f"task {task['id']} belongs to another device")
         name, size, sha = params.get("name"), params.get("size"), params.get("sha256")
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not FILE_NAME_RE.fullmatch(name):
             raise AcquisitionError("invalid", "name must be a file name: letters, digits, . _ -")
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= _MAX_UPLOAD:
             raise AcquisitionError("invalid", "size must be a number of bytes")
@@ -204,13 +202,8 @@ class Uploads:
         return {**record, "name": upload.name, "size": upload.size, "sha256": upload.sha256}
 
     def _keep(self, upload: _Upload) -> str:
-        directory = self.store.files.root / "results" / upload.task["id"]
-        ensure_dirs(directory)
-        target = directory / upload.name
-        with upload.path.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(upload.path, target)
-        fsync_dir(directory)
+        target = self.store.files.root / "results" / upload.task["id"] / upload.name
+        replace_durably(upload.path, target)
         return str(target.relative_to(self.store.files.root))
 
     def _drop(self, upload: _Upload) -> None:

@@ -149,9 +149,7 @@ def register_acquisition_methods(server: ControlServer, gateway: Gateway) -> Non
             raise ControlError(CONFLICT, f"device {device['name']!r} is busy with another task")
         started = await registry.set_task_status(task["id"], "STARTED", allowed_from=("NEW",))
         await registry.set_device_state(device["id"], "BUSY")
-        sequence = next(
-            (q for q in await registry.sequences() if q["id"] == started["sequence_id"]), None
-        )
+        sequence = await registry.sequence(started["sequence_id"])
         delivered = await session.notify(
             "task.start",
             {"task": started, "sequence": sequence, "parameters": started["parameters"]},

@@ -496,19 +496,19 @@ class Retriever:
 
     async def _verify(self, request: Request) -> Step:
         stall = self.settings.retrieve.stall_seconds
-        held = -1
+        expected = await self.queue.expected(request.id)  # fixed by compare: read it once
+        seen = -1
         last = time.monotonic()
         while True:
-            missing = await self.queue.missing(request.id)
-            if not missing:
+            held = await self.queue.held(request.id)
+            if held >= expected:
                 return "forward"
-            expected = await self.queue.expected(request.id)
-            if expected - len(missing) != held:
-                held, last = expected - len(missing), time.monotonic()
+            if held != seen:
+                seen, last = held, time.monotonic()
             elif time.monotonic() - last > stall:
                 raise _Attempt(
-                    f"timeout: {len(missing)} instance(s) listed by {request.archive} did not"
-                    f" arrive within {stall:g} s",
+                    f"timeout: {expected - held} instance(s) listed by {request.archive} did"
+                    f" not arrive within {stall:g} s",
                     step="move",
                 )
             await anyio.sleep(min(0.2, stall / 10))

@@ -11,16 +11,14 @@ recorded as they come, group-committed by `_Ledger`. docs/dispatch.md describes 
 from __future__ import annotations
 
 import asyncio
-import os
 import random as _random
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import anyio
 import anyio.from_thread
@@ -32,7 +30,7 @@ from gateway.config import FolderSettings, PeerSettings, Settings, WebhookSettin
 from gateway.errors import GatewayError
 from gateway.scu.notify import NotifyError, post_json, summary
 from gateway.scu.sender import Delivery, send_instances
-from gateway.store.files import ensure_dirs, fsync_dir
+from gateway.store.files import write_atomically
 from gateway.store.instance import is_valid_uid
 from gateway.store.jobs import Backoff, Job, JobQueue
 from gateway.store.store import InstanceFile, Store
@@ -59,23 +57,14 @@ def folder_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> Pa
 
 
 def copy_atomically(source: Path, target: Path) -> None:
-    """Copy *source* to *target* so *target* is either absent, an old copy, or complete.
+    """Copy *source* to *target* so *target* is either absent, an old copy, or complete
+    (`write_atomically`)."""
 
-    The bytes go to a temp name in the target's directory, are fsynced, renamed over the
-    target, and the directory is fsynced.
-    """
-    ensure_dirs(target.parent)
-    temp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with source.open("rb") as src, temp.open("xb") as dst:
-            shutil.copyfileobj(src, dst, 1024 * 1024)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
+    def copy(out: BinaryIO) -> None:
+        with source.open("rb") as src:
+            shutil.copyfileobj(src, out, 1024 * 1024)
+
+    write_atomically(target, copy)
 
 
 class _Ledger:

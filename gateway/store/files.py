@@ -17,10 +17,11 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["FileStore", "ensure_dirs", "fsync_dir"]
+__all__ = ["FileStore", "ensure_dirs", "fsync_dir", "replace_durably", "write_atomically"]
 
 _BUCKET_FORMAT = "%Y%m%d/%H"
 
@@ -44,6 +45,31 @@ def ensure_dirs(directory: Path) -> None:
     for path in reversed(created):
         path.mkdir(exist_ok=True)
         fsync_dir(path.parent)
+
+
+def replace_durably(source: Path, target: Path) -> None:
+    """Put the complete file *source* at *target* (same filesystem) so that *target* is either
+    absent, its old content, or all of *source*: fsync the file, rename it over *target*, fsync
+    the directory (created, durably, when missing)."""
+    with source.open("rb") as f:
+        os.fsync(f.fileno())
+    ensure_dirs(target.parent)
+    os.replace(source, target)
+    fsync_dir(target.parent)
+
+
+def write_atomically(target: Path, fill: Callable[[BinaryIO], None]) -> None:
+    """Write *target* through *fill* so that it is either absent, old, or complete: the bytes
+    go to a temp name beside it and `replace_durably` puts them in place."""
+    ensure_dirs(target.parent)
+    temp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with temp.open("xb") as out:
+            fill(out)
+        replace_durably(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 class FileStore:

@@ -489,18 +489,19 @@ class JobQueue:
     async def pending(self, job: Job) -> tuple[builtins.list[InstanceFile], int]:
         """The job's instances its target does not hold as stored; and how many it holds."""
         where = "s.series_uid = ?" if job.scope == "series" else "st.study_uid = ?"
-        instances = await self.store.instance_files(where, (job.uid,))
+        pending = await self.store.instance_files(
+            f"{where} AND NOT {ACKNOWLEDGED}", (job.uid, job.target)
+        )
         held = await self.store.read(
-            lambda conn: {
-                row[0]
-                for row in conn.execute(
-                    "SELECT i.sop_uid FROM instances i JOIN series s ON i.series_pk = s.pk"
+            lambda conn: int(
+                conn.execute(
+                    "SELECT count(*) FROM instances i JOIN series s ON i.series_pk = s.pk"
                     f" JOIN studies st ON s.study_pk = st.pk WHERE {where} AND {ACKNOWLEDGED}",
                     (job.uid, job.target),
-                )
-            }
+                ).fetchone()[0]
+            )
         )
-        return [i for i in instances if i.sop_instance_uid not in held], len(held)
+        return pending, held
 
     async def get(self, job_id: int) -> Job | None:
         """One job, if it exists."""
