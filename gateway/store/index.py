@@ -29,6 +29,7 @@ import structlog
 from gateway.errors import DuplicateInstance, GatewayError, StoreError
 from gateway.store.files import FileStore
 from gateway.store.instance import ReceivedFile
+from gateway.store.names import pn_keys_json
 
 __all__ = [
     "SCHEMA",
@@ -38,6 +39,7 @@ __all__ = [
     "IngestResult",
     "Provenance",
     "connect",
+    "migrate",
 ]
 
 log = structlog.get_logger(__name__)
@@ -45,6 +47,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 DuplicatePolicy = Literal["keep_first", "overwrite", "reject"]
 IngestOutcome = Literal["stored", "replaced", "unchanged", "ignored"]
+_PN_KEYS_FUNCTION = "gateway_pn_keys"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -107,12 +110,57 @@ CREATE TABLE IF NOT EXISTS instances (
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances (series_pk);
 CREATE INDEX IF NOT EXISTS patients_name ON patients (patient_name);
+
+-- PatientName match candidates per patient (gateway/store/names.py), kept by triggers on every
+-- path that inserts, renames or deletes a patient.
+CREATE TABLE IF NOT EXISTS patient_name_keys (
+    key        TEXT NOT NULL,
+    patient_pk INTEGER NOT NULL,
+    PRIMARY KEY (key, patient_pk)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS patient_name_keys_patient ON patient_name_keys (patient_pk);
+CREATE TRIGGER IF NOT EXISTS patients_keys_insert AFTER INSERT ON patients BEGIN
+    INSERT OR IGNORE INTO patient_name_keys (key, patient_pk)
+        SELECT value, NEW.pk FROM json_each(gateway_pn_keys(NEW.patient_name));
+END;
+CREATE TRIGGER IF NOT EXISTS patients_keys_update AFTER UPDATE OF patient_name ON patients
+    WHEN OLD.patient_name IS NOT NEW.patient_name BEGIN
+    DELETE FROM patient_name_keys WHERE patient_pk = OLD.pk;
+    INSERT OR IGNORE INTO patient_name_keys (key, patient_pk)
+        SELECT value, NEW.pk FROM json_each(gateway_pn_keys(NEW.patient_name));
+END;
+CREATE TRIGGER IF NOT EXISTS patients_keys_delete AFTER DELETE ON patients BEGIN
+    DELETE FROM patient_name_keys WHERE patient_pk = OLD.pk;
+END;
 """
+_NAME_KEYS_VERSION = "1"  # bump when names.pn_keys changes: the keys are recomputed at open
+_NAME_KEYS_VERSION_KEY = "name_keys_version"
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring derived tables up to date with the rows (in the caller's transaction).
+
+    The name keys are recomputed from the patients when they were made by another definition
+    of `pn_keys`, or never (an index from before they existed).
+    """
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (_NAME_KEYS_VERSION_KEY,)).fetchone()
+    if row is None or row[0] != _NAME_KEYS_VERSION:
+        conn.execute("DELETE FROM patient_name_keys")
+        conn.execute(
+            "INSERT OR IGNORE INTO patient_name_keys (key, patient_pk)"
+            " SELECT k.value, p.pk FROM patients p, json_each(gateway_pn_keys(p.patient_name)) k"
+        )
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            (_NAME_KEYS_VERSION_KEY, _NAME_KEYS_VERSION),
+        )
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     """Open the index with the pragmas every connection needs."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    # The name-key triggers call it: every connection that may write patients needs it.
+    conn.create_function(_PN_KEYS_FUNCTION, 1, pn_keys_json, deterministic=True)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
@@ -219,7 +267,12 @@ class IndexWriter:
         try:
             self._conn = connect(self._db_path)
             self._conn.executescript(SCHEMA)
+            self._conn.execute("BEGIN IMMEDIATE")
+            migrate(self._conn)
+            self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            if self._conn is not None:
+                self._conn.close()
             self._ready.set_exception(StoreError(f"cannot open the index: {exc}"))
             return
         self._ready.set_result(None)

@@ -20,7 +20,9 @@ refused with `QueryError`. Every value reaches SQLite as a bound parameter.
 A response carries every key of the request, the QueryRetrieveLevel, the unique keys of its level
 and of the levels above, and SpecificCharacterSet ``ISO_IR 192``: values come from the index as
 decoded text. PN matching uses an SQL function, `gateway_pn_match`, that `find` registers on the
-store's read connection. ModalitiesInStudy and the NumberOf*Related* keys are computed in SQL.
+store's read connection; for PatientName a value with a literal start (``DOE^JOHN``, ``doe*``)
+first selects its candidates through the index of name keys (`gateway.store.names`), so the
+function runs on those only. ModalitiesInStudy and the NumberOf*Related* keys are computed in SQL.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from gateway.errors import RejectedInstance
+from gateway.store.names import key_range, pn_groups
 from gateway.store.store import Store
 
 __all__ = [
@@ -294,7 +297,37 @@ def _condition(key: _Key, values: Sequence[str]) -> tuple[str, list[object]] | N
     if key.kind == "modalities":
         inner, params = _any_of("text", "x.modality", values, key.keyword)
         return f"EXISTS (SELECT 1 FROM series x WHERE x.study_pk = st.pk AND {inner})", params
+    if key.keyword == "PatientName":
+        return _patient_name(values)
     return _any_of(key.kind, key.column, values, key.keyword)
+
+
+def _patient_name(values: Sequence[str]) -> tuple[str, list[object]]:
+    """PatientName against any of *values*: `gateway_pn_match` decides, and a value that fixes a
+    key or a key prefix (`names.key_range`) first narrows the patients through the index of
+    `patient_name_keys`, so the function runs on the candidates only. A value with no literal
+    prefix (``*JOHN``) calls it on every patient."""
+    terms: list[str] = []
+    params: list[object] = []
+    for value in values:
+        match = f"{_PN_FUNCTION}(p.patient_name, ?)"
+        bounds = key_range(value)
+        if bounds is None:
+            terms.append(match)
+            params.append(value)
+            continue
+        if bounds.exact:
+            keys, key_params = "key = ?", [bounds.low]
+        elif bounds.high is None:
+            keys, key_params = "key >= ?", [bounds.low]
+        else:
+            keys, key_params = "key >= ? AND key < ?", [bounds.low, bounds.high]
+        terms.append(
+            f"(p.pk IN (SELECT patient_pk FROM patient_name_keys WHERE {keys}) AND {match})"
+        )
+        params.extend(key_params)
+        params.append(value)
+    return f"({' OR '.join(terms)})", params
 
 
 def match_term(
@@ -394,19 +427,11 @@ def _glob(value: str) -> str:
 # -- person names --------------------------------------------------------------------------------
 
 
-def _pn_groups(name: str) -> list[str]:
-    """Lower-cased component groups without trailing empty components."""
-    groups = [group.strip().rstrip("^").rstrip() for group in name.lower().split("=")]
-    while groups and not groups[-1]:
-        groups.pop()
-    return groups
-
-
 @lru_cache(maxsize=256)
 def _pn_query(query: str) -> tuple[re.Pattern[str] | None, ...]:
     """One pattern per query component group; None where the group is empty (any value)."""
     patterns: list[re.Pattern[str] | None] = []
-    for group in _pn_groups(query):
+    for group in pn_groups(query):
         if not group.strip("*"):
             patterns.append(None)
             continue
@@ -425,7 +450,7 @@ def _pn_match(stored: object, query: object) -> int:
     if not isinstance(stored, str) or not isinstance(query, str):
         return 0
     patterns = _pn_query(query)
-    groups = _pn_groups(stored)
+    groups = pn_groups(stored)
     if len(patterns) == 1 and patterns[0] is not None:
         pattern = patterns[0]
         candidates = ["=".join(groups), *groups]

@@ -1,8 +1,9 @@
 """The store: files plus index behind one async API, and start-up reconciliation.
 
 Association threads call `ingest_blocking` (it waits on the writer's future, never on the event
-loop); everything else uses the async methods. Reads run on a read-only connection in a worker
-thread so the event loop never blocks on SQLite.
+loop); everything else uses the async methods. Reads run on a small pool of read-only connections
+in worker threads, so the event loop never blocks on SQLite and one slow query (a PatientName
+pattern that scans) does not hold the others up.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import dataclasses
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -39,6 +41,7 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 _RUNNING_KEY = "running_since"
+_READERS = 4  # read connections: a scanning query leaves three for everything else
 _RECONCILE_MARGIN = 3600.0  # seconds before the unclean run's start that are scanned too
 
 
@@ -81,8 +84,7 @@ class Store:
         self._free_bytes = 0
         self.db_path = data_dir / "index.sqlite"
         self._writer = IndexWriter(self.db_path, self.files, duplicate_policy)
-        self._read_conn: sqlite3.Connection | None = None
-        self._read_limiter = anyio.CapacityLimiter(1)
+        self._readers = _ReadPool(self.db_path, _READERS)
         self.reconcile_report = ReconcileReport()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -93,9 +95,7 @@ class Store:
         try:
             await anyio.to_thread.run_sync(self.files.create_dirs)
             await anyio.to_thread.run_sync(self._writer.start)
-            self._read_conn = await anyio.to_thread.run_sync(
-                lambda: connect(self.db_path, readonly=True)
-            )
+            await anyio.to_thread.run_sync(self._readers.open)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store in {self.files.root}: {exc}") from exc
         self.reconcile_report = await anyio.to_thread.run_sync(self._reconcile, new_index)
@@ -111,16 +111,14 @@ class Store:
 
     async def close(self) -> None:
         """Mark the run as cleanly stopped and close everything (again: nothing happens)."""
-        if self._read_conn is None:
+        if not self._readers.is_open:
             return
         try:
             await self.write(lambda c: c.execute("DELETE FROM meta WHERE key=?", (_RUNNING_KEY,)))
         except GatewayError as exc:
             log.warning("store_close_mark_failed", error=str(exc))
         await anyio.to_thread.run_sync(self._writer.stop)
-        if self._read_conn is not None:
-            self._read_conn.close()
-            self._read_conn = None
+        self._readers.close()
         log.info("store_closed")
 
     def set_ingest_listener(self, listener: Callable[[list[IngestResult]], None]) -> None:
@@ -245,18 +243,14 @@ class Store:
     # -- reads --------------------------------------------------------------------------------
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run *fn* on the read-only connection in a worker thread."""
-        conn = self._read_conn
-        if conn is None:
+        """Run *fn* on a read-only connection of the pool in a worker thread.
+
+        At most `_READERS` reads run at once, each on a connection of its own; more wait for one.
+        Raises `StoreError` when the store is not open or SQLite fails.
+        """
+        if not self._readers.is_open:
             raise StoreError("the store is not open")
-
-        def run() -> T:
-            try:
-                return fn(conn)
-            except sqlite3.Error as exc:
-                raise StoreError(f"the index could not be read: {exc}") from exc
-
-        return await anyio.to_thread.run_sync(run, limiter=self._read_limiter)
+        return await anyio.to_thread.run_sync(self._readers.run, fn, limiter=self._readers.limiter)
 
     async def counts(self) -> dict[str, int]:
         """Patients, studies, series, instances and bytes held."""
@@ -359,6 +353,48 @@ class Store:
             path.unlink(missing_ok=True)
             return False
         return bool(result.path)
+
+
+class _ReadPool:
+    """Read-only connections, each used by one thread at a time; `limiter` admits that many."""
+
+    def __init__(self, db_path: Path, size: int) -> None:
+        self._db_path = db_path
+        self._size = size
+        self._idle: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self.is_open = False
+        self.limiter = anyio.CapacityLimiter(size)
+
+    def open(self) -> None:
+        """Open every connection (blocking)."""
+        conns = [connect(self._db_path, readonly=True) for _ in range(self._size)]
+        with self._lock:
+            self._idle, self.is_open = conns, True
+
+    def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run *fn* on an idle connection (the limiter guarantees one); return its result."""
+        with self._lock:
+            if not self.is_open:
+                raise StoreError("the store is not open")
+            conn = self._idle.pop()
+        try:
+            return fn(conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"the index could not be read: {exc}") from exc
+        finally:
+            with self._lock:
+                if self.is_open:
+                    self._idle.append(conn)
+                else:
+                    conn.close()  # closed while this read ran
+
+    def close(self) -> None:
+        """Close the idle connections now and the busy ones when their read ends."""
+        with self._lock:
+            idle, self._idle, self.is_open = self._idle, [], False
+        for conn in idle:
+            conn.close()
 
 
 def _prune_empty(conn: sqlite3.Connection) -> None:

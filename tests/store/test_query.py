@@ -21,7 +21,14 @@ from pynetdicom.dsutils import decode, encode
 
 from gateway.errors import InvalidInstance, RejectedInstance
 from gateway.store.index import Provenance
-from gateway.store.query import QueryError, find, retrieve_filter
+from gateway.store.query import (
+    QueryError,
+    _compile,
+    _pn_match,
+    find,
+    prepare_connection,
+    retrieve_filter,
+)
 from gateway.store.store import Store
 
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
@@ -569,6 +576,51 @@ async def test_person_name_matches_any_component_group(store: Store) -> None:
     assert values(ideographic, "PatientID") == ["H31EXAMPLE", "H32EXAMPLE"]
     misplaced = await find(store, "patient", japanese_query("山田^太郎=山田^太郎"))
     assert misplaced == []  # "山田^太郎" is not the alphabetic group of any name
+
+
+NAME_QUERIES = [
+    "Doe^John", "DOE^JOHN^", " doe^john ", "doe*", "DOE^J*", "doe^j???", "Doe^John*", "d*e^j*",
+    "*john", "?oe^jane", "山田^太郎", "山田*", "=山田^太郎", "Yamada^Tarou=山田*", "やまだ*",
+    "yamada*=*=やまだ^たろう", "äneas*", "ÄNEAS^RÜDIGER", "hong^gildong=洪^吉洞=홍^길동", "zz*",
+    "Люк*", "x", "*",
+]  # fmt: skip
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("level", ["PATIENT", "STUDY"])
+async def test_patient_name_through_the_key_index_matches_as_the_function_does(
+    store: Store, level: str
+) -> None:
+    """Every query answers exactly the patients `gateway_pn_match` accepts among all of them."""
+    patients = await store.read(
+        lambda c: c.execute("SELECT patient_id, patient_name FROM patients ORDER BY pk").fetchall()
+    )
+    for value in NAME_QUERIES:
+        expected = {pid for pid, name in patients if _pn_match(name, value) or value == "*"}
+        results = await find(store, "patient", identifier(level, PatientName=value, PatientID=""))
+        assert set(values(results, "PatientID")) == expected, value
+        assert expected or value in ("x", "zz*"), value  # the list exercises real matches
+    listed = await find(store, "patient", identifier("PATIENT", PatientName=["doe^jane", "山田*"]))
+    assert values(listed, "PatientID") == ["H31EXAMPLE", "H32EXAMPLE", "SYN2"]
+
+
+@pytest.mark.asyncio
+async def test_exact_and_prefix_names_read_the_key_index(store: Store) -> None:
+    async def plan(value: str) -> str:
+        query = _compile("patient", identifier("PATIENT", PatientName=value), None)
+
+        def explain(conn: Any) -> str:
+            prepare_connection(conn)
+            rows = conn.execute("EXPLAIN QUERY PLAN " + query.sql, query.params).fetchall()
+            return " | ".join(str(row[-1]) for row in rows)
+
+        return await store.read(explain)
+
+    for value in ("DOE^JOHN", "DOE^JOHN*", "doe*", "=山田^太郎"):
+        text = await plan(value)
+        assert "SEARCH patient_name_keys USING PRIMARY KEY" in text, (value, text)
+        assert "SCAN p" not in text, (value, text)
+    assert "SCAN p" in await plan("*JOHN")  # no literal start: every patient is checked
 
 
 @pytest.mark.asyncio

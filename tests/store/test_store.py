@@ -12,6 +12,7 @@ import pytest_asyncio
 
 from gateway.errors import DuplicateInstance, InstanceMismatch, InvalidInstance, StoreError
 from gateway.store.index import Provenance
+from gateway.store.names import pn_keys
 from gateway.store.store import Store
 from tests.conftest import CHARSET_FILES, TEST_FILES, write_variant
 
@@ -246,3 +247,45 @@ async def test_disk_failure_is_a_store_error_and_nothing_indexed(store: Store) -
     with pytest.raises(StoreError):
         await store.ingest(stage(store, CT), Provenance())
     assert (await store.counts())["instances"] == 0
+
+
+def name_keys(store: Store) -> tuple[set[tuple[str, object]], set[tuple[str, object]]]:
+    """(the name keys the index holds, the keys its patients should have), as (key, patient)."""
+    held = {(str(k), pk) for k, pk in rows(store, "SELECT key, patient_pk FROM patient_name_keys")}
+    patients = rows(store, "SELECT pk, patient_name FROM patients")
+    due = {(key, pk) for pk, name in patients for key in pn_keys(name)}  # type: ignore[arg-type]
+    return held, due
+
+
+@pytest.mark.asyncio
+async def test_name_keys_follow_patients_and_are_rebuilt_at_open(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data")
+    await store.open()
+    ct = await store.ingest(stage(store, CT), Provenance())
+    await store.ingest(stage(store, MR), Provenance())
+    held, due = name_keys(store)
+    assert held == due and ("compressedsamples^ct1", 1) in held
+    renamed = write_variant(
+        CT,
+        tmp_path / "renamed.dcm",
+        SOPInstanceUID="1.2.3.4.5.6",
+        SeriesInstanceUID="1.2.3.4.5",
+        PatientName="Roe^Richard",
+    )
+    await store.ingest(stage(store, renamed), Provenance())  # same patient, a new name
+    held, due = name_keys(store)
+    assert held == due and ("roe^richard", 1) in held and ("compressedsamples^ct1", 1) not in held
+    await store.delete_study(ct.study_instance_uid)  # the CT patient goes with its study
+    held, due = name_keys(store)
+    assert held == due and {pk for _, pk in held} == {2}
+    await store.close()
+    with sqlite3.connect(store.db_path) as conn:  # as an index from before the keys existed
+        conn.execute("DELETE FROM patient_name_keys")
+        conn.execute("DELETE FROM meta WHERE key = 'name_keys_version'")
+    reopened = Store(tmp_path / "data")
+    await reopened.open()
+    try:
+        held, due = name_keys(reopened)
+        assert held == due and len(held) == 1
+    finally:
+        await reopened.close()
