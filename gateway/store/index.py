@@ -132,6 +132,43 @@ END;
 CREATE TRIGGER IF NOT EXISTS patients_keys_delete AFTER DELETE ON patients BEGIN
     DELETE FROM patient_name_keys WHERE patient_pk = OLD.pk;
 END;
+
+-- Running totals for `status`, changed by triggers in the transaction that changes the rows.
+CREATE TABLE IF NOT EXISTS totals (
+    id        INTEGER PRIMARY KEY CHECK (id = 1),
+    patients  INTEGER NOT NULL,
+    studies   INTEGER NOT NULL,
+    series    INTEGER NOT NULL,
+    instances INTEGER NOT NULL,
+    bytes     INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS totals_patient_in AFTER INSERT ON patients BEGIN
+    UPDATE totals SET patients = patients + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS totals_patient_out AFTER DELETE ON patients BEGIN
+    UPDATE totals SET patients = patients - 1;
+END;
+CREATE TRIGGER IF NOT EXISTS totals_study_in AFTER INSERT ON studies BEGIN
+    UPDATE totals SET studies = studies + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS totals_study_out AFTER DELETE ON studies BEGIN
+    UPDATE totals SET studies = studies - 1;
+END;
+CREATE TRIGGER IF NOT EXISTS totals_series_in AFTER INSERT ON series BEGIN
+    UPDATE totals SET series = series + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS totals_series_out AFTER DELETE ON series BEGIN
+    UPDATE totals SET series = series - 1;
+END;
+CREATE TRIGGER IF NOT EXISTS totals_instance_in AFTER INSERT ON instances BEGIN
+    UPDATE totals SET instances = instances + 1, bytes = bytes + NEW.size;
+END;
+CREATE TRIGGER IF NOT EXISTS totals_instance_out AFTER DELETE ON instances BEGIN
+    UPDATE totals SET instances = instances - 1, bytes = bytes - OLD.size;
+END;
+CREATE TRIGGER IF NOT EXISTS totals_instance_size AFTER UPDATE OF size ON instances BEGIN
+    UPDATE totals SET bytes = bytes - OLD.size + NEW.size;
+END;
 """
 _NAME_KEYS_VERSION = "1"  # bump when names.pn_keys changes: the keys are recomputed at open
 _NAME_KEYS_VERSION_KEY = "name_keys_version"
@@ -141,8 +178,15 @@ def migrate(conn: sqlite3.Connection) -> None:
     """Bring derived tables up to date with the rows (in the caller's transaction).
 
     The name keys are recomputed from the patients when they were made by another definition
-    of `pn_keys`, or never (an index from before they existed).
+    of `pn_keys`, or never (an index from before they existed); the totals are counted once when
+    their row is absent (a new index, or one from before they existed).
     """
+    if conn.execute("SELECT 1 FROM totals").fetchone() is None:
+        conn.execute(
+            "INSERT INTO totals (id, patients, studies, series, instances, bytes)"
+            " SELECT 1, (SELECT count(*) FROM patients), (SELECT count(*) FROM studies),"
+            " (SELECT count(*) FROM series), count(*), coalesce(sum(size), 0) FROM instances"
+        )
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (_NAME_KEYS_VERSION_KEY,)).fetchone()
     if row is None or row[0] != _NAME_KEYS_VERSION:
         conn.execute("DELETE FROM patient_name_keys")

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+from gateway.config import RetentionSettings
 from gateway.errors import DuplicateInstance, InstanceMismatch, InvalidInstance, StoreError
+from gateway.store.completions import CompletionStore
 from gateway.store.index import Provenance
+from gateway.store.jobs import JobQueue
 from gateway.store.names import pn_keys
+from gateway.store.retention import Retention
 from gateway.store.store import Store
 from tests.conftest import CHARSET_FILES, TEST_FILES, write_variant
 
@@ -287,5 +292,81 @@ async def test_name_keys_follow_patients_and_are_rebuilt_at_open(tmp_path: Path)
     try:
         held, due = name_keys(reopened)
         assert held == due and len(held) == 1
+    finally:
+        await reopened.close()
+
+
+async def assert_consistent(store: Store) -> None:
+    """`counts()` (the running totals) equals a real count, and the name keys fit the patients."""
+    ((patients, studies, series, instances, size),) = rows(
+        store,
+        "SELECT (SELECT count(*) FROM patients), (SELECT count(*) FROM studies),"
+        " (SELECT count(*) FROM series), count(*), coalesce(sum(size), 0) FROM instances",
+    )
+    assert await store.counts() == {
+        "patients": patients, "studies": studies, "series": series, "instances": instances,
+        "bytes": size,
+    }  # fmt: skip
+    held, due = name_keys(store)
+    assert held == due
+
+
+@pytest.mark.asyncio
+async def test_totals_follow_every_path_that_changes_rows(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data", "overwrite")
+    await store.open()
+    await JobQueue(store).ensure_schema()
+    await CompletionStore(store).ensure_schema()
+    await store.ingest(stage(store, CT), Provenance())
+    mr = await store.ingest(stage(store, MR), Provenance())
+    await assert_consistent(store)
+    assert (await store.counts())["instances"] == 2
+    before = (await store.counts())["bytes"]
+    longer = write_variant(CT, tmp_path / "longer.dcm", StudyDescription="A much longer one")
+    assert (await store.ingest(stage(store, longer), Provenance())).outcome == "replaced"
+    await assert_consistent(store)
+    assert (await store.counts())["bytes"] > before  # the replacement's size, not the first's
+    assert await store.delete_study(mr.study_instance_uid) == 1
+    await assert_consistent(store)
+    assert (await store.counts())["patients"] == 1
+    swept = await Retention(store, RetentionSettings(delete_after_days=1)).sweep(
+        now=time.time() + 2 * 86400
+    )
+    assert swept == 1
+    await assert_consistent(store)
+    assert await store.counts() == dict.fromkeys(
+        ("patients", "studies", "series", "instances", "bytes"), 0
+    )
+    # Reconciliation after a crash: an orphan file adopted, a row whose file is empty dropped.
+    await store.ingest(stage(store, CT), Provenance())
+    lost = await store.ingest(stage(store, TEST_FILES / "JPEG2000.dcm"), Provenance())
+    store._writer.stop()
+    bucket = store.files.absolute(lost.path).parent
+    shutil.copyfile(MR, bucket / "orphan.dcm")
+    store.files.absolute(lost.path).write_bytes(b"")
+    reopened = Store(tmp_path / "data", "overwrite")
+    report = await reopened.open()
+    try:
+        assert (report.orphans_indexed, report.orphans_removed) == (1, 1)
+        await assert_consistent(reopened)
+        assert (await reopened.counts())["instances"] == 2
+    finally:
+        await reopened.close()
+
+
+@pytest.mark.asyncio
+async def test_totals_counted_once_for_an_index_without_them(tmp_path: Path) -> None:
+    store = Store(tmp_path / "data")
+    await store.open()
+    await store.ingest(stage(store, CT), Provenance())
+    await store.ingest(stage(store, MR), Provenance())
+    await store.close()
+    with sqlite3.connect(store.db_path) as conn:
+        conn.execute("DELETE FROM totals")
+    reopened = Store(tmp_path / "data")
+    await reopened.open()
+    try:
+        await assert_consistent(reopened)
+        assert (await reopened.counts())["instances"] == 2
     finally:
         await reopened.close()
