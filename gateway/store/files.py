@@ -3,9 +3,11 @@
 Layout under `data_dir`::
 
     tmp/                      files being received (same filesystem, so moving in is a rename)
-    objects/YYYYMMDD/HH/      one file per instance, named by a random UUID, bucketed by the UTC
-                              hour it arrived; start-up reconciliation scans only the buckets of
-                              the run that did not stop cleanly
+    objects/YYYYMMDD/HH/MM/   one file per instance, named by a random UUID, bucketed by the UTC
+                              minute it arrived; start-up reconciliation after an unclean stop
+                              scans only the buckets from the index's durable mark on
+    objects/YYYYMMDD/HH/      the same, by hour, as versions before minute buckets wrote them
+                              (rows hold relative paths, so those files stay where they are)
     index.sqlite              the index (see `index.py`)
 
 No name on disk comes from a DICOM value.
@@ -23,7 +25,8 @@ from typing import BinaryIO
 
 __all__ = ["FileStore", "ensure_dirs", "fsync_dir", "replace_durably", "write_atomically"]
 
-_BUCKET_FORMAT = "%Y%m%d/%H"
+_BUCKET_FORMAT = "%Y%m%d/%H/%M"
+_KNOWN_DIRS = 64  # bucket directories remembered as existing (a new one each minute)
 
 
 def fsync_dir(path: Path) -> None:
@@ -101,6 +104,8 @@ class FileStore:
     def _ensure_dir(self, directory: Path) -> None:
         if directory not in self._known_dirs:
             ensure_dirs(directory)
+            if len(self._known_dirs) >= _KNOWN_DIRS:
+                self._known_dirs.clear()
             self._known_dirs.add(directory)
 
     def move_in(self, temp_path: Path, now: float) -> Path:
@@ -150,20 +155,43 @@ class FileStore:
             fsync_dir(self.tmp_dir)
         return count
 
+    def discard(self, paths: Iterable[Path]) -> None:
+        """Unlink files under the root that will not be indexed, durably (`remove`)."""
+        self.remove(self.relative(path) for path in paths)
+
     def files_since(self, since: float) -> Iterator[str]:
-        """Relative paths of the files in buckets from the hour of *since* onwards."""
-        first = time.strftime(_BUCKET_FORMAT, time.gmtime(since))
+        """Relative paths of the files in the buckets from the minute of *since* onwards.
+
+        Minute buckets (``YYYYMMDD/HH/MM``) before that minute are not listed; an hour bucket of
+        the older layout (``YYYYMMDD/HH``, files directly inside) is listed whole from the hour
+        of *since* on. Only the directories of days and hours from *since* on are read.
+        """
+        day0, hour0, minute0 = time.strftime(_BUCKET_FORMAT, time.gmtime(since)).split("/")
         if not self.objects_dir.exists():
             return
         for day in sorted(os.listdir(self.objects_dir)):
-            if day < first[:8]:
+            if day < day0:
                 continue
             for hour in sorted(os.listdir(self.objects_dir / day)):
-                if f"{day}/{hour}" < first:
+                if (day, hour) < (day0, hour0):
                     continue
-                for entry in os.scandir(self.objects_dir / day / hour):
-                    if entry.name.endswith(".dcm"):
-                        yield f"objects/{day}/{hour}/{entry.name}"
+                first_minute = minute0 if (day, hour) == (day0, hour0) else ""
+                yield from self._hour_files(f"objects/{day}/{hour}", first_minute)
+
+    def _hour_files(self, hour_dir: str, first_minute: str) -> Iterator[str]:
+        """Files of an hour directory: its minute buckets from *first_minute* on, and files
+        placed directly in it (the hour-bucket layout)."""
+        minutes = []
+        for entry in os.scandir(self.root / hour_dir):
+            if entry.is_dir(follow_symlinks=False):
+                if entry.name >= first_minute:
+                    minutes.append(entry.name)
+            elif entry.name.endswith(".dcm"):
+                yield f"{hour_dir}/{entry.name}"
+        for minute in sorted(minutes):
+            for entry in os.scandir(self.root / hour_dir / minute):
+                if entry.name.endswith(".dcm"):
+                    yield f"{hour_dir}/{minute}/{entry.name}"
 
     def disk_usage(self) -> shutil._ntuple_diskusage:
         """Total, used and free bytes of the store's filesystem."""

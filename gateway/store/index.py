@@ -8,8 +8,14 @@ the writer).
 Durability (docs/storage.md): an instance file is the durable record. It is in its bucket,
 fsynced, with its directory fsynced, before it is queued here; the batch that indexes it commits
 with `synchronous=NORMAL` (visible at once to every reader, made durable by the next checkpoint
-or FULL commit). After a crash, start-up reconciliation indexes any file of the unclean run that
-has no row. Other transactions (deletions, metadata) commit with `synchronous=FULL`.
+or FULL commit). Other transactions (deletions, metadata) commit with `synchronous=FULL`.
+
+About once a second after ingest batches, the writer commits the durable mark (`meta`
+`durable_mark`) with `synchronous=FULL`: the oldest move-in time of the ingests still in flight,
+or now. In WAL mode a FULL commit syncs the log up to and including itself, so it makes every
+earlier NORMAL batch durable too: after it, every file moved in before the mark has its row on
+disk, or was removed durably. After a crash, start-up reconciliation therefore checks only the
+files and rows from the mark on (`store.py`).
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from gateway.store.instance import ReceivedFile
 from gateway.store.names import pn_keys_json
 
 __all__ = [
+    "MARK_KEY",
     "SCHEMA",
     "DuplicatePolicy",
+    "InFlight",
     "IndexWriter",
     "IngestOutcome",
     "IngestResult",
@@ -109,6 +117,7 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at     REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances (series_pk);
+CREATE INDEX IF NOT EXISTS instances_received ON instances (received_at);
 CREATE INDEX IF NOT EXISTS patients_name ON patients (patient_name);
 
 -- PatientName match candidates per patient (gateway/store/names.py), kept by triggers on every
@@ -249,15 +258,62 @@ class _Call:
 
 _STOP = object()
 _MAX_BATCH = 256
+MARK_KEY = "durable_mark"
+_MARK_EVERY = 1.0  # seconds between durable marks while batches commit (one FULL commit each)
+
+
+class InFlight:
+    """The wall-clock times at which ingests still in flight moved their files into buckets.
+
+    An ingest registers (`begin`) before its move and leaves (`end`) when it returns or fails;
+    `mark()` is then a time before which every moved-in file's ingest has finished.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock  # wall-clock seconds since the epoch, for every time the store keeps
+        self._lock = threading.Lock()
+        self._times: dict[int, float] = {}
+        self._next = 0
+
+    def begin(self) -> tuple[int, float]:
+        """Register an ingest; return its token and the time (s since the epoch) to move in at.
+
+        The time is taken under the lock that `mark` takes, so no mark can pass it unseen.
+        """
+        with self._lock:
+            self._next += 1
+            now = self.clock()
+            self._times[self._next] = now
+            return self._next, now
+
+    def end(self, token: int) -> None:
+        """The ingest of *token* returned or failed."""
+        with self._lock:
+            self._times.pop(token, None)
+
+    def mark(self) -> float:
+        """min(move-in times of the ingests in flight, now), in seconds since the epoch."""
+        with self._lock:
+            now = self.clock()
+            return min(min(self._times.values(), default=now), now)
 
 
 class IndexWriter:
     """The writer thread: one connection, one transaction per batch of queued requests."""
 
-    def __init__(self, db_path: Path, files: FileStore, policy: DuplicatePolicy) -> None:
+    def __init__(
+        self,
+        db_path: Path,
+        files: FileStore,
+        policy: DuplicatePolicy,
+        inflight: InFlight | None = None,
+    ) -> None:
         self._db_path = db_path
         self._files = files
         self._policy = policy
+        self._inflight = inflight or InFlight()
+        self._marked_at = time.monotonic()
+        self.mark_every = _MARK_EVERY  # seconds (monotonic) between durable marks
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
         self._conn: sqlite3.Connection | None = None
@@ -346,6 +402,8 @@ class IndexWriter:
                     batch.append(nxt)
                 if batch:
                     self._run_ingest_batch(batch)  # type: ignore[arg-type]
+                if time.monotonic() - self._marked_at >= self.mark_every:
+                    self._advance_mark()
                 if stop:
                     return
         finally:
@@ -375,16 +433,51 @@ class IndexWriter:
         finally:
             self._series_cache.clear()  # calls may delete series
 
+    def _advance_mark(self) -> None:
+        """Commit the durable mark with synchronous=FULL (see the module docstring)."""
+        conn = self._conn
+        assert conn is not None
+        self._marked_at = time.monotonic()
+        mark = self._inflight.mark()
+        try:
+            self._synchronous(conn, "FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (MARK_KEY, repr(mark))
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:  # the next batch tries again; the old mark stays valid
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            log.warning("durable_mark_failed", error=str(exc))
+
+    def _discard(self, paths: list[Path]) -> None:
+        """Remove files that will not be indexed, durably: a crash must not bring back a file
+        older than the next mark without a row, where reconciliation would not look."""
+        if not paths:
+            return
+        try:
+            self._files.discard(paths)
+        except OSError as exc:
+            log.error("unindexed_files_not_removed", error=str(exc), files=len(paths))
+
     def _run_ingest_batch(self, batch: list[_Ingest]) -> None:
+        discarded: list[Path] = []
+        try:
+            self._ingest_batch(batch, discarded)
+        finally:
+            self._discard(discarded)
+
+    def _ingest_batch(self, batch: list[_Ingest], discarded: list[Path]) -> None:
         conn = self._conn
         assert conn is not None
         for item in batch:
             if not item.future.set_running_or_notify_cancel():
-                item.received.path.unlink(missing_ok=True)  # nobody waits: leave nothing
+                discarded.append(item.received.path)  # nobody waits: leave nothing
         batch = [item for item in batch if item.future.running()]
         if not batch:
             return
-        now = time.time()
+        now = self._inflight.clock()
         superseded: list[str] = []
         results: list[tuple[_Ingest, IngestResult | GatewayError]] = []
         try:
@@ -399,22 +492,29 @@ class IndexWriter:
             self._series_cache.clear()
             log.error("index_batch_failed", error=str(exc), instances=len(batch))
             error = StoreError(f"the index could not be updated: {exc}")
+            discarded.extend(item.received.path for item in batch)
+            self._discard(discarded)
+            discarded.clear()
             for item in batch:
-                item.received.path.unlink(missing_ok=True)
                 item.future.set_exception(error)
             return
         if superseded:
             self._files.remove(superseded)
         stored = []
         for item, outcome in results:
+            if not isinstance(outcome, IngestResult) or outcome.outcome not in (
+                "stored",
+                "replaced",
+            ):
+                discarded.append(item.received.path)
+        self._discard(discarded)  # before the replies: a refused file is gone when they go
+        discarded.clear()
+        for item, outcome in results:
             if isinstance(outcome, IngestResult):
                 if outcome.outcome in ("stored", "replaced"):
                     stored.append(outcome)
-                else:
-                    item.received.path.unlink(missing_ok=True)
                 item.future.set_result(outcome)
             else:
-                item.received.path.unlink(missing_ok=True)
                 item.future.set_exception(outcome)
         if stored and self.on_ingested is not None:
             self.on_ingested(stored)

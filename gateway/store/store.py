@@ -27,8 +27,10 @@ import structlog
 from gateway.errors import GatewayError, InstanceMismatch, InvalidInstance, StoreError
 from gateway.store.files import FileStore
 from gateway.store.index import (
+    MARK_KEY,
     DuplicatePolicy,
     IndexWriter,
+    InFlight,
     IngestResult,
     Provenance,
     connect,
@@ -42,7 +44,10 @@ T = TypeVar("T")
 
 _RUNNING_KEY = "running_since"
 _READERS = 4  # read connections: a scanning query leaves three for everything else
-_RECONCILE_MARGIN = 3600.0  # seconds before the unclean run's start that are scanned too
+_RECONCILE_MARGIN = 3600.0  # seconds before an unmarked unclean run's start scanned too
+# Seconds before the durable mark that are scanned too. The mark and the buckets are wall-clock
+# times: a clock stepped back (NTP) after the mark could place later files in earlier buckets.
+_CLOCK_MARGIN = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +82,16 @@ class Store:
         duplicate_policy: DuplicatePolicy = "keep_first",
         *,
         min_free_bytes: int = 0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """*clock* gives the wall-clock time (s since the epoch) of buckets, rows and marks."""
         self.files = FileStore(data_dir)
         self.min_free_bytes = min_free_bytes
         self._free_checked_at = -1.0
         self._free_bytes = 0
         self.db_path = data_dir / "index.sqlite"
-        self._writer = IndexWriter(self.db_path, self.files, duplicate_policy)
+        self._inflight = InFlight(clock)
+        self._writer = IndexWriter(self.db_path, self.files, duplicate_policy, self._inflight)
         self._readers = _ReadPool(self.db_path, _READERS)
         self.reconcile_report = ReconcileReport()
 
@@ -173,10 +181,26 @@ class Store:
                         f"dataset {name} {actual[:64]!r} differs from the request's "
                         f"{announced[:64]!r}"
                     )
+        token, now = self._inflight.begin()  # before the move: the durable mark waits for it
         try:
-            final = self.files.move_in(temp_path, time.time())
+            return self._place(received, temp_path, provenance, now)
+        finally:
+            self._inflight.end(token)
+
+    def _place(
+        self, received: ReceivedFile, temp_path: Path, provenance: Provenance, now: float
+    ) -> IngestResult:
+        """Move a checked file into the bucket of *now* (s since the epoch) and flush it while
+        the writer indexes it; return the writer's result once both are done."""
+        try:
+            final = self.files.move_in(temp_path, now)
+        except OSError as exc:
+            raise StoreError(f"cannot write the received file into the store: {exc}") from exc
+        try:
             fd = os.open(final, os.O_RDONLY)
         except OSError as exc:
+            with contextlib.suppress(OSError):
+                self.files.discard([final])
             raise StoreError(f"cannot write the received file into the store: {exc}") from exc
         # The index row is written while the file is flushed; the reply waits for both. A crash
         # before both are done leaves a row whose file reconciliation checks (see _reconcile).
@@ -188,7 +212,8 @@ class Store:
                 result = pending.result()
                 if result.path:
                     self._writer.submit(_forget(result.sop_instance_uid, result.path)).result()
-            final.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.files.discard([final])
             raise StoreError(f"cannot flush the received file to disk: {exc}") from exc
         finally:
             os.close(fd)
@@ -292,43 +317,69 @@ class Store:
     def _reconcile(self, new_index: bool) -> ReconcileReport:
         """Make files and rows agree after an unclean stop (blocking).
 
-        Temp files are removed. Within the unclean run's buckets, a file without a row is
-        checked and indexed (or removed), and a row whose file is missing or shorter than the
+        Temp files are removed. From the scan window on (`_scan_window`), a file without a row
+        is checked and indexed (or removed), and a row whose file is missing or shorter than the
         row says is removed: its instance was never acknowledged, since a success waits for the
-        file's flush.
+        file's flush. Then the new run is marked as running, its durable mark set to now.
         """
         removed_temp = self.files.clear_temp()
-        since = self._writer.submit(_get_running_since).result()
-        if new_index:
-            since = 0.0  # an index created afresh is rebuilt from every file there is
+        window = self._writer.submit(lambda c: _scan_window(c, new_index)).result()
         indexed = removed = scanned = 0
-        if since is not None:
-            window = max(0.0, since - _RECONCILE_MARGIN)
-            known: dict[str, int] = self._writer.submit(
-                lambda c: dict(
-                    c.execute("SELECT path, size FROM instances WHERE received_at >= ?", (window,))
+        if window is not None:
+            indexed, removed, scanned = self._reconcile_since(window)
+        now = self._inflight.clock()
+
+        def start_run(conn: sqlite3.Connection) -> None:
+            for key in (_RUNNING_KEY, MARK_KEY):
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, repr(now))
                 )
-            ).result()
-            on_disk = set()
-            for relpath in list(self.files.files_since(window)):
-                scanned += 1
-                on_disk.add(relpath)
-                if relpath not in known:
-                    if self._adopt(relpath):
-                        indexed += 1
-                    else:
-                        removed += 1
-                elif self.files.absolute(relpath).stat().st_size < known[relpath]:
-                    removed += self._drop_row(relpath)
-            for relpath in known.keys() - on_disk:
-                removed += self._drop_row(relpath)
-        now = time.time()
-        self._writer.submit(
-            lambda c: c.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_RUNNING_KEY, str(now))
+
+        self._writer.submit(start_run).result()
+        return ReconcileReport(removed_temp, indexed, removed, scanned)
+
+    def _reconcile_since(self, window: float) -> tuple[int, int, int]:
+        """Check the files of the buckets from *window* (s since the epoch) on, and the rows
+        received from then on; return (files indexed, files or rows removed, files scanned)."""
+        known: dict[str, int] = self._writer.submit(
+            lambda c: dict(
+                c.execute("SELECT path, size FROM instances WHERE received_at >= ?", (window,))
             )
         ).result()
-        return ReconcileReport(removed_temp, indexed, removed, scanned)
+        indexed = removed = scanned = 0
+        on_disk = set()
+        for relpath in list(self.files.files_since(window)):
+            scanned += 1
+            on_disk.add(relpath)
+            size = known[relpath] if relpath in known else self._row_size(relpath)
+            if size is None:
+                if self._adopt(relpath):
+                    indexed += 1
+                else:
+                    removed += 1
+            elif self._size_on_disk(relpath) < size:
+                removed += self._drop_row(relpath)
+        # Rows whose file lies in a bucket before the window (moved in just before it, indexed
+        # just after) are looked up one by one: a row is dropped only if its file is short.
+        for relpath in known.keys() - on_disk:
+            if self._size_on_disk(relpath) < known[relpath]:
+                removed += self._drop_row(relpath)
+        return indexed, removed, scanned
+
+    def _row_size(self, relpath: str) -> int | None:
+        """The size the row of *relpath* records, for a file whose row is older than the window
+        (adopting it would find its own row a duplicate and remove the file)."""
+        row = self._writer.submit(
+            lambda c: c.execute("SELECT size FROM instances WHERE path = ?", (relpath,)).fetchone()
+        ).result()
+        return None if row is None else int(row[0])
+
+    def _size_on_disk(self, relpath: str) -> int:
+        """The file's size in bytes, -1 when it is missing."""
+        try:
+            return self.files.absolute(relpath).stat().st_size
+        except FileNotFoundError:
+            return -1
 
     def _drop_row(self, relpath: str) -> int:
         log.warning("unflushed_instance_removed", path=relpath)
@@ -424,6 +475,27 @@ def _forget(sop_uid: str, relpath: str) -> Callable[[sqlite3.Connection], None]:
     return forget
 
 
-def _get_running_since(conn: sqlite3.Connection) -> float | None:
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (_RUNNING_KEY,)).fetchone()
+def _meta_time(conn: sqlite3.Connection, key: str) -> float | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return float(row[0]) if row else None
+
+
+def _scan_window(conn: sqlite3.Connection, new_index: bool) -> float | None:
+    """From when (s since the epoch) files and rows are checked at start-up; None: nothing.
+
+    - a new index: from the beginning (it is rebuilt from every file);
+    - a clean stop (no `running_since`): nothing;
+    - an unclean stop of a run that kept a durable mark: from the mark, less
+      `_CLOCK_MARGIN`;
+    - otherwise (a run of a version without the mark, or a mark older than its run's start,
+      which a clock set back makes): from an hour before that run started.
+    """
+    if new_index:
+        return 0.0
+    running = _meta_time(conn, _RUNNING_KEY)
+    if running is None:
+        return None
+    mark = _meta_time(conn, MARK_KEY)
+    if mark is not None and mark >= running:
+        return max(0.0, mark - _CLOCK_MARGIN)
+    return max(0.0, running - _RECONCILE_MARGIN)

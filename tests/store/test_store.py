@@ -370,3 +370,106 @@ async def test_totals_counted_once_for_an_index_without_them(tmp_path: Path) -> 
         assert (await reopened.counts())["instances"] == 2
     finally:
         await reopened.close()
+
+
+class Clock:
+    """A wall clock the test moves."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def numbered(tmp_path: Path, count: int, tag: int) -> list[Path]:
+    """*count* variants of CT_small, each with a SOP Instance UID of its own."""
+    return [
+        write_variant(CT, tmp_path / f"{tag}{n}.dcm", SOPInstanceUID=f"1.2.826.0.1.99.{tag}.{n}")
+        for n in range(count)
+    ]
+
+
+def bucket_of(store: Store, when: float) -> Path:
+    return store.files.objects_dir / time.strftime("%Y%m%d/%H/%M", time.gmtime(when))
+
+
+@pytest.mark.asyncio
+async def test_unclean_stop_scans_only_what_follows_the_durable_mark(tmp_path: Path) -> None:
+    clock = Clock(time.time() - 7200)
+    store = Store(tmp_path / "data", clock=clock)
+    await store.open()
+    store._writer.mark_every = 0.0  # a mark after every batch (the default: once a second)
+    for path in numbered(tmp_path, 40, 1):
+        await store.ingest(stage(store, path), Provenance())
+    clock.now += 3600
+    recent = [await store.ingest(stage(store, p), Provenance()) for p in numbered(tmp_path, 2, 2)]
+    ((mark,),) = rows(store, "SELECT value FROM meta WHERE key = 'durable_mark'")
+    assert float(str(mark)) == clock.now  # the mark passed the old files
+    # A crash: no clean close; a file moved in whose row never committed, and a row whose
+    # file's flush never reached the disk.
+    store._writer.stop()
+    shutil.copyfile(MR, bucket_of(store, clock.now) / "unindexed.dcm")
+    store.files.absolute(recent[1].path).write_bytes(b"")
+    clock.now += 5
+    reopened = Store(tmp_path / "data", clock=clock)
+    report = await reopened.open()
+    try:
+        assert report.scanned == 3  # not the 40 before the mark
+        assert (report.orphans_indexed, report.orphans_removed) == (1, 1)
+        await assert_consistent(reopened)
+        assert (await reopened.counts())["instances"] == 40 + 1 + 1
+        ((uid,),) = rows(reopened, "SELECT sop_uid FROM instances WHERE path LIKE '%unindexed%'")
+        assert uid == "1.3.6.1.4.1.5962.1.1.4.1.1.20040826185059.5457"  # MR_small's
+    finally:
+        await reopened.close()
+
+
+@pytest.mark.asyncio
+async def test_an_unclean_run_without_a_mark_is_scanned_whole_with_hour_buckets(
+    tmp_path: Path,
+) -> None:
+    """An index left by a version before the mark (hour buckets, no `durable_mark`): the scan
+    goes back an hour before that run started, through hour buckets and minute buckets."""
+    clock = Clock(time.time() - 600)
+    store = Store(tmp_path / "data", clock=clock)
+    await store.open()
+    first = await store.ingest(stage(store, CT), Provenance())
+    store._writer.stop()
+    hour = store.files.objects_dir / time.strftime("%Y%m%d/%H", time.gmtime(clock.now))
+    shutil.copyfile(MR, hour / "old-layout.dcm")  # a file of the hour layout, without a row
+    (hour / "garbage.dcm").write_bytes(b"not dicom")
+    with sqlite3.connect(store.db_path) as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'durable_mark'")
+    reopened = Store(tmp_path / "data", clock=clock)
+    report = await reopened.open()
+    try:
+        assert report.scanned == 3
+        assert (report.orphans_indexed, report.orphans_removed) == (1, 1)
+        paths = {str(r[0]) for r in rows(reopened, "SELECT path FROM instances")}
+        assert paths == {first.path, f"{hour.relative_to(reopened.files.root)}/old-layout.dcm"}
+        assert first.path.count("/") == 4  # objects/YYYYMMDD/HH/MM/name
+    finally:
+        await reopened.close()
+
+
+@pytest.mark.asyncio
+async def test_a_row_older_than_the_window_keeps_its_file(tmp_path: Path) -> None:
+    """A file in the first scanned bucket whose row was received before the window is held,
+    not adopted as a duplicate of itself (which would remove it)."""
+    clock = Clock(time.time() - 600)
+    store = Store(tmp_path / "data", clock=clock)
+    await store.open()
+    store._writer.mark_every = 0.0
+    held = await store.ingest(stage(store, CT), Provenance())
+    store._writer.stop()
+    with sqlite3.connect(store.db_path) as conn:  # received long before the mark says
+        conn.execute("UPDATE instances SET received_at = received_at - 3600")
+    reopened = Store(tmp_path / "data", clock=clock)
+    report = await reopened.open()
+    try:
+        assert (report.scanned, report.orphans_indexed, report.orphans_removed) == (1, 0, 0)
+        assert reopened.files.absolute(held.path).exists()
+        assert (await reopened.counts())["instances"] == 1
+    finally:
+        await reopened.close()
