@@ -17,8 +17,12 @@ A wait completes:
   then `proceed`s or `discard`s (`force_action`); and when an operator forces it.
 
 Arrivals reach the engine through a buffer in memory (the store's writer thread must not wake
-the event loop for every instance); a checkpoint in the index, moved with each processed batch,
-lets a restart take again what arrived after it, so a crash loses no arrival.
+the event loop for every instance); a checkpoint in the index lets a restart take again what
+arrived after it, so a crash loses no arrival. The checkpoint moves with every committed batch,
+whether or not a rule waits on it (with no rules the instances are not even kept: the batch only
+moves the checkpoint), so what a restart reads again is what arrived in the last seconds, not
+everything since the last rule fired. A batch that opens or prolongs no wait moves it at most
+once per `_CHECKPOINT_EVERY` (one FULL commit each).
 
 A completed wait is handed to `on_complete` (which enqueues dispatch jobs). Instances that arrive
 after completion open a new wait for what they belong to: the whole series, or the whole study,
@@ -51,6 +55,7 @@ log = structlog.get_logger(__name__)
 
 _COALESCE_SECONDS = 0.1
 _CHECKPOINT_MARGIN = 5.0
+_CHECKPOINT_EVERY = 1.0  # seconds (engine clock) between checkpoint-only writes
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +94,17 @@ class CompletionEngine:
         self._buffer: list[IngestResult] = []
         self._buffer_lock = threading.Lock()
         self._drain_scheduled = False
+        self._committed = False  # a batch committed since the arrivals were last taken
+        self._checkpointed_at = float("-inf")
 
     def arrived(self, results: list[IngestResult]) -> None:
-        """Queue a committed batch of stored instances (call on the event loop)."""
-        if self._rules:  # with no rules there is nothing to wait for
-            self._arrivals.put_nowait(results)
+        """Queue a committed batch of stored instances (call on the event loop).
+
+        With no rules the instances are dropped (there is nothing to wait for) but the batch
+        still counts: it moves the arrivals checkpoint.
+        """
+        self._committed = True
+        self._arrivals.put_nowait(results if self._rules else [])
 
     def arrived_from_thread(self, results: list[IngestResult]) -> None:
         """Buffer a committed batch from the store's writer thread.
@@ -103,10 +114,11 @@ class CompletionEngine:
         competes for the GIL with the association threads). Deadlines are seconds, so the
         delay does not matter.
         """
-        if not self._rules or self._loop is None:
+        if self._loop is None:
             return
         with self._buffer_lock:
-            self._buffer.extend(results)
+            if self._rules:  # with none, the wake-up alone moves the checkpoint
+                self._buffer.extend(results)
             if self._drain_scheduled:
                 return
             self._drain_scheduled = True
@@ -150,8 +162,9 @@ class CompletionEngine:
         while True:
             await self._settle_due()
             batch = await self._next_arrivals()
-            if batch:
-                await self._on_arrivals(batch)
+            committed, self._committed = self._committed, False
+            touched = (batch or committed) and await self._on_arrivals(batch or [])
+            if touched:
                 self._waiting = await self._completions.waiting()
 
     async def _next_arrivals(self) -> list[IngestResult] | None:
@@ -172,7 +185,10 @@ class CompletionEngine:
 
     # -- arrivals -----------------------------------------------------------------------------
 
-    async def _on_arrivals(self, results: list[IngestResult]) -> None:
+    async def _on_arrivals(self, results: list[IngestResult]) -> bool:
+        """Open or prolong the waits of *results* and move the checkpoint; True if any wait
+        was touched. A batch that touches none moves the checkpoint at most once per
+        `_CHECKPOINT_EVERY`."""
         now = self._clock()
         series = {r.series_instance_uid: r.study_instance_uid for r in results}
         touches: list[Touch] = []
@@ -193,9 +209,13 @@ class CompletionEngine:
                         force_seconds=rule.force_seconds if study_level else None,
                     )
                 )
+        if not touches and now - self._checkpointed_at < _CHECKPOINT_EVERY:
+            return False  # an older checkpoint is still right: a restart reads a little more
         # The checkpoint trails by a margin: batches committed while this one was buffered
         # carry earlier received-at times than `now`.
         await self._completions.touch(touches, now - _CHECKPOINT_MARGIN)
+        self._checkpointed_at = now
+        return bool(touches)
 
     async def _rules_for(self, series_uid: str) -> list[str]:
         """The rules that fired for a series, evaluated on its first instance once."""

@@ -16,6 +16,7 @@ from typing import Literal
 from gateway.store.store import Store
 
 __all__ = [
+    "ARRIVALS_SINCE",
     "COMPLETIONS_SCHEMA",
     "Completion",
     "CompletionStore",
@@ -50,6 +51,12 @@ COMPLETIONS_SCHEMA = (
     )""",
 )
 _CHECKPOINT_KEY = "completion_checkpoint"
+# What arrived from a time on: the index on instances.received_at finds it without a scan.
+ARRIVALS_SINCE = (
+    "SELECT DISTINCT s.series_uid, st.study_uid FROM instances i"
+    " JOIN series s ON i.series_pk = s.pk JOIN studies st ON s.study_pk = st.pk"
+    " WHERE i.received_at >= ?"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,28 +146,29 @@ class CompletionStore:
 
     async def arrivals_since_checkpoint(self, now: float) -> list[tuple[str, str]]:
         """(series UID, study UID) of what arrived since the last checkpoint; on the very first
-        run, nothing (the checkpoint starts now: existing data is not routed)."""
+        run, nothing (the checkpoint starts at *now*, s since the epoch: existing data is not
+        routed).
 
-        def select(conn: sqlite3.Connection) -> list[tuple[str, str]]:
-            row = conn.execute(
+        Both reads go to a read connection, so the writer (and the instances it commits) does
+        not wait for them; the arrivals are found through the index on received_at.
+        """
+        row = await self._store.read(
+            lambda c: c.execute(
                 "SELECT value FROM meta WHERE key = ?", (_CHECKPOINT_KEY,)
             ).fetchone()
-            if row is None:
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES (?, ?)", (_CHECKPOINT_KEY, repr(now))
+        )
+        if row is None:
+            await self._store.write(
+                lambda c: c.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                    (_CHECKPOINT_KEY, repr(now)),
                 )
-                return []
-            return [
-                (r[0], r[1])
-                for r in conn.execute(
-                    "SELECT DISTINCT s.series_uid, st.study_uid FROM instances i"
-                    " JOIN series s ON i.series_pk = s.pk JOIN studies st ON s.study_pk = st.pk"
-                    " WHERE i.received_at >= ?",
-                    (float(row[0]),),
-                )
-            ]
-
-        return await self._store.write(select)
+            )
+            return []
+        since = float(row[0])
+        return await self._store.read(
+            lambda c: [(r[0], r[1]) for r in c.execute(ARRIVALS_SINCE, (since,))]
+        )
 
     async def waiting(self) -> list[Completion]:
         def select(conn: sqlite3.Connection) -> list[Completion]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from pydicom.uid import generate_uid
 
 from gateway.config import PeerSettings, Settings
 from gateway.rules.runtime import CompletedWork, CompletionEngine
+from gateway.store.completions import ARRIVALS_SINCE, CompletionStore
 from gateway.store.index import Provenance
 from gateway.store.store import Store
 from tests.conftest import TEST_FILES, write_variant
@@ -184,3 +186,67 @@ async def test_instances_after_completion_open_a_new_cycle(harness: Any) -> None
     await h.send(SOPInstanceUID=generate_uid(), **s)
     await asyncio.sleep(0.5)
     assert h.completed == [("ct", "series", s["SeriesInstanceUID"])] * 2
+
+
+class Clock:
+    """A wall clock the test moves, shared by the store and the engine."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def checkpoint(store: Store) -> float | None:
+    row = await store.read(
+        lambda c: c.execute("SELECT value FROM meta WHERE key = 'completion_checkpoint'").fetchone()
+    )
+    return None if row is None else float(row[0])
+
+
+async def checkpoint_reaches(store: Store, value: float) -> None:
+    """Wait until the checkpoint is *value* (the engine wakes within 0.1 s of a commit)."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while await checkpoint(store) != value:
+        assert asyncio.get_running_loop().time() < deadline, await checkpoint(store)
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "settings",
+    [rules(), rules({"name": "mr", "match": 'Modality == "MR"', "targets": ["pacs"]})],
+    ids=["no rules", "a rule that does not fire"],
+)
+async def test_checkpoint_moves_with_every_batch_rules_or_not(
+    tmp_path: Path, settings: Settings
+) -> None:
+    clock = Clock(time.time())
+    h = Harness(tmp_path, settings)
+    h.store = Store(tmp_path / "data", clock=clock)
+    await h.store.open()
+    h.engine = CompletionEngine(settings.rules, h.store, h._done, clock=clock)
+    h.store.set_ingest_listener(h.engine.arrived_from_thread)
+    h.task = asyncio.create_task(h.engine.run())
+    try:
+        old, new = series(generate_uid(), "OLD"), series(generate_uid(), "NEW")
+        await h.send(SOPInstanceUID=generate_uid(), **old)
+        await checkpoint_reaches(h.store, clock.now - 5.0)
+        clock.now += 60
+        await h.send(SOPInstanceUID=generate_uid(), **new)
+        await checkpoint_reaches(h.store, clock.now - 5.0)
+    finally:
+        await h.stop()
+    # What a restart takes again: the second series only, found on a read connection.
+    reopened = Store(tmp_path / "data", clock=clock)
+    await reopened.open()
+    try:
+        missed = await CompletionStore(reopened).arrivals_since_checkpoint(clock.now)
+        assert missed == [(new["SeriesInstanceUID"], new["StudyInstanceUID"])]
+        plan = await reopened.read(
+            lambda c: c.execute("EXPLAIN QUERY PLAN " + ARRIVALS_SINCE, (0.0,)).fetchall()
+        )
+        assert "USING INDEX instances_received" in " ".join(str(row[-1]) for row in plan)
+    finally:
+        await reopened.close()
