@@ -87,6 +87,7 @@ class NodeSettings(_Section):
     accept_unknown_sop_classes: bool = False
     check_called_ae: bool = True
     min_free_mb: Annotated[int, Field(ge=0)] = 1024
+    max_find_results: Annotated[int, Field(ge=0)] = 1000
 
 
 class DispatchSettings(_Section):

@@ -20,6 +20,7 @@ def test_shipped_config_is_valid() -> None:
     assert settings.node.port == 11112
     assert settings.node.data_dir == REPO / "data"
     assert settings.control_socket == REPO / "data" / "control.sock"
+    assert settings.node.max_find_results == 1000
 
 
 def test_environment_overrides_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,6 +42,10 @@ def test_environment_overrides_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ('[node]\nae_title = "WAY_TOO_LONG_AE_TITLE"\n', "node.ae_title: an AE title is 1 to 16"),
         ('[node]\nduplicate_policy = "newest"\n', "node.duplicate_policy: Input should be"),
         ("[node]\nacse_timeout = -1\n", "node.acse_timeout: Input should be greater than 0"),
+        (
+            "[node]\nmax_find_results = -1\n",
+            "node.max_find_results: Input should be greater than or equal to 0",
+        ),
         (
             '[[peers]]\nname = "pacs"\nae_title = "PACS"\nhost = "h"\n',
             "peers.0.port: Field required",

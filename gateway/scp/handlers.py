@@ -33,7 +33,7 @@ from gateway.scp.receiving import ReceivingFile
 from gateway.scp.transport import set_nodelay
 from gateway.scp.worklist import AcquisitionServices
 from gateway.store.index import Provenance
-from gateway.store.query import QueryError, QueryModel, find, retrieve_filter
+from gateway.store.query import QueryError, QueryModel, find_capped, retrieve_filter
 from gateway.store.store import InstanceFile, Store
 
 __all__ = ["AssociationStats", "DicomServices"]
@@ -278,6 +278,20 @@ class DicomServices:
     # -- C-FIND -------------------------------------------------------------------------------
 
     def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        """C-FIND: one pending response per match, then the final status.
+
+        Patient Root and Study Root answers are capped at `[node] max_find_results` (0: no cap;
+        a query naming a unique key value is bounded by it and not capped, see
+        `query.find_capped`). When the cap cuts the answers, the first that many are sent and
+        the final status is 0xFE00 (Matching terminated due to Cancel request), with a
+        `find_results_capped` warning. PS3.4 C.4.1.1.4 has no warning status for C-FIND: a
+        final Success (0x0000) would tell the requester it has every match, which it does not;
+        a refusal with no answers (dcm4chee-arc refuses a query that matches more than
+        `dcmQueryMaxNumberOfResults`) leaves an operator with nothing where a narrower query is
+        the fix. 0xFE00 says "matching stopped before the end" and requesters show what came,
+        which is what Orthanc does when `LimitFindResults` cuts a query. The Modality Worklist
+        is answered by `AcquisitionServices` from its own tables and is not capped.
+        """
         stats = self._stats_for(event.assoc)
         stats.queries += 1
         if str(event.request.AffectedSOPClassUID) == ModalityWorklistInformationFind:
@@ -287,8 +301,9 @@ class DicomServices:
             yield from self._acquisition.on_worklist_find(event)
             return
         model = _model(event)
+        cap = self._settings.node.max_find_results
         try:
-            matches = self._bridge.call(find, self._store, model, event.identifier)
+            found = self._bridge.call(find_capped, self._store, model, event.identifier, cap)
         except QueryError as exc:
             log.warning("query_refused", association_id=stats.association_id, reason=str(exc))
             yield exc.status, None
@@ -297,12 +312,21 @@ class DicomServices:
             log.error("query_failed", association_id=stats.association_id, reason=str(exc))
             yield 0xA700, None
             return
-        for match in matches:
+        for match in found.matches:
             if event.is_cancelled:
                 yield 0xFE00, None
                 return
             match.RetrieveAETitle = self._settings.node.ae_title
             yield 0xFF00, match
+        if found.truncated:
+            log.warning(
+                "find_results_capped",
+                association_id=stats.association_id,
+                sent=len(found.matches),
+                reason=f"more than {cap} matches (node.max_find_results): the first {cap} were"
+                " sent, then 0xFE00",
+            )
+            yield 0xFE00, None
 
     # -- C-MOVE / C-GET -----------------------------------------------------------------------
 

@@ -45,9 +45,11 @@ from gateway.store.names import key_range, pn_groups
 from gateway.store.store import Store
 
 __all__ = [
+    "CappedFind",
     "QueryError",
     "QueryModel",
     "find",
+    "find_capped",
     "match_term",
     "prepare_connection",
     "retrieve_filter",
@@ -189,6 +191,30 @@ async def find(
     return await store.read(lambda conn: _run(conn, query))
 
 
+@dataclass(frozen=True, slots=True)
+class CappedFind:
+    """What `find_capped` answers: the matches sent, and whether more matched than those."""
+
+    matches: list[Dataset]
+    truncated: bool
+
+
+async def find_capped(
+    store: Store, model: QueryModel, identifier: Dataset, cap: int
+) -> CappedFind:
+    """C-FIND with at most *cap* answers (0: no cap); the first *cap* in index order.
+
+    SQL reads at most cap + 1 rows (the one more says there were more). A query that names a
+    unique key of its level or a level above (without wildcards) is not capped: it is bounded
+    by what it names (a series listed at IMAGE level is answered whole however long it is).
+    Raises like `find`.
+    """
+    if cap <= 0 or _names_a_unique_key(model, identifier):
+        return CappedFind(await find(store, model, identifier), False)
+    matches = await find(store, model, identifier, limit=cap + 1)
+    return CappedFind(matches[:cap], len(matches) > cap)
+
+
 def retrieve_filter(model: QueryModel, identifier: Dataset) -> tuple[str, list[object]]:
     """C-MOVE / C-GET: a WHERE clause over p, st, s, i selecting the instances the identifier names
     (unique keys at and above the QueryRetrieveLevel, UID lists allowed), for Store.instance_files.
@@ -231,6 +257,17 @@ def _level(model: QueryModel, identifier: Dataset) -> int:
     if value == "PATIENT" and model == "study":
         raise QueryError("PATIENT level is not in the Study Root model")
     return _LEVELS.index(value)
+
+
+def _names_a_unique_key(model: QueryModel, identifier: Dataset) -> bool:
+    """True if a unique key of the query's level or above has values without wildcards."""
+    rank = _level(model, identifier)
+    for keyword in _UNIQUE[_PATIENT if model == "patient" else _STUDY : rank + 1]:
+        elem = identifier.get(_BY_KEYWORD[keyword].tag)
+        values = None if elem is None else _match_values(elem)
+        if values and not any(_has_wildcard(value) for value in values):
+            return True
+    return False
 
 
 def _values(elem: DataElement) -> list[str]:

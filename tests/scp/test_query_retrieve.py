@@ -617,6 +617,44 @@ def test_get_cancel_is_honoured(gateway_factory: Any, tmp_path: Path) -> None:
     assert '"get_cancelled"' in gw.log_text()
 
 
+# -- the cap on C-FIND answers --------------------------------------------------------------------
+
+
+def test_find_answers_capped_with_findscu(gateway_factory: Any, tmp_path: Path) -> None:
+    """`[node] max_find_results` = 2 on 3 studies: findscu gets 2 answers and the final status
+    0xFE00; a query inside one study (a unique key named) is answered whole."""
+    gw = gateway_factory("capped", node={"max_find_results": 2})
+    copies = [
+        write_variant(
+            CT, tmp_path / f"ct2_{n}.dcm", SeriesInstanceUID=CT2_SERIES, SOPInstanceUID=uid,
+            SeriesNumber=2, InstanceNumber=n, Modality="OT",
+        )
+        for n, uid in enumerate(CT2_SOPS, start=1)
+    ]  # fmt: skip
+    sent = storescu(gw, CT, *copies, MR, JP)
+    assert sent.returncode == 0 and "Failed" not in sent.stderr, sent.stderr
+    out = tmp_path / "answers"
+    out.mkdir()
+    result = _run(
+        [require("findscu"), "-v", "-S", "-aec", gw.ae_title, "-X", "-od", str(out),
+         *_keys(["QueryRetrieveLevel=STUDY", "StudyInstanceUID"]), HOST, str(gw.port)],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Received Final Find Response (Cancel" in result.stdout + result.stderr
+    answers = [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+    assert len(answers) == 2
+    assert {a.StudyInstanceUID for a in answers} < {CT_STUDY, MR_STUDY, JP_STUDY}
+    (capped,) = log_events(gw, "find_results_capped")
+    assert capped["level"] == "warning" and capped["sent"] == 2
+    assert "node.max_find_results" in capped["reason"]
+    whole = findscu(
+        gw, "S", "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={CT_STUDY}", "SOPInstanceUID",
+        workdir=tmp_path,
+    )  # fmt: skip
+    assert {str(ds.SOPInstanceUID) for ds in whole} == set(CT_STUDY_SOPS)
+    assert len(log_events(gw, "find_results_capped")) == 1
+
+
 # -- identifiers that cannot be answered ----------------------------------------------------------
 
 

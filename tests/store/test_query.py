@@ -26,6 +26,7 @@ from gateway.store.query import (
     _compile,
     _pn_match,
     find,
+    find_capped,
     prepare_connection,
     retrieve_filter,
 )
@@ -543,6 +544,22 @@ async def test_keys_of_lower_levels_and_unknown_keys_are_returned_empty(store: S
 async def test_limit_keeps_the_first_matches_in_order(store: Store) -> None:
     results = await find(store, "patient", identifier("PATIENT", PatientID="SYN*"), limit=2)
     assert values(results, "PatientID") == ["SYN1", "SYN2"]
+
+
+@pytest.mark.asyncio
+async def test_find_capped_cuts_broad_queries_only(store: Store) -> None:
+    broad = await find_capped(store, "patient", identifier("PATIENT", PatientID="SYN*"), 2)
+    assert (values(broad.matches, "PatientID"), broad.truncated) == (["SYN1", "SYN2"], True)
+    exact = await find_capped(store, "patient", identifier("PATIENT", PatientID="SYN*"), 3)
+    assert (len(exact.matches), exact.truncated) == (3, False)  # as many as the cap: whole
+    unlimited = await find_capped(store, "study", identifier("STUDY", StudyID=""), 0)
+    assert (len(unlimited.matches), unlimited.truncated) == (ALL_STUDIES, False)
+    # A unique key named: bounded by what it names, not capped.
+    one_patient = await find_capped(store, "patient", identifier("STUDY", PatientID="SYN1"), 1)
+    assert (len(one_patient.matches), one_patient.truncated) == (2, False)
+    one_study = identifier("IMAGE", StudyInstanceUID=study_uid(1), SOPInstanceUID="")
+    listed = await find_capped(store, "study", one_study, 1)
+    assert (len(listed.matches), listed.truncated) == (4, False)
 
 
 # -- character sets ---------------------------------------------------------------------------
