@@ -998,6 +998,7 @@ def _interrupted(signum: int, _frame: object) -> NoReturn:
 def main() -> int:
     args = parse_args()
     signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gateway-scale-"))
     workdir.mkdir(parents=True, exist_ok=True)
