@@ -1,4 +1,4 @@
-"""The SQLite index: its schema, and the one writer thread that changes it.
+"""The SQLite index's one writer thread, and the durable mark it keeps (schema: `schema.py`).
 
 Every write goes through `IndexWriter`: a thread that owns the only write connection, drains its
 queue into one transaction per batch (group commit) and resolves a future per request. Concurrent
@@ -35,19 +35,16 @@ import structlog
 from gateway.errors import DuplicateInstance, GatewayError, StoreError
 from gateway.store.files import FileStore
 from gateway.store.instance import ReceivedFile
-from gateway.store.names import pn_keys_json
+from gateway.store.schema import SCHEMA, connect, migrate
 
 __all__ = [
     "MARK_KEY",
-    "SCHEMA",
     "DuplicatePolicy",
     "InFlight",
     "IndexWriter",
     "IngestOutcome",
     "IngestResult",
     "Provenance",
-    "connect",
-    "migrate",
 ]
 
 log = structlog.get_logger(__name__)
@@ -55,171 +52,6 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 DuplicatePolicy = Literal["keep_first", "overwrite", "reject"]
 IngestOutcome = Literal["stored", "replaced", "unchanged", "ignored"]
-_PN_KEYS_FUNCTION = "gateway_pn_keys"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS patients (
-    pk                   INTEGER PRIMARY KEY,
-    patient_id           TEXT NOT NULL,
-    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
-    patient_name         TEXT,
-    patient_birth_date   TEXT,
-    patient_sex          TEXT,
-    UNIQUE (patient_id, issuer_of_patient_id)
-);
-CREATE TABLE IF NOT EXISTS studies (
-    pk                       INTEGER PRIMARY KEY,
-    study_uid                TEXT NOT NULL UNIQUE,
-    patient_pk               INTEGER NOT NULL REFERENCES patients (pk),
-    study_date               TEXT,
-    study_time               TEXT,
-    accession_number         TEXT,
-    study_id                 TEXT,
-    study_description        TEXT,
-    referring_physician_name TEXT,
-    created_at               REAL NOT NULL,
-    updated_at               REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS studies_patient ON studies (patient_pk);
-CREATE INDEX IF NOT EXISTS studies_date ON studies (study_date);
-CREATE INDEX IF NOT EXISTS studies_accession ON studies (accession_number);
-CREATE TABLE IF NOT EXISTS series (
-    pk                 INTEGER PRIMARY KEY,
-    series_uid         TEXT NOT NULL UNIQUE,
-    study_pk           INTEGER NOT NULL REFERENCES studies (pk),
-    modality           TEXT,
-    series_number      INTEGER,
-    series_description TEXT,
-    body_part_examined TEXT,
-    series_date        TEXT,
-    series_time        TEXT,
-    updated_at         REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS series_study ON series (study_pk);
-CREATE TABLE IF NOT EXISTS instances (
-    pk              INTEGER PRIMARY KEY,
-    sop_uid         TEXT NOT NULL UNIQUE,
-    series_pk       INTEGER NOT NULL REFERENCES series (pk),
-    sop_class_uid   TEXT NOT NULL,
-    instance_number INTEGER,
-    transfer_syntax TEXT NOT NULL,
-    path            TEXT NOT NULL UNIQUE,
-    size            INTEGER NOT NULL,
-    checksum        TEXT NOT NULL,
-    calling_ae      TEXT,
-    called_ae       TEXT,
-    peer_address    TEXT,
-    association_id  TEXT,
-    received_at     REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS instances_series ON instances (series_pk);
-CREATE INDEX IF NOT EXISTS instances_received ON instances (received_at);
-CREATE INDEX IF NOT EXISTS patients_name ON patients (patient_name);
-
--- PatientName match candidates per patient (gateway/store/names.py), kept by triggers on every
--- path that inserts, renames or deletes a patient.
-CREATE TABLE IF NOT EXISTS patient_name_keys (
-    key        TEXT NOT NULL,
-    patient_pk INTEGER NOT NULL,
-    PRIMARY KEY (key, patient_pk)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS patient_name_keys_patient ON patient_name_keys (patient_pk);
-CREATE TRIGGER IF NOT EXISTS patients_keys_insert AFTER INSERT ON patients BEGIN
-    INSERT OR IGNORE INTO patient_name_keys (key, patient_pk)
-        SELECT value, NEW.pk FROM json_each(gateway_pn_keys(NEW.patient_name));
-END;
-CREATE TRIGGER IF NOT EXISTS patients_keys_update AFTER UPDATE OF patient_name ON patients
-    WHEN OLD.patient_name IS NOT NEW.patient_name BEGIN
-    DELETE FROM patient_name_keys WHERE patient_pk = OLD.pk;
-    INSERT OR IGNORE INTO patient_name_keys (key, patient_pk)
-        SELECT value, NEW.pk FROM json_each(gateway_pn_keys(NEW.patient_name));
-END;
-CREATE TRIGGER IF NOT EXISTS patients_keys_delete AFTER DELETE ON patients BEGIN
-    DELETE FROM patient_name_keys WHERE patient_pk = OLD.pk;
-END;
-
--- Running totals for `status`, changed by triggers in the transaction that changes the rows.
-CREATE TABLE IF NOT EXISTS totals (
-    id        INTEGER PRIMARY KEY CHECK (id = 1),
-    patients  INTEGER NOT NULL,
-    studies   INTEGER NOT NULL,
-    series    INTEGER NOT NULL,
-    instances INTEGER NOT NULL,
-    bytes     INTEGER NOT NULL
-);
-CREATE TRIGGER IF NOT EXISTS totals_patient_in AFTER INSERT ON patients BEGIN
-    UPDATE totals SET patients = patients + 1;
-END;
-CREATE TRIGGER IF NOT EXISTS totals_patient_out AFTER DELETE ON patients BEGIN
-    UPDATE totals SET patients = patients - 1;
-END;
-CREATE TRIGGER IF NOT EXISTS totals_study_in AFTER INSERT ON studies BEGIN
-    UPDATE totals SET studies = studies + 1;
-END;
-CREATE TRIGGER IF NOT EXISTS totals_study_out AFTER DELETE ON studies BEGIN
-    UPDATE totals SET studies = studies - 1;
-END;
-CREATE TRIGGER IF NOT EXISTS totals_series_in AFTER INSERT ON series BEGIN
-    UPDATE totals SET series = series + 1;
-END;
-CREATE TRIGGER IF NOT EXISTS totals_series_out AFTER DELETE ON series BEGIN
-    UPDATE totals SET series = series - 1;
-END;
-CREATE TRIGGER IF NOT EXISTS totals_instance_in AFTER INSERT ON instances BEGIN
-    UPDATE totals SET instances = instances + 1, bytes = bytes + NEW.size;
-END;
-CREATE TRIGGER IF NOT EXISTS totals_instance_out AFTER DELETE ON instances BEGIN
-    UPDATE totals SET instances = instances - 1, bytes = bytes - OLD.size;
-END;
-CREATE TRIGGER IF NOT EXISTS totals_instance_size AFTER UPDATE OF size ON instances BEGIN
-    UPDATE totals SET bytes = bytes - OLD.size + NEW.size;
-END;
-"""
-_NAME_KEYS_VERSION = "1"  # bump when names.pn_keys changes: the keys are recomputed at open
-_NAME_KEYS_VERSION_KEY = "name_keys_version"
-
-
-def migrate(conn: sqlite3.Connection) -> None:
-    """Bring derived tables up to date with the rows (in the caller's transaction).
-
-    The name keys are recomputed from the patients when they were made by another definition
-    of `pn_keys`, or never (an index from before they existed); the totals are counted once when
-    their row is absent (a new index, or one from before they existed).
-    """
-    if conn.execute("SELECT 1 FROM totals").fetchone() is None:
-        conn.execute(
-            "INSERT INTO totals (id, patients, studies, series, instances, bytes)"
-            " SELECT 1, (SELECT count(*) FROM patients), (SELECT count(*) FROM studies),"
-            " (SELECT count(*) FROM series), count(*), coalesce(sum(size), 0) FROM instances"
-        )
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (_NAME_KEYS_VERSION_KEY,)).fetchone()
-    if row is None or row[0] != _NAME_KEYS_VERSION:
-        conn.execute("DELETE FROM patient_name_keys")
-        conn.execute(
-            "INSERT OR IGNORE INTO patient_name_keys (key, patient_pk)"
-            " SELECT k.value, p.pk FROM patients p, json_each(gateway_pn_keys(p.patient_name)) k"
-        )
-        conn.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-            (_NAME_KEYS_VERSION_KEY, _NAME_KEYS_VERSION),
-        )
-
-
-def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open the index with the pragmas every connection needs."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    # The name-key triggers call it: every connection that may write patients needs it.
-    conn.create_function(_PN_KEYS_FUNCTION, 1, pn_keys_json, deterministic=True)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    if readonly:
-        conn.execute("PRAGMA query_only=ON")
-    return conn
 
 
 @dataclass(frozen=True, slots=True)

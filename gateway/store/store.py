@@ -33,9 +33,9 @@ from gateway.store.index import (
     InFlight,
     IngestResult,
     Provenance,
-    connect,
 )
 from gateway.store.instance import ReceivedFile, read_received_file
+from gateway.store.schema import connect
 
 __all__ = ["InstanceFile", "ReconcileReport", "Store"]
 
