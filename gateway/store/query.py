@@ -199,9 +199,7 @@ class CappedFind:
     truncated: bool
 
 
-async def find_capped(
-    store: Store, model: QueryModel, identifier: Dataset, cap: int
-) -> CappedFind:
+async def find_capped(store: Store, model: QueryModel, identifier: Dataset, cap: int) -> CappedFind:
     """C-FIND with at most *cap* answers (0: no cap); the first *cap* in index order.
 
     SQL reads at most cap + 1 rows (the one more says there were more). A query that names a
