@@ -33,7 +33,7 @@ from pynetdicom import (
     dimse_messages,
 )
 
-from gateway.scp.transport import uid_value
+from gateway.scp.transport import dul_resources, uid_value
 
 __all__ = ["ReceivingFile", "encode_file_meta", "install_receive_path"]
 
@@ -67,6 +67,9 @@ class ReceivingFile:
         self._digest: Any = None
         self._written = 0
         self._queued = 0  # bytes already handed to writeback
+        # Opened on the association's DUL thread; if the association ends before the dataset
+        # is complete, nothing else would close or remove it.
+        dul_resources.add(self)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data)
@@ -96,6 +99,17 @@ class ReceivingFile:
         """Writes go straight to the file: nothing is buffered."""
 
     def close(self) -> None:
+        """The dataset is complete (pynetdicom closes it before the handler takes the file)."""
+        dul_resources.discard(self)
+        self._close_fd()
+
+    def abandon(self) -> None:
+        """The association ended mid-dataset: close and remove the partial file."""
+        self._close_fd()
+        with contextlib.suppress(OSError):
+            os.unlink(self.name)
+
+    def _close_fd(self) -> None:
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._fd)

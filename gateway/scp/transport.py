@@ -8,8 +8,10 @@ pynetdicom's server is kept, with four changes made where pynetdicom offers the 
 - the two threads of an association wait for work instead of polling. pynetdicom's DUL thread
   sleeps 1 ms whenever a loop found nothing, and the association thread sleeps 1 ms every loop;
   measured here, that polling was ~3.5 ms of the ~8 ms a small C-STORE took. The DUL now blocks
-  in `select` on the socket and a wake-up pipe written whenever a primitive is queued for it,
-  and the association thread waits on an event set whenever the DUL queues a message for it;
+  in `poll` on the socket and a wake-up pipe written whenever a primitive is queued for it,
+  and the association thread waits on an event set whenever the DUL queues a message for it.
+  The pipe is the association's: it is closed when the association's thread ends, whatever
+  ended it (release, abort by either side, rejection, timeout, a vanished peer, an exception);
 - a C-STORE response is encoded directly (a fixed layout of seven command elements) instead of
   through a pydicom Dataset: measured, pynetdicom's generic path cost ~1 ms of each C-STORE
   (how a received dataset reaches its file is `receiving.py`);
@@ -29,12 +31,13 @@ import os
 import queue
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from pynetdicom import (
@@ -55,8 +58,11 @@ from gateway.config import CallerSettings
 
 __all__ = [
     "MIN_PDU_LIMIT",
+    "Abandonable",
     "AssociationPolicy",
+    "DulResources",
     "GatewayServer",
+    "dul_resources",
     "encode_c_store_rsp",
     "make_event_driven",
     "set_nodelay",
@@ -104,6 +110,48 @@ class AssociationPolicy:
         return None
 
 
+class Abandonable(Protocol):
+    """Something a DUL thread opens for a message in progress (a received dataset's file)."""
+
+    def abandon(self) -> None:
+        """Release it: the association ended before the message was complete."""
+
+
+class DulResources:
+    """What each association's DUL thread holds open for messages still arriving, released when
+    the association ends, however it ends (an A-ABORT or a vanished peer mid-dataset leaves the
+    file of a half-received instance: without this, its descriptor and its temp file stayed).
+
+    Keyed by the thread object, not its ident: idents are reused as soon as a thread ends.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[threading.Thread, set[Abandonable]] = {}
+
+    def add(self, item: Abandonable) -> None:
+        """Hold *item* for the calling thread (a DUL thread)."""
+        with self._lock:
+            self._held.setdefault(threading.current_thread(), set()).add(item)
+
+    def discard(self, item: Abandonable) -> None:
+        """The message is complete: *item* is no longer the association's to release."""
+        with self._lock:
+            for held in self._held.values():
+                held.discard(item)
+
+    def release(self, thread: threading.Thread) -> int:
+        """Abandon what *thread* still holds; return how many there were."""
+        with self._lock:
+            held = self._held.pop(thread, set())
+        for item in held:
+            item.abandon()
+        return len(held)
+
+
+dul_resources = DulResources()
+
+
 class _WakingQueue(queue.Queue[Any]):
     """A queue that calls *wake* after every put, so its consumer need not poll."""
 
@@ -118,20 +166,44 @@ class _WakingQueue(queue.Queue[Any]):
 
 class _BoundedSocket(AssociationSocket):  # type: ignore[misc]
     """An AssociationSocket that refuses over-long PDUs, reads in large chunks, and lets the DUL
-    thread block until the peer sends or a primitive is queued for sending."""
+    thread block until the peer sends or a primitive is queued for sending.
+
+    The wake-up pipe belongs to the association, not to the TCP connection: pynetdicom closes the
+    transport on some paths and leaves it to the garbage collector on others (an acceptor that
+    released and saw the peer close, for one), so the pipe is closed by `close_wakeups` once the
+    DUL thread that reads it has ended (`_EventDrivenAssociation.run`), on every path. The DUL
+    waits with `poll`, which takes descriptors of any number (`select` fails above 1023).
+    """
 
     pdu_limit: int = MIN_PDU_LIMIT
     _wake_r: int = -1
     _wake_w: int = -1
+    _wake_lock: threading.Lock
+    _poller: select.poll | None = None
+    _polled_fd: int = -1
 
     def enable_wakeups(self) -> None:
+        self._wake_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
 
     def wake(self) -> None:
-        with contextlib.suppress(OSError):  # pipe full (already awake) or closed
-            os.write(self._wake_w, b"\0")
+        # Under the lock, so that a wake-up never reaches a descriptor number reused after
+        # `close_wakeups`.
+        with self._wake_lock:
+            if self._wake_w >= 0:
+                with contextlib.suppress(BlockingIOError):  # pipe full: already awake
+                    os.write(self._wake_w, b"\0")
+
+    def close_wakeups(self) -> None:
+        """Close the wake-up pipe (idempotent); call once no thread waits on it any more."""
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
+            self._poller = None
 
     @property
     def ready(self) -> bool:
@@ -139,23 +211,28 @@ class _BoundedSocket(AssociationSocket):  # type: ignore[misc]
         if sock is None or self._is_connected is False or self._wake_r < 0:
             time.sleep(_IDLE_WAIT / 50)  # pynetdicom's own pace when there is no connection
             return False
-        try:
-            readable, _, _ = select.select([sock, self._wake_r], [], [], _IDLE_WAIT)
-        except (OSError, TimeoutError, ValueError):
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # decrypted bytes already buffered: poll would not see them
+        fd = sock.fileno()
+        if fd < 0 or (self._poller is not None and fd != self._polled_fd):
             self.event_queue.put("Evt17")  # transport connection closed
             return False
-        if self._wake_r in readable:
-            with contextlib.suppress(OSError):
-                os.read(self._wake_r, 4096)
-        return sock in readable
-
-    def close(self) -> None:
-        super().close()
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(fd, select.POLLIN | select.POLLPRI)
+            self._poller.register(self._wake_r, select.POLLIN)
+            self._polled_fd = fd
+        readable = False
+        for ready_fd, mask in self._poller.poll(_IDLE_WAIT * 1000):
+            if ready_fd == fd:
+                if mask & select.POLLNVAL:
+                    self.event_queue.put("Evt17")
+                    return False
+                readable = True  # data, or a hang-up / error that recv() will report
+            else:
                 with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._wake_r = self._wake_w = -1
+                    os.read(self._wake_r, 4096)
+        return readable
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > self.pdu_limit:
@@ -221,6 +298,35 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
 
     _wake_event: threading.Event
 
+    def run(self) -> None:
+        # The association's thread; every association, accepted or requested, ends here, so
+        # this is where its per-association resources are released, whatever ended it.
+        try:
+            super().run()
+        finally:
+            self._release_resources()
+
+    def _release_resources(self) -> None:
+        """End the DUL thread, then close the wake-up pipe it waited on (see _BoundedSocket)."""
+        dul = self.dul
+        if dul.is_alive() and not self._kill:
+            # The reactor ended without killing the association (an unexpected exception):
+            # abort, which sends A-ABORT and stops the DUL.
+            with contextlib.suppress(Exception):
+                self.abort()
+        if dul.ident is not None:
+            # After kill() the DUL ends once its state machine is idle (the transport closed,
+            # or the ARTIM timer expired): bounded by the ACSE timeout.
+            dul.join(timeout=(self.acse_timeout or 30) + 5)
+        sock = dul.socket
+        if dul.is_alive():
+            log.warning("dul_thread_still_running", peer=self.remote.get("address"))
+            return
+        if isinstance(sock, _BoundedSocket):
+            sock.close_wakeups()
+        if abandoned := dul_resources.release(dul):
+            log.info("incomplete_messages_discarded", count=abandoned)
+
     def _run_reactor(self) -> None:
         # pynetdicom 3.0 Association._run_reactor, with `time.sleep(0.001)` replaced by a wait
         # on `_wake_event` (set when the DUL queues a DIMSE message or an ACSE primitive). The
@@ -234,10 +340,21 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
             self._wake_event.clear()
             self._reactor_checkpoint.wait()
             self._is_paused = False
+            if not self._reactor_checkpoint.is_set():
+                # A send_*() cleared the checkpoint after we passed it but may have read the
+                # pause flag before we cleared it, and sent its request: the answer is its own,
+                # not ours to take (pynetdicom's loop has this window; a fast peer's response
+                # taken by the reactor left the requestor waiting until its DIMSE timeout).
+                continue
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
                 self._wake_event.set()  # more may be queued: look again without waiting
                 self._serve_request(msg, context_id)
+                # The network timeout is for a silent peer: time spent answering (a slow disk,
+                # a C-MOVE of a large study) is not silence. pynetdicom restarts the timer only
+                # when a PDU arrives, so an answer that took longer than the timeout was
+                # followed by an A-ABORT.
+                self.dul._idle_timer.restart()
             if self.is_established and self.acse.is_release_requested():  # type: ignore[has-type]
                 self.acse.send_release(is_response=True)
                 self.is_released = True
