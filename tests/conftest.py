@@ -121,13 +121,15 @@ class GatewayProcess:
         """(Re)write config.toml: the node, control and log sections of this gateway, and these."""
         return write_config(self.root / "config.toml", {**self._base, **sections})
 
-    def start(self, timeout: float = 30.0) -> GatewayProcess:
+    def start(self, timeout: float = 30.0, pass_fds: tuple[int, ...] = ()) -> GatewayProcess:
+        """Start `gateway serve`; *pass_fds* stay open in it (to push its own above them)."""
         self.socket.unlink(missing_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(self.config)],
             stdout=log,
             stderr=subprocess.STDOUT,
+            pass_fds=pass_fds,
         )
         log.close()
         # Ready when the control socket answers: it is served only once the DICOM listener is

@@ -52,7 +52,7 @@ from gateway.config import Settings
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.handlers import DicomServices
 from gateway.scp.receiving import install_receive_path
-from gateway.scp.transport import AssociationPolicy, GatewayServer
+from gateway.scp.transport import MIN_PDU_LIMIT, AssociationPolicy, EventDrivenAE, GatewayServer
 from gateway.scp.worklist import AcquisitionServices
 from gateway.store.store import Store
 
@@ -92,7 +92,9 @@ class DicomNode:
 
     def _make_ae(self) -> AE:
         node = self._settings.node
-        ae = AE(ae_title=node.ae_title)
+        # Event driven also as a requestor: C-MOVE sub-associations are requested by this AE.
+        ae = EventDrivenAE(ae_title=node.ae_title)
+        ae.pdu_limit = max(MIN_PDU_LIMIT, node.max_pdu_size + 6)
         # The limit is the policy's (transport.py), counting established associations;
         # pynetdicom's own count includes connections still negotiating, so it only backstops.
         ae.maximum_associations = node.max_associations + 64

@@ -40,9 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
-from pynetdicom import (
-    evt,
-)
+from pynetdicom import AE, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -61,6 +59,7 @@ __all__ = [
     "Abandonable",
     "AssociationPolicy",
     "DulResources",
+    "EventDrivenAE",
     "GatewayServer",
     "dul_resources",
     "encode_c_store_rsp",
@@ -429,6 +428,22 @@ def make_event_driven(assoc: Association, pdu_limit: int) -> None:
     assoc.dul.to_user_queue = _WakingQueue(assoc._wake_event.set)
     assoc.dimse.msg_queue = _WakingQueue(assoc._wake_event.set)
     assoc.dimse.__class__ = _FastResponseDIMSE
+
+
+class EventDrivenAE(AE):  # type: ignore[misc]
+    """An AE whose requested associations are event driven like the node's accepted ones (the
+    bounded socket, the wake-ups, `poll`): the gateway's outbound associations and the node's
+    C-MOVE sub-associations alike. pynetdicom's own requestor polls every 1 ms in two threads
+    and waits with `select`, which fails on descriptors above 1023."""
+
+    pdu_limit: int = MIN_PDU_LIMIT
+
+    def _create_socket(self, assoc: Association, address: Any, tls_args: Any) -> Any:
+        sock = super()._create_socket(assoc, address, tls_args)
+        assoc.dul.socket = sock  # AE.associate sets it again (set_socket) once this returns
+        make_event_driven(assoc, self.pdu_limit)
+        assoc.dul.socket = None
+        return sock
 
 
 class _RequestHandler(RequestHandler):  # type: ignore[misc]

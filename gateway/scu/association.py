@@ -16,7 +16,7 @@ from pynetdicom.presentation import PresentationContext
 
 from gateway.config import NodeSettings, PeerSettings
 from gateway.errors import PeerError
-from gateway.scp.transport import MIN_PDU_LIMIT, make_event_driven, set_nodelay
+from gateway.scp.transport import MIN_PDU_LIMIT, EventDrivenAE, set_nodelay
 
 __all__ = ["associate", "client_ae", "no_answer"]
 
@@ -25,23 +25,9 @@ def _nodelay(event: evt.Event) -> None:
     set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
 
 
-class _ClientAE(AE):  # type: ignore[misc]
-    """An AE whose requested associations wait for work instead of polling, as the node's do
-    (pynetdicom's own sleep 1 ms per idle loop in two threads per association)."""
-
-    pdu_limit: int = MIN_PDU_LIMIT
-
-    def _create_socket(self, assoc: Association, address: Any, tls_args: Any) -> Any:
-        sock = super()._create_socket(assoc, address, tls_args)
-        assoc.dul.socket = sock  # AE.associate sets it again (set_socket) once this returns
-        make_event_driven(assoc, self.pdu_limit)
-        assoc.dul.socket = None
-        return sock
-
-
 def client_ae(node: NodeSettings) -> AE:
     """An AE with the node's AE title and timeouts, for one outbound association."""
-    ae = _ClientAE(ae_title=node.ae_title)
+    ae = EventDrivenAE(ae_title=node.ae_title)
     ae.pdu_limit = max(MIN_PDU_LIMIT, node.max_pdu_size + 6)
     ae.acse_timeout = node.acse_timeout
     ae.dimse_timeout = node.dimse_timeout

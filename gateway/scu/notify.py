@@ -119,6 +119,7 @@ def post_json(hook: WebhookSettings, payload: dict[str, Any]) -> int:
             response.read(64 * 1024)
             status = int(response.status)
     except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the response and its connection
         raise NotifyError(f"webhook {hook.name} answered HTTP {exc.code} {exc.reason}") from None
     except urllib.error.URLError as exc:
         reason = exc.reason.strerror if isinstance(exc.reason, OSError) else exc.reason

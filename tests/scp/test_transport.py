@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import generate_uid
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta, encode
@@ -13,6 +18,15 @@ from pynetdicom.dsutils import create_file_meta, encode
 from gateway.config import CallerSettings
 from gateway.scp.receiving import encode_file_meta
 from gateway.scp.transport import AssociationPolicy, encode_c_store_rsp
+from tests.conftest import (
+    HOST,
+    TEST_FILES,
+    GatewayProcess,
+    StoreSCP,
+    dcmtk_env,
+    require,
+    write_variant,
+)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -77,3 +91,41 @@ def test_policy_decisions() -> None:
     assert policy.rejection("XX", "GATEWAY", "10.0.0.1", 1)[0] == "calling_ae_title_not_allowed"  # type: ignore[index]
     assert policy.rejection("CT1", "GATEWAY", "10.0.0.2", 1)[0] == "calling_host_not_allowed"  # type: ignore[index]
     assert policy.rejection("MR", "GATEWAY", "h", 3) == ("association_limit_reached", 2, 3, 2)
+
+
+def test_descriptors_above_1024(tmp_path: Path) -> None:
+    """Nothing depends on descriptor numbers below 1024 (select() fails above 1023): with 1100
+    descriptors held open, every socket, pipe and file the gateway opens is numbered above them,
+    and it still serves C-ECHO, C-STORE, C-FIND and C-MOVE, and echoes a peer."""
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    scp = StoreSCP(tmp_path / "received")
+    gw = GatewayProcess(tmp_path / "gw")
+    try:
+        gw.write_config(peers=[{"name": "storescp", "ae_title": scp.ae_title, "host": HOST,
+                                "port": scp.port}])  # fmt: skip
+        gw.start(pass_fds=tuple(held))
+        assert max(int(fd) for fd in os.listdir(f"/proc/{gw.pid}/fd")) > 1100
+        study, sop = generate_uid(), generate_uid()
+        path = write_variant(TEST_FILES / "CT_small.dcm", tmp_path / "ct.dcm",
+                             StudyInstanceUID=study, SOPInstanceUID=sop)  # fmt: skip
+        keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"]
+        _dcmtk(gw, "echoscu")
+        _dcmtk(gw, "storescu", files=[str(path)])
+        assert study in _dcmtk(gw, "findscu", "-S", *keys)
+        _dcmtk(gw, "movescu", "-S", "-aem", scp.ae_title, *keys)
+        assert len(scp.files()) == 1
+        assert gw.call("echo", {"peer": "storescp"})["status"] == 0
+    finally:
+        gw.stop()
+        scp.stop()
+        for fd in held:
+            os.close(fd)
+
+
+def _dcmtk(gw: GatewayProcess, tool: str, *args: str, files: Sequence[str] = ()) -> str:
+    result = subprocess.run(
+        [require(tool), "-aec", gw.ae_title, *args, HOST, str(gw.port), *files],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
