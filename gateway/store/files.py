@@ -26,6 +26,7 @@ from typing import BinaryIO
 __all__ = ["FileStore", "ensure_dirs", "fsync_dir", "replace_durably", "write_atomically"]
 
 _BUCKET_FORMAT = "%Y%m%d/%H/%M"
+_MS_DIGITS = 14  # milliseconds since the epoch, zero-padded: sortable until the year 5138
 _KNOWN_DIRS = 64  # bucket directories remembered as existing (a new one each minute)
 
 
@@ -109,10 +110,15 @@ class FileStore:
             self._known_dirs.add(directory)
 
     def move_in(self, temp_path: Path, now: float) -> Path:
-        """Rename a received file into its bucket (not yet durable); return its new path."""
+        """Rename a received file into its bucket (not yet durable); return its new path.
+
+        The name is the move-in time in milliseconds, then a random UUID: start-up
+        reconciliation lists a bucket and skips, by name alone, the files moved in before its
+        window.
+        """
         directory = self._bucket(now)
         self._ensure_dir(directory)
-        final = directory / f"{uuid.uuid4().hex}.dcm"
+        final = directory / f"{int(now * 1000):0{_MS_DIGITS}d}-{uuid.uuid4().hex}.dcm"
         os.rename(temp_path, final)
         return final
 
@@ -169,6 +175,7 @@ class FileStore:
         day0, hour0, minute0 = time.strftime(_BUCKET_FORMAT, time.gmtime(since)).split("/")
         if not self.objects_dir.exists():
             return
+        first_name = f"{int(since * 1000):0{_MS_DIGITS}d}"
         for day in sorted(os.listdir(self.objects_dir)):
             if day < day0:
                 continue
@@ -176,7 +183,12 @@ class FileStore:
                 if (day, hour) < (day0, hour0):
                     continue
                 first_minute = minute0 if (day, hour) == (day0, hour0) else ""
-                yield from self._hour_files(f"objects/{day}/{hour}", first_minute)
+                for relpath in self._hour_files(f"objects/{day}/{hour}", first_minute):
+                    name = relpath.rsplit("/", 1)[1]
+                    # A timed name (see move_in) before *since* is skipped; older names are not
+                    # timed and are listed.
+                    if not (_is_timed(name) and name[:_MS_DIGITS] < first_name):
+                        yield relpath
 
     def _hour_files(self, hour_dir: str, first_minute: str) -> Iterator[str]:
         """Files of an hour directory: its minute buckets from *first_minute* on, and files
@@ -196,3 +208,8 @@ class FileStore:
     def disk_usage(self) -> shutil._ntuple_diskusage:
         """Total, used and free bytes of the store's filesystem."""
         return shutil.disk_usage(self.root)
+
+
+def _is_timed(name: str) -> bool:
+    """Whether a file name starts with its move-in time (``<14 digits>-<uuid>.dcm``)."""
+    return len(name) > _MS_DIGITS and name[_MS_DIGITS] == "-" and name[:_MS_DIGITS].isdigit()

@@ -102,10 +102,22 @@ class InFlight:
     """
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self.clock = clock  # wall-clock seconds since the epoch, for every time the store keeps
+        self._wall = clock  # wall-clock seconds since the epoch
+        self._last = 0.0
         self._lock = threading.Lock()
         self._times: dict[int, float] = {}
         self._next = 0
+
+    def clock(self) -> float:
+        """The store's time, s since the epoch: the wall clock, never earlier than a time this
+        store gave before (a clock stepped back would otherwise put later files before the
+        mark). Every time the store keeps (move-in, received_at, the mark) is taken here."""
+        with self._lock:
+            return self._now()
+
+    def _now(self) -> float:
+        self._last = max(self._last, self._wall())
+        return self._last
 
     def begin(self) -> tuple[int, float]:
         """Register an ingest; return its token and the time (s since the epoch) to move in at.
@@ -114,7 +126,7 @@ class InFlight:
         """
         with self._lock:
             self._next += 1
-            now = self.clock()
+            now = self._now()
             self._times[self._next] = now
             return self._next, now
 
@@ -126,7 +138,7 @@ class InFlight:
     def mark(self) -> float:
         """min(move-in times of the ingests in flight, now), in seconds since the epoch."""
         with self._lock:
-            now = self.clock()
+            now = self._now()
             return min(min(self._times.values(), default=now), now)
 
 

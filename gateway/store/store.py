@@ -45,9 +45,10 @@ T = TypeVar("T")
 _RUNNING_KEY = "running_since"
 _READERS = 4  # read connections: a scanning query leaves three for everything else
 _RECONCILE_MARGIN = 3600.0  # seconds before an unmarked unclean run's start scanned too
-# Seconds before the durable mark that are scanned too. The mark and the buckets are wall-clock
-# times: a clock stepped back (NTP) after the mark could place later files in earlier buckets.
-_CLOCK_MARGIN = 60.0
+# Seconds before the durable mark that are scanned too. Within a run the store's clock never goes
+# back (`InFlight.clock`), so every file moved in after the mark is timed at or after it; the
+# margin covers only the rounding of times to milliseconds in file names.
+_CLOCK_MARGIN = 1.0
 
 
 @dataclass(frozen=True, slots=True)
