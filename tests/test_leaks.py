@@ -299,8 +299,12 @@ def get(site: Site, n: int) -> None:
 
 
 def rejected(site: Site, n: int) -> None:
-    assoc = _associate(site, [Verification], called="NOT_GATEWAY")
-    assert assoc.is_rejected
+    """An association for another called AE title (the node checks it): A-ASSOCIATE-RJ."""
+    result = subprocess.run(
+        [require("echoscu"), "-aet", CALLING, "-aec", "NOT_GATEWAY", HOST, str(site.gw.port)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0 and "Association Rejected" in result.stderr, result.stderr
 
 
 def aborted_mid_dataset(site: Site, n: int) -> None:
