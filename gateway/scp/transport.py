@@ -72,6 +72,10 @@ log = structlog.get_logger(__name__)
 _READ_CHUNK = 64 * 1024
 # How long an idle association's threads wait before re-checking timers (ARTIM, idle timeout).
 _IDLE_WAIT = 0.05
+# How long a DUL with no connection waits for a primitive before looking again. Short, because
+# pynetdicom's kill() waits for the DUL thread to end in a loop of sleep(0) (a spin) after asking
+# it to stop, and the DUL sees the request only when this wait ends.
+_UNCONNECTED_WAIT = 0.01
 # A-ASSOCIATE-RQ/AC PDUs are not bounded by the maximum PDU length; allow them this much.
 MIN_PDU_LIMIT = 256 * 1024
 
@@ -208,7 +212,7 @@ class _BoundedSocket(AssociationSocket):  # type: ignore[misc]
     def ready(self) -> bool:
         sock = self.socket
         if sock is None or self._is_connected is False or self._wake_r < 0:
-            time.sleep(_IDLE_WAIT / 50)  # pynetdicom's own pace when there is no connection
+            self._wait_unconnected()
             return False
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True  # decrypted bytes already buffered: poll would not see them
@@ -232,6 +236,21 @@ class _BoundedSocket(AssociationSocket):  # type: ignore[misc]
                 with contextlib.suppress(OSError):
                     os.read(self._wake_r, 4096)
         return readable
+
+    def _wait_unconnected(self) -> None:
+        """With no connection (before a requestor connects, after the transport closed), wait
+        for a primitive to send, at most `_UNCONNECTED_WAIT`. pynetdicom slept 1 ms here: a
+        connection that closed before its A-ASSOCIATE-RQ (a port probe, a health check) left
+        two threads waking 1000 times a second until the ACSE timeout, and a few dozen of them
+        starved the listener of the GIL, so new connections waited for SYN retransmits."""
+        if self._wake_r < 0:
+            time.sleep(_UNCONNECTED_WAIT)
+            return
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        if poller.poll(_UNCONNECTED_WAIT * 1000):
+            with contextlib.suppress(OSError):
+                os.read(self._wake_r, 4096)
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > self.pdu_limit:
@@ -466,6 +485,10 @@ class GatewayServer(ThreadedAssociationServer):  # type: ignore[misc]
     policy: AssociationPolicy
     on_reject: Callable[[Association, str], None]
     daemon_threads = True
+    # socketserver's default backlog is 5: a burst of connections (modalities reconnecting after
+    # an outage, health checks) while the listener thread waited for the GIL overflowed it, and
+    # the dropped SYNs were retried by the peers' kernels only after 1 s.
+    request_queue_size = socket.SOMAXCONN
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = _RequestHandler
