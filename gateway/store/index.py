@@ -308,11 +308,25 @@ class IndexWriter:
     def _run_ingest_batch(self, batch: list[_Ingest]) -> None:
         discarded: list[Path] = []
         try:
-            self._ingest_batch(batch, discarded)
+            replies = self._ingest_batch(batch, discarded)
         finally:
-            self._discard(discarded)
+            self._discard(discarded)  # before the replies: a refused file is gone when they go
+        stored = []
+        for item, outcome in replies:
+            if isinstance(outcome, IngestResult):
+                if _kept(outcome):
+                    stored.append(outcome)
+                item.future.set_result(outcome)
+            else:
+                item.future.set_exception(outcome)
+        if stored and self.on_ingested is not None:
+            self.on_ingested(stored)
 
-    def _ingest_batch(self, batch: list[_Ingest], discarded: list[Path]) -> None:
+    def _ingest_batch(
+        self, batch: list[_Ingest], discarded: list[Path]
+    ) -> list[tuple[_Ingest, IngestResult | GatewayError]]:
+        """Index *batch* in one transaction; return each item's reply, and add to *discarded*
+        the files that will not be indexed (a refusal, a duplicate, a failed batch)."""
         conn = self._conn
         assert conn is not None
         for item in batch:
@@ -320,7 +334,7 @@ class IndexWriter:
                 discarded.append(item.received.path)  # nobody waits: leave nothing
         batch = [item for item in batch if item.future.running()]
         if not batch:
-            return
+            return []
         now = self._inflight.clock()
         superseded: list[str] = []
         results: list[tuple[_Ingest, IngestResult | GatewayError]] = []
@@ -337,31 +351,15 @@ class IndexWriter:
             log.error("index_batch_failed", error=str(exc), instances=len(batch))
             error = StoreError(f"the index could not be updated: {exc}")
             discarded.extend(item.received.path for item in batch)
-            self._discard(discarded)
-            discarded.clear()
-            for item in batch:
-                item.future.set_exception(error)
-            return
+            return [(item, error) for item in batch]
         if superseded:
             self._files.remove(superseded)
-        stored = []
-        for item, outcome in results:
-            if not isinstance(outcome, IngestResult) or outcome.outcome not in (
-                "stored",
-                "replaced",
-            ):
-                discarded.append(item.received.path)
-        self._discard(discarded)  # before the replies: a refused file is gone when they go
-        discarded.clear()
-        for item, outcome in results:
-            if isinstance(outcome, IngestResult):
-                if outcome.outcome in ("stored", "replaced"):
-                    stored.append(outcome)
-                item.future.set_result(outcome)
-            else:
-                item.future.set_exception(outcome)
-        if stored and self.on_ingested is not None:
-            self.on_ingested(stored)
+        discarded.extend(
+            item.received.path
+            for item, outcome in results
+            if not (isinstance(outcome, IngestResult) and _kept(outcome))
+        )
+        return results
 
     def _ingest_one(
         self,
@@ -513,3 +511,8 @@ class IndexWriter:
             self._series_cache.clear()
         self._series_cache[attrs.series_instance_uid] = series_pk
         return int(series_pk)
+
+
+def _kept(result: IngestResult) -> bool:
+    """Whether the index now points at the file of *result* (stored, or replacing another)."""
+    return result.outcome in ("stored", "replaced")
