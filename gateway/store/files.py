@@ -3,11 +3,12 @@
 Layout under `data_dir`::
 
     tmp/                      files being received (same filesystem, so moving in is a rename)
-    objects/YYYYMMDD/HH/MM/   one file per instance, named by a random UUID, bucketed by the UTC
-                              minute it arrived; start-up reconciliation after an unclean stop
-                              scans only the buckets from the index's durable mark on
-    objects/YYYYMMDD/HH/      the same, by hour, as versions before minute buckets wrote them
-                              (rows hold relative paths, so those files stay where they are)
+    objects/YYYYMMDD/HH/MM/   one file per instance, named by its move-in time in ms and a random
+                              UUID, bucketed by the UTC minute it arrived; start-up
+                              reconciliation after an unclean stop lists only the buckets from
+                              the index's durable mark on and skips earlier names unopened
+    objects/YYYYMMDD/HH/      files named by a UUID alone, by hour, as earlier versions wrote
+                              them (rows hold relative paths, so those files stay where they are)
     index.sqlite              the index (see `index.py`)
 
 No name on disk comes from a DICOM value.

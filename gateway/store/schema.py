@@ -80,7 +80,8 @@ CREATE TABLE IF NOT EXISTS instances (
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances (series_pk);
 CREATE INDEX IF NOT EXISTS instances_received ON instances (received_at);
-CREATE INDEX IF NOT EXISTS patients_name ON patients (patient_name);
+-- PatientName matching reads patient_name_keys; this index of earlier versions served nothing.
+DROP INDEX IF EXISTS patients_name;
 
 -- PatientName match candidates per patient (gateway/store/names.py), kept by triggers on every
 -- path that inserts, renames or deletes a patient.
