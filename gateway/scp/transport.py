@@ -182,14 +182,21 @@ class _BoundedSocket(AssociationSocket):  # type: ignore[misc]
     _wake_r: int = -1
     _wake_w: int = -1
     _wake_lock: threading.Lock
-    _poller: select.poll | None = None
+    _poller: select.poll | None = None  # the socket and the pipe, once connected
     _polled_fd: int = -1
+    _wake_poller: select.poll  # the pipe alone, while there is no connection
 
     def enable_wakeups(self) -> None:
         self._wake_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._wake_poller = select.poll()
+        self._wake_poller.register(self._wake_r, select.POLLIN)
+
+    def _drain_wakeups(self) -> None:
+        with contextlib.suppress(OSError):
+            os.read(self._wake_r, 4096)
 
     def wake(self) -> None:
         # Under the lock, so that a wake-up never reaches a descriptor number reused after
@@ -233,8 +240,7 @@ class _BoundedSocket(AssociationSocket):  # type: ignore[misc]
                     return False
                 readable = True  # data, or a hang-up / error that recv() will report
             else:
-                with contextlib.suppress(OSError):
-                    os.read(self._wake_r, 4096)
+                self._drain_wakeups()
         return readable
 
     def _wait_unconnected(self) -> None:
@@ -246,11 +252,8 @@ class _BoundedSocket(AssociationSocket):  # type: ignore[misc]
         if self._wake_r < 0:
             time.sleep(_UNCONNECTED_WAIT)
             return
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        if poller.poll(_UNCONNECTED_WAIT * 1000):
-            with contextlib.suppress(OSError):
-                os.read(self._wake_r, 4096)
+        if self._wake_poller.poll(_UNCONNECTED_WAIT * 1000):
+            self._drain_wakeups()
 
     def recv(self, nr_bytes: int) -> bytearray:
         if nr_bytes > self.pdu_limit:
