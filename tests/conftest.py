@@ -88,6 +88,18 @@ def write_config(path: Path, sections: dict[str, Any]) -> Path:
     return path
 
 
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for `localhost` and its key (PEM files in *directory*), made by openssl."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
 class GatewayProcess:
     """`gateway serve` in a subprocess with a config of its own under *root*."""
 

@@ -52,6 +52,7 @@ from tests.conftest import (
     dcmtk_env,
     free_port,
     require,
+    self_signed_certificate,
     write_variant,
 )
 from tests.control.test_tcp import Line
@@ -150,23 +151,12 @@ class Site:
     sent_sops: list[tuple[str, str, str]]  # (study, series, sop) stored through C-STORE
 
 
-def _certificate(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
-
-
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
     recorder = Recorder()
     webhook = WebhookReceiver()
     token, hashed = new_operator_token()
-    cert, key = _certificate(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
     control_port, tls_port = free_port(), free_port()
     gw = GatewayProcess(
         tmp_path / "gw",

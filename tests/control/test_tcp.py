@@ -15,7 +15,7 @@ import pytest
 
 from gateway.control.auth import new_operator_token
 from gateway.errors import ControlError
-from tests.conftest import HOST, GatewayProcess, free_port
+from tests.conftest import HOST, GatewayProcess, free_port, self_signed_certificate
 
 
 class Line:
@@ -122,13 +122,7 @@ def test_operator_and_device_roles(tcp_gateway: tuple[GatewayProcess, int, str])
 
 
 def test_tls(gateway_factory: Any, tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = self_signed_certificate(tmp_path)
     token, hashed = new_operator_token()
     port = free_port()
     gateway_factory(control={"tcp_port": port, "operator_token_hashes": [hashed],

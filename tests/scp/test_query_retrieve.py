@@ -77,6 +77,17 @@ SUCCESS, PENDING, CANCEL = 0x0000, 0xFF00, 0xFE00
 MOVE_DESTINATION_UNKNOWN = 0xA801
 
 
+def ct2_copies(directory: Path) -> list[Path]:
+    """The second series of the CT study (CT2_SERIES, CT2_SOPS, as OT), written to *directory*."""
+    return [
+        write_variant(
+            CT, directory / f"ct2_{n}.dcm", SeriesInstanceUID=CT2_SERIES, SOPInstanceUID=uid,
+            SeriesNumber=2, InstanceNumber=n, Modality="OT",
+        )
+        for n, uid in enumerate(CT2_SOPS, start=1)
+    ]  # fmt: skip
+
+
 def _unable_to_process(status: int) -> bool:
     """The failure class of an identifier that cannot be answered: 0xCxxx."""
     return 0xC000 <= status <= 0xCFFF
@@ -297,14 +308,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
     gw = GatewayProcess(root / "gw", peers=[peer])
     try:
         gw.start()
-        copies = [
-            write_variant(
-                CT, root / f"ct2_{n}.dcm", SeriesInstanceUID=CT2_SERIES, SOPInstanceUID=uid,
-                SeriesNumber=2, InstanceNumber=n, Modality="OT",
-            )
-            for n, uid in enumerate(CT2_SOPS, start=1)
-        ]  # fmt: skip
-        result = storescu(gw, CT, *copies, MR, JP)
+        result = storescu(gw, CT, *ct2_copies(root), MR, JP)
         assert result.returncode == 0 and "Failed" not in result.stderr, result.stderr
         for path in (NM, SC):  # storescu -R offers only uncompressed syntaxes for these
             assert c_store(gw, path) == SUCCESS, path.name
@@ -624,14 +628,7 @@ def test_find_answers_capped_with_findscu(gateway_factory: Any, tmp_path: Path) 
     """`[node] max_find_results` = 2 on 3 studies: findscu gets 2 answers and the final status
     0xFE00; a query inside one study (a unique key named) is answered whole."""
     gw = gateway_factory("capped", node={"max_find_results": 2})
-    copies = [
-        write_variant(
-            CT, tmp_path / f"ct2_{n}.dcm", SeriesInstanceUID=CT2_SERIES, SOPInstanceUID=uid,
-            SeriesNumber=2, InstanceNumber=n, Modality="OT",
-        )
-        for n, uid in enumerate(CT2_SOPS, start=1)
-    ]  # fmt: skip
-    sent = storescu(gw, CT, *copies, MR, JP)
+    sent = storescu(gw, CT, *ct2_copies(tmp_path), MR, JP)
     assert sent.returncode == 0 and "Failed" not in sent.stderr, sent.stderr
     out = tmp_path / "answers"
     out.mkdir()
