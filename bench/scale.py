@@ -23,14 +23,16 @@ stopped, it measures:
   IMAGE level in a series; with the number of answers, so count-bound queries show;
 - **status**: latency of ``status`` on the control socket (median of ``--repeat``);
 - the index size (``index.sqlite`` with ``-wal`` and ``-shm``), the store's size on disk (``du``),
-  the full gateway's RSS (and peak RSS), and the machine's load average (other work skews all).
+  the full gateway's RSS (its anonymous part: the file-backed rest is shared libraries) and peak
+  RSS, and the machine's load average (other work skews all).
 
 The fill rate between checkpoints (``--senders`` associations) is reported too. Before filling,
 the senders are timed into DCMTK ``storescp --fork --ignore`` to show what they can send: the
 gateway is the bottleneck when its fill rate is well below that. At the end (and at every
 checkpoint with ``--restart-at-checkpoints``): the time to stop on SIGTERM, start-up time after
-that clean stop, and start-up time after ``kill -9`` while the senders run (until the DICOM port
-answers a C-ECHO and ``status`` answers).
+that clean stop (three times, alternated with a gateway on an empty store: a start is mostly
+Python's imports, so the full/empty ratio is the figure), and start-up time after ``kill -9``
+while the senders run (until the DICOM port answers a C-ECHO and ``status`` answers).
 
 Printed: one table, a column per checkpoint, each figure with its ratio to the first checkpoint
 (progress on stderr, the final table on stdout; ``--json PATH`` writes every figure). Everything
@@ -48,6 +50,7 @@ hence ``--dcmtk-bin`` (default /usr/bin).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -468,7 +471,7 @@ class Node:
         return path.read_text(errors="replace")[-2000:] if path.exists() else ""
 
     def memory_kb(self) -> dict[str, int]:
-        """VmRSS and VmHWM of the process, in KiB."""
+        """VmRSS, VmHWM, RssAnon and RssFile of the process, in KiB."""
         try:
             text = Path(f"/proc/{self.proc.pid if self.proc else 0}/status").read_text()
         except OSError:
@@ -476,7 +479,7 @@ class Node:
         return {
             ln.split(":")[0]: int(ln.split()[1])
             for ln in text.splitlines()
-            if ln.startswith(("VmRSS:", "VmHWM:"))
+            if ln.startswith(("VmRSS:", "VmHWM:", "RssAnon:", "RssFile:"))
         }
 
 
@@ -572,7 +575,8 @@ class Senders:
             procs = list(self.procs)
         for proc in procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # ended and reaped meanwhile
+                    os.killpg(proc.pid, signal.SIGKILL)
         for thread in self._threads:
             thread.join(30)
 
@@ -776,15 +780,28 @@ def disk_usage(node: Node) -> Record:
     }
 
 
-def restarts(args: argparse.Namespace, full: Node, senders: Senders) -> Record:
-    """Stop on SIGTERM and start again (medians of three: one start is mostly Python's imports,
-    which the machine's load moves); then kill -9 while the senders run and start again."""
-    stops, starts = [], []
-    for _ in range(3):
-        stops.append(full.stop())
-        full.start()
-        starts.append(full.wait_ready())
-    stop_seconds, clean = statistics.median(stops), statistics.median(starts)
+def restarts(args: argparse.Namespace, full: Node, senders: Senders, workdir: Path) -> Record:
+    """Stop on SIGTERM and start again, alternated with a gateway on an empty store (medians of
+    three each: a start is mostly Python's imports, which the machine's load moves, so only the
+    ratio of the two says what the store's size costs); then kill -9 the full one while the
+    senders run and start it again."""
+    empty = Node("empty", workdir / "empty-start")
+    stops: dict[str, list[float]] = {"full": [], "empty": []}
+    starts: dict[str, list[float]] = {"full": [], "empty": []}
+    try:
+        empty.start()
+        empty.wait_ready(120)
+        for rnd in range(3):
+            for node in (full, empty) if rnd % 2 == 0 else (empty, full):
+                stops[node.name].append(node.stop())
+                node.start()
+                starts[node.name].append(node.wait_ready())
+    finally:
+        empty.stop()
+        shutil.rmtree(empty.root, ignore_errors=True)
+    stop_seconds, clean, clean_empty = (
+        statistics.median(values) for values in (stops["full"], starts["full"], starts["empty"])
+    )
     held = full.status()["instances"]
     senders.start(10**12, full.port)
     deadline = time.monotonic() + 120
@@ -797,13 +814,17 @@ def restarts(args: argparse.Namespace, full: Node, senders: Senders) -> Record:
     unclean = full.wait_ready()
     after = full.status()["instances"]
     print(
-        f"  restart: stop {stop_seconds:.2f}s, clean start {clean:.2f}s, start after kill -9"
-        f" {unclean:.2f}s ({before_kill} held before the kill, {after} after)",
+        f"  restart: stop {stop_seconds:.2f}s, clean start {clean:.2f}s (empty store"
+        f" {clean_empty:.2f}s), start after kill -9 {unclean:.2f}s ({before_kill} held before"
+        f" the kill, {after} after)",
         file=sys.stderr,
     )
     return {
         "stop_s": stop_seconds,
         "clean_start_s": clean,
+        "empty_clean_start_s": clean_empty,
+        "clean_start_ratio": clean / clean_empty,
+        "starts": starts,
         "unclean_start_s": unclean,
         "held_before_kill": before_kill,
         "held_after_restart": after,
@@ -819,6 +840,7 @@ def measure(args: argparse.Namespace, shape: Shape, full: Node, workdir: Path) -
     record |= disk_usage(full)
     memory = full.memory_kb()
     record |= {"rss_kb": memory.get("VmRSS"), "peak_rss_kb": memory.get("VmHWM")}
+    record |= {"rss_anon_kb": memory.get("RssAnon"), "rss_file_kb": memory.get("RssFile")}
     record["ingest"] = ingest_probe(args, shape, full, workdir)
     record["load_1min"] = os.getloadavg()[0]  # other work on the machine skews every figure
     return record
@@ -872,11 +894,11 @@ def run(args: argparse.Namespace, workdir: Path, running: Running) -> Record:
         record = {"checkpoint": checkpoint, **fill(senders, full, checkpoint)}
         record |= measure(args, shape, full, workdir)
         if args.restart_at_checkpoints:
-            record["restart"] = restarts(args, full, senders)
+            record["restart"] = restarts(args, full, senders, workdir)
         report["checkpoints"].append(record)
         print(table(report), file=sys.stderr)
     if not args.restart_at_checkpoints:
-        report["restart"] = restarts(args, full, senders)
+        report["restart"] = restarts(args, full, senders, workdir)
     report["known"] = vars(shape.known)
     return report
 
@@ -910,10 +932,13 @@ def rows() -> list[tuple[str, Getter, str]]:
         ("  of which wal (MB)", lambda r: r["wal_bytes"] / 1e6, "{:.1f}"),
         ("store on disk (MB)", lambda r: r["store_bytes"] / 1e6, "{:.0f}"),
         ("RSS (MB)", lambda r: r["rss_kb"] / 1024, "{:.0f}"),
+        ("  of which anonymous (MB)", lambda r: r["rss_anon_kb"] / 1024, "{:.0f}"),
         ("peak RSS (MB)", lambda r: r["peak_rss_kb"] / 1024, "{:.0f}"),
         ("load average, 1 min", lambda r: r["load_1min"], "{:.1f}"),
         ("stop on SIGTERM (s)", lambda r: r["restart"]["stop_s"], "{:.2f}"),
         ("start after clean stop (s)", lambda r: r["restart"]["clean_start_s"], "{:.2f}"),
+        ("  empty store, same time (s)", lambda r: r["restart"]["empty_clean_start_s"], "{:.2f}"),
+        ("  full/empty", lambda r: r["restart"]["clean_start_ratio"], "{:.2f}"),
         ("start after kill -9 (s)", lambda r: r["restart"]["unclean_start_s"], "{:.2f}"),
     ]
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sqlite3
 import time
@@ -473,3 +474,18 @@ async def test_a_row_older_than_the_window_keeps_its_file(tmp_path: Path) -> Non
         assert (await reopened.counts())["instances"] == 1
     finally:
         await reopened.close()
+
+
+@pytest.mark.asyncio
+async def test_page_caches_are_bounded_whatever_the_index_holds(store: Store) -> None:
+    """The writer keeps 2 MiB of index pages, each of the four readers 512 KiB: the process's
+    memory does not grow with the store (SQLite reads a negative cache_size as KiB)."""
+    readers = await asyncio.gather(
+        *(
+            store.read(lambda conn: conn.execute("PRAGMA cache_size").fetchone()[0])
+            for _ in range(8)
+        )
+    )
+    assert set(readers) == {-512}
+    writer = store._writer.submit(lambda conn: conn.execute("PRAGMA cache_size").fetchone()[0])
+    assert writer.result() == -2048
