@@ -155,8 +155,14 @@ def cmd_studies_show(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
     for key, value in result.items():
-        if key != "series_list":
+        if key not in ("series_list", "patient_conflicts"):
             print(f"{key:26} {'' if value is None else _cell(value)}")
+    for other in result.get("patient_conflicts", []):
+        print(
+            f"{'patient_conflict':26} same Patient ID as {other['patient_name'] or '(no name)'},"
+            f" born {other['patient_birth_date'] or '?'}, sex {other['patient_sex'] or '?'}:"
+            f" {other['studies']} studies, e.g. {other['study_uids'][0]}"
+        )
     print()
     _print_table(
         result["series_list"],

@@ -156,6 +156,7 @@ def register_core_methods(server: ControlServer, gateway: Gateway) -> None:
         if not found["studies"]:
             raise ControlError(NOT_FOUND, f"no study {uid}")
         study: dict[str, Any] = found["studies"][0]
+        study["patient_conflicts"] = await store.patient_conflicts(uid)
         identifier = Dataset()
         identifier.QueryRetrieveLevel = "SERIES"
         identifier.StudyInstanceUID = uid

@@ -34,8 +34,8 @@ import structlog
 
 from gateway.errors import DuplicateInstance, GatewayError, StoreError
 from gateway.store.files import FileStore
-from gateway.store.instance import ReceivedFile
-from gateway.store.schema import SCHEMA, connect, migrate
+from gateway.store.instance import ReceivedFile, read_received_file
+from gateway.store.schema import IDENTITY_CONFLICT, SCHEMA, connect, migrate, upgrade
 
 __all__ = [
     "MARK_KEY",
@@ -162,6 +162,8 @@ class IndexWriter:
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
         self._conn: sqlite3.Connection | None = None
         self._series_cache: dict[str, int] = {}
+        # Patient identity conflicts of the batch in progress: (study UID, other study's UID).
+        self._conflicts: list[tuple[str, str]] = []
         self._sync_mode = "FULL"
         self._lock = threading.Lock()
         self._stopped = False
@@ -210,9 +212,10 @@ class IndexWriter:
     def _run(self) -> None:
         try:
             self._conn = connect(self._db_path)
+            upgrade(self._conn)
             self._conn.executescript(SCHEMA)
             self._conn.execute("BEGIN IMMEDIATE")
-            migrate(self._conn)
+            migrate(self._conn, self._stored_patient)
             self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if self._conn is not None:
@@ -252,6 +255,10 @@ class IndexWriter:
                     return
         finally:
             self._conn.close()
+
+    def _stored_patient(self, relpath: str) -> dict[str, Any]:
+        """The patient attributes of a stored file (its checksum is not recomputed)."""
+        return read_received_file(self._files.absolute(relpath), checksum="").attributes.patient
 
     def _synchronous(self, conn: sqlite3.Connection, mode: str) -> None:
         if self._sync_mode != mode:
@@ -348,12 +355,21 @@ class IndexWriter:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._series_cache.clear()
+            self._conflicts.clear()
             log.error("index_batch_failed", error=str(exc), instances=len(batch))
             error = StoreError(f"the index could not be updated: {exc}")
             discarded.extend(item.received.path for item in batch)
             return [(item, error) for item in batch]
         if superseded:
             self._files.remove(superseded)
+        for study_uid, other_uid in self._conflicts:
+            log.warning(
+                "patient_identity_conflict",
+                study_instance_uid=study_uid,
+                other_study_instance_uid=other_uid,
+                reason="same Patient ID and issuer, other patient attributes: kept apart",
+            )
+        self._conflicts.clear()
         discarded.extend(
             item.received.path
             for item, outcome in results
@@ -440,20 +456,22 @@ class IndexWriter:
         if cached is not None and not refresh:
             return cached
         p = attrs.patient
+        identity = (
+            p["patient_id"],
+            p["issuer_of_patient_id"] or "",
+            p["patient_name"],
+            p["patient_birth_date"],
+            p["patient_sex"],
+        )
         (patient_pk,) = conn.execute(
             "INSERT INTO patients (patient_id, issuer_of_patient_id, patient_name,"
             " patient_birth_date, patient_sex) VALUES (?,?,?,?,?)"
-            " ON CONFLICT (patient_id, issuer_of_patient_id) DO UPDATE SET"
-            " patient_name=coalesce(excluded.patient_name, patient_name),"
-            " patient_birth_date=coalesce(excluded.patient_birth_date, patient_birth_date),"
-            " patient_sex=coalesce(excluded.patient_sex, patient_sex) RETURNING pk",
-            (
-                p["patient_id"],
-                p["issuer_of_patient_id"] or "",
-                p["patient_name"],
-                p["patient_birth_date"],
-                p["patient_sex"],
-            ),
+            f" ON CONFLICT {IDENTITY_CONFLICT} DO UPDATE SET patient_id=excluded.patient_id"
+            " RETURNING pk",
+            identity,
+        ).fetchone()
+        before = conn.execute(
+            "SELECT patient_pk FROM studies WHERE study_uid = ?", (attrs.study_instance_uid,)
         ).fetchone()
         s = attrs.study
         (study_pk,) = conn.execute(
@@ -482,6 +500,8 @@ class IndexWriter:
                 now,
             ),
         ).fetchone()
+        if before is None or before[0] != patient_pk:
+            self._linked(conn, attrs.study_instance_uid, patient_pk, identity, before)
         r = attrs.series
         (series_pk,) = conn.execute(
             "INSERT INTO series (series_uid, study_pk, modality, series_number,"
@@ -511,6 +531,33 @@ class IndexWriter:
             self._series_cache.clear()
         self._series_cache[attrs.series_instance_uid] = series_pk
         return int(series_pk)
+
+    def _linked(
+        self,
+        conn: sqlite3.Connection,
+        study_uid: str,
+        patient_pk: int,
+        identity: tuple[Any, ...],
+        before: tuple[int] | None,
+    ) -> None:
+        """A study now carries the patient identity *patient_pk*: drop the identity it had if no
+        study keeps it, and note a conflict when another identity has its Patient ID and
+        issuer (logged once the batch commits). An empty Patient ID identifies nobody."""
+        if before is not None:
+            conn.execute(
+                "DELETE FROM patients WHERE pk = ? AND NOT EXISTS"
+                " (SELECT 1 FROM studies WHERE patient_pk = ?)",
+                (before[0], before[0]),
+            )
+        if not identity[0]:
+            return
+        other = conn.execute(
+            "SELECT st.study_uid FROM patients p JOIN studies st ON st.patient_pk = p.pk"
+            " WHERE p.patient_id = ? AND p.issuer_of_patient_id = ? AND p.pk != ? LIMIT 1",
+            (identity[0], identity[1], patient_pk),
+        ).fetchone()
+        if other is not None:
+            self._conflicts.append((study_uid, other[0]))
 
 
 def _kept(result: IngestResult) -> bool:

@@ -11,11 +11,13 @@ Derived tables, changed by triggers in the transaction that changes the rows the
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from gateway.store.names import pn_keys_json
 
-__all__ = ["SCHEMA", "connect", "migrate"]
+__all__ = ["IDENTITY_CONFLICT", "SCHEMA", "SCHEMA_VERSION", "connect", "migrate", "upgrade"]
 
 _PN_KEYS_FUNCTION = "gateway_pn_keys"
 
@@ -24,14 +26,19 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+-- One row per patient identity: the patient attributes a study was received with. Two studies
+-- share a row only when all of them agree; a Patient ID alone never merges two patients.
 CREATE TABLE IF NOT EXISTS patients (
     pk                   INTEGER PRIMARY KEY,
     patient_id           TEXT NOT NULL,
     issuer_of_patient_id TEXT NOT NULL DEFAULT '',
     patient_name         TEXT,
     patient_birth_date   TEXT,
-    patient_sex          TEXT,
-    UNIQUE (patient_id, issuer_of_patient_id)
+    patient_sex          TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS patients_identity ON patients (
+    patient_id, issuer_of_patient_id, ifnull(patient_name, ''), ifnull(patient_birth_date, ''),
+    ifnull(patient_sex, '')
 );
 CREATE TABLE IF NOT EXISTS studies (
     pk                       INTEGER PRIMARY KEY,
@@ -142,17 +149,71 @@ CREATE TRIGGER IF NOT EXISTS totals_instance_size AFTER UPDATE OF size ON instan
     UPDATE totals SET bytes = bytes - OLD.size + NEW.size;
 END;
 """
+# The conflict target of an upsert into `patients`: the expressions of `patients_identity`.
+IDENTITY_CONFLICT = (
+    "(patient_id, issuer_of_patient_id, ifnull(patient_name, ''),"
+    " ifnull(patient_birth_date, ''), ifnull(patient_sex, ''))"
+)
+# PRAGMA user_version of an index this code made or upgraded. 0: before versions were kept (one
+# patients row per Patient ID and issuer, merging the attributes of every study under it).
+SCHEMA_VERSION = 1
 _NAME_KEYS_VERSION = "1"  # bump when names.pn_keys changes: the keys are recomputed at open
 _NAME_KEYS_VERSION_KEY = "name_keys_version"
 
 
-def migrate(conn: sqlite3.Connection) -> None:
-    """Bring derived tables up to date with the rows (in the caller's transaction).
+PatientReader = Callable[[str], dict[str, Any]]
+"""The patient attributes (`IndexAttributes.patient`) of the stored file at a relative path."""
 
+
+def upgrade(conn: sqlite3.Connection) -> None:
+    """Change the tables of an older index to this version's, before `SCHEMA` runs (outside a
+    transaction; each step commits on its own and is skipped once done).
+
+    From version 0: `patients` loses its UNIQUE (patient_id, issuer_of_patient_id) constraint,
+    which SQLite only drops by rebuilding the table (sqlite.org/lang_altertable.html, section 7);
+    the rows keep their keys, so studies and name keys still point at them.
+    """
+    table = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'patients'"
+    ).fetchone()
+    if table is None or "UNIQUE (patient_id, issuer_of_patient_id)" not in table[0]:
+        return
+    conn.execute("PRAGMA foreign_keys=OFF")  # studies reference patients while it is rebuilt
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "CREATE TABLE patients_v1 (pk INTEGER PRIMARY KEY, patient_id TEXT NOT NULL,"
+            " issuer_of_patient_id TEXT NOT NULL DEFAULT '', patient_name TEXT,"
+            " patient_birth_date TEXT, patient_sex TEXT)"
+        )
+        conn.execute(
+            "INSERT INTO patients_v1 SELECT pk, patient_id, issuer_of_patient_id,"
+            " patient_name, patient_birth_date, patient_sex FROM patients"
+        )
+        conn.execute("DROP TABLE patients")  # its triggers go too; SCHEMA makes them again
+        conn.execute("ALTER TABLE patients_v1 RENAME TO patients")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    finally:
+        conn.execute("PRAGMA foreign_keys=ON")
+
+
+def migrate(conn: sqlite3.Connection, read_patient: PatientReader) -> None:
+    """Bring rows and derived tables up to date (after `SCHEMA`, in the caller's transaction).
+
+    An index older than `SCHEMA_VERSION` 1 merged every study under one Patient ID into one
+    patients row; each study of such a row gets the identity its files carry again (one file
+    read per study, through *read_patient*; only rows with several studies can be merged).
     The name keys are recomputed from the patients when they were made by another definition
     of `pn_keys`, or never (an index from before they existed); the totals are counted once when
     their row is absent (a new index, or one from before they existed).
     """
+    if conn.execute("PRAGMA user_version").fetchone()[0] < 1:
+        _split_merged_patients(conn, read_patient)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     if conn.execute("SELECT 1 FROM totals").fetchone() is None:
         conn.execute(
             "INSERT INTO totals (id, patients, studies, series, instances, bytes)"
@@ -169,6 +230,42 @@ def migrate(conn: sqlite3.Connection) -> None:
         conn.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
             (_NAME_KEYS_VERSION_KEY, _NAME_KEYS_VERSION),
+        )
+
+
+def _split_merged_patients(conn: sqlite3.Connection, read_patient: PatientReader) -> None:
+    """Give each study of a patients row shared by several studies the identity of its files."""
+    rows = conn.execute(
+        "SELECT st.pk, (SELECT i.path FROM series s JOIN instances i ON i.series_pk = s.pk"
+        " WHERE s.study_pk = st.pk ORDER BY i.pk LIMIT 1)"
+        " FROM studies st WHERE st.patient_pk IN"
+        " (SELECT patient_pk FROM studies GROUP BY patient_pk HAVING count(*) > 1)"
+    ).fetchall()
+    for study_pk, path in rows:
+        if path is None:
+            continue
+        try:
+            p = read_patient(path)
+        except Exception:  # a missing or unreadable file keeps the study where it was
+            continue
+        (patient_pk,) = conn.execute(
+            "INSERT INTO patients (patient_id, issuer_of_patient_id, patient_name,"
+            " patient_birth_date, patient_sex) VALUES (?,?,?,?,?)"
+            f" ON CONFLICT {IDENTITY_CONFLICT} DO UPDATE SET patient_id=excluded.patient_id"
+            " RETURNING pk",
+            (
+                p["patient_id"],
+                p["issuer_of_patient_id"] or "",
+                p["patient_name"],
+                p["patient_birth_date"],
+                p["patient_sex"],
+            ),
+        ).fetchone()
+        conn.execute("UPDATE studies SET patient_pk = ? WHERE pk = ?", (patient_pk, study_pk))
+    if rows:
+        conn.execute(
+            "DELETE FROM patients WHERE NOT EXISTS"
+            " (SELECT 1 FROM studies WHERE patient_pk = patients.pk)"
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import sqlite3
 import threading
@@ -293,6 +294,33 @@ class Store:
             return dict(zip(keys, row, strict=True))
 
         return await self.read(count)
+
+    async def patient_conflicts(self, study_uid: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The other patient identities under the Patient ID and issuer of *study_uid*'s.
+
+        Each: patient_name, patient_birth_date, patient_sex, studies (how many carry it) and
+        study_uids (up to 5). Empty for a study without a Patient ID, or none held.
+        """
+
+        def select(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT o.patient_name, o.patient_birth_date, o.patient_sex, count(*),"
+                " json_group_array(ost.study_uid)"
+                " FROM studies st JOIN patients p ON st.patient_pk = p.pk"
+                " JOIN patients o ON o.patient_id = p.patient_id"
+                " AND o.issuer_of_patient_id = p.issuer_of_patient_id AND o.pk != p.pk"
+                " JOIN studies ost ON ost.patient_pk = o.pk"
+                " WHERE st.study_uid = ? AND p.patient_id != '' GROUP BY o.pk ORDER BY o.pk"
+                " LIMIT ?",
+                (study_uid, limit),
+            ).fetchall()
+            keys = ("patient_name", "patient_birth_date", "patient_sex", "studies")
+            return [
+                {**dict(zip(keys, row[:4], strict=True)), "study_uids": json.loads(row[4])[:5]}
+                for row in rows
+            ]
+
+        return await self.read(select)
 
     async def instance_files(self, where: str, params: Sequence[Any]) -> list[InstanceFile]:
         """Stored instances selected by a WHERE clause over `st` (studies), `s` (series), `i`."""

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pydicom
 import pytest
 import pytest_asyncio
 
@@ -19,6 +20,7 @@ from gateway.store.index import Provenance
 from gateway.store.jobs import JobQueue
 from gateway.store.names import pn_keys
 from gateway.store.retention import Retention
+from gateway.store.schema import SCHEMA_VERSION, connect
 from gateway.store.store import Store
 from tests.conftest import CHARSET_FILES, TEST_FILES, write_variant
 
@@ -278,9 +280,15 @@ async def test_name_keys_follow_patients_and_are_rebuilt_at_open(tmp_path: Path)
         SeriesInstanceUID="1.2.3.4.5",
         PatientName="Roe^Richard",
     )
-    await store.ingest(stage(store, renamed), Provenance())  # same patient, a new name
+    # The study comes again under another name: another identity (3), and the one it had goes.
+    await store.ingest(stage(store, renamed), Provenance())
     held, due = name_keys(store)
-    assert held == due and ("roe^richard", 1) in held and ("compressedsamples^ct1", 1) not in held
+    assert held == due and ("roe^richard", 3) in held and {pk for _, pk in held} == {2, 3}
+    conn = connect(store.db_path)  # a rename in place (no path does it today)
+    conn.execute("UPDATE patients SET patient_name = 'Poe^Edgar' WHERE pk = 3")
+    conn.close()
+    held, due = name_keys(store)
+    assert held == due and ("poe^edgar", 3) in held and ("roe^richard", 3) not in held
     await store.delete_study(ct.study_instance_uid)  # the CT patient goes with its study
     held, due = name_keys(store)
     assert held == due and {pk for _, pk in held} == {2}
@@ -489,3 +497,88 @@ async def test_page_caches_are_bounded_whatever_the_index_holds(store: Store) ->
     assert set(readers) == {-512}
     writer = store._writer.submit(lambda conn: conn.execute("PRAGMA cache_size").fetchone()[0])
     assert writer.result() == -2048
+
+
+def _patient_of_each_study(store: Store) -> dict[str, tuple[object, ...]]:
+    return {
+        str(uid): tuple(rest)
+        for uid, *rest in rows(
+            store,
+            "SELECT st.study_uid, p.patient_id, p.patient_name, p.patient_birth_date"
+            " FROM studies st JOIN patients p ON st.patient_pk = p.pk",
+        )
+    }
+
+
+@pytest.mark.asyncio
+async def test_studies_under_one_patient_id_keep_their_own_patient(tmp_path: Path) -> None:
+    """Two patients under the placeholder ID UNKNOWN stay two; a third study agreeing with the
+    first joins its identity; the conflict is listed for each study that has one."""
+    store = Store(tmp_path / "data")
+    await store.open()
+    try:
+        doe = write_variant(CT, tmp_path / "doe.dcm", PatientID="UNKNOWN",
+                            PatientName="Doe^Jane", PatientBirthDate="19700101")  # fmt: skip
+        roe = write_variant(MR, tmp_path / "roe.dcm", PatientID="UNKNOWN",
+                            PatientName="Roe^Richard", PatientBirthDate="19800202")  # fmt: skip
+        doe2 = write_variant(
+            MR, tmp_path / "doe2.dcm", PatientID="UNKNOWN", PatientName="Doe^Jane",
+            PatientBirthDate="19700101", PatientSex=_CT_SEX, StudyInstanceUID="1.2.3.9",
+            SeriesInstanceUID="1.2.3.9.1", SOPInstanceUID="1.2.3.9.1.1",
+        )  # fmt: skip
+        results = [await store.ingest(stage(store, f), Provenance()) for f in (doe, roe, doe2)]
+        held = _patient_of_each_study(store)
+        assert held == {
+            results[0].study_instance_uid: ("UNKNOWN", "Doe^Jane", "19700101"),
+            results[1].study_instance_uid: ("UNKNOWN", "Roe^Richard", "19800202"),
+            "1.2.3.9": ("UNKNOWN", "Doe^Jane", "19700101"),
+        }
+        assert (await store.counts())["patients"] == 2
+        (other,) = await store.patient_conflicts(results[1].study_instance_uid)
+        assert other["patient_name"] == "Doe^Jane" and other["studies"] == 2
+        assert set(other["study_uids"]) == {results[0].study_instance_uid, "1.2.3.9"}
+        (other,) = await store.patient_conflicts("1.2.3.9")
+        assert other["patient_name"] == "Roe^Richard" and other["studies"] == 1
+        await assert_consistent(store)
+    finally:
+        await store.close()
+
+
+_CT_SEX = str(pydicom.dcmread(CT, stop_before_pixels=True).get("PatientSex", ""))  # doe2 as doe
+
+
+@pytest.mark.asyncio
+async def test_an_index_that_merged_patients_is_split_by_their_files(tmp_path: Path) -> None:
+    """Schema version 0 kept one patients row per Patient ID: opening such an index gives each
+    study the identity its files carry again, keeping every row it held."""
+    store = Store(tmp_path / "data")
+    await store.open()
+    doe = write_variant(CT, tmp_path / "doe.dcm", PatientID="0", PatientName="Doe^Jane")
+    roe = write_variant(MR, tmp_path / "roe.dcm", PatientID="0", PatientName="Roe^Richard")
+    for path in (doe, roe):
+        await store.ingest(stage(store, path), Provenance())
+    want = _patient_of_each_study(store)
+    await store.close()
+    conn = connect(store.db_path)  # as version 0 left it: the second study under the first row
+    conn.execute("PRAGMA foreign_keys=OFF")
+    conn.executescript(
+        "CREATE TABLE p0 (pk INTEGER PRIMARY KEY, patient_id TEXT NOT NULL,"
+        " issuer_of_patient_id TEXT NOT NULL DEFAULT '', patient_name TEXT,"
+        " patient_birth_date TEXT, patient_sex TEXT,"
+        " UNIQUE (patient_id, issuer_of_patient_id));"
+        "INSERT INTO p0 SELECT * FROM patients ORDER BY pk LIMIT 1;"
+        "UPDATE studies SET patient_pk = (SELECT pk FROM p0);"
+        "DROP TABLE patients; ALTER TABLE p0 RENAME TO patients;"
+        "DELETE FROM patient_name_keys WHERE patient_pk NOT IN (SELECT pk FROM patients);"
+        "DELETE FROM totals; PRAGMA user_version=0;"
+    )
+    conn.close()
+    assert len(set(_patient_of_each_study(store).values())) == 1  # merged
+    reopened = Store(tmp_path / "data")
+    await reopened.open()
+    try:
+        assert _patient_of_each_study(reopened) == want
+        assert rows(reopened, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+        await assert_consistent(reopened)
+    finally:
+        await reopened.close()
