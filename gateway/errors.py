@@ -7,7 +7,8 @@ GatewayError
 ├── RejectedInstance       an instance refused for what it is; carries its DIMSE status
 │   ├── InvalidInstance    undecodable, truncated, missing or malformed UIDs (0xC000 class)
 │   ├── InstanceMismatch   dataset UIDs differ from the C-STORE request (0xA900)
-│   └── DuplicateInstance  duplicate SOP Instance UID under the `reject` policy (0x0111)
+│   └── DuplicateInstance  duplicate SOP Instance UID under the `reject` policy (0xC111)
+│       └── SopInstanceConflict  the UID held in another series or study, other content (0xC112)
 ├── PeerError              a remote node did not answer or refused
 └── ControlError           a control-socket request failed; carries a JSON-RPC code
 """
@@ -24,6 +25,7 @@ __all__ = [
     "InvalidInstance",
     "PeerError",
     "RejectedInstance",
+    "SopInstanceConflict",
     "StoreError",
 ]
 
@@ -65,9 +67,21 @@ class InstanceMismatch(RejectedInstance):
 
 
 class DuplicateInstance(RejectedInstance):
-    """A different instance with a SOP Instance UID already held, under the `reject` policy."""
+    """A different instance with a SOP Instance UID already held, under the `reject` policy.
 
-    status = 0x0111
+    C-STORE has no "duplicate" status (PS3.4 B.2.3; 0x0111 is N-CREATE's, PS3.7 C.4.1): it is
+    answered in the failure class Cannot Understand (0xCxxx), whose low bits are the
+    implementation's, so the sender does not retry it.
+    """
+
+    status = 0xC111
+
+
+class SopInstanceConflict(DuplicateInstance):
+    """A SOP Instance UID held in another series or study, with other content: two objects
+    under one UID, refused whatever the duplicate policy (a re-send stays in its series)."""
+
+    status = 0xC112
 
 
 class PeerError(GatewayError):

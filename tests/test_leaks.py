@@ -343,8 +343,6 @@ def idle_connection(site: Site, n: int) -> socket.socket:
     return socket.create_connection((HOST, site.gw.port), timeout=5)
 
 
-
-
 # -- control connections and outbound work ------------------------------------------------------
 
 

@@ -119,6 +119,7 @@ def register_core_methods(server: ControlServer, gateway: Gateway) -> None:
             "series": counts["series"],
             "instances": counts["instances"],
             "bytes": counts["bytes"],
+            "sop_instance_uid_conflicts": counts["sop_instance_uid_conflicts"],
             "disk_free_bytes": usage.free,
             "disk_total_bytes": usage.total,
             "min_free_bytes": store.min_free_bytes,

@@ -32,13 +32,14 @@ from typing import Any, Literal, TypeVar
 
 import structlog
 
-from gateway.errors import DuplicateInstance, GatewayError, StoreError
+from gateway.errors import DuplicateInstance, GatewayError, SopInstanceConflict, StoreError
 from gateway.store.files import FileStore
 from gateway.store.instance import ReceivedFile, read_received_file
 from gateway.store.schema import IDENTITY_CONFLICT, SCHEMA, connect, migrate, upgrade
 
 __all__ = [
     "MARK_KEY",
+    "UID_CONFLICTS_KEY",
     "DuplicatePolicy",
     "InFlight",
     "IndexWriter",
@@ -91,6 +92,7 @@ class _Call:
 _STOP = object()
 _MAX_BATCH = 256
 MARK_KEY = "durable_mark"
+UID_CONFLICTS_KEY = "sop_instance_uid_conflicts"  # meta: instances refused as SopInstanceConflict
 _MARK_EVERY = 1.0  # seconds between durable marks while batches commit (one FULL commit each)
 
 
@@ -387,7 +389,9 @@ class IndexWriter:
         received = item.received
         attrs = received.attributes
         existing = conn.execute(
-            "SELECT pk, checksum, path FROM instances WHERE sop_uid = ?",
+            "SELECT i.pk, i.checksum, i.path, s.series_uid, st.study_uid FROM instances i"
+            " JOIN series s ON i.series_pk = s.pk JOIN studies st ON s.study_pk = st.pk"
+            " WHERE i.sop_uid = ?",
             (attrs.sop_instance_uid,),
         ).fetchone()
 
@@ -403,6 +407,21 @@ class IndexWriter:
         if existing is not None:
             if existing[1] == received.checksum:
                 return result("unchanged")
+            if (existing[3], existing[4]) != (
+                attrs.series_instance_uid,
+                attrs.study_instance_uid,
+            ):
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, 1)"
+                    " ON CONFLICT (key) DO UPDATE SET value = value + 1",
+                    (UID_CONFLICTS_KEY,),
+                )
+                return SopInstanceConflict(
+                    f"SOP Instance UID {attrs.sop_instance_uid} is held in series {existing[3]}"
+                    f" of study {existing[4]}; this instance, of series"
+                    f" {attrs.series_instance_uid} of study {attrs.study_instance_uid}, has other"
+                    " content: two objects under one UID, not a re-send"
+                )
             if self._policy == "keep_first":
                 return result("ignored")
             if self._policy == "reject":

@@ -29,6 +29,7 @@ from gateway.errors import GatewayError, InstanceMismatch, InvalidInstance, Stor
 from gateway.store.files import FileStore
 from gateway.store.index import (
     MARK_KEY,
+    UID_CONFLICTS_KEY,
     DuplicatePolicy,
     IndexWriter,
     InFlight,
@@ -280,7 +281,9 @@ class Store:
         return await anyio.to_thread.run_sync(self._readers.run, fn, limiter=self._readers.limiter)
 
     async def counts(self) -> dict[str, int]:
-        """Patients, studies, series, instances and bytes (of datasets) held.
+        """Patients, studies, series, instances and bytes (of datasets) held, and how many
+        instances were refused as another object under a held SOP Instance UID
+        (`sop_instance_uid_conflicts`, since the index was made).
 
         Read from the running totals the index keeps (`totals`, changed by triggers in the
         transaction that changes the rows), so the cost does not grow with the store.
@@ -288,10 +291,12 @@ class Store:
 
         def count(conn: sqlite3.Connection) -> dict[str, int]:
             row = conn.execute(
-                "SELECT patients, studies, series, instances, bytes FROM totals"
+                "SELECT patients, studies, series, instances, bytes,"
+                " (SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?) FROM totals",
+                (UID_CONFLICTS_KEY,),
             ).fetchone()
             keys = ("patients", "studies", "series", "instances", "bytes")
-            return dict(zip(keys, row, strict=True))
+            return {**dict(zip(keys, row[:5], strict=True)), UID_CONFLICTS_KEY: row[5] or 0}
 
         return await self.read(count)
 

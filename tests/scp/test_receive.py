@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -10,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from pynetdicom import AE, _config, build_context
 from pynetdicom.sop_class import Verification
@@ -288,15 +291,49 @@ def test_duplicate_policy_over_dicom(gateway_factory: Any, tmp_path: Path, polic
     assert storescu(gw, first).returncode == 0
     identical = storescu(gw, first)
     assert identical.returncode == 0 and "Failed" not in identical.stderr
-    other = storescu(gw, second)
+    other = storescu(gw, second, extra=("-v",))
     if policy == "reject":
-        assert "0x0111" in other.stderr or "Duplicate" in other.stderr or other.returncode != 0
+        assert "Received Store Response (Error: CannotUnderstand)" in other.stderr, other.stderr
+        assert '"status": "0xC111"' in gw.log_text()
     else:
         assert other.returncode == 0, other.stderr
     kept = "SECOND" if policy == "overwrite" else "FIRST"
     assert index_rows(gw, "SELECT study_description FROM studies") == [(kept,)]
     assert index_rows(gw, "SELECT count(*) FROM instances") == [(1,)]
     assert len(list((gw.data_dir / "objects").rglob("*.dcm"))) == 1
+
+
+def test_one_uid_in_another_series_is_refused_and_the_association_goes_on(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    """DCMTK storescu sends CT, then the same SOP Instance UID in another series with other
+    content, then MR on the same association: the second gets 0xC112 whatever the policy,
+    logged with both series; CT stays as it was and MR is stored."""
+    gw = gateway_factory(node={"duplicate_policy": "overwrite"})
+    series = "1.2.826.0.1.3680043.8.498.77"
+    clash = write_variant(CT, tmp_path / "clash.dcm", SeriesInstanceUID=series,
+                          StudyDescription="another object")  # fmt: skip
+    mr = TEST_FILES / "MR_small.dcm"
+    sent = storescu(gw, CT, clash, mr, extra=("-nh", "-v"))  # it halts at a failure by default
+    responses = re.findall(r"Received Store Response \((.*)\)", sent.stderr)
+    assert responses == ["Success", "Error: CannotUnderstand", "Success"], sent.stderr
+    held = index_rows(gw, "SELECT s.series_uid, st.study_description FROM series s"
+                      " JOIN studies st ON s.study_pk = st.pk ORDER BY s.pk")  # fmt: skip
+    ct = pydicom.dcmread(CT, stop_before_pixels=True)
+    assert held[0] == (ct.SeriesInstanceUID, ct.get("StudyDescription"))
+    assert len(held) == 2  # CT's series and MR's
+    assert index_rows(gw, "SELECT count(*) FROM instances") == [(2,)]
+    assert len(list((gw.data_dir / "objects").rglob("*.dcm"))) == 2
+    (refused,) = [
+        json.loads(line) for line in gw.log_text().splitlines()
+        if line.startswith("{") and '"instance_refused"' in line
+    ]  # fmt: skip
+    assert refused["status"] == "0xC112"
+    assert (
+        ct.SeriesInstanceUID in refused["reason"]
+        and "1.2.826.0.1.3680043.8.498.77" in refused["reason"]
+    )
+    assert gw.call("status")["sop_instance_uid_conflicts"] == 1
 
 
 def test_private_sop_class_only_when_configured(

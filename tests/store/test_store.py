@@ -14,7 +14,13 @@ import pytest
 import pytest_asyncio
 
 from gateway.config import RetentionSettings
-from gateway.errors import DuplicateInstance, InstanceMismatch, InvalidInstance, StoreError
+from gateway.errors import (
+    DuplicateInstance,
+    InstanceMismatch,
+    InvalidInstance,
+    SopInstanceConflict,
+    StoreError,
+)
 from gateway.store.completions import CompletionStore
 from gateway.store.index import Provenance
 from gateway.store.jobs import JobQueue
@@ -82,6 +88,7 @@ async def test_ingest_indexes_and_places_the_file(store: Store) -> None:
         "series": 1,
         "instances": 1,
         "bytes": CT.stat().st_size - 336,
+        "sop_instance_uid_conflicts": 0,
     }
 
 
@@ -109,7 +116,8 @@ async def test_bad_files_refused_and_nothing_kept(store: Store, name: str, messa
     with pytest.raises(InvalidInstance, match=message):
         await store.ingest(staged, Provenance())
     assert await store.counts() == {
-        "patients": 0, "studies": 0, "series": 0, "instances": 0, "bytes": 0
+        "patients": 0, "studies": 0, "series": 0, "instances": 0, "bytes": 0,
+        "sop_instance_uid_conflicts": 0,
     }  # fmt: skip
     assert list(store.files.objects_dir.rglob("*.dcm")) == []
 
@@ -180,6 +188,38 @@ async def test_duplicate_policy_reject(tmp_path: Path) -> None:
         with pytest.raises(DuplicateInstance):
             await store.ingest(stage(store, second), Provenance())
         assert len(list(store.files.objects_dir.rglob("*.dcm"))) == 1
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("policy", ["keep_first", "overwrite", "reject"])
+@pytest.mark.asyncio
+async def test_one_uid_in_another_series_is_refused_whatever_the_policy(
+    tmp_path: Path, policy: str
+) -> None:
+    """The same SOP Instance UID with other content in another series (or study) is another
+    object, not a re-send: refused (0xC112) and counted; what is held stays as it was."""
+    store = Store(tmp_path / "data", policy)  # type: ignore[arg-type]
+    await store.open()
+    try:
+        held = await store.ingest(stage(store, CT), Provenance())
+        other_series = write_variant(CT, tmp_path / "s.dcm", SeriesInstanceUID="1.2.3.7.1",
+                                     SeriesDescription="other")  # fmt: skip
+        other_study = write_variant(CT, tmp_path / "st.dcm", StudyInstanceUID="1.2.3.8",
+                                    SeriesInstanceUID="1.2.3.8.1")  # fmt: skip
+        for n, path in enumerate((other_series, other_study), start=1):
+            with pytest.raises(SopInstanceConflict) as refused:
+                await store.ingest(stage(store, path), Provenance())
+            assert refused.value.status == 0xC112
+            assert held.series_instance_uid in str(refused.value)
+            assert (await store.counts())["sop_instance_uid_conflicts"] == n
+        assert rows(store, "SELECT series_uid FROM series") == [(held.series_instance_uid,)]
+        (placed,) = store.files.objects_dir.rglob("*.dcm")
+        assert placed.read_bytes() == CT.read_bytes()
+        assert not list(store.files.tmp_dir.iterdir())
+        again = await store.ingest(stage(store, CT), Provenance())  # a true re-send
+        assert again.outcome == "unchanged"
+        await assert_consistent(store)
     finally:
         await store.close()
 
@@ -312,7 +352,9 @@ async def assert_consistent(store: Store) -> None:
         "SELECT (SELECT count(*) FROM patients), (SELECT count(*) FROM studies),"
         " (SELECT count(*) FROM series), count(*), coalesce(sum(size), 0) FROM instances",
     )
-    assert await store.counts() == {
+    counts = await store.counts()
+    keys = ("patients", "studies", "series", "instances", "bytes")
+    assert {key: counts[key] for key in keys} == {
         "patients": patients, "studies": studies, "series": series, "instances": instances,
         "bytes": size,
     }  # fmt: skip
@@ -344,7 +386,7 @@ async def test_totals_follow_every_path_that_changes_rows(tmp_path: Path) -> Non
     assert swept == 1
     await assert_consistent(store)
     assert await store.counts() == dict.fromkeys(
-        ("patients", "studies", "series", "instances", "bytes"), 0
+        ("patients", "studies", "series", "instances", "bytes", "sop_instance_uid_conflicts"), 0
     )
     # Reconciliation after a crash: an orphan file adopted, a row whose file is empty dropped.
     await store.ingest(stage(store, CT), Provenance())
