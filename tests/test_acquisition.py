@@ -13,7 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep
 
 from gateway.errors import ControlError
@@ -150,7 +150,15 @@ def test_findscu_sees_the_worklist_and_each_key_narrows_it(
     assert ids("PatientID=P001", "ScheduledProcedureStepSequence[0].Modality=CT") == []
 
 
-def mpps_create(port: int, task: dict[str, Any], sop_uid: str) -> int:
+def mpps_create(port: int, task: dict[str, Any], sop_uid: str | None) -> int:
+    return mpps_create_response(port, task, sop_uid)[0]
+
+
+def mpps_create_response(
+    port: int, task: dict[str, Any], sop_uid: str | None
+) -> tuple[int, str | None]:
+    """N-CREATE IN PROGRESS for *task* (no Affected SOP Instance UID when *sop_uid* is None):
+    the response's status and Affected SOP Instance UID."""
     ds = Dataset()
     ds.PerformedProcedureStepStatus = "IN PROGRESS"
     ds.PerformedProcedureStepID = "PPS1"
@@ -164,9 +172,17 @@ def mpps_create(port: int, task: dict[str, Any], sop_uid: str) -> int:
     step.RequestedProcedureID = task["requested_procedure_id"]
     step.ScheduledProcedureStepID = task["sps_id"]
     ds.ScheduledStepAttributesSequence = DicomSequence([step])
-    return _mpps(
-        port, lambda assoc: assoc.send_n_create(ds, ModalityPerformedProcedureStep, sop_uid)
+    answered: list[Any] = []
+
+    def on_received(event: Any) -> None:  # the N-CREATE-RSP primitive, command set decoded
+        answered.append(getattr(event.message.command_set, "AffectedSOPInstanceUID", None))
+
+    status = _mpps(
+        port,
+        lambda assoc: assoc.send_n_create(ds, ModalityPerformedProcedureStep, sop_uid),
+        handlers=[(evt.EVT_DIMSE_RECV, on_received)],
     )
+    return status, (str(answered[-1]) if answered and answered[-1] else None)
 
 
 def mpps_set(port: int, sop_uid: str, status: str, reason: str | None = None) -> int:
@@ -181,10 +197,11 @@ def mpps_set(port: int, sop_uid: str, status: str, reason: str | None = None) ->
     return _mpps(port, lambda assoc: assoc.send_n_set(ds, ModalityPerformedProcedureStep, sop_uid))
 
 
-def _mpps(port: int, send: Any) -> int:
+def _mpps(port: int, send: Any, handlers: list[Any] | None = None) -> int:
     ae = AE(ae_title="MR1")
     ae.add_requested_context(ModalityPerformedProcedureStep)
-    assoc = ae.associate(HOST, port, ae_title="GATEWAY")  # each call a separate association
+    # each call a separate association
+    assoc = ae.associate(HOST, port, ae_title="GATEWAY", evt_handlers=handlers or [])
     assert assoc.is_established
     try:
         status, _ = send(assoc)
@@ -214,6 +231,23 @@ def test_mpps_moves_tasks_through_their_states(gateway: GatewayProcess, tmp_path
     assert mpps_set(gateway.port, stopped, "DISCONTINUED", "Patient refused") == 0x0000
     assert state(second) == ("ERROR", 0, "Patient refused")
     assert findscu(gateway, tmp_path) == []
+
+
+def test_mpps_n_create_without_an_instance_uid_gets_one(gateway: GatewayProcess) -> None:
+    """PS3.7 10.1.5.1.4: the gateway assigns the Affected SOP Instance UID and returns it; the
+    N-SET naming it finishes the task. A refused N-CREATE leaves the task as it was."""
+    site = setup_site(gateway)
+    first, second = site["first"], site["second"]
+    status, assigned = mpps_create_response(gateway.port, first, None)
+    assert status == 0x0000 and assigned is not None and len(assigned) <= 64
+    assert gateway.call("tasks.get", {"task_id": first["id"]})["status"] == "INPROGRESS"
+    assert mpps_set(gateway.port, assigned, "COMPLETED") == 0x0000
+    assert gateway.call("tasks.get", {"task_id": first["id"]})["status"] == "FINISHED"
+    given = generate_uid()
+    assert mpps_create_response(gateway.port, second, given) == (0x0000, given)
+    assert mpps_create(gateway.port, second, given) == 0x0111  # refused: nothing changes
+    assert mpps_set(gateway.port, given, "DISCONTINUED", "Patient refused") == 0x0000
+    assert gateway.call("tasks.get", {"task_id": second["id"]})["status"] == "ERROR"
 
 
 def test_operator_cli(gateway: GatewayProcess, tmp_path: Path) -> None:

@@ -168,8 +168,13 @@ class AcquisitionServices:
             yield 0xFF00, _item(task, identifier)
 
     def on_n_create(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        """MPPS N-CREATE (PS3.4 F.7.2.1). Without an Affected SOP Instance UID in the request the
+        gateway assigns one and returns it in the response (PS3.7 10.1.5.1.4); the N-SETs that
+        follow name it. A success carries no Attribute List, so nothing can fail between the
+        task's change and the response that reports it."""
         attributes = event.attribute_list
-        sop_uid = str(event.request.AffectedSOPInstanceUID or generate_uid())
+        requested = event.request.AffectedSOPInstanceUID
+        sop_uid = str(requested) if requested else generate_uid()
         status = _text(attributes, "PerformedProcedureStepStatus")
         if status != "IN PROGRESS":
             log.warning("mpps_refused", reason=f"N-CREATE with status {status!r}")
@@ -194,8 +199,11 @@ class AcquisitionServices:
         except GatewayError as exc:
             log.error("mpps_failed", reason=str(exc))
             return 0x0110, None
-        log.info("mpps_created", sop_instance_uid=sop_uid, task=task_id)
-        return 0x0000, attributes
+        log.info("mpps_created", sop_instance_uid=sop_uid, task=task_id, assigned=not requested)
+        reply = Dataset()
+        if not requested:
+            reply.AffectedSOPInstanceUID = sop_uid  # pynetdicom moves it into the response
+        return 0x0000, reply
 
     def on_n_set(self, event: evt.Event) -> tuple[int, Dataset | None]:
         changes = event.modification_list
@@ -219,4 +227,4 @@ class AcquisitionServices:
             log.error("mpps_failed", reason=str(exc))
             return 0x0110, None
         log.info("mpps_set", sop_instance_uid=sop_uid, status=status, task=task_id)
-        return 0x0000, changes
+        return 0x0000, Dataset()  # no Attribute List: nothing to fail after the change
