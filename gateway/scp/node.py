@@ -112,8 +112,11 @@ class DicomNode:
             ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian
         ]
         for cx in AllStoragePresentationContexts:
-            # scp_role: a C-GET requestor may take the storage SCP role on our association.
-            ae.add_supported_context(cx.abstract_syntax, syntaxes, scp_role=True, scu_role=False)
+            # SCP/SCU Role Selection (PS3.7 D.3.3.4): a sender that states its roles may be the
+            # storage SCU (a modality saying "SCU only", or both), and a C-GET requestor the
+            # storage SCP; each proposed role is accepted, and none is claimed that was not
+            # proposed (pynetdicom answers a role proposed as 0 with 0).
+            ae.add_supported_context(cx.abstract_syntax, syntaxes, scu_role=True, scp_role=True)
         for model in _QR_MODELS:
             ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES)
         # Modality Worklist and MPPS: acquisition tasks for standard modalities.

@@ -14,7 +14,8 @@ from typing import Any
 
 import pydicom
 import pytest
-from pynetdicom import AE, _config, build_context
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.sop_class import Verification
 
 from tests.conftest import (
@@ -362,3 +363,42 @@ def test_verification_from_pynetdicom_sets_nodelay_on_both_ends(gateway: Gateway
     status = assoc.send_c_echo()
     assoc.release()
     assert status.Status == 0x0000
+
+
+@pytest.mark.parametrize(
+    ("scu", "scp"), [(True, False), (True, True)], ids=["scu-only", "scu-and-scp"]
+)
+def test_a_sender_that_states_its_roles_can_store(
+    gateway: GatewayProcess, scu: bool, scp: bool
+) -> None:
+    """SCP/SCU Role Selection (PS3.7 D.3.3.4) proposed by a storage SCU: the context is accepted
+    with the sender as SCU, the reply grants what was proposed and nothing more, and the
+    C-STORE is stored."""
+    import pydicom
+    from pynetdicom import build_role
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title="ROLESCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    replies: list[Any] = []
+
+    def on_accepted(event: Any) -> None:
+        replies.extend(event.assoc.acceptor.role_selection.values())
+
+    assoc = ae.associate(
+        HOST, gateway.port, ae_title=gateway.ae_title,
+        ext_neg=[build_role(CTImageStorage, scu_role=scu, scp_role=scp)],
+        evt_handlers=[(evt.EVT_ACCEPTED, on_accepted)],
+    )  # fmt: skip
+    assert assoc.is_established
+    try:
+        (context,) = assoc.accepted_contexts
+        assert context.as_scu is True and context.as_scp is scp
+        ((granted_scu, granted_scp),) = [(r.scu_role, r.scp_role) for r in replies]
+        assert (granted_scu, granted_scp) == (True, scp)
+        ds = pydicom.dcmread(CT)
+        status = assoc.send_c_store(ds)
+        assert status.Status == 0x0000
+    finally:
+        assoc.release()
+    assert index_rows(gateway, "SELECT count(*) FROM instances") == [(1,)]
