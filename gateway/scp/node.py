@@ -13,7 +13,7 @@ stops:
 - `LOG_HANDLER_LEVEL = "none"`: pynetdicom's own per-PDU and per-DIMSE debug handlers are not
   bound (the node logs associations itself);
 - `pynetdicom.transport.deepcopy`: pynetdicom deep-copies the acceptor's presentation contexts
-  for every association it accepts; negotiation only reads them, and copying the node's ~150
+  for every association it accepts; negotiation only reads them, and copying the node's ~200
   contexts (every storage class, every transfer syntax, each UID re-validated) was 23% of the
   gateway's CPU with archives opening an association per C-MOVE. The node passes a new list
   of the same contexts instead.
@@ -34,7 +34,7 @@ import pydicom.config
 import pynetdicom.transport
 import structlog
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config
 from pynetdicom.sop_class import (
     ModalityPerformedProcedureStep,
     ModalityWorklistInformationFind,
@@ -52,6 +52,7 @@ from gateway.config import Settings
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.handlers import DicomServices
 from gateway.scp.receiving import install_receive_path
+from gateway.scp.storage_classes import STORAGE_SOP_CLASSES, register_storage_classes
 from gateway.scp.transport import MIN_PDU_LIMIT, AssociationPolicy, EventDrivenAE, GatewayServer
 from gateway.scp.worklist import AcquisitionServices
 from gateway.store.store import Store
@@ -111,12 +112,13 @@ class DicomNode:
         syntaxes = [ExplicitVRLittleEndian] + [
             ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian
         ]
-        for cx in AllStoragePresentationContexts:
+        register_storage_classes()
+        for sop_class in STORAGE_SOP_CLASSES:
             # SCP/SCU Role Selection (PS3.7 D.3.3.4): a sender that states its roles may be the
             # storage SCU (a modality saying "SCU only", or both), and a C-GET requestor the
             # storage SCP; each proposed role is accepted, and none is claimed that was not
             # proposed (pynetdicom answers a role proposed as 0 with 0).
-            ae.add_supported_context(cx.abstract_syntax, syntaxes, scu_role=True, scp_role=True)
+            ae.add_supported_context(sop_class, syntaxes, scu_role=True, scp_role=True)
         for model in _QR_MODELS:
             ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES)
         # Modality Worklist and MPPS: acquisition tasks for standard modalities.

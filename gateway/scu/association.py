@@ -16,6 +16,7 @@ from pynetdicom.presentation import PresentationContext
 
 from gateway.config import NodeSettings, PeerSettings
 from gateway.errors import PeerError
+from gateway.scp.storage_classes import register_storage_classes
 from gateway.scp.transport import MIN_PDU_LIMIT, EventDrivenAE, set_nodelay
 
 __all__ = ["associate", "client_ae", "no_answer"]
@@ -27,6 +28,7 @@ def _nodelay(event: evt.Event) -> None:
 
 def client_ae(node: NodeSettings) -> AE:
     """An AE with the node's AE title and timeouts, for one outbound association."""
+    register_storage_classes()  # a C-GET may receive a retired class on it
     ae = EventDrivenAE(ae_title=node.ae_title)
     ae.pdu_limit = max(MIN_PDU_LIMIT, node.max_pdu_size + 6)
     ae.acse_timeout = node.acse_timeout

@@ -402,3 +402,49 @@ def test_a_sender_that_states_its_roles_can_store(
     finally:
         assoc.release()
     assert index_rows(gateway, "SELECT count(*) FROM instances") == [(1,)]
+
+
+RETIRED = {
+    "1.2.840.10008.5.1.4.1.1.6": "Ultrasound Image Storage (Retired)",
+    "1.2.840.10008.5.1.4.1.1.5": "Nuclear Medicine Image Storage (Retired)",
+}
+
+
+def test_retired_storage_classes_are_stored_and_sent_back(
+    gateway_factory: Any, storescp: Any, tmp_path: Path
+) -> None:
+    """Instances of retired Storage SOP Classes (older US and NM equipment) are accepted from
+    DCMTK storescu and go back out by C-MOVE to DCMTK storescp, bytes unchanged."""
+    import pydicom
+
+    from tests.scp.test_query_retrieve import movescu
+
+    gw = gateway_factory(
+        peers=[{"name": "dest", "ae_title": storescp.ae_title, "host": HOST,
+                "port": storescp.port}],
+    )  # fmt: skip
+    files = []
+    for n, sop_class in enumerate(RETIRED, start=1):
+        ds = pydicom.dcmread(CT)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = (
+            f"1.2.826.0.1.3680043.8.498.5{n}"
+        )
+        ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.8.498.6{n}"
+        files.append(tmp_path / f"retired{n}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    sent = storescu(gw, *files, extra=("-v",))
+    assert sent.stderr.count("Received Store Response (Success)") == 2, sent.stderr
+    assert {row[0] for row in index_rows(gw, "SELECT sop_class_uid FROM instances")} == set(RETIRED)
+    study = str(pydicom.dcmread(CT, stop_before_pixels=True).StudyInstanceUID)
+    moved = movescu(gw, storescp.ae_title, "S", "QueryRetrieveLevel=STUDY",
+                    f"StudyInstanceUID={study}")  # fmt: skip
+    final = moved.stderr[moved.stderr.rindex("Received Final Move Response") :]
+    assert re.search(r"Completed Suboperations\s*:\s*2\n", final), final
+    assert re.search(r"DIMSE Status\s*:\s*0x0000: Success", final), final
+    received = {str(pydicom.dcmread(p).SOPClassUID): p for p in storescp.files()}
+    assert set(received) == set(RETIRED)
+    for path in files:
+        uid = str(pydicom.dcmread(path).SOPInstanceUID)
+        (kept,) = [p for p in received.values() if str(pydicom.dcmread(p).SOPInstanceUID) == uid]
+        assert dataset_bytes(kept) == stored_dataset(gw, uid)
