@@ -44,7 +44,7 @@ from pynetdicom import AE, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import (
     AssociationSocket,
@@ -370,7 +370,8 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
                 self._wake_event.set()  # more may be queued: look again without waiting
-                self._serve_request(msg, context_id)
+                if not self._refused_off_context(msg, context_id):
+                    self._serve_request(msg, context_id)
                 # The network timeout is for a silent peer: time spent answering (a slow disk,
                 # a C-MOVE of a large study) is not silence. pynetdicom restarts the timer only
                 # when a PDU arrives, so an answer that took longer than the timeout was
@@ -404,6 +405,50 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
                     self.abort()
                 self.kill()
                 return
+
+    def _refused_off_context(self, msg: Any, context_id: int | None) -> bool:
+        """Answer a C-service request whose SOP Class is not its presentation context's with
+        0x0122 (Refused: SOP Class not supported, PS3.7 C.5.8) and go on; True if answered.
+
+        pynetdicom picks the service by the message's SOP Class, not the context's, and aborts
+        the association when it has none for it (a sender that puts an instance on an
+        inappropriate context: DCMTK dcmsend does when a file's meta and dataset disagree). A
+        request on a context that was never accepted is left to pynetdicom, which aborts: that
+        is a protocol error, not a message to answer.
+        """
+        if (
+            not isinstance(msg, (C_STORE, C_FIND, C_GET, C_MOVE, C_ECHO))
+            or not msg.is_valid_request
+        ):
+            return False
+        context = self._accepted_cx.get(context_id)
+        sop_class = msg.AffectedSOPClassUID
+        if context is None or sop_class is None or sop_class == context.abstract_syntax:
+            return False
+        rsp = type(msg)()
+        rsp.MessageIDBeingRespondedTo = msg.MessageID
+        rsp.AffectedSOPClassUID = sop_class
+        if isinstance(msg, C_STORE):
+            rsp.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
+            received = getattr(getattr(msg, "_dataset_file", None), "name", None)
+            if received:  # the streamed dataset: nothing of it is kept
+                with contextlib.suppress(OSError):
+                    os.unlink(received)
+        rsp.Status = _SOP_CLASS_NOT_SUPPORTED
+        self.dimse.send_msg(rsp, context_id)
+        log.warning(
+            "dimse_request_refused",
+            peer=self.requestor.address,
+            message=msg.msg_type,
+            status=f"0x{_SOP_CLASS_NOT_SUPPORTED:04X}",
+            reason=f"SOP Class {str(sop_class)[:64]} on presentation context {context_id},"
+            f" which was negotiated for {context.abstract_syntax}",
+        )
+        return True
+
+
+_SOP_CLASS_NOT_SUPPORTED = 0x0122
+_C_SERVICES = (C_STORE, C_FIND, C_GET, C_MOVE, C_ECHO)
 
 
 class _PolicyACSE(ACSE):  # type: ignore[misc]

@@ -448,3 +448,28 @@ def test_retired_storage_classes_are_stored_and_sent_back(
         uid = str(pydicom.dcmread(path).SOPInstanceUID)
         (kept,) = [p for p in received.values() if str(pydicom.dcmread(p).SOPInstanceUID) == uid]
         assert dataset_bytes(kept) == stored_dataset(gw, uid)
+
+
+def test_an_instance_on_an_inappropriate_context_is_refused_and_the_association_goes_on(
+    gateway: GatewayProcess,
+) -> None:
+    """pydicom's rtdose_rle.dcm: its meta and dataset name different SOP classes, so DCMTK
+    dcmsend puts it on a context of another class. It gets 0x0122 (SOP Class not supported),
+    logged with the reason; the CT after it on the same association is stored; nothing of the
+    refused dataset stays in tmp/."""
+    sent = subprocess.run(
+        [require("dcmsend"), "-v", "-aec", gateway.ae_title, HOST, str(gateway.port),
+         str(TEST_FILES / "rtdose_rle.dcm"), str(CT)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=120,
+    )  # fmt: skip
+    output = sent.stdout + sent.stderr
+    responses = re.findall(r"Received C-STORE Response \((.*)\)", output)
+    assert responses == ["Refused: SOPClassNotSupported", "Success"], output
+    assert "Aborted" not in output
+    (refused,) = [
+        json.loads(line) for line in gateway.log_text().splitlines()
+        if line.startswith("{") and '"dimse_request_refused"' in line
+    ]  # fmt: skip
+    assert refused["status"] == "0x0122" and "negotiated for" in refused["reason"]
+    assert index_rows(gateway, "SELECT count(*) FROM instances") == [(1,)]
+    assert list((gateway.data_dir / "tmp").iterdir()) == []
