@@ -58,6 +58,12 @@ _CHECKPOINT_MARGIN = 5.0
 _CHECKPOINT_EVERY = 1.0  # seconds (engine clock) between checkpoint-only writes
 
 
+# Series whose fired rules stay in memory (a few hundred bytes each); the index holds them all,
+# so a series evicted costs one read. Unbounded, it kept an entry for every series the process
+# ever received.
+_FIRED_CACHE = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class CompletedWork:
     """A series or study a rule waited on, now complete."""
@@ -87,7 +93,7 @@ class CompletionEngine:
         self._clock = clock
         self._created_at = clock()  # on the very first run, arrivals count from here
         self._arrivals: asyncio.Queue[list[IngestResult]] = asyncio.Queue()
-        self._fired: dict[str, list[str]] = {}
+        self._fired: dict[str, list[str]] = {}  # series UID -> rules fired; a bounded cache
         self._waiting: list[Completion] = []
         # Arrivals may come before `run` starts: they are buffered for it from the first one.
         self._loop: asyncio.AbstractEventLoop | None = _running_loop()
@@ -240,6 +246,8 @@ class CompletionEngine:
                 fired=cached,
                 discarded=decision.discarded,
             )
+        if len(self._fired) >= _FIRED_CACHE:
+            self._fired.clear()  # bounded: the index keeps every series' rules
         self._fired[series_uid] = cached
         return cached
 

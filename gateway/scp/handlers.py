@@ -24,6 +24,7 @@ from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 
 from gateway.config import Settings
@@ -51,6 +52,24 @@ _MAX_CONTEXTS = 128
 def _model(event: evt.Event) -> QueryModel:
     """The Q/R information model of a C-FIND / C-MOVE / C-GET request."""
     return "patient" if str(event.request.AffectedSOPClassUID) in _PATIENT_ROOT else "study"
+
+
+class _SubOperations:
+    """The C-STORE responses of a C-MOVE's destination association that completed (success or
+    warning), counted as they arrive on the thread that sends the sub-operations."""
+
+    def __init__(self) -> None:
+        self.completed = 0
+
+    def on_message(self, event: evt.Event) -> None:
+        command = event.message.command_set
+        if command.CommandField == _C_STORE_RSP:
+            status = int(command.Status)
+            if status == 0x0000 or 0xB000 <= status <= 0xBFFF:  # success, or a warning
+                self.completed += 1
+
+
+_C_STORE_RSP = 0x8001
 
 
 class _StoredFile(Dataset):
@@ -360,8 +379,19 @@ class DicomServices:
             log.error("move_failed", association_id=stats.association_id, reason=str(exc))
             yield peer.host, peer.port, self._move_kwargs([])
             raise
-        yield peer.host, peer.port, self._move_kwargs(instances)
+        tally = _SubOperations()
+        yield peer.host, peer.port, self._move_kwargs(instances, tally)
         yield from self._send(event, stats, instances, "move")
+        if instances and not event.is_cancelled and tally.completed == 0:
+            # pynetdicom ends a C-MOVE whose sub-operations all failed with 0xB000 (warning);
+            # none completed is a failure (PS3.4 C.4.2.1.4.1): 0xA702, with every failed UID.
+            log.warning(
+                "move_failed",
+                association_id=stats.association_id,
+                destination=destination,
+                reason=f"the destination stored none of the {len(instances)} instances",
+            )
+            yield 0xA702, None
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
         stats = self._stats_for(event.assoc)
@@ -393,8 +423,13 @@ class DicomServices:
             yield 0xFF00, _StoredFile(instance)
         log.info(f"{kind}_done", association_id=stats.association_id, instances=len(instances))
 
-    def _move_kwargs(self, instances: list[InstanceFile]) -> dict[str, Any]:
-        """Association arguments for the move destination: contexts for what is sent."""
+    def _move_kwargs(
+        self, instances: list[InstanceFile], tally: _SubOperations | None = None
+    ) -> dict[str, Any]:
+        """Association arguments for the move destination: contexts for what is sent, and
+        Verification, so that a destination that accepts none of the others still associates
+        and each instance fails as a sub-operation (pynetdicom answers an association that
+        could not be made with 0xA801, Move Destination unknown)."""
         from pynetdicom.presentation import build_context
 
         pairs = sorted({(i.sop_class_uid, i.transfer_syntax) for i in instances})
@@ -405,17 +440,15 @@ class DicomServices:
         for sop_class, syntaxes in by_class.items():
             for syntax in syntaxes:  # one context per syntax: the peer may accept some only
                 contexts.append(build_context(sop_class, syntax))
-        if not contexts:
-            contexts.append(build_context("1.2.840.10008.1.1"))
+        contexts = [*contexts[: _MAX_CONTEXTS - 1], build_context(Verification)]
         node = self._settings.node
-        return {
-            "contexts": contexts[:_MAX_CONTEXTS],
-            "max_pdu": node.max_pdu_size,
-            "evt_handlers": [
-                (evt.EVT_CONN_OPEN, self.on_conn_open),
-                (evt.EVT_ACCEPTED, self.on_destination_accepted),  # before any sub-operation
-            ],
-        }
+        handlers = [
+            (evt.EVT_CONN_OPEN, self.on_conn_open),
+            (evt.EVT_ACCEPTED, self.on_destination_accepted),  # before any sub-operation
+        ]
+        if tally is not None:
+            handlers.append((evt.EVT_DIMSE_RECV, tally.on_message))
+        return {"contexts": contexts, "max_pdu": node.max_pdu_size, "evt_handlers": handlers}
 
     def on_destination_accepted(self, event: evt.Event) -> None:
         _send_stored_files(event.assoc)

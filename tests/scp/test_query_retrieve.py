@@ -707,3 +707,64 @@ def test_get_study_level_without_study_uid_fails(archive: Archive) -> None:
     assert result.received == {}
     refused = log_events(archive.gw, "get_refused")
     assert any("StudyInstanceUID is missing" in record["reason"] for record in refused)
+
+
+class _CTOnlySCP:
+    """A pynetdicom storage SCP that accepts CT Image Storage only (DCMTK storescp cannot be
+    narrowed to one class without a configuration file)."""
+
+    def __init__(self) -> None:
+        from pynetdicom import ALL_TRANSFER_SYNTAXES
+        from pynetdicom.sop_class import CTImageStorage, Verification
+
+        self.received: list[str] = []
+        self.ae = AE(ae_title="CTONLY")
+        self.ae.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
+        self.ae.add_supported_context(Verification)
+        self.port = free_port()
+        self.server = self.ae.start_server(
+            (HOST, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+
+    def _on_store(self, event: Any) -> int:
+        self.received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def _final_move(result: subprocess.CompletedProcess[str]) -> str:
+    output = result.stdout + result.stderr
+    return output[output.rindex("Received Final Move Response") :]
+
+
+def test_move_to_a_destination_that_refuses_a_sop_class(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    """The destination accepts CT only. Moving the MR study: the association is made, the one
+    sub-operation fails, final 0xA702 with the count (never 0xA801, which says the destination
+    is unknown). Moving both studies: CT arrives, MR fails, final 0xB000 with the counts."""
+    dest = _CTOnlySCP()
+    try:
+        gw = gateway_factory("moves", peers=[{"name": "ctonly", "ae_title": "CTONLY",
+                                              "host": HOST, "port": dest.port}])  # fmt: skip
+        sent = storescu(gw, CT, MR)
+        assert sent.returncode == 0 and "Failed" not in sent.stderr, sent.stderr
+        final = _final_move(movescu(gw, "CTONLY", "S", "QueryRetrieveLevel=STUDY",
+                                    f"StudyInstanceUID={MR_STUDY}"))  # fmt: skip
+        assert re.search(r"DIMSE Status\s*:\s*0xa702", final), final
+        assert re.search(r"Completed Suboperations\s*:\s*0\n", final), final
+        assert re.search(r"Failed Suboperations\s*:\s*1\n", final), final
+        assert MR_SOP in final  # Failed SOP Instance UID List
+        assert dest.received == []
+        final = _final_move(movescu(gw, "CTONLY", "S", "QueryRetrieveLevel=STUDY",
+                                    f"StudyInstanceUID={CT_STUDY}\\{MR_STUDY}"))  # fmt: skip
+        assert re.search(r"DIMSE Status\s*:\s*0xb000", final), final
+        assert re.search(r"Completed Suboperations\s*:\s*1\n", final), final
+        assert re.search(r"Failed Suboperations\s*:\s*1\n", final), final
+        assert dest.received == [CT_SOP]
+        (failed,) = log_events(gw, "move_failed")
+        assert "stored none of the 1 instances" in failed["reason"]
+    finally:
+        dest.stop()
