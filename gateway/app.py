@@ -68,6 +68,7 @@ class Gateway:
     started_at: float = field(default_factory=time.time)
     version: str = __version__
     reloaded_at: float | None = None
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     def reload(self) -> dict[str, Any]:
         """Re-read the config file and apply its rules, peers, folders and webhooks.
@@ -79,6 +80,8 @@ class Gateway:
         if self.config_path is None:
             raise ConfigError("the gateway was started without a config file to reload")
         new = load_settings(self.config_path)
+        before = {peer.name: peer for peer in self.settings.peers}
+        changed = [peer.name for peer in new.peers if before.get(peer.name) != peer]
         applied = {key: getattr(new, key) for key in _RELOADABLE}
         restart = [
             key
@@ -90,7 +93,13 @@ class Gateway:
         self.dispatcher.settings = self.settings
         self.retriever.settings = self.settings
         self.node.services.use_peers(self.settings)
-        self.dispatcher.wake()  # a job failing for a target now configured may go
+        if changed:
+            # A job failed for good against a peer (it did not know our AE title, or was not
+            # configured) may go now that the peer's settings changed.
+            task = asyncio.get_running_loop().create_task(self._requeue(changed))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        self.dispatcher.wake()
         self.reloaded_at = time.time()
         log.info(
             "config_reloaded",
@@ -99,10 +108,19 @@ class Gateway:
             restart_needed=restart,
         )
         return {
+            "peers_changed": changed,
             "rules": [rule.name for rule in self.settings.rules],
             "applied": list(_RELOADABLE),
             "restart_needed": restart,
         }
+
+    async def _requeue(self, targets: list[str]) -> None:
+        requeued = await self.jobs.retry(state="failed", targets=targets)
+        if requeued:
+            log.info(
+                "jobs_requeued", targets=targets, jobs=requeued, reason="peer settings changed"
+            )
+            self.dispatcher.wake()
 
 
 # What `Gateway.reload` applies while running; the other sections are read at start-up.

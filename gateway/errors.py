@@ -15,6 +15,8 @@ GatewayError
 
 from __future__ import annotations
 
+from typing import Literal
+
 __all__ = [
     "ConfigError",
     "ControlError",
@@ -24,6 +26,7 @@ __all__ = [
     "InstanceMismatch",
     "InvalidInstance",
     "PeerError",
+    "PeerErrorKind",
     "RejectedInstance",
     "SopInstanceConflict",
     "StoreError",
@@ -84,8 +87,25 @@ class SopInstanceConflict(DuplicateInstance):
     status = 0xC112
 
 
+PeerErrorKind = Literal["unreachable", "rejected", "aborted", "no_context", "status", "stopped"]
+
+
 class PeerError(GatewayError):
-    """A remote DICOM node could not be reached or refused the request."""
+    """A remote DICOM node could not be reached or refused the request.
+
+    `kind` says which, and the message starts with it (job errors, retrieval reasons, `gateway
+    echo` and logs show the message): ``unreachable`` (connection refused, or no answer within
+    the connection timeout), ``rejected`` (A-ASSOCIATE-RJ, with its result, source and reason),
+    ``aborted`` (A-ABORT, or no answer within the DIMSE timeout), ``no_context`` (no acceptable
+    presentation context for a SOP class), ``status`` (a DIMSE failure status, with its code),
+    ``stopped`` (the gateway stopped the request). `permanent` errors are not retried: they
+    last until the configuration changes (a peer that does not know the gateway's AE title).
+    """
+
+    def __init__(self, kind: PeerErrorKind, detail: str, *, permanent: bool = False) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind: PeerErrorKind = kind
+        self.permanent = permanent
 
 
 class ControlError(GatewayError):

@@ -252,7 +252,7 @@ def test_archive_down_stays_processing_and_completes_when_it_returns(
     wait_until(lambda: site.status()["requests"][0]["attempts"] >= 2)
     (request,) = site.status()["requests"]
     assert request["status"] == "Processing" and request["step"] == "query"
-    assert "peer vna" in request["reason"] and "could not be reached" in request["reason"]
+    assert "peer vna" in request["reason"] and "unreachable: " in request["reason"]
     site.vna.start()
     (request,) = site.wait_settled()["requests"]
     assert request["status"] == "Successful" and request["archive"] == "vna"
@@ -273,7 +273,7 @@ def test_anonymiser_down_retries_only_the_forward_step(
 
         def forwarding_fails() -> bool:
             request = site.status()["requests"][0]
-            return request["step"] == "forward" and "could not be reached" in (
+            return request["step"] == "forward" and "unreachable: " in (
                 request["reason"] or ""
             )
 

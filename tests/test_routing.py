@@ -140,7 +140,7 @@ def test_target_down_retries_then_delivers_once(gateway_factory: Any, tmp_path: 
     storescu(gw, files)
     wait_until(lambda: any(j["attempts"] >= 1 for j in gw.call("jobs.list")["jobs"]))
     (job,) = gw.call("jobs.list")["jobs"]
-    assert job["state"] == "queued" and "could not be reached" in job["last_error"]
+    assert job["state"] == "queued" and job["last_error"].startswith("unreachable: ")
     recorder = Recorder(port=port)  # the target comes up
     try:
         wait_until(lambda: gw.call("jobs.list")["jobs"][0]["state"] == "done", timeout=60)
@@ -388,3 +388,35 @@ def test_rules_reload_refuses_a_bad_file_and_applies_a_good_one(
     storescu(gw, make_series(tmp_path / "b", 3, generate_uid(), "AX"))
     wait_until(lambda: len(list(second.rglob("*.dcm"))) == 3)
     assert len(list(first.rglob("*.dcm"))) == 2
+
+
+def test_a_peer_that_rejects_our_called_title_fails_at_once_until_the_config_changes(
+    gateway_factory: Any, recorder: Recorder, tmp_path: Path
+) -> None:
+    """A-ASSOCIATE-RJ "called AE title not recognised" is permanent: the job fails on its first
+    attempt (no retries against a peer that will keep refusing), with the reject's result,
+    source and reason. Correcting the peer's AE title and reloading queues it again, and it
+    delivers."""
+    recorder.ae.require_called_aet = True
+
+    def peers(title: str) -> list[dict[str, Any]]:
+        return [{"name": "rec", "ae_title": title, "host": HOST, "port": recorder.port}]
+
+    rules = [{"name": "ct", "match": 'Modality == "CT"', "targets": ["rec"], "quiet_seconds": 0.5}]
+    gw = gateway_factory(peers=peers("WRONG"), rules=rules)
+    files = make_series(tmp_path / "in", 2, generate_uid(), "AX")
+    storescu(gw, files)
+    wait_until(lambda: [j["state"] for j in gw.call("jobs.list")["jobs"]] == ["failed"])
+    (job,) = gw.call("jobs.list")["jobs"]
+    assert job["attempts"] == 1
+    assert job["last_error"].startswith("rejected: peer rec (WRONG at ")
+    assert (
+        "Called AE title not recognised (A-ASSOCIATE-RJ result 1, source 1, reason 7)"
+        in (job["last_error"])
+    )
+    gw.write_config(peers=peers("RECORDER"), rules=rules)
+    assert gw.call("rules.reload")["peers_changed"] == ["rec"]
+    wait_until(lambda: [j["state"] for j in gw.call("jobs.list")["jobs"]] == ["done"], timeout=60)
+    assert sorted(u for u, _, _ in recorder.received) == sorted(
+        str(pydicom.dcmread(f).SOPInstanceUID) for f in files
+    )

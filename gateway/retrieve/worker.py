@@ -221,6 +221,10 @@ class Retriever:
                 await self._end(request, "Failed", str(final), timings, step, started)
                 return
             except (_Attempt, PeerError) as exc:
+                if isinstance(exc, PeerError) and exc.permanent:  # retrying cannot change it
+                    reason = f"{exc} (not retried: it lasts until the configuration changes)"
+                    await self._end(request, "Failed", reason, timings, step, started)
+                    return
                 resume = exc.step if isinstance(exc, _Attempt) and exc.step else step
                 await self._failed_attempt(request, str(exc), resume, _add(timings, step, started))
                 return

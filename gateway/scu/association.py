@@ -7,6 +7,7 @@ on the socket, and fail with the same `PeerError` messages.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,8 +53,23 @@ def associate(
     Raises
     ------
     PeerError
-        The peer could not be reached, or rejected the association.
+        ``unreachable`` (connection refused, or none within the connection timeout),
+        ``rejected`` (with the A-ASSOCIATE-RJ result, source and reason; `permanent` when the
+        peer does not know the gateway's or its own AE title), ``aborted`` (the peer ended the
+        association while it was negotiated).
     """
+    seen: dict[str, Any] = {}
+
+    def on_acse(event: evt.Event) -> None:
+        primitive = event.primitive
+        if getattr(primitive, "result", None) not in (None, 0x00):
+            seen["reject"] = primitive  # an A-ASSOCIATE-RJ
+
+    def on_open(event: evt.Event) -> None:
+        seen["connected"] = True
+        _nodelay(event)
+
+    started = time.monotonic()
     assoc = ae.associate(
         peer.host,
         peer.port,
@@ -61,15 +77,42 @@ def associate(
         ae_title=peer.ae_title,
         max_pdu=node.max_pdu_size,
         ext_neg=list(ext_neg) if ext_neg else None,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay), *evt_handlers],
+        evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse), *evt_handlers],
     )
     if assoc.is_established:
         return assoc
+    where = f"peer {peer.name} ({peer.ae_title} at {peer.host}:{peer.port})"
+    reject = seen.get("reject")
+    if assoc.is_rejected and reject is not None:
+        result, source, reason = reject.result, reject.result_source, reject.diagnostic
+        raise PeerError(
+            "rejected",
+            f"{where} rejected the association: {reject.result_str}, {reject.source_str},"
+            f" {reject.reason_str} (A-ASSOCIATE-RJ result {result}, source {source},"
+            f" reason {reason})",
+            permanent=(result, source, reason) in _PERMANENT_REJECTIONS,
+        )
     if assoc.is_rejected:
-        raise PeerError(f"peer {peer.name} rejected the association")
-    raise PeerError(f"peer {peer.name} ({peer.host}:{peer.port}) could not be reached")
+        raise PeerError("rejected", f"{where} rejected the association")
+    if seen.get("connected"):
+        raise PeerError("aborted", f"{where} aborted the association while it was negotiated")
+    waited = time.monotonic() - started
+    timeout = node.connection_timeout
+    if timeout is not None and waited >= timeout:
+        raise PeerError("unreachable", f"{where}: no connection within {timeout:g} s")
+    raise PeerError("unreachable", f"{where}: connection refused or the host is unreachable")
 
 
-def no_answer(peer: PeerSettings, what: str) -> PeerError:
-    """The error for a request the peer did not answer (an abort or a DIMSE timeout)."""
-    return PeerError(f"peer {peer.name} did not answer the {what} (aborted or timed out)")
+# A-ASSOCIATE-RJ (result, source, reason) that retrying cannot change (PS3.8 9.3.4): rejected
+# permanently by the service user because the application context name, the calling AE title
+# or the called AE title is not recognised. Each lasts until a configuration changes.
+_PERMANENT_REJECTIONS = frozenset({(1, 1, 2), (1, 1, 3), (1, 1, 7)})
+
+
+def no_answer(peer: PeerSettings, what: str, dimse_timeout: float | None = None) -> PeerError:
+    """The error for a request the peer did not answer: it aborted the association, or did not
+    answer within the DIMSE timeout (after which the gateway aborts)."""
+    waited = f" within the DIMSE timeout ({dimse_timeout:g} s)" if dimse_timeout else ""
+    return PeerError(
+        "aborted", f"peer {peer.name} did not answer the {what}{waited}: the association ended"
+    )

@@ -254,9 +254,10 @@ class Dispatcher:
             await self._failed(job, unknown, 0, skipped, started, permanent=True)
             return
         error: str | None
+        permanent = False  # an error retrying cannot change (the peer does not know our AE)
         try:
             if peer is not None:
-                delivered, error = await self._send_to_peer(job, peer, pending)
+                delivered, error, permanent = await self._send_to_peer(job, peer, pending)
             else:
                 assert folder is not None
                 delivered, error = await self._copy_to_folder(job, folder, pending, where)
@@ -268,7 +269,7 @@ class Dispatcher:
         if error is None:
             await self._done(job, started, delivered=delivered, skipped=skipped)
         else:
-            await self._failed(job, error, delivered, skipped, started)
+            await self._failed(job, error, delivered, skipped, started, permanent=permanent)
 
     async def _failed(
         self,
@@ -324,19 +325,23 @@ class Dispatcher:
 
     async def _send_to_peer(
         self, job: Job, peer: PeerSettings, pending: Sequence[InstanceFile]
-    ) -> tuple[int, str | None]:
+    ) -> tuple[int, str | None, bool]:
+        """C-STORE *pending* to *peer*: (delivered, the first error or None, whether that error
+        is permanent)."""
         ledger = _Ledger(self.queue, job.id)
         by_uid = {instance.sop_instance_uid: instance for instance in pending}
         errors: list[str] = []
         delivered = 0
+        permanent = False
 
         def on_result(delivery: Delivery) -> None:
-            nonlocal delivered
+            nonlocal delivered, permanent
             if delivery.delivered:
                 ledger.add(by_uid[delivery.sop_instance_uid])
                 delivered += 1
             elif not errors:
-                errors.append(delivery.error or f"status 0x{delivery.status or 0:04X}")
+                errors.append(delivery.error or f"status: 0x{delivery.status or 0:04X}")
+                permanent = delivery.permanent
             if self._stopping.is_set():
                 raise _Stopping
 
@@ -347,7 +352,7 @@ class Dispatcher:
                 ledger.close()
 
         await anyio.to_thread.run_sync(send)
-        return delivered, errors[0] if errors else None
+        return delivered, errors[0] if errors else None, permanent
 
     async def _copy_to_folder(
         self, job: Job, folder: FolderSettings, pending: Sequence[InstanceFile], where: str

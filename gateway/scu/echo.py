@@ -39,5 +39,5 @@ def echo_peer(node: NodeSettings, peer: PeerSettings) -> EchoResult:
         if assoc.is_established:
             assoc.release()
     if "Status" not in status:
-        raise no_answer(peer, "C-ECHO")
+        raise no_answer(peer, "C-ECHO", node.dimse_timeout)
     return EchoResult(int(status.Status), time.monotonic() - started)

@@ -76,14 +76,16 @@ class FindSession:
         matches: list[Dataset] = []
         for status, answer in self._assoc.send_c_find(query, model):
             if "Status" not in status:
-                raise no_answer(self.peer, "C-FIND")
+                raise no_answer(self.peer, "C-FIND", self._assoc.dimse_timeout)
             code = int(status.Status)
             if code in _PENDING:
                 if answer is not None:
                     matches.append(answer)
                 continue
             if code != 0x0000:
-                raise PeerError(f"peer {self.peer.name} answered C-FIND with 0x{code:04X}")
+                raise PeerError(
+                    "status", f"peer {self.peer.name} answered C-FIND with 0x{code:04X}"
+                )
         return matches
 
 
@@ -165,13 +167,14 @@ def _collect(
             value = answer.FailedSOPInstanceUIDList
             result.failed_uids = [str(v) for v in (value if isinstance(value, list) else [value])]
     if progress.abort.is_set():
-        raise PeerError(f"peer {peer.name}: the {what} was stopped")
+        raise PeerError("stopped", f"peer {peer.name}: the {what} was stopped")
     if result is None:
         raise no_answer(peer, what)
     if result.status not in (0x0000, _WARNING):
         raise PeerError(
+            "status",
             f"peer {peer.name} answered {what} with 0x{result.status:04X}"
-            f" ({result.completed} completed, {result.failed} failed)"
+            f" ({result.completed} completed, {result.failed} failed)",
         )
     return result
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import structlog
+from pydicom.uid import UID
 from pynetdicom import _config, build_context
 
 from gateway.config import NodeSettings, PeerSettings
@@ -37,6 +38,7 @@ class Delivery:
     sop_instance_uid: str
     status: int | None
     error: str | None = None
+    permanent: bool = False  # the error lasts until the configuration changes
 
     @property
     def delivered(self) -> bool:
@@ -96,7 +98,7 @@ def _send_batch(
         assoc = associate(client_ae(node), node, peer, contexts=contexts)
     except PeerError as exc:
         for instance in batch:
-            record(Delivery(instance.sop_instance_uid, None, str(exc)))
+            record(Delivery(instance.sop_instance_uid, None, str(exc), permanent=exc.permanent))
         return
     accepted = {
         (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
@@ -107,7 +109,13 @@ def _send_batch(
     try:
         for instance in batch:
             if not assoc.is_established:
-                record(Delivery(instance.sop_instance_uid, None, "the association was aborted"))
+                record(
+                    Delivery(
+                        instance.sop_instance_uid,
+                        None,
+                        f"aborted: peer {peer.name}: the association ended before this instance",
+                    )
+                )
                 failed += 1
                 continue
             if (instance.sop_class_uid, instance.transfer_syntax) not in accepted:
@@ -115,8 +123,9 @@ def _send_batch(
                     Delivery(
                         instance.sop_instance_uid,
                         None,
-                        f"peer {peer.name} accepts no context for {instance.sop_class_uid}"
-                        f" in {instance.transfer_syntax}",
+                        f"no_context: peer {peer.name} accepted no presentation context for"
+                        f" {_named(instance.sop_class_uid)} in {_named(instance.transfer_syntax)}"
+                        f" (proposed: {_named(instance.transfer_syntax)})",
                     )
                 )
                 failed += 1
@@ -141,18 +150,24 @@ def _send_batch(
         )
 
 
+def _named(uid: str) -> str:
+    """A UID with its registry name, where it has one: ``CT Image Storage (1.2.840...)``."""
+    name = UID(uid).name
+    return f"{name} ({uid})" if name and name != uid else uid
+
+
 def _store_one(assoc: object, instance: InstanceFile, peer: PeerSettings) -> Delivery:
     uid = instance.sop_instance_uid
     try:
         status = assoc.send_c_store(instance.path)  # type: ignore[attr-defined]
     except (OSError, ValueError, AttributeError, RuntimeError) as exc:
-        return Delivery(uid, None, f"could not send: {exc}")
+        return Delivery(uid, None, f"aborted: could not send: {exc}")
     if "Status" not in status:
-        return Delivery(uid, None, str(no_answer(peer, "C-STORE")))
+        return Delivery(uid, None, str(no_answer(peer, "C-STORE", assoc.dimse_timeout)))  # type: ignore[attr-defined]
     code = int(status.Status)
     if code in _WARNINGS:
         log.warning("store_warning", peer=peer.name, status=f"0x{code:04X}")
         return Delivery(uid, code)
     if code != 0x0000:
-        return Delivery(uid, code, f"peer {peer.name} answered 0x{code:04X}")
+        return Delivery(uid, code, f"status: peer {peer.name} answered C-STORE with 0x{code:04X}")
     return Delivery(uid, code)

@@ -404,12 +404,14 @@ class JobQueue:
         job_ids: Iterable[int] | None = None,
         *,
         state: Literal["failed", "cancelled"] | None = None,
+        targets: Iterable[str] | None = None,
         now: float | None = None,
     ) -> int:
         """Queue failed or cancelled jobs again, attempts reset; return how many.
 
-        Selects *job_ids*, or every job in *state*, or (neither given) every failed job. A job
-        whose (scope, uid, target) has an open job already is left as it is.
+        Selects *job_ids*, or every job in *state*, or (neither given) every failed job; only
+        those of *targets* when given. A job whose (scope, uid, target) has an open job already
+        is left as it is.
         """
         at = time.time() if now is None else now
         ids = None if job_ids is None else builtins.list(job_ids)
@@ -417,14 +419,17 @@ class JobQueue:
         if ids is None and state is None:
             states = ("failed",)
 
+        names = None if targets is None else builtins.list(targets)
+
         def requeue(conn: sqlite3.Connection) -> int:
-            if ids is not None and not ids:
+            if (ids is not None and not ids) or (names is not None and not names):
                 return 0
             candidates = conn.execute(
                 f"SELECT id FROM jobs WHERE state IN ({_placeholders(states)})"
                 + (f" AND id IN ({_placeholders(ids)})" if ids is not None else "")
+                + (f" AND target IN ({_placeholders(names)})" if names is not None else "")
                 + " ORDER BY id DESC",
-                (*states, *(ids or ())),
+                (*states, *(ids or ()), *(names or ())),
             ).fetchall()
             # One at a time, newest first: two closed jobs of one key must not both reopen.
             count = 0

@@ -650,6 +650,6 @@ def test_echo_unknown_peer(peered: GatewayProcess) -> None:
 def test_echo_peer_that_is_down(peered: GatewayProcess) -> None:
     with Conn(peered.socket, timeout=60) as conn:
         answer = conn.request(rpc("echo", {"peer": "offline"}))
-        message = error_of(answer, PEER_ERROR, "offline", "could not be reached")
+        message = error_of(answer, PEER_ERROR, "unreachable: peer offline", "connection refused")
         assert f"{HOST}:" in message
         assert conn.call("status")["version"] == __version__

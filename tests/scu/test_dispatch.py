@@ -328,7 +328,7 @@ async def test_target_down_backs_off_then_completes_once_it_is_up(
                 await anyio.sleep(0.02)
             assert current.last_error is not None
             assert (
-                "peer pacs" in current.last_error and "could not be reached" in current.last_error
+                "peer pacs" in current.last_error and current.last_error.startswith("unreachable: ")
             )
             with mock.patch("tests.scu.test_sender.free_port", return_value=port):
                 recorder = Recorder()
@@ -369,7 +369,7 @@ async def test_failure_status_fails_after_max_attempts_and_retry_requeues(
             dispatcher.wake()
             failed = await wait_state(queue, job, "failed")
             assert failed.attempts == 2
-            assert failed.last_error == "peer recorder answered 0xA700"
+            assert failed.last_error == "status: peer recorder answered C-STORE with 0xA700"
             assert len(refusing.received) == 2 * len(made[SERIES_B])
             refusing.answer = 0x0000
             assert await queue.retry([job]) == 1

@@ -108,7 +108,8 @@ def test_no_accepted_context_fails_that_instance_only() -> None:
         ct, jpeg = send_instances(NODE, recorder.peer, instances)
         assert ct.delivered
         assert not jpeg.delivered and jpeg.status is None
-        assert "accepts no context" in (jpeg.error or "")
+        assert (jpeg.error or "").startswith("no_context: peer recorder accepted no presentation")
+        assert "Secondary Capture Image Storage (1.2.840.10008.5.1.4.1.1.7)" in (jpeg.error or "")
         assert "1.2.840.10008.1.2.4.91" in (jpeg.error or "") or "1.2.840.10008.1.2.4.90" in (
             jpeg.error or ""
         )
@@ -125,7 +126,7 @@ def test_warning_counts_as_delivered_failure_does_not(answer: int, delivered: bo
         assert result.status == answer
         assert result.delivered is delivered
         if not delivered:
-            assert "0xA700" in (result.error or "")
+            assert result.error == "status: peer recorder answered C-STORE with 0xA700"
     finally:
         recorder.stop()
 
@@ -137,7 +138,8 @@ def test_unreachable_peer_fails_every_instance() -> None:
     peer = PeerSettings(name="down", ae_title="DOWN", host=HOST, port=free_port())
     results = send_instances(NODE, peer, [instance(TEST_FILES / n) for n in FILES[:2]])
     assert [r.delivered for r in results] == [False, False]
-    assert all("could not be reached" in (r.error or "") for r in results)
+    assert all((r.error or "").startswith("unreachable: peer down") for r in results)
+    assert all("connection refused" in (r.error or "") and not r.permanent for r in results)
     import gc
 
     gc.collect()  # collect the dropped sockets here, under this test's filters
@@ -147,8 +149,12 @@ def test_rejected_association_is_reported(recorder: Recorder) -> None:
     peer = PeerSettings(name="recorder", ae_title="RECORDER", host=HOST, port=recorder.port)
     recorder.ae.require_calling_aet = ["SOMEONE"]
     (result,) = send_instances(NODE, peer, [instance(TEST_FILES / "CT_small.dcm")])
-    assert not result.delivered
-    assert "rejected the association" in (result.error or "")
+    assert not result.delivered and result.permanent
+    assert result.error == (
+        "rejected: peer recorder (RECORDER at 127.0.0.1:%d) rejected the association:"
+        " Rejected Permanent, Service User, Calling AE title not recognised"
+        " (A-ASSOCIATE-RJ result 1, source 1, reason 3)" % recorder.port
+    )
 
 
 def test_context_batches_hold_at_most_128_pairs() -> None:
