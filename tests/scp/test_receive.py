@@ -473,3 +473,52 @@ def test_an_instance_on_an_inappropriate_context_is_refused_and_the_association_
     assert refused["status"] == "0x0122" and "negotiated for" in refused["reason"]
     assert index_rows(gateway, "SELECT count(*) FROM instances") == [(1,)]
     assert list((gateway.data_dir / "tmp").iterdir()) == []
+
+
+def test_extended_negotiation_items_are_not_claimed_and_never_refuse(
+    gateway: GatewayProcess,
+) -> None:
+    """A requestor proposing extended negotiation the node does not support (SOP Class Extended
+    Negotiation for relational C-FIND, SOP Class Common Extended Negotiation, User Identity
+    with a positive response requested, an Asynchronous Operations Window of 5) is accepted;
+    nothing is claimed back (PS3.7 D.3.3.5, D.3.3.6, D.3.3.7: an acceptor that does not support
+    an item leaves it out of its reply; PS3.7 D.3.3.3: the window reply is 1/1, no asynchrony),
+    and C-STORE works."""
+    import pydicom
+    from pynetdicom.pdu_primitives import (
+        AsynchronousOperationsWindowNegotiation,
+        SOPClassCommonExtendedNegotiation,
+        SOPClassExtendedNegotiation,
+        UserIdentityNegotiation,
+    )
+    from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind
+
+    relational = SOPClassExtendedNegotiation()
+    relational.sop_class_uid = StudyRootQueryRetrieveInformationModelFind
+    relational.service_class_application_information = b"\x01"
+    common = SOPClassCommonExtendedNegotiation()
+    common.sop_class_uid = CTImageStorage
+    common.service_class_uid = "1.2.840.10008.4.2"
+    identity = UserIdentityNegotiation()
+    identity.user_identity_type = 1
+    identity.primary_field = b"operator"
+    identity.positive_response_requested = True
+    window = AsynchronousOperationsWindowNegotiation()
+    window.maximum_number_operations_invoked = 5
+    window.maximum_number_operations_performed = 5
+    ae = AE(ae_title="EXTNEG")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(
+        HOST, gateway.port, ae_title=gateway.ae_title,
+        ext_neg=[relational, common, identity, window],
+    )  # fmt: skip
+    assert assoc.is_established
+    try:
+        reply = assoc.acceptor
+        assert reply.extended_negotiation == [] and reply.user_identity is None
+        assert reply.asynchronous_operations in ((1, 1), None)
+        assert len(assoc.accepted_contexts) == 2
+        assert assoc.send_c_store(pydicom.dcmread(CT)).Status == 0x0000
+    finally:
+        assoc.release()
