@@ -273,9 +273,7 @@ def test_anonymiser_down_retries_only_the_forward_step(
 
         def forwarding_fails() -> bool:
             request = site.status()["requests"][0]
-            return request["step"] == "forward" and "unreachable: " in (
-                request["reason"] or ""
-            )
+            return request["step"] == "forward" and "unreachable: " in (request["reason"] or "")
 
         wait_until(forwarding_fails)
         assert site.status()["requests"][0]["status"] == "Processing"

@@ -245,7 +245,9 @@ def test_echo(gw: GatewayProcess) -> None:
 
 
 def test_echo_failures(gw: GatewayProcess) -> None:
-    failed(run(gw, "echo", "offline"), 1, "unreachable: peer offline", "connection refused", "-32010")
+    failed(
+        run(gw, "echo", "offline"), 1, "unreachable: peer offline", "connection refused", "-32010"
+    )
     failed(run(gw, "echo", "pacs"), 1, "unknown peer 'pacs'", "archive, offline", "-32602")
 
 

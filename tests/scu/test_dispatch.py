@@ -327,8 +327,8 @@ async def test_target_down_backs_off_then_completes_once_it_is_up(
                 assert time.monotonic() < deadline, current
                 await anyio.sleep(0.02)
             assert current.last_error is not None
-            assert (
-                "peer pacs" in current.last_error and current.last_error.startswith("unreachable: ")
+            assert "peer pacs" in current.last_error and current.last_error.startswith(
+                "unreachable: "
             )
             with mock.patch("tests.scu.test_sender.free_port", return_value=port):
                 recorder = Recorder()

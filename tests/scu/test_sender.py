@@ -151,9 +151,9 @@ def test_rejected_association_is_reported(recorder: Recorder) -> None:
     (result,) = send_instances(NODE, peer, [instance(TEST_FILES / "CT_small.dcm")])
     assert not result.delivered and result.permanent
     assert result.error == (
-        "rejected: peer recorder (RECORDER at 127.0.0.1:%d) rejected the association:"
-        " Rejected Permanent, Service User, Calling AE title not recognised"
-        " (A-ASSOCIATE-RJ result 1, source 1, reason 3)" % recorder.port
+        f"rejected: peer recorder (RECORDER at 127.0.0.1:{recorder.port}) rejected the"
+        " association: Rejected Permanent, Service User, Calling AE title not recognised"
+        " (A-ASSOCIATE-RJ result 1, source 1, reason 3)"
     )
 
 
