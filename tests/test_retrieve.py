@@ -324,11 +324,13 @@ def test_cohort_of_50_rate_limited_survives_kill_9(gateway_factory: Any, tmp_pat
         assert set(counts) == set().union(*(s.sops for s in cohort))  # nothing lost
         assert sum(n - 1 for n in counts.values()) <= 4, counts.most_common(3)  # in flight only
         gaps = [b - a for a, b in zip(moves_at(site.vna), moves_at(site.vna)[1:], strict=False)]
-        # The rate held, at the archive: one move every 0.25 s (each arrival is a new
-        # association, whose setup jitters by a few ms), and never five within a second.
+        # The rate held, at the archive: one move every 0.25 s, and never five within a second.
+        # Each arrival follows a new association, whose setup the machine's load delays by up to
+        # ~0.1 s (measured with other work running), so one gap may shrink by that much; the
+        # span of five moves is what an archive's per-minute limit sees.
         starts = moves_at(site.vna)
         assert len(starts) >= 50
-        assert min(gaps) >= 60 / rate * 0.75, sorted(gaps)[:3]
+        assert min(gaps) >= 60 / rate * 0.5, sorted(gaps)[:3]
         spans = [b - a for a, b in zip(starts, starts[4:], strict=False)]
         assert min(spans) >= 4 * 60 / rate - 0.05, sorted(spans)[:3]
     finally:
