@@ -85,12 +85,42 @@ def _human_bytes(count: int) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)  # a bad config exits before the heavy imports
+    _limit_malloc_arenas()
     from gateway.app import run
     from gateway.logs import configure_logging
 
     configure_logging(settings.log)
     asyncio.run(run(settings, config_path=_config_path(args)))
     return 0
+
+
+_M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+_MALLOC_ARENAS = 2
+
+
+def _limit_malloc_arenas() -> None:
+    """Cap glibc's malloc arenas at two, before any thread starts (as MALLOC_ARENA_MAX=2 would).
+
+    glibc gives threads that allocate at once arenas of their own, up to eight per core, and
+    an arena keeps the peak it reached: with a thread pair per association, the scale
+    benchmark's four senders, queries and the index's threads left ten arenas of 2-4 MiB each
+    after 300,000 instances (anonymous RSS 58 -> 75 MiB in one process). Two arenas are reused
+    by every thread. An explicit MALLOC_ARENA_MAX in the environment wins; other C
+    libraries are left alone.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return  # not glibc (musl has no arenas to cap)
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    mallopt(_M_ARENA_MAX, _MALLOC_ARENAS)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
