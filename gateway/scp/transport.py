@@ -186,6 +186,25 @@ class _BoundedSocket(AssociationSocket):  # type: ignore[misc]
     _polled_fd: int = -1
     _wake_poller: select.poll  # the pipe alone, while there is no connection
 
+    def connect(self, primitive: Any) -> None:
+        # pynetdicom drops the socket of a connect that fails without closing it (its shutdown
+        # fails on an unconnected socket, which skips the close): one descriptor per refused
+        # attempt until the garbage collector ran, and a ResourceWarning then.
+        transport = self.socket
+        super().connect(primitive)
+        if self.socket is None and transport is not None:
+            with contextlib.suppress(OSError):
+                transport.close()
+
+    def close_transport(self) -> None:
+        """Close the TCP socket if pynetdicom left it open. Its `close` shuts the socket down
+        first and skips the close when that fails, as it does on a socket whose connect was
+        refused: such sockets waited for the garbage collector, one per failed attempt."""
+        transport = self.socket
+        if transport is not None:
+            with contextlib.suppress(OSError):
+                transport.close()
+
     def enable_wakeups(self) -> None:
         self._wake_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
@@ -345,6 +364,7 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
             return
         if isinstance(sock, _BoundedSocket):
             sock.close_wakeups()
+            sock.close_transport()
         if abandoned := dul_resources.release(dul):
             log.info("incomplete_messages_discarded", count=abandoned)
 
