@@ -436,10 +436,7 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
         request on a context that was never accepted is left to pynetdicom, which aborts: that
         is a protocol error, not a message to answer.
         """
-        if (
-            not isinstance(msg, (C_STORE, C_FIND, C_GET, C_MOVE, C_ECHO))
-            or not msg.is_valid_request
-        ):
+        if not isinstance(msg, _C_SERVICES) or not msg.is_valid_request:
             return False
         context = self._accepted_cx.get(context_id)
         sop_class = msg.AffectedSOPClassUID

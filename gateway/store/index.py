@@ -35,7 +35,14 @@ import structlog
 from gateway.errors import DuplicateInstance, GatewayError, SopInstanceConflict, StoreError
 from gateway.store.files import FileStore
 from gateway.store.instance import ReceivedFile, read_received_file
-from gateway.store.schema import IDENTITY_CONFLICT, SCHEMA, connect, migrate, upgrade
+from gateway.store.schema import (
+    SCHEMA,
+    connect,
+    identity_pk,
+    migrate,
+    patient_identity,
+    upgrade,
+)
 
 __all__ = [
     "MARK_KEY",
@@ -474,21 +481,8 @@ class IndexWriter:
         cached = self._series_cache.get(attrs.series_instance_uid)
         if cached is not None and not refresh:
             return cached
-        p = attrs.patient
-        identity = (
-            p["patient_id"],
-            p["issuer_of_patient_id"] or "",
-            p["patient_name"],
-            p["patient_birth_date"],
-            p["patient_sex"],
-        )
-        (patient_pk,) = conn.execute(
-            "INSERT INTO patients (patient_id, issuer_of_patient_id, patient_name,"
-            " patient_birth_date, patient_sex) VALUES (?,?,?,?,?)"
-            f" ON CONFLICT {IDENTITY_CONFLICT} DO UPDATE SET patient_id=excluded.patient_id"
-            " RETURNING pk",
-            identity,
-        ).fetchone()
+        identity = patient_identity(attrs.patient)
+        patient_pk = identity_pk(conn, identity)
         before = conn.execute(
             "SELECT patient_pk FROM studies WHERE study_uid = ?", (attrs.study_instance_uid,)
         ).fetchone()

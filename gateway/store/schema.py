@@ -17,7 +17,16 @@ from typing import Any
 
 from gateway.store.names import pn_keys_json
 
-__all__ = ["IDENTITY_CONFLICT", "SCHEMA", "SCHEMA_VERSION", "connect", "migrate", "upgrade"]
+__all__ = [
+    "IDENTITY_CONFLICT",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "connect",
+    "identity_pk",
+    "migrate",
+    "patient_identity",
+    "upgrade",
+]
 
 _PN_KEYS_FUNCTION = "gateway_pn_keys"
 
@@ -161,6 +170,30 @@ _NAME_KEYS_VERSION = "1"  # bump when names.pn_keys changes: the keys are recomp
 _NAME_KEYS_VERSION_KEY = "name_keys_version"
 
 
+def patient_identity(patient: dict[str, Any]) -> tuple[Any, ...]:
+    """(PatientID, issuer, name, birth date, sex) of `IndexAttributes.patient`: the columns of
+    the patients row the identity is, the issuer '' when absent."""
+    return (
+        patient["patient_id"],
+        patient["issuer_of_patient_id"] or "",
+        patient["patient_name"],
+        patient["patient_birth_date"],
+        patient["patient_sex"],
+    )
+
+
+def identity_pk(conn: sqlite3.Connection, identity: tuple[Any, ...]) -> int:
+    """The key of the patients row of *identity* (`patient_identity`), inserted if new."""
+    (pk,) = conn.execute(
+        "INSERT INTO patients (patient_id, issuer_of_patient_id, patient_name,"
+        " patient_birth_date, patient_sex) VALUES (?,?,?,?,?)"
+        f" ON CONFLICT {IDENTITY_CONFLICT} DO UPDATE SET patient_id=excluded.patient_id"
+        " RETURNING pk",
+        identity,
+    ).fetchone()
+    return int(pk)
+
+
 PatientReader = Callable[[str], dict[str, Any]]
 """The patient attributes (`IndexAttributes.patient`) of the stored file at a relative path."""
 
@@ -248,19 +281,7 @@ def _split_merged_patients(conn: sqlite3.Connection, read_patient: PatientReader
             p = read_patient(path)
         except Exception:  # a missing or unreadable file keeps the study where it was
             continue
-        (patient_pk,) = conn.execute(
-            "INSERT INTO patients (patient_id, issuer_of_patient_id, patient_name,"
-            " patient_birth_date, patient_sex) VALUES (?,?,?,?,?)"
-            f" ON CONFLICT {IDENTITY_CONFLICT} DO UPDATE SET patient_id=excluded.patient_id"
-            " RETURNING pk",
-            (
-                p["patient_id"],
-                p["issuer_of_patient_id"] or "",
-                p["patient_name"],
-                p["patient_birth_date"],
-                p["patient_sex"],
-            ),
-        ).fetchone()
+        patient_pk = identity_pk(conn, patient_identity(p))
         conn.execute("UPDATE studies SET patient_pk = ? WHERE pk = ?", (patient_pk, study_pk))
     if rows:
         conn.execute(
