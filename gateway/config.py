@@ -131,6 +131,9 @@ class PeerSettings(_Section):
     queries_per_minute: Annotated[float, Field(ge=0)] = 0.0
     moves_per_minute: Annotated[float, Field(ge=0)] = 0.0
     max_concurrent_moves: Annotated[int, Field(ge=1, le=64)] = 2
+    # As a destination: False sends stored transfer syntaxes only (no re-encoding, no
+    # decompression); an instance the peer takes in none of them fails with `no_context`.
+    transcode: bool = True
 
 
 Day = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]

@@ -87,7 +87,9 @@ class SopInstanceConflict(DuplicateInstance):
     status = 0xC112
 
 
-PeerErrorKind = Literal["unreachable", "rejected", "aborted", "no_context", "status", "stopped"]
+PeerErrorKind = Literal[
+    "unreachable", "rejected", "aborted", "no_context", "transcode", "status", "stopped"
+]
 
 
 class PeerError(GatewayError):
@@ -97,9 +99,11 @@ class PeerError(GatewayError):
     echo` and logs show the message): ``unreachable`` (connection refused, or no answer within
     the connection timeout), ``rejected`` (A-ASSOCIATE-RJ, with its result, source and reason),
     ``aborted`` (A-ABORT, or no answer within the DIMSE timeout), ``no_context`` (no acceptable
-    presentation context for a SOP class), ``status`` (a DIMSE failure status, with its code),
-    ``stopped`` (the gateway stopped the request). `permanent` errors are not retried: they
-    last until the configuration changes (a peer that does not know the gateway's AE title).
+    presentation context for a SOP class), ``transcode`` (the instance could not be re-encoded
+    in a syntax the peer accepted: a pixel codec missing or corrupt data; permanent), ``status``
+    (a DIMSE failure status, with its code), ``stopped`` (the gateway stopped the request).
+    `permanent` errors are not retried: they last until the configuration or the data changes
+    (a peer that does not know the gateway's AE title).
     """
 
     def __init__(self, kind: PeerErrorKind, detail: str, *, permanent: bool = False) -> None:

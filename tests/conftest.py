@@ -241,9 +241,10 @@ def gateway(gateway_factory: Any) -> GatewayProcess:
 
 
 class StoreSCP:
-    """DCMTK `storescp +xa` (accepts every transfer syntax) writing into a directory."""
+    """DCMTK `storescp` writing into a directory: `+xa` accepts every transfer syntax, `+xi`
+    Implicit VR Little Endian only (a legacy or research destination)."""
 
-    def __init__(self, directory: Path, ae_title: str = "STORESCP") -> None:
+    def __init__(self, directory: Path, ae_title: str = "STORESCP", syntaxes: str = "+xa") -> None:
         require("storescp")
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -252,7 +253,7 @@ class StoreSCP:
         self.proc = subprocess.Popen(
             [
                 "/usr/bin/storescp",
-                "+xa",
+                syntaxes,
                 "-aet",
                 ae_title,
                 "-od",

@@ -21,6 +21,7 @@ from tests.conftest import (
     TEST_FILES,
     GatewayProcess,
     OrthancProcess,
+    StoreSCP,
     free_port,
     write_variant,
 )
@@ -66,7 +67,8 @@ class Site:
     """The gateway, a VNA and a PACS (Orthancs knowing the gateway) and an anonymiser."""
 
     def __init__(
-        self, gateway_factory: Any, tmp_path: Path, *, anonymiser: Recorder | None = None,
+        self, gateway_factory: Any, tmp_path: Path, *,
+        anonymiser: Recorder | StoreSCP | None = None,
         retrieve: dict[str, Any] | None = None, peers: dict[str, dict[str, Any]] | None = None,
     ) -> None:  # fmt: skip
         self.gw: GatewayProcess = gateway_factory(start=False)
@@ -75,7 +77,7 @@ class Site:
         self.pacs = OrthancProcess(tmp_path / "pacs", "PACS", me, verbose=True)
         self.anon_orthanc = None if anonymiser else OrthancProcess(tmp_path / "anon", "ANON")
         anon_port = anonymiser.port if anonymiser else self.anon_orthanc.port  # type: ignore[union-attr]
-        anon_ae = "RECORDER" if anonymiser else "ANON"
+        anon_ae = getattr(anonymiser, "ae_title", "RECORDER") if anonymiser else "ANON"
         extra = peers or {}
         self.sections = {
             "peers": [

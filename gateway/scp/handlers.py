@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import (
     ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
@@ -28,11 +28,12 @@ from pynetdicom.sop_class import (
 )
 
 from gateway.config import Settings
-from gateway.errors import GatewayError, RejectedInstance, StoreError
+from gateway.errors import GatewayError, PeerError, RejectedInstance, StoreError
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.receiving import ReceivingFile
 from gateway.scp.transport import set_nodelay
 from gateway.scp.worklist import AcquisitionServices
+from gateway.scu.syntaxes import outgoing, storage_contexts
 from gateway.store.index import Provenance
 from gateway.store.query import QueryError, QueryModel, find_capped, retrieve_filter
 from gateway.store.store import InstanceFile, Store
@@ -77,32 +78,30 @@ class _StoredFile(Dataset):
 
     pynetdicom's Q/R service takes only a `Dataset` for a sub-operation (a path is refused as an
     invalid dataset) and hands it to `send_c_store`. A `_StoredFile` holds the UIDs pynetdicom reads
-    and the file; `_send_stored_files` makes an association send it as the file's path, so its
-    dataset bytes go out unchanged (`STORE_SEND_CHUNKED_DATASET`).
+    and the file; `_send_stored_files` makes an association send what `outgoing` chooses for it:
+    the file's path, so its dataset bytes go out unchanged (`STORE_SEND_CHUNKED_DATASET`), where
+    the association accepted its stored syntax, else its dataset re-encoded in an accepted
+    uncompressed syntax (a C-GET requestor such as DCMTK getscu proposes several).
     """
 
-    stored_path: Path
-    stored_syntax: str
+    stored: InstanceFile
+    transcode: bool
+    peer: str
 
-    def __init__(self, instance: InstanceFile) -> None:
+    def __init__(self, instance: InstanceFile, *, transcode: bool, peer: str) -> None:
         super().__init__()
         self.SOPClassUID = instance.sop_class_uid
         self.SOPInstanceUID = instance.sop_instance_uid  # for a FailedSOPInstanceUIDList
-        self.stored_path = instance.path
-        self.stored_syntax = instance.transfer_syntax
+        self.stored = instance
+        self.transcode = transcode
+        self.peer = peer
 
     def payload(self, assoc: Association) -> Path | Dataset:
-        """The file's path if *assoc* can take it in its own transfer syntax, else the decoded
-        dataset, which pynetdicom converts to another uncompressed syntax where it can (a C-GET
-        requestor such as DCMTK getscu proposes several, of which one is accepted)."""
-        for cx in assoc.accepted_contexts:
-            if (
-                cx.abstract_syntax == self.SOPClassUID
-                and cx.transfer_syntax[0] == self.stored_syntax
-                and cx.as_scu
-            ):
-                return self.stored_path
-        return dcmread(self.stored_path)
+        """What to send on *assoc* (`gateway.scu.syntaxes.outgoing`); raises `PeerError`,
+        which pynetdicom counts as a failed sub-operation."""
+        return outgoing(
+            self.stored, assoc.accepted_contexts, transcode=self.transcode, peer=self.peer
+        )
 
 
 def _send_stored_files(assoc: Association) -> None:
@@ -113,7 +112,11 @@ def _send_stored_files(assoc: Association) -> None:
 
     def send(dataset: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(dataset, _StoredFile):
-            dataset = dataset.payload(assoc)
+            try:
+                dataset = dataset.payload(assoc)
+            except PeerError as exc:
+                log.warning("sub_operation_not_sent", peer=dataset.peer, reason=str(exc))
+                raise
         return send_c_store(dataset, *args, **kwargs)
 
     assoc.send_c_store = send
@@ -380,8 +383,8 @@ class DicomServices:
             yield peer.host, peer.port, self._move_kwargs([])
             raise
         tally = _SubOperations()
-        yield peer.host, peer.port, self._move_kwargs(instances, tally)
-        yield from self._send(event, stats, instances, "move")
+        yield peer.host, peer.port, self._move_kwargs(instances, tally, peer.transcode)
+        yield from self._send(event, stats, instances, "move", peer.transcode, peer.name)
         if instances and not event.is_cancelled and tally.completed == 0:
             # pynetdicom ends a C-MOVE whose sub-operations all failed with 0xB000 (warning);
             # none completed is a failure (PS3.4 C.4.2.1.4.1): 0xA702, with every failed UID.
@@ -408,10 +411,19 @@ class DicomServices:
             yield 0xA701, None
             return
         _send_stored_files(event.assoc)  # the sub-operations go over this association
-        yield from self._send(event, stats, instances, "get")
+        requestor = str(event.assoc.requestor.ae_title).strip()
+        peer = self._settings.peer_by_ae_title(requestor)  # transcode = false where configured
+        transcode = peer.transcode if peer is not None else True
+        yield from self._send(event, stats, instances, "get", transcode, requestor)
 
     def _send(
-        self, event: evt.Event, stats: AssociationStats, instances: list[InstanceFile], kind: str
+        self,
+        event: evt.Event,
+        stats: AssociationStats,
+        instances: list[InstanceFile],
+        kind: str,
+        transcode: bool,
+        peer: str,
     ) -> Iterator[Any]:
         yield len(instances)
         for instance in instances:
@@ -420,27 +432,22 @@ class DicomServices:
                 yield 0xFE00, None
                 return
             stats.sent += 1
-            yield 0xFF00, _StoredFile(instance)
+            yield 0xFF00, _StoredFile(instance, transcode=transcode, peer=peer)
         log.info(f"{kind}_done", association_id=stats.association_id, instances=len(instances))
 
     def _move_kwargs(
-        self, instances: list[InstanceFile], tally: _SubOperations | None = None
+        self,
+        instances: list[InstanceFile],
+        tally: _SubOperations | None = None,
+        transcode: bool = True,
     ) -> dict[str, Any]:
-        """Association arguments for the move destination: contexts for what is sent, and
-        Verification, so that a destination that accepts none of the others still associates
-        and each instance fails as a sub-operation (pynetdicom answers an association that
-        could not be made with 0xA801, Move Destination unknown)."""
-        from pynetdicom.presentation import build_context
-
+        """Association arguments for the move destination: the storage contexts of what is sent
+        (`storage_contexts`), and Verification, so that a destination that accepts none of the
+        others still associates and each instance fails as a sub-operation (pynetdicom answers
+        an association that could not be made with 0xA801, Move Destination unknown)."""
         pairs = sorted({(i.sop_class_uid, i.transfer_syntax) for i in instances})
-        by_class: dict[str, list[str]] = {}
-        for sop_class, syntax in pairs:
-            by_class.setdefault(sop_class, []).append(syntax)
-        contexts = []
-        for sop_class, syntaxes in by_class.items():
-            for syntax in syntaxes:  # one context per syntax: the peer may accept some only
-                contexts.append(build_context(sop_class, syntax))
-        contexts = [*contexts[: _MAX_CONTEXTS - 1], build_context(Verification)]
+        contexts = storage_contexts(pairs, transcode=transcode, limit=_MAX_CONTEXTS - 1)
+        contexts.append(build_context(Verification))
         node = self._settings.node
         handlers = [
             (evt.EVT_CONN_OPEN, self.on_conn_open),

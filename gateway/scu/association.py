@@ -19,6 +19,7 @@ from gateway.config import NodeSettings, PeerSettings
 from gateway.errors import PeerError
 from gateway.scp.storage_classes import register_storage_classes
 from gateway.scp.transport import MIN_PDU_LIMIT, EventDrivenAE, set_nodelay
+from gateway.scu.syntaxes import named
 
 __all__ = ["associate", "client_ae", "no_answer"]
 
@@ -55,15 +56,19 @@ def associate(
     PeerError
         ``unreachable`` (connection refused, or none within the connection timeout),
         ``rejected`` (with the A-ASSOCIATE-RJ result, source and reason; `permanent` when the
-        peer does not know the gateway's or its own AE title), ``aborted`` (the peer ended the
+        peer does not know the gateway's or its own AE title), ``no_context`` (the peer accepted
+        the association but none of its presentation contexts), ``aborted`` (the peer ended the
         association while it was negotiated).
     """
     seen: dict[str, Any] = {}
 
     def on_acse(event: evt.Event) -> None:
         primitive = event.primitive
-        if getattr(primitive, "result", None) not in (None, 0x00):
+        result = getattr(primitive, "result", None)
+        if result not in (None, 0x00):
             seen["reject"] = primitive  # an A-ASSOCIATE-RJ
+        elif result == 0x00:
+            seen["accept"] = primitive  # an A-ASSOCIATE-AC
 
     def on_open(event: evt.Event) -> None:
         seen["connected"] = True
@@ -94,6 +99,14 @@ def associate(
         )
     if assoc.is_rejected:
         raise PeerError("rejected", f"{where} rejected the association")
+    if "accept" in seen:
+        # pynetdicom aborts an association on which the peer accepted no context
+        proposed = sorted({str(cx.abstract_syntax) for cx in assoc.requestor.requested_contexts})
+        raise PeerError(
+            "no_context",
+            f"{where} accepted none of the presentation contexts proposed, for"
+            f" {', '.join(named(uid) for uid in proposed)}",
+        )
     if seen.get("connected"):
         raise PeerError("aborted", f"{where} aborted the association while it was negotiated")
     waited = time.monotonic() - started

@@ -1,11 +1,13 @@
 """C-STORE of stored instances to a DICOM peer, as they are stored.
 
 `send_instances` is what every route, forward and retrieval hand-off uses to deliver files. It
-proposes exactly the (SOP class, transfer syntax) pairs of what it sends, at most 128 per
-association (more pairs take further associations), sends each file's dataset bytes unchanged,
-and reports per instance: delivered (success, or a warning status, which is logged) or failed
-with the reason (a failure status, no accepted context for its syntax, an aborted association,
-a peer that cannot be reached). Blocking: callers run it in a worker thread.
+proposes the contexts of `gateway.scu.syntaxes` for what it sends (each stored syntax, and the
+uncompressed ones unless the peer has ``transcode = false``), at most 128 per association (more
+take further associations), sends each file's dataset bytes unchanged where the peer accepted
+its stored syntax and re-encoded otherwise, and reports per instance: delivered (success, or a
+warning status, which is logged) or failed with the reason (a failure status, no accepted
+context, a dataset that cannot be re-encoded, an aborted association, a peer that cannot be
+reached). Blocking: callers run it in a worker thread.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
-from pydicom.uid import UID
-from pynetdicom import _config, build_context
+from pydicom.dataset import Dataset
+from pynetdicom import _config
 
 from gateway.config import NodeSettings, PeerSettings
 from gateway.errors import PeerError
 from gateway.scu.association import associate, client_ae, no_answer
+from gateway.scu.syntaxes import context_count, outgoing, storage_contexts
 from gateway.store.store import InstanceFile
 
 __all__ = ["MAX_CONTEXTS", "Delivery", "context_batches", "send_instances"]
@@ -45,13 +49,15 @@ class Delivery:
         return self.status is not None and (self.status == 0x0000 or self.status in _WARNINGS)
 
 
-def context_batches(instances: Sequence[InstanceFile]) -> Iterator[list[InstanceFile]]:
+def context_batches(
+    instances: Sequence[InstanceFile], *, transcode: bool = True
+) -> Iterator[list[InstanceFile]]:
     """Split *instances* (order kept within a batch) so no batch needs more than 128 contexts."""
     batch: list[InstanceFile] = []
     pairs: set[tuple[str, str]] = set()
     for instance in instances:
         pair = (instance.sop_class_uid, instance.transfer_syntax)
-        if pair not in pairs and len(pairs) == MAX_CONTEXTS:
+        if pair not in pairs and context_count({*pairs, pair}, transcode=transcode) > MAX_CONTEXTS:
             yield batch
             batch, pairs = [], set()
         pairs.add(pair)
@@ -72,7 +78,7 @@ def send_instances(
     *on_result* is called as each instance's outcome is known (a caller records deliveries
     durably as they happen, so a retry sends only what the peer has not acknowledged).
     """
-    _config.STORE_SEND_CHUNKED_DATASET = True  # send the stored bytes, never re-encode
+    _config.STORE_SEND_CHUNKED_DATASET = True  # a file goes out as its stored bytes
     results: list[Delivery] = []
 
     def record(delivery: Delivery) -> None:
@@ -80,7 +86,7 @@ def send_instances(
         if on_result is not None:
             on_result(delivery)
 
-    for batch in context_batches(instances):
+    for batch in context_batches(instances, transcode=peer.transcode):
         _send_batch(node, peer, batch, record)
     return results
 
@@ -91,20 +97,22 @@ def _send_batch(
     batch: list[InstanceFile],
     record: Callable[[Delivery], None],
 ) -> None:
-    pairs = list(dict.fromkeys((i.sop_class_uid, i.transfer_syntax) for i in batch))
-    contexts = [build_context(sop_class, syntax) for sop_class, syntax in pairs]
+    pairs = [(i.sop_class_uid, i.transfer_syntax) for i in batch]
+    contexts = storage_contexts(pairs, transcode=peer.transcode)
     started = time.monotonic()
     try:
         assoc = associate(client_ae(node), node, peer, contexts=contexts)
     except PeerError as exc:
         for instance in batch:
-            record(Delivery(instance.sop_instance_uid, None, str(exc), permanent=exc.permanent))
+            error = exc
+            if exc.kind == "no_context":  # each instance says what was proposed for it
+                try:
+                    outgoing(instance, [], transcode=peer.transcode, peer=peer.name)
+                except PeerError as own:
+                    error = own
+            record(Delivery(instance.sop_instance_uid, None, str(error), error.permanent))
         return
-    accepted = {
-        (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-        for cx in assoc.accepted_contexts
-        if cx.as_scu
-    }
+    accepted = assoc.accepted_contexts
     sent = warned = failed = 0
     try:
         for instance in batch:
@@ -118,19 +126,14 @@ def _send_batch(
                 )
                 failed += 1
                 continue
-            if (instance.sop_class_uid, instance.transfer_syntax) not in accepted:
-                record(
-                    Delivery(
-                        instance.sop_instance_uid,
-                        None,
-                        f"no_context: peer {peer.name} accepted no presentation context for"
-                        f" {_named(instance.sop_class_uid)} in {_named(instance.transfer_syntax)}"
-                        f" (proposed: {_named(instance.transfer_syntax)})",
-                    )
-                )
+            try:
+                payload = outgoing(instance, accepted, transcode=peer.transcode, peer=peer.name)
+            except PeerError as exc:
+                log.warning("store_not_sent", peer=peer.name, reason=str(exc))
+                record(Delivery(instance.sop_instance_uid, None, str(exc), exc.permanent))
                 failed += 1
                 continue
-            delivery = _store_one(assoc, instance, peer)
+            delivery = _store_one(assoc, instance.sop_instance_uid, payload, peer)
             record(delivery)
             if delivery.delivered:
                 sent += 1
@@ -150,16 +153,9 @@ def _send_batch(
         )
 
 
-def _named(uid: str) -> str:
-    """A UID with its registry name, where it has one: ``CT Image Storage (1.2.840...)``."""
-    name = UID(uid).name
-    return f"{name} ({uid})" if name and name != uid else uid
-
-
-def _store_one(assoc: object, instance: InstanceFile, peer: PeerSettings) -> Delivery:
-    uid = instance.sop_instance_uid
+def _store_one(assoc: object, uid: str, payload: Path | Dataset, peer: PeerSettings) -> Delivery:
     try:
-        status = assoc.send_c_store(instance.path)  # type: ignore[attr-defined]
+        status = assoc.send_c_store(payload)  # type: ignore[attr-defined]
     except (OSError, ValueError, AttributeError, RuntimeError) as exc:
         return Delivery(uid, None, f"aborted: could not send: {exc}")
     if "Status" not in status:

@@ -16,6 +16,7 @@ from gateway.scu.sender import MAX_CONTEXTS, Delivery, context_batches, send_ins
 from gateway.store.store import InstanceFile
 from tests.conftest import HOST, TEST_FILES, dataset_bytes, free_port
 
+EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 NODE = NodeSettings(ae_title="GATEWAY", acse_timeout=5, dimse_timeout=5, network_timeout=5)
 
 
@@ -101,19 +102,153 @@ def test_sends_the_stored_bytes_in_their_own_syntax(recorder: Recorder) -> None:
         assert data == dataset_bytes(sent.path)
 
 
-def test_no_accepted_context_fails_that_instance_only() -> None:
+def decoded(data: bytes, syntax: str) -> pydicom.Dataset:
+    """A received dataset (bytes in *syntax*) decoded, for element-by-element comparison."""
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+    from pydicom.uid import UID
+
+    uid = UID(syntax)
+    return read_dataset(BytesIO(data), uid.is_implicit_VR, uid.is_little_endian)
+
+
+def _same_elements(received: pydicom.Dataset, source: pydicom.Dataset, where: str) -> None:
+    """Every element of *source* is in *received* with its value, sequences item by item.
+    Implicit VR carries no VR: a private element is read back as a guess (PS3.5 7.1.3), so its
+    presence is what can be compared."""
+    changed = {"PixelData", "PhotometricInterpretation", "LossyImageCompression"}
+    changed |= {"PlanarConfiguration"}  # decoders give colour-by-pixel
+    changed |= {"DataSetTrailingPadding"}  # a receiver may drop it (PS3.10 7.2)
+    for elem in source:
+        if elem.keyword in changed or elem.tag.group == 0x0002 or elem.tag.element == 0x0000:
+            continue  # (gggg,0000): Group Length, dropped when re-encoded (PS3.5 7.2)
+        assert elem.tag in received, f"{where}: {elem.keyword or elem.tag} missing"
+        if elem.VR == "SQ":
+            items = received[elem.tag].value
+            assert len(items) == len(elem.value), f"{where}: {elem.keyword}"
+            for n, (got, item) in enumerate(zip(items, elem.value, strict=True)):
+                _same_elements(got, item, f"{where}: {elem.keyword}[{n}]")
+        elif not elem.tag.is_private:
+            assert received[elem.tag].value == elem.value, f"{where}: {elem.keyword}"
+
+
+def assert_same_instance(received: pydicom.Dataset, original: Path) -> None:
+    """The same elements with the same values (Pixel Data compared decoded), whatever the
+    transfer syntax: what a destination that re-encodes must get."""
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # real-world files: odd values are theirs to keep
+        source = pydicom.dcmread(original)
+        received.file_meta = pydicom.dataset.FileMetaDataset()
+        received.file_meta.TransferSyntaxUID = EXPLICIT
+        _same_elements(received, source, original.name)
+        assert received.SOPInstanceUID == source.SOPInstanceUID
+        if "PixelData" not in source:
+            return
+        syntax = source.file_meta.TransferSyntaxUID
+        if not syntax.is_compressed and syntax.is_little_endian:  # the same bytes
+            assert received.PixelData == source.PixelData, original.name
+        else:
+            assert np.array_equal(received.pixel_array, source.pixel_array), original.name
+
+
+def test_peer_taking_only_implicit_gets_every_syntax_re_encoded() -> None:
+    """Explicit LE, Explicit BE, JPEG 2000 and RLE instances to a peer that accepts Implicit VR
+    Little Endian only: each arrives in Implicit VR with the same elements and pixels."""
+    recorder = Recorder(syntaxes=["1.2.840.10008.1.2"])
+    try:
+        instances = [instance(TEST_FILES / name) for name in FILES]
+        deliveries = send_instances(NODE, recorder.peer, instances)
+        assert [d.delivered for d in deliveries] == [True] * len(FILES), deliveries
+        assert [uid for uid, _, _ in recorder.received] == [i.sop_instance_uid for i in instances]
+        for (_, syntax, data), sent in zip(recorder.received, instances, strict=True):
+            assert syntax == "1.2.840.10008.1.2"
+            assert_same_instance(decoded(data, syntax), sent.path)
+    finally:
+        recorder.stop()
+
+
+def test_stored_syntax_is_preferred_to_re_encoding() -> None:
+    """A peer that takes Explicit VR Little Endian and RLE gets the RLE instance as stored and
+    the JPEG 2000 one decompressed to Explicit VR (preferred to Implicit)."""
+    recorder = Recorder(syntaxes=[EXPLICIT, IMPLICIT, "1.2.840.10008.1.2.5"])  # and RLE
+    try:
+        rle, j2k = (instance(TEST_FILES / n) for n in ("SC_rgb_rle.dcm", "JPEG2000.dcm"))
+        assert all(d.delivered for d in send_instances(NODE, recorder.peer, [rle, j2k]))
+        (_, rle_syntax, rle_data), (_, j2k_syntax, j2k_data) = recorder.received
+        assert (rle_syntax, rle_data) == (rle.transfer_syntax, dataset_bytes(rle.path))
+        assert j2k_syntax == "1.2.840.10008.1.2.1"
+        assert_same_instance(decoded(j2k_data, j2k_syntax), j2k.path)
+    finally:
+        recorder.stop()
+
+
+def test_transcode_false_sends_stored_syntaxes_only() -> None:
     recorder = Recorder(syntaxes=["1.2.840.10008.1.2.1"])  # Explicit VR Little Endian only
     try:
+        peer = recorder.peer.model_copy(update={"transcode": False})
         instances = [instance(TEST_FILES / n) for n in ("CT_small.dcm", "JPEG2000.dcm")]
-        ct, jpeg = send_instances(NODE, recorder.peer, instances)
+        ct, jpeg = send_instances(NODE, peer, instances)
         assert ct.delivered
         assert not jpeg.delivered and jpeg.status is None
-        assert (jpeg.error or "").startswith("no_context: peer recorder accepted no presentation")
-        assert "Secondary Capture Image Storage (1.2.840.10008.5.1.4.1.1.7)" in (jpeg.error or "")
-        assert "1.2.840.10008.1.2.4.91" in (jpeg.error or "") or "1.2.840.10008.1.2.4.90" in (
-            jpeg.error or ""
+        assert jpeg.error == (
+            "no_context: peer recorder accepted no presentation context for Secondary Capture"
+            " Image Storage (1.2.840.10008.5.1.4.1.1.7) in JPEG 2000 Image Compression"
+            " (1.2.840.10008.1.2.4.91) (proposed: JPEG 2000 Image Compression"
+            " (1.2.840.10008.1.2.4.91)) (transcode = false: stored syntaxes only)"
         )
         assert len(recorder.received) == 1
+    finally:
+        recorder.stop()
+
+
+def test_no_accepted_context_names_what_was_proposed() -> None:
+    """A peer that takes no syntax the gateway can send (only JPEG baseline here) fails that
+    instance, naming the class and the syntaxes proposed; nothing is compressed. Alone, the
+    association has no context at all (pynetdicom aborts it): the same error."""
+    recorder = Recorder(syntaxes=["1.2.840.10008.1.2.4.50"])
+    try:
+        ct_file, jpeg_file = (TEST_FILES / n for n in ("CT_small.dcm", "SC_rgb_jpeg_dcmtk.dcm"))
+        ct, jpeg = send_instances(NODE, recorder.peer, [instance(ct_file), instance(jpeg_file)])
+        assert jpeg.delivered
+        (alone,) = send_instances(NODE, recorder.peer, [instance(ct_file)])
+        assert alone.error == ct.error
+        assert not ct.delivered and not ct.permanent
+        assert ct.error == (
+            "no_context: peer recorder accepted no presentation context for CT Image Storage"
+            " (1.2.840.10008.5.1.4.1.1.2) in Explicit VR Little Endian (1.2.840.10008.1.2.1)"
+            " (proposed: Explicit VR Little Endian (1.2.840.10008.1.2.1), Implicit VR Little"
+            " Endian (1.2.840.10008.1.2))"
+        )
+        assert [uid for uid, _, _ in recorder.received] == [jpeg.sop_instance_uid]
+    finally:
+        recorder.stop()
+
+
+def test_undecodable_instance_fails_permanently_and_the_rest_go(tmp_path: Path) -> None:
+    """JPEG 2000 pixel data cut short cannot be decompressed for an uncompressed-only peer: that
+    instance fails (kind transcode, permanent), the next one is still sent."""
+    source = pydicom.dcmread(TEST_FILES / "JPEG2000.dcm")
+    frames = source.PixelData
+    source.PixelData = frames[: len(frames) // 3] + b"\x00"
+    broken = tmp_path / "broken.dcm"
+    source.save_as(broken)
+    recorder = Recorder(syntaxes=["1.2.840.10008.1.2"])
+    try:
+        bad, ct = send_instances(
+            NODE, recorder.peer, [instance(broken), instance(TEST_FILES / "CT_small.dcm")]
+        )
+        assert not bad.delivered and bad.permanent
+        assert (bad.error or "").startswith(
+            "transcode: broken.dcm: cannot re-encode JPEG 2000 Image Compression"
+            " (1.2.840.10008.1.2.4.91) as Implicit VR Little Endian (1.2.840.10008.1.2): "
+        )
+        assert ct.delivered
+        assert [uid for uid, _, _ in recorder.received] == [ct.sop_instance_uid]
     finally:
         recorder.stop()
 
@@ -156,13 +291,19 @@ def test_rejected_association_is_reported(recorder: Recorder) -> None:
     )
 
 
-def test_context_batches_hold_at_most_128_pairs() -> None:
+def test_context_batches_hold_at_most_128_contexts() -> None:
+    """Each (SOP class, syntax) pair is a context, and each SOP class one more for the
+    uncompressed fallback unless the peer has transcode = false."""
+    from gateway.scu.syntaxes import context_count
+
     def fake(n: int) -> InstanceFile:
         return InstanceFile(f"1.2.{n}", f"1.2.840.{n % 200}", "1.2.840.10008.1.2.1", Path("x"), 1)
 
     instances = [fake(n) for n in range(500)]
-    batches = list(context_batches(instances))
-    assert [i for b in batches for i in b] == instances
-    for batch in batches:
-        assert len({(i.sop_class_uid, i.transfer_syntax) for i in batch}) <= MAX_CONTEXTS
-    assert len(batches) == 4  # 200 distinct pairs, met in order: 128 + 72 + 128 + 72
+    for transcode, count in ((False, 4), (True, 8)):  # 128 + 72 + 128 + 72; or by 64 classes
+        batches = list(context_batches(instances, transcode=transcode))
+        assert [i for b in batches for i in b] == instances
+        for batch in batches:
+            pairs = {(i.sop_class_uid, i.transfer_syntax) for i in batch}
+            assert context_count(pairs, transcode=transcode) <= MAX_CONTEXTS
+        assert len(batches) == count
