@@ -121,6 +121,15 @@ class Gateway:
                 "jobs_requeued", targets=targets, jobs=requeued, reason="peer settings changed"
             )
             self.dispatcher.wake()
+        retrievals = await self.retriever.queue.retry_blocked(targets)
+        if retrievals:
+            log.info(
+                "retrievals_requeued",
+                peers=targets,
+                requests=retrievals,
+                reason="peer settings changed",
+            )
+            self.retriever.wake()
 
 
 # What `Gateway.reload` applies while running; the other sections are read at start-up.

@@ -327,6 +327,7 @@ class OrthancProcess:
         modalities: dict[str, tuple[str, str, int]] | None = None,
         *,
         verbose: bool = False,
+        check_called_aet: bool = False,
     ) -> None:
         import json
 
@@ -348,7 +349,7 @@ class OrthancProcess:
             "IndexDirectory": str(root / "index"),
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": False,
+            "DicomCheckCalledAet": check_called_aet,
             "DicomModalities": {name: list(m) for name, m in (modalities or {}).items()},
         }
         (root / "orthanc.json").write_text(json.dumps(config))

@@ -16,6 +16,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from gateway.errors import ControlError
+from gateway.retrieve.requests import NOT_RETRIED
 from tests.conftest import (
     HOST,
     TEST_FILES,
@@ -70,10 +71,12 @@ class Site:
         self, gateway_factory: Any, tmp_path: Path, *,
         anonymiser: Recorder | StoreSCP | None = None,
         retrieve: dict[str, Any] | None = None, peers: dict[str, dict[str, Any]] | None = None,
+        check_called_aet: bool = False,
     ) -> None:  # fmt: skip
         self.gw: GatewayProcess = gateway_factory(start=False)
         me = {"gateway": ("GATEWAY", HOST, self.gw.port)}
-        self.vna = OrthancProcess(tmp_path / "vna", "VNA", me, verbose=True)
+        self.vna = OrthancProcess(tmp_path / "vna", "VNA", me, verbose=True,
+                                  check_called_aet=check_called_aet)  # fmt: skip
         self.pacs = OrthancProcess(tmp_path / "pacs", "PACS", me, verbose=True)
         self.anon_orthanc = None if anonymiser else OrthancProcess(tmp_path / "anon", "ANON")
         anon_port = anonymiser.port if anonymiser else self.anon_orthanc.port  # type: ignore[union-attr]
@@ -443,3 +446,35 @@ def test_a_move_without_progress_times_out_and_is_retried(
     finally:
         archive.stop()
         anonymiser.stop()
+
+
+def test_permanent_rejection_fails_at_once_and_a_reload_queues_it_again(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    """The VNA (Orthanc checking the called AE title) does not know the AE title the gateway
+    is configured to call: A-ASSOCIATE-RJ permanent, so the request fails on its first attempt
+    with the reject's reason. Correcting the peer and reloading queues it again; it succeeds."""
+    site = Site(gateway_factory, tmp_path, peers={"vna": {"ae_title": "WRONG"}},
+                check_called_aet=True)  # fmt: skip
+    try:
+        study = make_study(tmp_path / "s", "MRN1", "ACC1", (2,))
+        site.vna.upload(*study.files)
+        site.gw.call("retrieve.submit", {"project": "P1", "study_uid": study.uid})
+        (request,) = site.wait_settled()["requests"]
+        # ended on its first try, no failed attempt counted towards a retry
+        assert (request["status"], request["attempts"]) == ("Failed", 0), request
+        assert request["reason"].startswith("rejected: peer vna (WRONG at "), request
+        assert "Called AE title not recognised" in request["reason"]
+        assert request["reason"].endswith(NOT_RETRIED)
+        site.sections["peers"][0]["ae_title"] = "VNA"
+        site.gw.write_config(**site.sections)
+        assert site.gw.call("rules.reload")["peers_changed"] == ["vna"]
+
+        def succeeded() -> bool:
+            (current,) = site.status()["requests"]
+            return bool(current["status"] == "Successful")
+
+        wait_until(succeeded, timeout=60)
+        assert site.anon_orthanc is not None and site.anon_orthanc.sop_uids() == study.sops
+    finally:
+        site.stop()

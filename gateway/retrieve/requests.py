@@ -98,6 +98,8 @@ _COLUMNS: Final = (
     " studies, attempts, next_attempt_at, moved, timings, created_at, updated_at, finished_at"
 )
 _MAX_ID_LENGTH: Final = 64
+# How the reason of a request a permanent peer error failed ends (`RetrievalQueue.retry_blocked`).
+NOT_RETRIED: Final = " (not retried: it lasts until the configuration changes)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,6 +291,20 @@ class RetrievalQueue:
     async def retry(self, project: str, now: float | None = None) -> int:
         """Queue the project's Failed requests again (attempts reset, at the step they failed in;
         a request that was not found starts over with the primary query). Returns how many."""
+        return await self._requeue_failed("project = ?", (project,), now)
+
+    async def retry_blocked(self, peers: Iterable[str], now: float | None = None) -> int:
+        """Queue again, as `retry` does, the Failed requests that a permanent error of one of
+        *peers* ended (a peer that did not know the gateway's AE title): their reason names the
+        peer and ends with `NOT_RETRIED`. For a reload that changed those peers' settings."""
+        names = list(peers)
+        if not names:
+            return 0
+        named = " OR ".join("instr(reason, 'peer ' || ? || ' (') > 0" for _ in names)
+        where = f"substr(reason, -{len(NOT_RETRIED)}) = ? AND ({named})"
+        return await self._requeue_failed(where, (NOT_RETRIED, *names), now)
+
+    async def _requeue_failed(self, where: str, params: tuple[Any, ...], now: float | None) -> int:
         at = time.time() if now is None else now
         return await self._write(
             lambda conn: (
@@ -296,8 +312,8 @@ class RetrievalQueue:
                     "UPDATE retrievals SET status = 'Queued', attempts = 0, next_attempt_at = ?,"
                     " updated_at = ?, finished_at = NULL,"
                     " step = CASE WHEN step IN ('query', 'query_secondary', 'done') THEN 'query'"
-                    " ELSE step END WHERE project = ? AND status = 'Failed'",
-                    (at, at, project),
+                    f" ELSE step END WHERE status = 'Failed' AND ({where})",
+                    (at, at, *params),
                 ).rowcount
             )
         )

@@ -39,7 +39,13 @@ from pydicom.dataset import Dataset
 from gateway.config import PeerSettings, Settings
 from gateway.errors import GatewayError, PeerError
 from gateway.retrieve.limits import ArchiveLimits, window_opens_at
-from gateway.retrieve.requests import ArchiveInstance, Request, RetrievalQueue, Step
+from gateway.retrieve.requests import (
+    NOT_RETRIED,
+    ArchiveInstance,
+    Request,
+    RetrievalQueue,
+    Step,
+)
 from gateway.scu.query import (
     FindSession,
     Progress,
@@ -222,7 +228,7 @@ class Retriever:
                 return
             except (_Attempt, PeerError) as exc:
                 if isinstance(exc, PeerError) and exc.permanent:  # retrying cannot change it
-                    reason = f"{exc} (not retried: it lasts until the configuration changes)"
+                    reason = f"{exc}{NOT_RETRIED}"
                     await self._end(request, "Failed", reason, timings, step, started)
                     return
                 resume = exc.step if isinstance(exc, _Attempt) and exc.step else step

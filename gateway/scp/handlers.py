@@ -226,6 +226,8 @@ class DicomServices:
         stats = self._stats.pop(id(event.assoc), None)
         if stats is None:
             return
+        # requests the transport answered itself (0x0122, a SOP class off its context)
+        stats.refused += getattr(event.assoc, "refused_requests", 0)
         log.info(
             "association_released" if event.event is evt.EVT_RELEASED else "association_aborted",
             association_id=stats.association_id,

@@ -337,6 +337,7 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
     """pynetdicom's acceptor with a reactor that waits for work instead of sleeping 1 ms."""
 
     _wake_event: threading.Event
+    refused_requests = 0  # C-service requests answered 0x0122 here (`_refused_off_context`)
 
     def run(self) -> None:
         # The association's thread; every association, accepted or requested, ends here, so
@@ -453,6 +454,7 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
                     os.unlink(received)
         rsp.Status = _SOP_CLASS_NOT_SUPPORTED
         self.dimse.send_msg(rsp, context_id)
+        self.refused_requests += 1
         log.warning(
             "dimse_request_refused",
             peer=self.requestor.address,

@@ -471,6 +471,11 @@ def test_an_instance_on_an_inappropriate_context_is_refused_and_the_association_
         if line.startswith("{") and '"dimse_request_refused"' in line
     ]  # fmt: skip
     assert refused["status"] == "0x0122" and "negotiated for" in refused["reason"]
+    (ended,) = [
+        json.loads(line) for line in gateway.log_text().splitlines()
+        if line.startswith("{") and '"association_released"' in line
+    ]  # fmt: skip
+    assert (ended["stored"], ended["refused"]) == (1, 1)
     assert index_rows(gateway, "SELECT count(*) FROM instances") == [(1,)]
     assert list((gateway.data_dir / "tmp").iterdir()) == []
 
