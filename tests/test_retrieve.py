@@ -331,11 +331,12 @@ def test_cohort_of_50_rate_limited_survives_kill_9(gateway_factory: Any, tmp_pat
         gaps = [b - a for a, b in zip(moves_at(site.vna), moves_at(site.vna)[1:], strict=False)]
         # The rate held, at the archive: one move every 0.25 s, and never five within a second.
         # Each arrival follows a new association, whose setup the machine's load delays by up to
-        # ~0.1 s (measured with other work running), so one gap may shrink by that much; the
-        # span of five moves is what an archive's per-minute limit sees.
+        # ~0.15 s (measured with a four-sender benchmark running), so one gap may shrink by that
+        # much, though never to a burst; the span of five moves is what an archive's per-minute
+        # limit sees.
         starts = moves_at(site.vna)
         assert len(starts) >= 50
-        assert min(gaps) >= 60 / rate * 0.5, sorted(gaps)[:3]
+        assert min(gaps) >= 60 / rate * 0.4, sorted(gaps)[:3]
         spans = [b - a for a, b in zip(starts, starts[4:], strict=False)]
         assert min(spans) >= 4 * 60 / rate - 0.05, sorted(spans)[:3]
     finally:
