@@ -406,3 +406,26 @@ def test_config_check_refuses_a_bad_rule_with_one_line(tmp_path: Path) -> None:
     )
     assert ok.returncode == 0, ok.stderr
     assert "  folders: export\n  rules: ct\n" in ok.stdout
+
+
+@pytest.mark.parametrize("argv", [["config", "check"], ["serve"]])
+def test_a_regex_only_backtracking_can_run_is_refused_at_load(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    """RE2 refuses a backreference: `config check` and `serve` exit 2 with one line naming the
+    rule, its key and RE2's reason (rules reload: tests/test_routing.py)."""
+    config = tmp_path / "config.toml"
+    config.write_text(rules_toml(
+        'name = "repeats"\nmatch = \'SeriesDescription matches "(T1)\\1"\'\ntargets = ["pacs"]'
+    ))  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", *argv, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"gateway: {config}: rules.0.match: rule 'repeats': column 27: invalid regular"
+        ' expression "(T1)\\1": invalid escape sequence: \\1\n'
+    )

@@ -377,6 +377,14 @@ def test_rules_reload_refuses_a_bad_file_and_applies_a_good_one(
         gw.call("rules.reload")
     assert caught.value.code == -32011
     assert "rules.0.match: rule 'ct': column 23: expected a condition after" in caught.value.message
+    gw.write_config(folders=folders, rules=[rule('SeriesDescription matches "AX(?=T1)"', "second")])
+    with pytest.raises(ControlError) as caught:
+        gw.call("rules.reload")  # RE2 refuses lookahead, as config check and serve do
+    assert caught.value.code == -32011
+    assert (
+        "rules.0.match: rule 'ct': column 27: invalid regular expression \"AX(?=T1)\": invalid"
+        " perl operator: (?=" in caught.value.message
+    )
     storescu(gw, make_series(tmp_path / "a", 2, generate_uid(), "AX"))
     wait_until(lambda: len(list(first.rglob("*.dcm"))) == 2)  # the running rules still hold
 

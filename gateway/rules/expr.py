@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from gateway.errors import ConfigError
+from gateway.patterns import Pattern, PatternError, compile_regex
 
 __all__ = [
     "CONNECTION_FACTS",
@@ -193,7 +194,7 @@ class Compare:
     op: str
     value: Value
     negated: bool = False
-    pattern: re.Pattern[str] | None = None
+    pattern: Pattern | None = None
 
     def holds(self, facts: Facts) -> bool:
         return any(self._test(text) for text in self.attribute.values(facts)) != self.negated
@@ -633,11 +634,10 @@ class _Parser:
                 raise self.expected("',' or ']'")
             self.advance()
 
-    def pattern(self, token: _Token, op: str) -> re.Pattern[str]:
-        flags = re.IGNORECASE if op == "imatches" else 0
+    def pattern(self, token: _Token, op: str) -> Pattern:
         try:
-            return re.compile(token.value, flags)
-        except re.error as exc:
+            return compile_regex(token.value, ignore_case=op == "imatches")
+        except PatternError as exc:
             raise self.error(token, f"invalid regular expression {token.text}: {exc}") from None
 
 

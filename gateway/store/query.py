@@ -27,7 +27,6 @@ function runs on those only. ModalitiesInStudy and the NumberOf*Related* keys ar
 
 from __future__ import annotations
 
-import re
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from gateway.errors import RejectedInstance
+from gateway.patterns import Pattern, compile_wildcard
 from gateway.store.names import key_range, pn_groups
 from gateway.store.store import Store
 
@@ -463,16 +463,12 @@ def _glob(value: str) -> str:
 
 
 @lru_cache(maxsize=256)
-def _pn_query(query: str) -> tuple[re.Pattern[str] | None, ...]:
-    """One pattern per query component group; None where the group is empty (any value)."""
-    patterns: list[re.Pattern[str] | None] = []
-    for group in pn_groups(query):
-        if not group.strip("*"):
-            patterns.append(None)
-            continue
-        regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in group)
-        patterns.append(re.compile(regex, re.DOTALL))
-    return tuple(patterns)
+def _pn_query(query: str) -> tuple[Pattern | None, ...]:
+    """One pattern per query component group (RE2: linear in the name whatever the wildcards);
+    None where the group is empty (any value)."""
+    return tuple(
+        compile_wildcard(group) if group.strip("*") else None for group in pn_groups(query)
+    )
 
 
 def _pn_match(stored: object, query: object) -> int:
