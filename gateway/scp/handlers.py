@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,11 @@ from gateway.config import Settings
 from gateway.errors import GatewayError, PeerError, RejectedInstance, StoreError
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.receiving import ReceivingFile
-from gateway.scp.transport import set_nodelay
+from gateway.scp.transport import cancel_check, set_nodelay
 from gateway.scp.worklist import AcquisitionServices
 from gateway.scu.syntaxes import outgoing, storage_contexts
 from gateway.store.index import Provenance
-from gateway.store.query import QueryError, QueryModel, find_capped, retrieve_filter
+from gateway.store.query import QueryError, QueryModel, retrieve_filter, stream_capped
 from gateway.store.store import InstanceFile, Store
 
 __all__ = ["AssociationStats", "DicomServices"]
@@ -306,8 +306,10 @@ class DicomServices:
 
         Patient Root and Study Root answers are capped at `[node] max_find_results` (0: no cap;
         a query naming a unique key value is bounded by it and not capped, see
-        `query.find_capped`). When the cap cuts the answers, the first that many are sent and
-        the final status is 0xFE00 (Matching terminated due to Cancel request), with a
+        `query.stream_capped`). Answers are read from the index as they are sent, on a query
+        connection of the association's own (`Store.stream`), and a C-CANCEL interrupts the
+        statement as well as the answers. When the cap cuts the answers, the first that many
+        are sent and the final status is 0xFE00 (Matching terminated due to Cancel request), with a
         `find_results_capped` warning. PS3.4 C.4.1.1.4 has no warning status for C-FIND: a
         final Success (0x0000) would tell the requester it has every match, which it does not;
         a refusal with no answers (dcm4chee-arc refuses a query that matches more than
@@ -326,8 +328,17 @@ class DicomServices:
             return
         model = _model(event)
         cap = self._settings.node.max_find_results
+
+        cancelled = cancel_check(event)
+        sent = 0
         try:
-            found = self._bridge.call(find_capped, self._store, model, event.identifier, cap)
+            found = stream_capped(self._store, model, event.identifier, cap, cancelled=cancelled)
+            for match in found:
+                if cancelled():
+                    break
+                match.RetrieveAETitle = self._settings.node.ae_title
+                sent += 1
+                yield 0xFF00, match
         except QueryError as exc:
             log.warning("query_refused", association_id=stats.association_id, reason=str(exc))
             yield exc.status, None
@@ -336,17 +347,15 @@ class DicomServices:
             log.error("query_failed", association_id=stats.association_id, reason=str(exc))
             yield 0xA700, None
             return
-        for match in found.matches:
-            if event.is_cancelled:
-                yield 0xFE00, None
-                return
-            match.RetrieveAETitle = self._settings.node.ae_title
-            yield 0xFF00, match
+        if cancelled():
+            log.info("find_cancelled", association_id=stats.association_id, sent=sent)
+            yield 0xFE00, None
+            return
         if found.truncated:
             log.warning(
                 "find_results_capped",
                 association_id=stats.association_id,
-                sent=len(found.matches),
+                sent=sent,
                 reason=f"more than {cap} matches (node.max_find_results): the first {cap} were"
                 " sent, then 0xFE00",
             )
@@ -385,9 +394,12 @@ class DicomServices:
             yield peer.host, peer.port, self._move_kwargs([])
             raise
         tally = _SubOperations()
+        cancelled = cancel_check(event)
         yield peer.host, peer.port, self._move_kwargs(instances, tally, peer.transcode)
-        yield from self._send(event, stats, instances, "move", peer.transcode, peer.name)
-        if instances and not event.is_cancelled and tally.completed == 0:
+        yield from self._send(
+            cancelled, stats, instances, "move", transcode=peer.transcode, peer=peer.name
+        )
+        if instances and not cancelled() and tally.completed == 0:
             # pynetdicom ends a C-MOVE whose sub-operations all failed with 0xB000 (warning);
             # none completed is a failure (PS3.4 C.4.2.1.4.1): 0xA702, with every failed UID.
             log.warning(
@@ -416,20 +428,23 @@ class DicomServices:
         requestor = str(event.assoc.requestor.ae_title).strip()
         peer = self._settings.peer_by_ae_title(requestor)  # transcode = false where configured
         transcode = peer.transcode if peer is not None else True
-        yield from self._send(event, stats, instances, "get", transcode, requestor)
+        yield from self._send(
+            cancel_check(event), stats, instances, "get", transcode=transcode, peer=requestor
+        )
 
     def _send(
         self,
-        event: evt.Event,
+        cancelled: Callable[[], bool],
         stats: AssociationStats,
         instances: list[InstanceFile],
         kind: str,
+        *,
         transcode: bool,
         peer: str,
     ) -> Iterator[Any]:
         yield len(instances)
         for instance in instances:
-            if event.is_cancelled:
+            if cancelled():
                 log.info(f"{kind}_cancelled", association_id=stats.association_id)
                 yield 0xFE00, None
                 return

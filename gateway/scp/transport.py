@@ -560,3 +560,17 @@ class GatewayServer(ThreadedAssociationServer):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = _RequestHandler
         super().__init__(*args, **kwargs)
+
+
+def cancel_check(event: evt.Event) -> Callable[[], bool]:
+    """Whether the request of *event* (a C-FIND, C-MOVE or C-GET) was cancelled, as a check
+    that stays true: pynetdicom's `event.is_cancelled` forgets a C-CANCEL once it has said
+    so, and a handler asks more than once (between answers, and while SQLite runs)."""
+    seen = False
+
+    def cancelled() -> bool:
+        nonlocal seen
+        seen = seen or bool(event.is_cancelled)
+        return seen
+
+    return cancelled

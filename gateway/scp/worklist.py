@@ -35,6 +35,7 @@ from pynetdicom import evt
 from gateway.acquire.registry import AcquisitionError, Registry
 from gateway.errors import GatewayError
 from gateway.scp.bridge import LoopBridge
+from gateway.scp.transport import cancel_check
 from gateway.store.query import QueryError, match_term
 
 __all__ = ["AcquisitionServices"]
@@ -161,8 +162,9 @@ class AcquisitionServices:
             yield 0xA700, None
             return
         log.info("worklist_queried", items=len(tasks), calling_ae=event.assoc.requestor.ae_title)
+        cancelled = cancel_check(event)
         for task in tasks:
-            if event.is_cancelled:
+            if cancelled():
                 yield 0xFE00, None
                 return
             yield 0xFF00, _item(task, identifier)

@@ -27,8 +27,9 @@ function runs on those only. ModalitiesInStudy and the NumberOf*Related* keys ar
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -45,14 +46,14 @@ from gateway.store.names import key_range, pn_groups
 from gateway.store.store import Store
 
 __all__ = [
-    "CappedFind",
+    "FindStream",
     "QueryError",
     "QueryModel",
     "find",
-    "find_capped",
     "match_term",
     "prepare_connection",
     "retrieve_filter",
+    "stream_capped",
 ]
 
 QueryModel = Literal["patient", "study"]
@@ -191,26 +192,41 @@ async def find(
     return await store.read(lambda conn: _run(conn, query))
 
 
-@dataclass(frozen=True, slots=True)
-class CappedFind:
-    """What `find_capped` answers: the matches sent, and whether more matched than those."""
+class FindStream:
+    """A C-FIND's answers read from the index as they are sent (`stream_capped`): iterate it in
+    the answering thread; `truncated` is set once the iteration found more than the cap."""
 
-    matches: list[Dataset]
-    truncated: bool
+    def __init__(
+        self, store: Store, query: _Query, cap: int | None, cancelled: Callable[[], bool]
+    ) -> None:
+        self._store, self._query, self._cap, self._cancelled = store, query, cap, cancelled
+        self.truncated = False
+
+    def __iter__(self) -> Iterator[Dataset]:
+        rows = self._store.stream(lambda conn: _rows(conn, self._query), cancelled=self._cancelled)
+        with contextlib.closing(rows):
+            for count, match in enumerate(rows, start=1):
+                if self._cap is not None and count > self._cap:
+                    self.truncated = True
+                    return
+                yield match
 
 
-async def find_capped(store: Store, model: QueryModel, identifier: Dataset, cap: int) -> CappedFind:
-    """C-FIND with at most *cap* answers (0: no cap); the first *cap* in index order.
-
-    SQL reads at most cap + 1 rows (the one more says there were more). A query that names a
-    unique key of its level or a level above (without wildcards) is not capped: it is bounded
-    by what it names (a series listed at IMAGE level is answered whole however long it is).
-    Raises like `find`.
-    """
-    if cap <= 0 or _names_a_unique_key(model, identifier):
-        return CappedFind(await find(store, model, identifier), False)
-    matches = await find(store, model, identifier, limit=cap + 1)
-    return CappedFind(matches[:cap], len(matches) > cap)
+def stream_capped(
+    store: Store,
+    model: QueryModel,
+    identifier: Dataset,
+    cap: int,
+    *,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> FindStream:
+    """`find_capped` for an association's thread: the identifier is compiled now (raising
+    `QueryError` as `find` does), and the answers are read from a query connection of the
+    store (`Store.stream`) as the caller iterates, so a long answer is never held whole and a
+    C-CANCEL (*cancelled*) stops the statement. The iteration raises `StoreError`."""
+    capped = cap > 0 and not _names_a_unique_key(model, identifier)
+    query = _compile(model, identifier, cap + 1 if capped else None)
+    return FindStream(store, query, cap if capped else None, cancelled)
 
 
 def retrieve_filter(model: QueryModel, identifier: Dataset) -> tuple[str, list[object]]:
@@ -497,10 +513,20 @@ def _pn_match(stored: object, query: object) -> int:
 
 
 def _run(conn: sqlite3.Connection, query: _Query) -> list[Dataset]:
-    """Execute *query* on a read connection; build one response identifier per row."""
+    """Execute *query* on a read connection; one response identifier per row."""
+    return list(_rows(conn, query))
+
+
+def _rows(conn: sqlite3.Connection, query: _Query) -> Iterator[Dataset]:
+    """Execute *query*; build each response identifier as its row is read, 64 rows at a time."""
     prepare_connection(conn)
-    rows = conn.execute(query.sql, query.params).fetchall()
-    return [_response(query, row) for row in rows]
+    cursor = conn.execute(query.sql, query.params)
+    try:
+        while batch := cursor.fetchmany(64):
+            for row in batch:
+                yield _response(query, row)
+    finally:
+        cursor.close()
 
 
 def _response(query: _Query, row: Sequence[object]) -> Dataset:

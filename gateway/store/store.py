@@ -16,7 +16,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +45,10 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 _RUNNING_KEY = "running_since"
-_READERS = 4  # read connections: a scanning query leaves three for everything else
+_READERS = 4  # read connections for the control plane, dispatch, retrieval, C-MOVE / C-GET
+_QUERY_STREAMS = 3  # read connections C-FIND answers stream from (`Store.stream`)
+_PROGRESS_STEPS = 1000  # SQLite VM steps between checks for a cancelled stream
+_READ_WAIT = 30.0  # seconds a read waits for a free connection before it fails
 _RECONCILE_MARGIN = 3600.0  # seconds before an unmarked unclean run's start scanned too
 # Seconds before the durable mark that are scanned too. Within a run the store's clock never goes
 # back (`InFlight.clock`), so every file moved in after the mark is timed at or after it; the
@@ -95,7 +98,8 @@ class Store:
         self.db_path = data_dir / "index.sqlite"
         self._inflight = InFlight(clock)
         self._writer = IndexWriter(self.db_path, self.files, duplicate_policy, self._inflight)
-        self._readers = _ReadPool(self.db_path, _READERS)
+        self._readers = _ReadPool(self.db_path, _READERS, "read")
+        self._streams = _ReadPool(self.db_path, _QUERY_STREAMS, "query")
         self.reconcile_report = ReconcileReport()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -107,6 +111,7 @@ class Store:
             await anyio.to_thread.run_sync(self.files.create_dirs)
             await anyio.to_thread.run_sync(self._writer.start)
             await anyio.to_thread.run_sync(self._readers.open)
+            await anyio.to_thread.run_sync(self._streams.open)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the store in {self.files.root}: {exc}") from exc
         self.reconcile_report = await anyio.to_thread.run_sync(self._reconcile, new_index)
@@ -130,6 +135,7 @@ class Store:
             log.warning("store_close_mark_failed", error=str(exc))
         await anyio.to_thread.run_sync(self._writer.stop)
         self._readers.close()
+        self._streams.close()
         log.info("store_closed")
 
     def set_ingest_listener(self, listener: Callable[[list[IngestResult]], None]) -> None:
@@ -279,6 +285,33 @@ class Store:
         if not self._readers.is_open:
             raise StoreError("the store is not open")
         return await anyio.to_thread.run_sync(self._readers.run, fn, limiter=self._readers.limiter)
+
+    def stream(
+        self,
+        fn: Callable[[sqlite3.Connection], Iterator[T]],
+        *,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> Generator[T, None, None]:
+        """Iterate *fn*'s rows in the calling thread (an association's), on a connection of
+        its own: a query connection, one of `_QUERY_STREAMS` kept apart from `read`'s, so long
+        answers or slow requesters hold up no one else. Blocking; for threads, not the loop.
+
+        The connection is held until the iteration ends or the generator is closed. When
+        *cancelled()* turns true (a C-CANCEL), SQLite interrupts the statement running and the
+        iteration ends. Raises `StoreError` when the store is not open, no query connection
+        is free within `_READ_WAIT` s, or SQLite fails.
+        """
+        with self._streams.checkout() as conn:
+            conn.set_progress_handler(lambda: 1 if cancelled() else 0, _PROGRESS_STEPS)
+            try:
+                yield from fn(conn)
+            except sqlite3.OperationalError as exc:
+                if not cancelled():
+                    raise StoreError(f"the index could not be read: {exc}") from exc
+            except sqlite3.Error as exc:
+                raise StoreError(f"the index could not be read: {exc}") from exc
+            finally:
+                conn.set_progress_handler(None, 0)
 
     async def counts(self) -> dict[str, int]:
         """Patients, studies, series, instances and bytes (of datasets) held, and how many
@@ -444,12 +477,18 @@ class Store:
 
 
 class _ReadPool:
-    """Read-only connections, each used by one thread at a time; `limiter` admits that many."""
+    """Read-only connections, each used by one thread at a time.
 
-    def __init__(self, db_path: Path, size: int) -> None:
+    `checkout` lends one to the calling thread (waiting up to *wait* seconds for one to be
+    free); `limiter` bounds the loop's worker threads that wait for one through `run`.
+    """
+
+    def __init__(self, db_path: Path, size: int, name: str) -> None:
         self._db_path = db_path
         self._size = size
+        self._name = name
         self._idle: list[sqlite3.Connection] = []
+        self._free = threading.Semaphore(0)
         self._lock = threading.Lock()
         self.is_open = False
         self.limiter = anyio.CapacityLimiter(size)
@@ -459,23 +498,38 @@ class _ReadPool:
         conns = [connect(self._db_path, readonly=True) for _ in range(self._size)]
         with self._lock:
             self._idle, self.is_open = conns, True
+        for _ in conns:
+            self._free.release()
 
-    def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run *fn* on an idle connection (the limiter guarantees one); return its result."""
+    @contextlib.contextmanager
+    def checkout(self, wait: float = _READ_WAIT) -> Iterator[sqlite3.Connection]:
+        """A connection of the pool for this thread until the block ends.
+
+        Raises `StoreError` when the store is not open or none is free within *wait* s."""
+        if not self._free.acquire(timeout=wait):
+            raise StoreError(f"no {self._name} connection free within {wait:g} s")
         with self._lock:
             if not self.is_open:
+                self._free.release()
                 raise StoreError("the store is not open")
             conn = self._idle.pop()
         try:
-            return fn(conn)
-        except sqlite3.Error as exc:
-            raise StoreError(f"the index could not be read: {exc}") from exc
+            yield conn
         finally:
             with self._lock:
                 if self.is_open:
                     self._idle.append(conn)
                 else:
                     conn.close()  # closed while this read ran
+            self._free.release()
+
+    def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run *fn* on a connection of the pool; return its result."""
+        with self.checkout() as conn:
+            try:
+                return fn(conn)
+            except sqlite3.Error as exc:
+                raise StoreError(f"the index could not be read: {exc}") from exc
 
     def close(self) -> None:
         """Close the idle connections now and the busy ones when their read ends."""

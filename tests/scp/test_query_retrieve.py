@@ -801,3 +801,21 @@ def test_pathological_wildcard_answers_at_once(gateway_factory: Any, tmp_path: P
     assert sorted(str(ds.PatientID) for ds in answers) == [
         f"WILD{n:04}" for n in range(2000) if n % 26 == 25
     ]
+    # A C-CANCEL after the first answer of a query matching all 2,000: the gateway stops
+    # reading the index and answers 0xFE00; far fewer than 2,000 answers came.
+    query = _identifier(QueryRetrieveLevel="PATIENT", PatientID="WILD*", PatientName="")
+    assoc = _associate(gw, [build_context(PatientRootQueryRetrieveInformationModelFind)])
+    statuses: list[int] = []
+    try:
+        (context_id,) = (cx.context_id for cx in assoc.accepted_contexts)
+        for status, _ in assoc.send_c_find(
+            query, PatientRootQueryRetrieveInformationModelFind, msg_id=9
+        ):
+            statuses.append(int(status.Status))
+            if len(statuses) == 1:
+                assoc.send_c_cancel(9, context_id)
+    finally:
+        assoc.release()
+    assert statuses[-1] == CANCEL and statuses[:-1] == [PENDING] * (len(statuses) - 1)
+    assert len(statuses) < 1000, len(statuses)
+    assert '"find_cancelled"' in gw.log_text()

@@ -9,6 +9,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pydicom
 import pytest
 import pytest_asyncio
@@ -26,9 +27,9 @@ from gateway.store.query import (
     _compile,
     _pn_match,
     find,
-    find_capped,
     prepare_connection,
     retrieve_filter,
+    stream_capped,
 )
 from gateway.store.store import Store
 
@@ -546,20 +547,59 @@ async def test_limit_keeps_the_first_matches_in_order(store: Store) -> None:
     assert values(results, "PatientID") == ["SYN1", "SYN2"]
 
 
+async def streamed(
+    store: Store, model: str, ds: Dataset, cap: int, cancelled: Any = lambda: False
+) -> tuple[list[Dataset], bool]:
+    """`stream_capped` iterated in a worker thread, as an association's thread does."""
+    found = stream_capped(store, model, ds, cap, cancelled=cancelled)  # type: ignore[arg-type]
+    matches = await anyio.to_thread.run_sync(lambda: list(found))
+    return matches, found.truncated
+
+
 @pytest.mark.asyncio
-async def test_find_capped_cuts_broad_queries_only(store: Store) -> None:
-    broad = await find_capped(store, "patient", identifier("PATIENT", PatientID="SYN*"), 2)
-    assert (values(broad.matches, "PatientID"), broad.truncated) == (["SYN1", "SYN2"], True)
-    exact = await find_capped(store, "patient", identifier("PATIENT", PatientID="SYN*"), 3)
-    assert (len(exact.matches), exact.truncated) == (3, False)  # as many as the cap: whole
-    unlimited = await find_capped(store, "study", identifier("STUDY", StudyID=""), 0)
-    assert (len(unlimited.matches), unlimited.truncated) == (ALL_STUDIES, False)
+async def test_stream_capped_cuts_broad_queries_only(store: Store) -> None:
+    broad = await streamed(store, "patient", identifier("PATIENT", PatientID="SYN*"), 2)
+    assert (values(broad[0], "PatientID"), broad[1]) == (["SYN1", "SYN2"], True)
+    exact = await streamed(store, "patient", identifier("PATIENT", PatientID="SYN*"), 3)
+    assert (len(exact[0]), exact[1]) == (3, False)  # as many as the cap: whole
+    unlimited = await streamed(store, "study", identifier("STUDY", StudyID=""), 0)
+    assert (len(unlimited[0]), unlimited[1]) == (ALL_STUDIES, False)
     # A unique key named: bounded by what it names, not capped.
-    one_patient = await find_capped(store, "patient", identifier("STUDY", PatientID="SYN1"), 1)
-    assert (len(one_patient.matches), one_patient.truncated) == (2, False)
+    one_patient = await streamed(store, "patient", identifier("STUDY", PatientID="SYN1"), 1)
+    assert (len(one_patient[0]), one_patient[1]) == (2, False)
     one_study = identifier("IMAGE", StudyInstanceUID=study_uid(1), SOPInstanceUID="")
-    listed = await find_capped(store, "study", one_study, 1)
-    assert (len(listed.matches), listed.truncated) == (4, False)
+    listed = await streamed(store, "study", one_study, 1)
+    assert (len(listed[0]), listed[1]) == (4, False)
+    # Compiled at once: a bad identifier raises before any row is read.
+    with pytest.raises(QueryError):
+        stream_capped(store, "study", identifier("PATIENT", PatientID="x"), 0)
+
+
+@pytest.mark.asyncio
+async def test_stream_is_interrupted_by_cancel_and_gives_its_connection_back(
+    store: Store,
+) -> None:
+    """A C-CANCEL (the *cancelled* callable turning true) interrupts the statement SQLite is
+    running: a cross join that would read for minutes ends at once, the connection goes back
+    to the pool, and every query connection serves again."""
+    import time
+
+    started = time.monotonic()
+    deadline = started + 0.3
+
+    def slow(conn: Any) -> Any:
+        yield from conn.execute(
+            "SELECT count(*) FROM instances a, instances b, instances c, instances d, instances e,"
+            " instances f, instances g, instances h"
+        )
+
+    rows = await anyio.to_thread.run_sync(
+        lambda: list(store.stream(slow, cancelled=lambda: time.monotonic() > deadline))
+    )
+    assert rows == [] and time.monotonic() - started < 5
+    for _ in range(6):  # more than the pool holds: each came back
+        matches, _ = await streamed(store, "study", identifier("STUDY", StudyID=""), 0)
+        assert len(matches) == ALL_STUDIES
 
 
 # -- character sets ---------------------------------------------------------------------------
