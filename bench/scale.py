@@ -419,6 +419,8 @@ class Node:
             f'[node]\nae_title = "{AET}"\nhost = "{HOST}"\nport = {self.port}\n'
             f'data_dir = "{self.data}"\nmax_associations = 64\n'
             f'[control]\nsocket = "{self.socket_path}"\n[log]\nlevel = "warning"\nformat = "json"\n'
+            # the probe's C-FIND association is an unknown caller: let it query
+            '[security]\ndefault_services = ["echo", "store", "find"]\n'
         )
         argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
         self.started_at = time.perf_counter()

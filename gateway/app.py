@@ -93,6 +93,7 @@ class Gateway:
         self.dispatcher.settings = self.settings
         self.retriever.settings = self.settings
         self.node.services.use_peers(self.settings)
+        self.node.access.use(self.settings)
         if changed:
             # A job failed for good against a peer (it did not know our AE title, or was not
             # configured) may go now that the peer's settings changed.

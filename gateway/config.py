@@ -113,10 +113,22 @@ class CallerSettings(_Section):
     host: str | None = None
 
 
+# The DICOM services a caller may use (`[[peers]] services`, `[security] default_services`):
+# C-ECHO, C-STORE, C-FIND (Q/R), C-MOVE, C-GET, Modality Worklist C-FIND, MPPS N-CREATE/N-SET.
+Service = Literal["echo", "store", "find", "move", "get", "worklist", "mpps"]
+SERVICES: tuple[Service, ...] = ("echo", "store", "find", "move", "get", "worklist", "mpps")
+# What a caller that is neither a peer nor a device's station may use, by default.
+_UNKNOWN_CALLERS: tuple[Service, ...] = ("echo", "store")
+# What the station AE title of a registered device may use.
+DEVICE_SERVICES: tuple[Service, ...] = ("echo", "store", "worklist", "mpps")
+
+
 class SecuritySettings(_Section):
-    """Who may associate. An empty allowlist admits every calling AE."""
+    """Who may associate (an empty allowlist admits every calling AE), and what a caller that
+    is neither a peer nor a registered device's station may use."""
 
     allowed_callers: list[CallerSettings] = Field(default_factory=list)
+    default_services: list[Service] = Field(default_factory=lambda: list(_UNKNOWN_CALLERS))
 
 
 class PeerSettings(_Section):
@@ -131,6 +143,8 @@ class PeerSettings(_Section):
     queries_per_minute: Annotated[float, Field(ge=0)] = 0.0
     moves_per_minute: Annotated[float, Field(ge=0)] = 0.0
     max_concurrent_moves: Annotated[int, Field(ge=1, le=64)] = 2
+    # As a caller: the services it may use (None: all of them).
+    services: list[Service] | None = None
     # As a destination: False sends stored transfer syntaxes only (no re-encoding, no
     # decompression); an instance the peer takes in none of them fails with `no_context`.
     transcode: bool = True

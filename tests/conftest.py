@@ -20,6 +20,7 @@ from typing import Any
 import pydicom
 import pytest
 
+from gateway.config import SERVICES
 from gateway.control.client import ControlClient
 
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
@@ -119,9 +120,14 @@ class GatewayProcess:
         self.data_dir = Path(str(node["data_dir"]))
         control = {"socket": str(root / "control.sock")}
         control.update(sections.pop("control", {}))
+        # DCMTK's and pynetdicom's default AE titles are unknown callers: the suite's gateways
+        # let them use every service unless a test says otherwise (tests/scp/test_access.py).
+        security = {"default_services": list(SERVICES)}
+        security.update(sections.pop("security", {}))
         self._base = {
             "node": node,
             "control": control,
+            "security": security,
             "log": {"level": "info", "format": "json"},
         }
         self.config = self.write_config(**sections)

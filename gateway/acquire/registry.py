@@ -205,6 +205,17 @@ class Registry:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        # The station AE titles of the registered devices (gateway.scp.access reads it from
+        # association threads; replaced whole, never changed in place).
+        self.station_aes: frozenset[str] = frozenset()
+
+    async def _load_stations(self) -> None:
+        rows = await self.store.read(
+            lambda conn: conn.execute(
+                "SELECT DISTINCT station_ae FROM devices WHERE station_ae != ''"
+            ).fetchall()
+        )
+        self.station_aes = frozenset(str(title) for (title,) in rows)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with anyio.CancelScope(shield=True):
@@ -224,6 +235,7 @@ class Registry:
             conn.execute("UPDATE devices SET state = 'OFFLINE'")  # no connection survives a start
 
         await self._write(create)
+        await self._load_stations()
 
     # -- devices ------------------------------------------------------------------------------
 
@@ -244,6 +256,7 @@ class Registry:
                 (device_id, *values.values(), salt, digest, now, now),
             )
         )
+        await self._load_stations()
         return {"id": device_id, **values, "has_token": True, "state": "OFFLINE",
                 "last_seen": None, "token": token}  # fmt: skip
 
@@ -265,6 +278,7 @@ class Registry:
             )
             if not count:
                 raise AcquisitionError("not_found", f"no device {device_id[:40]!r}")
+            await self._load_stations()
         return await self.device(device_id)
 
     async def rotate_token(self, device_id: str) -> str:

@@ -49,6 +49,7 @@ from pynetdicom.sop_class import (
 
 from gateway.acquire.registry import Registry
 from gateway.config import Settings
+from gateway.scp.access import ServiceAccess
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.handlers import DicomServices
 from gateway.scp.receiving import install_receive_path
@@ -85,6 +86,9 @@ class DicomNode:
         self._store = store
         acquisition = AcquisitionServices(registry, bridge) if registry is not None else None
         self.services = DicomServices(settings, store, bridge, acquisition)
+        # What each caller may use (gateway.scp.access), screened per request by the transport.
+        stations = (lambda: registry.station_aes) if registry is not None else frozenset
+        self.access = ServiceAccess(settings, stations)
         self._ae = self._make_ae()
         self._server: GatewayServer | None = None
         self._thread: threading.Thread | None = None
@@ -155,6 +159,7 @@ class DicomNode:
             max_associations=node.max_associations,
         )
         server.on_reject = self.services.on_rejected
+        server.access = self.access
         self._ae._servers.append(server)
         self._server = server
         self._thread = threading.Thread(

@@ -44,7 +44,7 @@ from pynetdicom import AE, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, N_CREATE, N_SET
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import (
     AssociationSocket,
@@ -53,6 +53,7 @@ from pynetdicom.transport import (
 )
 
 from gateway.config import CallerSettings
+from gateway.scp.access import Grant, ServiceAccess, service_of
 
 __all__ = [
     "MIN_PDU_LIMIT",
@@ -337,7 +338,9 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
     """pynetdicom's acceptor with a reactor that waits for work instead of sleeping 1 ms."""
 
     _wake_event: threading.Event
-    refused_requests = 0  # C-service requests answered 0x0122 here (`_refused_off_context`)
+    refused_requests = 0  # requests answered here with a refusal (`_refuse`)
+    access: ServiceAccess | None = None  # inbound: what the caller may use; None: no screen
+    _grant: Grant | None = None
 
     def run(self) -> None:
         # The association's thread; every association, accepted or requested, ends here, so
@@ -391,7 +394,10 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
                 self._wake_event.set()  # more may be queued: look again without waiting
-                if not self._refused_off_context(msg, context_id):
+                if not (
+                    self._refused_off_context(msg, context_id)
+                    or self._refused_unauthorised(msg, context_id)
+                ):
                     self._serve_request(msg, context_id)
                 # The network timeout is for a silent peer: time spent answering (a slow disk,
                 # a C-MOVE of a large study) is not silence. pynetdicom restarts the timer only
@@ -443,18 +449,7 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
         sop_class = msg.AffectedSOPClassUID
         if context is None or sop_class is None or sop_class == context.abstract_syntax:
             return False
-        rsp = type(msg)()
-        rsp.MessageIDBeingRespondedTo = msg.MessageID
-        rsp.AffectedSOPClassUID = sop_class
-        if isinstance(msg, C_STORE):
-            rsp.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
-            received = getattr(getattr(msg, "_dataset_file", None), "name", None)
-            if received:  # the streamed dataset: nothing of it is kept
-                with contextlib.suppress(OSError):
-                    os.unlink(received)
-        rsp.Status = _SOP_CLASS_NOT_SUPPORTED
-        self.dimse.send_msg(rsp, context_id)
-        self.refused_requests += 1
+        self._refuse(msg, context_id, _SOP_CLASS_NOT_SUPPORTED)
         log.warning(
             "dimse_request_refused",
             peer=self.requestor.address,
@@ -465,9 +460,55 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
         )
         return True
 
+    def _refused_unauthorised(self, msg: Any, context_id: int | None) -> bool:
+        """Answer a request for a service the caller may not use (`gateway.scp.access`) with
+        0x0124 (Refused: Not Authorized, PS3.7 C.5) and go on; True if answered."""
+        if self.access is None or not isinstance(msg, _REQUESTS) or not msg.is_valid_request:
+            return False
+        if self._grant is None:
+            self._grant = self.access.grant(str(self.requestor.ae_title))
+        sop_class = str(_sop_class_of(msg) or "")
+        service = service_of(msg.msg_type.replace("-", "_"), sop_class)
+        if service is None or service in self._grant.services:
+            return False
+        self._refuse(msg, context_id, _NOT_AUTHORIZED)
+        log.warning(
+            "service_refused",
+            calling_ae=str(self.requestor.ae_title).strip(),
+            peer=self.requestor.address,
+            service=service,
+            status=f"0x{_NOT_AUTHORIZED:04X}",
+            reason=f"{self._grant.caller} may use {', '.join(sorted(self._grant.services))}",
+        )
+        return True
+
+    def _refuse(self, msg: Any, context_id: int | None, status: int) -> None:
+        """Send *msg*'s response with a refusal *status*; nothing of its dataset is kept."""
+        rsp = type(msg)()
+        rsp.MessageIDBeingRespondedTo = msg.MessageID
+        rsp.AffectedSOPClassUID = _sop_class_of(msg)
+        if isinstance(msg, C_STORE | N_CREATE):
+            rsp.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
+        elif isinstance(msg, N_SET):
+            rsp.AffectedSOPInstanceUID = msg.RequestedSOPInstanceUID
+        received = getattr(getattr(msg, "_dataset_file", None), "name", None)
+        if received:  # a streamed C-STORE dataset
+            with contextlib.suppress(OSError):
+                os.unlink(received)
+        rsp.Status = status
+        self.dimse.send_msg(rsp, context_id)
+        self.refused_requests += 1
+
 
 _SOP_CLASS_NOT_SUPPORTED = 0x0122
+_NOT_AUTHORIZED = 0x0124
 _C_SERVICES = (C_STORE, C_FIND, C_GET, C_MOVE, C_ECHO)
+_REQUESTS = (*_C_SERVICES, N_CREATE, N_SET)
+
+
+def _sop_class_of(msg: Any) -> Any:
+    """The SOP class a request names (an N-SET names it as Requested, the others Affected)."""
+    return msg.RequestedSOPClassUID if isinstance(msg, N_SET) else msg.AffectedSOPClassUID
 
 
 class _PolicyACSE(ACSE):  # type: ignore[misc]
@@ -543,6 +584,7 @@ class _RequestHandler(RequestHandler):  # type: ignore[misc]
         acse.policy = self.server.policy
         acse.on_reject = self.server.on_reject
         assoc.acse = acse
+        assoc.access = self.server.access
         return assoc
 
 
@@ -551,6 +593,7 @@ class GatewayServer(ThreadedAssociationServer):  # type: ignore[misc]
 
     policy: AssociationPolicy
     on_reject: Callable[[Association, str], None]
+    access: ServiceAccess | None = None
     daemon_threads = True
     # socketserver's default backlog is 5: a burst of connections (modalities reconnecting after
     # an outage, health checks) while the listener thread waited for the GIL overflowed it, and
