@@ -6,6 +6,7 @@ down by constructor; nothing reads them from a module global.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -251,7 +252,24 @@ class ControlSettings(_Section):
     def _tls_pair(self) -> ControlSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise setting_error("tls_cert and tls_key go together", "tls_key")
+        if self.tcp_port is not None and self.tls_cert is None and not _loopback(self.tcp_host):
+            raise setting_error(
+                f"{self.tcp_host!r} is not a loopback address: a TCP control listener"
+                " reachable from the network needs tls_cert and tls_key (tokens would cross"
+                " it in clear)",
+                "tcp_host",
+            )
         return self
+
+
+def _loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 class LogSettings(_Section):

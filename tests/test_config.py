@@ -56,6 +56,20 @@ def test_environment_overrides_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             '[[peers]]\nname = "a"\nae_title = "B"\nhost = "h"\nport = 2\n',
             "peer name 'a' is used twice",
         ),
+        (
+            '[[peers]]\nname = "a"\nae_title = "A"\nhost = "h"\nport = 1\nservices = ["query"]\n',
+            "peers.0.services.0: Input should be 'echo', 'store', 'find', 'move', 'get',",
+        ),
+        ('[security]\ndefault_services = ["all"]\n', "security.default_services.0: Input"),
+        (
+            '[control]\ntcp_port = 5104\ntcp_host = "0.0.0.0"\n',
+            "control.tcp_host: '0.0.0.0' is not a loopback address: a TCP control listener"
+            " reachable from the network needs tls_cert and tls_key",
+        ),
+        (
+            '[control]\ntcp_port = 5104\ntcp_host = "gateway.example.org"\n',
+            "control.tcp_host: 'gateway.example.org' is not a loopback address",
+        ),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -429,3 +443,10 @@ def test_a_regex_only_backtracking_can_run_is_refused_at_load(
         f"gateway: {config}: rules.0.match: rule 'repeats': column 27: invalid regular"
         ' expression "(T1)\\1": invalid escape sequence: \\1\n'
     )
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_a_loopback_tcp_control_listener_needs_no_tls(tmp_path: Path, host: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[control]\ntcp_port = 5104\ntcp_host = "{host}"\n')
+    assert load_settings(config).control.tcp_host == host

@@ -26,6 +26,7 @@ import contextvars
 import json
 import os
 import ssl
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,14 +148,20 @@ class ControlServer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        old_umask = os.umask(0o177)
+        # Bound in a directory only this user can enter (mkdtemp: 0700), made 0600 there, then
+        # renamed into place: never reachable by others, and no process-wide umask changed
+        # while other threads run (a file they create meanwhile would take it).
+        private = Path(tempfile.mkdtemp(prefix=".control-", dir=self.path.parent))
         try:
+            bound = private / "sock"
             self._server = await asyncio.start_unix_server(
-                self._serve, path=str(self.path), limit=64 * 1024
+                self._serve, path=str(bound), limit=64 * 1024
             )
+            os.chmod(bound, 0o600)
+            os.rename(bound, self.path)
         finally:
-            os.umask(old_umask)
-        os.chmod(self.path, 0o600)
+            with contextlib.suppress(OSError):
+                private.rmdir()
         log.info("control_socket_listening", path=str(self.path))
         settings = self._settings
         if settings.tcp_port is not None:
