@@ -89,6 +89,9 @@ class NodeSettings(_Section):
     check_called_ae: bool = True
     min_free_mb: Annotated[int, Field(ge=0)] = 1024
     max_find_results: Annotated[int, Field(ge=0)] = 1000
+    # Bytes of one received dataset (as received, File Meta excluded): a C-STORE whose dataset
+    # grows past it is refused 0xA700 and nothing of it is kept. 4 GiB by default.
+    max_instance_bytes: Annotated[int, Field(ge=1)] = 4 * 1024**3
 
 
 class DispatchSettings(_Section):

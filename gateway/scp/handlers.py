@@ -260,8 +260,19 @@ class DicomServices:
             peer_address=stats.peer_address,
             association_id=stats.association_id,
         )
+        received = request._dataset_file
+        if isinstance(received, ReceivingFile) and received.too_large:
+            stats.refused += 1
+            log.warning(
+                "instance_refused",
+                association_id=stats.association_id,
+                sop_instance_uid=str(request.AffectedSOPInstanceUID)[:64],
+                status="0xA700",
+                reason=f"the dataset is larger than node.max_instance_bytes ({received.max_bytes}"
+                " bytes): dropped as it arrived",
+            )
+            return 0xA700
         try:
-            received = request._dataset_file
             result = self._store.ingest_blocking(
                 Path(event.dataset_path),
                 provenance,

@@ -206,7 +206,9 @@ class DicomNode:
         self._saved_settings = [(obj, name, getattr(obj, name)) for obj, name in values]
         for (obj, name), value in values.items():
             setattr(obj, name, value)
-        self._restore_receive_path = install_receive_path(self._store.files.tmp_dir)
+        self._restore_receive_path = install_receive_path(
+            self._store.files.tmp_dir, self._settings.node.max_instance_bytes
+        )
 
     def _restore_process_settings(self) -> None:
         """Put back what `_apply_process_settings` changed (for a process embedding the node)."""

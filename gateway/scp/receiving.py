@@ -58,10 +58,18 @@ _sync_file_range = _load_sync_file_range()
 
 class ReceivingFile:
     """The file a received dataset is streamed into: the subset of a `NamedTemporaryFile` that
-    pynetdicom uses (`name`, `write`, `file.flush`, `close`), plus the dataset's digest."""
+    pynetdicom uses (`name`, `write`, `file.flush`, `close`), plus the dataset's digest.
 
-    def __init__(self, directory: Path) -> None:
+    A dataset that grows past *max_bytes* is not kept: the file is removed at once, the rest of
+    the dataset is counted and dropped as it arrives (the sender still gets its answer and the
+    association goes on), and `too_large` tells the C-STORE handler to refuse it.
+    """
+
+    def __init__(self, directory: Path, max_bytes: int | None = None) -> None:
         self.name = str(directory / f"{uuid.uuid4().hex}.part")
+        self.max_bytes = max_bytes
+        self.too_large = False
+        self._dataset_bytes = 0
         self._fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.file = self  # pynetdicom calls `.file.flush()`
         self._digest: Any = None
@@ -72,6 +80,14 @@ class ReceivingFile:
         dul_resources.add(self)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self._digest is not None:
+            self._dataset_bytes += len(data)
+            if self.too_large:
+                return len(data)  # read and dropped
+            if self.max_bytes is not None and self._dataset_bytes > self.max_bytes:
+                self.too_large = True
+                self.abandon()
+                return len(data)
         view = memoryview(data)
         while view:
             count = os.write(self._fd, view)
@@ -145,15 +161,16 @@ def encode_file_meta(
     return element(0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
-def install_receive_path(tmp_dir: Path) -> Callable[[], None]:
-    """Replace pynetdicom's three names (module docstring); return a function that undoes it."""
+def install_receive_path(tmp_dir: Path, max_bytes: int | None = None) -> Callable[[], None]:
+    """Replace pynetdicom's three names (module docstring); return a function that undoes it.
+    A received dataset longer than *max_bytes* is dropped (`ReceivingFile`)."""
     saved = {
         name: getattr(dimse_messages, name)
         for name in ("NamedTemporaryFile", "create_file_meta", "write_file_meta_info")
     }
 
     def temp_file(**kwargs: Any) -> ReceivingFile:
-        return ReceivingFile(tmp_dir)
+        return ReceivingFile(tmp_dir, max_bytes)
 
     def create(**kwargs: Any) -> bytes:
         return encode_file_meta(**kwargs)

@@ -527,3 +527,33 @@ def test_extended_negotiation_items_are_not_claimed_and_never_refuse(
         assert assoc.send_c_store(pydicom.dcmread(CT)).Status == 0x0000
     finally:
         assoc.release()
+
+
+def test_a_dataset_past_max_instance_bytes_is_dropped_and_the_association_goes_on(
+    gateway_factory: Any,
+) -> None:
+    """`[node] max_instance_bytes = 20000`: DCMTK storescu sends CT_small (38,870 dataset
+    bytes), then MR_small (9,496) on the same association. The CT is refused 0xA700 once its
+    bytes pass the limit, nothing of it stays in tmp/ or the index, and the MR is stored."""
+    gw = gateway_factory(node={"max_instance_bytes": 20000})
+    mr = TEST_FILES / "MR_small.dcm"
+    sent = subprocess.run(
+        [require("storescu"), "-v", "-nh", "-aec", gw.ae_title, HOST, str(gw.port),
+         str(CT), str(mr)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=120,
+    )  # fmt: skip
+    output = sent.stdout + sent.stderr
+    responses = re.findall(r"Received Store Response \((.*?)\)", output)
+    assert len(responses) == 2 and "Success" not in responses[0], output
+    assert "0xa700" in output.lower() or "OutOfResources" in responses[0], output
+    assert responses[1] == "Success"
+    assert output.count("Association Accepted") == 1
+    (refused,) = [
+        json.loads(line) for line in gw.log_text().splitlines()
+        if line.startswith("{") and '"instance_refused"' in line
+    ]  # fmt: skip
+    assert refused["status"] == "0xA700" and "node.max_instance_bytes (20000" in refused["reason"]
+    assert index_rows(gw, "SELECT sop_uid FROM instances") == [
+        (str(pydicom.dcmread(mr, stop_before_pixels=True).SOPInstanceUID),)
+    ]
+    assert list((gw.data_dir / "tmp").iterdir()) == []
