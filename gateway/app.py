@@ -82,11 +82,18 @@ class Gateway:
         new = load_settings(self.config_path)
         before = {peer.name: peer for peer in self.settings.peers}
         changed = [peer.name for peer in new.peers if before.get(peer.name) != peer]
-        applied = {key: getattr(new, key) for key in _RELOADABLE}
+        applied: dict[str, Any] = {key: getattr(new, key) for key in _RELOADABLE}
+        # Operator tokens apply at once; the rest of [control] at the next start.
+        hashes = new.control.operator_token_hashes
+        applied["control"] = self.settings.control.model_copy(
+            update={"operator_token_hashes": hashes}
+        )
+        removed = set(self.settings.control.operator_token_hashes) - set(hashes)
         restart = [
             key
             for key in type(new).model_fields
-            if key not in _RELOADABLE and getattr(new, key) != getattr(self.settings, key)
+            if key not in _RELOADABLE
+            and getattr(new, key) != (applied.get(key) or getattr(self.settings, key))
         ]
         self.settings = self.settings.model_copy(update=applied)
         self.completion.set_rules(self.settings.rules)
@@ -94,6 +101,8 @@ class Gateway:
         self.retriever.settings = self.settings
         self.node.services.use_peers(self.settings)
         self.node.access.use(self.settings)
+        if removed:
+            self.control.close_sessions(removed, "operator token removed from the configuration")
         if changed:
             # A job failed for good against a peer (it did not know our AE title, or was not
             # configured) may go now that the peer's settings changed.
@@ -111,7 +120,7 @@ class Gateway:
         return {
             "peers_changed": changed,
             "rules": [rule.name for rule in self.settings.rules],
-            "applied": list(_RELOADABLE),
+            "applied": [*_RELOADABLE, "control.operator_token_hashes"],
             "restart_needed": restart,
         }
 

@@ -79,12 +79,15 @@ def register_acquisition_methods(server: ControlServer, gateway: Gateway) -> Non
     async def rotate(params: dict[str, Any]) -> dict[str, Any]:
         _no_unknown(params, {"device_id"})
         device_id = _id(params, "device_id")
-        return {"id": device_id, "token": await registry.rotate_token(device_id)}
+        token = await registry.rotate_token(device_id)
+        server.close_sessions({device_id}, "device token rotated")
+        return {"id": device_id, "token": token}
 
     async def revoke(params: dict[str, Any]) -> dict[str, Any]:
         _no_unknown(params, {"device_id"})
         device_id = _id(params, "device_id")
         await registry.revoke_token(device_id)
+        server.close_sessions({device_id}, "device token revoked")
         return {"id": device_id, "revoked": True}
 
     async def create_sequence(params: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from gateway.errors import ControlError
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-__all__ = ["make_authenticator", "new_operator_token", "operator_token_matches"]
+__all__ = ["make_authenticator", "new_operator_token", "operator_token_hash"]
 
 
 def new_operator_token() -> tuple[str, str]:
@@ -30,27 +30,30 @@ def new_operator_token() -> tuple[str, str]:
     return token, f"sha256${salt.hex()}${hash_token(token, salt).hex()}"
 
 
-def operator_token_matches(token: str, hashes: Sequence[str]) -> bool:
-    """Whether *token* is one of the configured operator tokens (every entry is compared)."""
-    found = False
+def operator_token_hash(token: str, hashes: Sequence[str]) -> str | None:
+    """The configured hash *token* matches, or None (every entry is compared, in constant time
+    per entry)."""
+    found = None
     for entry in hashes:
         _, salt, digest = entry.split("$")
-        found |= hmac.compare_digest(hash_token(token, bytes.fromhex(salt)), bytes.fromhex(digest))
+        if hmac.compare_digest(hash_token(token, bytes.fromhex(salt)), bytes.fromhex(digest)):
+            found = entry
     return found
 
 
 def make_authenticator(gateway: Gateway) -> Authenticator:
-    async def login(params: dict[str, Any]) -> tuple[Role, str | None]:
+    async def login(params: dict[str, Any]) -> tuple[Role, str | None, str]:
         if isinstance(params.get("operator_token"), str):
             hashes = gateway.settings.control.operator_token_hashes
-            if operator_token_matches(params["operator_token"], hashes):
-                return "operator", None
+            entry = operator_token_hash(params["operator_token"], hashes)
+            if entry is not None:
+                return "operator", None, entry
             raise ControlError(AUTH_FAILED, "unknown operator token")
         device_id, token = params.get("device_id"), params.get("token")
         if isinstance(device_id, str) and isinstance(token, str):
             if await gateway.registry.check_token(device_id, token):
                 await gateway.registry.set_device_state(device_id, "ONLINE")
-                return "device", device_id
+                return "device", device_id, device_id
             raise ControlError(AUTH_FAILED, "unknown device or token")
         raise ControlError(AUTH_FAILED, "auth.login needs operator_token, or device_id and token")
 

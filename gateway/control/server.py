@@ -76,6 +76,7 @@ class Session:
     peer: str
     role: Role | None = None
     device_id: str | None = None
+    credential: str | None = None  # what it logged in with: an operator token's hash, a device id
     writer: asyncio.StreamWriter | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     close_after_reply: bool = False
@@ -103,8 +104,8 @@ def current_session() -> Session | None:
     return _SESSION.get()
 
 
-# auth.login's check: (params, session) -> the role and device id, or raises ControlError.
-Authenticator = Callable[[dict[str, Any]], Awaitable[tuple[Role, str | None]]]
+# auth.login's check: params -> (role, device id, credential), or raises ControlError.
+Authenticator = Callable[[dict[str, Any]], Awaitable[tuple[Role, str | None, str]]]
 
 
 class _LineTooLong(Exception):
@@ -139,6 +140,18 @@ class ControlServer:
         if self._tcp_server is None or not self._tcp_server.sockets:
             return None
         return int(self._tcp_server.sockets[0].getsockname()[1])
+
+    def close_sessions(self, credentials: set[str], reason: str) -> int:
+        """Close at once the TCP connections that logged in with one of *credentials* (a
+        revoked or rotated device token, a removed operator token hash); how many."""
+        closed = 0
+        for session in list(self.sessions):
+            if session.credential in credentials and session.writer is not None:
+                log.warning("control_session_closed", peer=session.peer, role=session.role,
+                            device=session.device_id, reason=reason)  # fmt: skip
+                session.writer.close()
+                closed += 1
+        return closed
 
     @property
     def methods(self) -> list[str]:
@@ -378,7 +391,9 @@ class ControlServer:
             failure = "authentication is not available"
         else:
             try:
-                session.role, session.device_id = await self.authenticator(params)
+                session.role, session.device_id, session.credential = await self.authenticator(
+                    params
+                )
             except ControlError as exc:
                 failure = exc.message
         if failure is not None:

@@ -351,3 +351,56 @@ def test_scripted_device_end_to_end(
     assert operator.call("tasks.results", {"task_id": task["id"]})["result"]["files"] == []
     device.close()
     operator.close()
+
+
+def test_revoked_rotated_and_removed_credentials_close_their_sessions(
+    gateway_factory: Any,
+) -> None:
+    """A device's connection closes the moment its token is rotated or revoked; an operator's
+    the moment a reload removes its token's hash, and a hash a reload adds logs in at once.
+    Other sessions stay."""
+    first, first_hash = new_operator_token()
+    second, second_hash = new_operator_token()
+    port = free_port()
+    control = {"tcp_port": port, "operator_token_hashes": [first_hash]}
+    gw = gateway_factory(control=control)
+    device = gw.call("devices.register", {"name": "MR 1", "modality": "MR"})
+    other = gw.call("devices.register", {"name": "CT 1", "modality": "CT"})
+
+    def device_session(entry: dict[str, Any], token: str) -> Line:
+        line = Line(port)
+        assert line.call("auth.login", {"device_id": entry["id"], "token": token})["result"]
+        return line
+
+    scanner, bystander = (
+        device_session(device, device["token"]),
+        device_session(other, other["token"]),
+    )
+    rotated = gw.call("devices.rotate_token", {"device_id": device["id"]})["token"]
+    assert scanner.closed()
+    scanner = device_session(device, rotated)  # the new token logs in
+    gw.call("devices.revoke", {"device_id": device["id"]})
+    assert scanner.closed()
+    assert bystander.call("devices.heartbeat")["result"]["state"] == "ONLINE"
+
+    operator = Line(port)
+    assert operator.call("auth.login", {"operator_token": first})["result"]["role"] == "operator"
+    gw.write_config(control={**gw._base["control"], "operator_token_hashes": [second_hash]})
+    result = gw.call("rules.reload")
+    assert "control.operator_token_hashes" in result["applied"]
+    assert "control" not in result["restart_needed"]
+    assert operator.closed()
+    newcomer = Line(port)
+    assert newcomer.call("auth.login", {"operator_token": second})["result"]["role"] == "operator"
+    stale = Line(port)
+    refused = stale.call("auth.login", {"operator_token": first})
+    assert refused["error"]["message"] == "authentication failed: unknown operator token"
+    assert stale.closed()
+    reasons = [
+        json.loads(line)["reason"] for line in gw.log_text().splitlines()
+        if '"control_session_closed"' in line
+    ]  # fmt: skip
+    assert reasons == ["device token rotated", "device token revoked",
+                       "operator token removed from the configuration"]  # fmt: skip
+    newcomer.close()
+    bystander.close()
