@@ -175,7 +175,7 @@ async def run(
     await retrievals.ensure_schema()
     registry = Registry(store)
     await registry.ensure_schema()
-    uploads = Uploads(store, registry)
+    uploads = Uploads(store, registry, settings.control.upload_idle_timeout)
     await uploads.ensure_schema()
     await jobs.recover_running()
     dispatch = settings.dispatch
@@ -236,6 +236,7 @@ async def run(
         asyncio.create_task(completion.run(), name="completion"),
         asyncio.create_task(dispatcher.run(), name="dispatcher"),
         asyncio.create_task(retriever.run(), name="retriever"),
+        asyncio.create_task(uploads.run_expiry(), name="upload-expiry"),
     ]
     if retention.enabled:
         tasks.append(asyncio.create_task(retention.run(), name="retention"))

@@ -233,6 +233,7 @@ class ControlSettings(_Section):
     tls_key: Path | None = None
     operator_token_hashes: list[str] = Field(default_factory=list)
     device_heartbeat_timeout: Seconds = 60.0
+    upload_idle_timeout: Seconds = 600.0  # an upload with no chunk this long is dropped
 
     @field_validator("operator_token_hashes")
     @classmethod

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
@@ -25,11 +26,15 @@ from pathlib import Path
 from typing import Any, Final
 
 import anyio
+import structlog
 
 from gateway.acquire.registry import FILE_NAME_RE, AcquisitionError, Registry
+from gateway.errors import StoreError
 from gateway.store.files import replace_durably
 from gateway.store.index import Provenance
 from gateway.store.store import Store
+
+log = structlog.get_logger(__name__)
 
 __all__ = ["RESULTS_SCHEMA", "Uploads", "task_results"]
 
@@ -94,11 +99,19 @@ class _Upload:
 
 
 class Uploads:
-    """Uploads in progress (in memory: an upload interrupted by a restart starts again)."""
+    """Uploads in progress (in memory: an upload interrupted by a restart starts again).
 
-    def __init__(self, store: Store, registry: Registry) -> None:
+    An upload passes the store's disk guard (`Store.check_free`, `node.min_free_mb`) for its
+    announced size when it begins and for each chunk; one that gets no chunk for *idle_seconds*
+    (`[control] upload_idle_timeout`) is dropped and its partial file removed (`expire`, run
+    with every upload call and by `run_expiry`), as is every upload of a device whose
+    connection closes.
+    """
+
+    def __init__(self, store: Store, registry: Registry, idle_seconds: float = 600.0) -> None:
         self.store = store
         self.registry = registry
+        self.idle_seconds = idle_seconds
         self._open: dict[str, _Upload] = {}
 
     async def ensure_schema(self) -> None:
@@ -115,13 +128,33 @@ class Uploads:
             raise AcquisitionError("invalid", "size must be a number of bytes")
         if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise AcquisitionError("invalid", "sha256 must be 64 lower-case hex digits")
+        self.expire()
+        await anyio.to_thread.run_sync(self.store.check_free, size)  # StoreError: refused
         upload = _Upload(uuid.uuid4().hex, task, device_id, name, size, sha,
                          self.store.files.new_temp_path())  # fmt: skip
         upload.path.touch()
         self._open[upload.id] = upload
         return {"upload_id": upload.id, "received": 0}
 
+    def expire(self, now: float | None = None) -> int:
+        """Drop the uploads idle for `idle_seconds` (monotonic *now*); how many."""
+        now = time.monotonic() if now is None else now
+        idle = [u for u in self._open.values() if now - u.touched > self.idle_seconds]
+        for upload in idle:
+            log.warning("upload_expired", upload=upload.id, device=upload.device_id,
+                        received=upload.received, size=upload.size)  # fmt: skip
+            self._drop(upload)
+        return len(idle)
+
+    async def run_expiry(self) -> None:
+        """Expire idle uploads until cancelled, looking every quarter of `idle_seconds` (at
+        most every minute)."""
+        while True:
+            await asyncio.sleep(min(60.0, self.idle_seconds / 4))
+            self.expire()
+
     def _get(self, device_id: str, params: dict[str, Any]) -> _Upload:
+        self.expire()
         upload = self._open.get(str(params.get("upload_id", "")))
         if upload is None or upload.device_id != device_id:
             raise AcquisitionError("not_found", "no such upload in progress")
@@ -141,6 +174,11 @@ class Uploads:
         if upload.received + len(chunk) > upload.size:
             self._drop(upload)
             raise AcquisitionError("invalid", "more bytes than the announced size: upload dropped")
+        try:
+            await anyio.to_thread.run_sync(self.store.check_free, len(chunk))
+        except StoreError as exc:
+            self._drop(upload)
+            raise StoreError(f"{exc}: upload dropped") from None
 
         def append() -> None:
             with upload.path.open("ab") as f:

@@ -153,6 +153,21 @@ class Store:
             self._free_checked_at = now
         return self._free_bytes
 
+    def check_free(self, adding: int = 0) -> None:
+        """Raise `StoreError` when, with *adding* more bytes written, the store's disk would have
+        less free than `node.min_free_mb` (the guard received instances and device uploads pass).
+        """
+        if not self.min_free_bytes:
+            return
+        free = self.free_bytes()
+        if free - adding < self.min_free_bytes:
+            raise StoreError(
+                f"low disk: {free // 2**20} MB free in {self.files.root}"
+                + (f", {adding // 2**20} MB more asked" if adding >= 2**20 else "")
+                + f", below the {self.min_free_bytes // 2**20} MB the store keeps free"
+                " (node.min_free_mb)"
+            )
+
     def ingest_blocking(
         self,
         temp_path: Path,
@@ -170,14 +185,11 @@ class Store:
         instance is and `StoreError` for what the store could not do; in both cases nothing is
         left in the store.
         """
-        if self.min_free_bytes:
-            free = self.free_bytes()
-            if free < self.min_free_bytes:
-                temp_path.unlink(missing_ok=True)
-                raise StoreError(
-                    f"low disk: {free // 2**20} MB free in {self.files.root}, below the"
-                    f" {self.min_free_bytes // 2**20} MB the store keeps free (node.min_free_mb)"
-                )
+        try:
+            self.check_free()
+        except StoreError:
+            temp_path.unlink(missing_ok=True)
+            raise
         received = read_received_file(temp_path, checksum=checksum)
         if expect is not None:
             attrs = received.attributes

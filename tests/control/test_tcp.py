@@ -404,3 +404,63 @@ def test_revoked_rotated_and_removed_credentials_close_their_sessions(
                        "operator token removed from the configuration"]  # fmt: skip
     newcomer.close()
     bystander.close()
+
+
+def test_idle_uploads_expire_and_uploads_pass_the_disk_guard(gateway_factory: Any) -> None:
+    """`upload_idle_timeout = 1`: an upload left after one chunk is dropped and its partial
+    file removed while the device stays connected. With `min_free_mb` beyond the disk, an
+    upload is refused when it begins, as a C-STORE would be."""
+    import base64
+    import hashlib
+
+    port = free_port()
+    gw = gateway_factory(control={"tcp_port": port, "upload_idle_timeout": 1})
+    mr = gw.call("devices.register", {"name": "MR 1", "modality": "MR"})
+    seq = gw.call("sequences.create", {"name": "T1"})
+    task = gw.call("tasks.create", {"device_id": mr["id"], "sequence_id": seq["id"],
+                                    "patient": {"id": "P1"}})  # fmt: skip
+    device = Line(port)
+    device.call("auth.login", {"device_id": mr["id"], "token": mr["token"]})
+    data = b"k" * 4000
+    begin = device.call("uploads.begin", {"task_id": task["id"], "name": "k.raw",
+                                          "size": len(data),
+                                          "sha256": hashlib.sha256(data).hexdigest()})  # fmt: skip
+    upload_id = begin["result"]["upload_id"]
+    piece = base64.b64encode(data[:1000]).decode()
+    sent = device.call("uploads.chunk", {"upload_id": upload_id, "offset": 0, "data": piece})
+    assert sent["result"]["received"] == 1000
+    assert len(list((gw.data_dir / "tmp").iterdir())) == 1
+    deadline = time.monotonic() + 10
+    while list((gw.data_dir / "tmp").iterdir()):
+        assert time.monotonic() < deadline, "the idle upload's file stayed"
+        device.call("devices.heartbeat")  # the device is connected and alive throughout
+        time.sleep(0.2)
+    late = device.call("uploads.chunk", {"upload_id": upload_id, "offset": 1000, "data": piece})
+    assert late["error"]["message"] == "no such upload in progress"
+    assert '"upload_expired"' in gw.log_text()
+    device.close()
+    gw.stop()
+
+    full = gateway_factory("full", control={"tcp_port": port}, node={"min_free_mb": 2**40})
+    mr = full.call("devices.register", {"name": "MR 1", "modality": "MR"})
+    seq = full.call("sequences.create", {"name": "T1"})
+    task = full.call("tasks.create", {"device_id": mr["id"], "sequence_id": seq["id"],
+                                      "patient": {"id": "P1"}})  # fmt: skip
+    device = Line(port)
+    device.call("auth.login", {"device_id": mr["id"], "token": mr["token"]})
+    refused = device.call(
+        "uploads.begin",
+        {
+            "task_id": task["id"],
+            "name": "k.raw",
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        },
+    )
+    assert refused["error"]["code"] == -32000
+    assert (
+        "low disk" in refused["error"]["message"]
+        and "node.min_free_mb" in refused["error"]["message"]
+    )
+    assert list((full.data_dir / "tmp").iterdir()) == []
+    device.close()
