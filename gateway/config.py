@@ -92,6 +92,36 @@ class NodeSettings(_Section):
     # Bytes of one received dataset (as received, File Meta excluded): a C-STORE whose dataset
     # grows past it is refused 0xA700 and nothing of it is kept. 4 GiB by default.
     max_instance_bytes: Annotated[int, Field(ge=1)] = 4 * 1024**3
+    # DICOM TLS (PS3.15 B.1; BCP 195): a second listener that speaks only TLS. The node's
+    # certificate is also its client certificate towards `tls = true` peers; tls_ca holds the
+    # certificates trusted for client certificates and for peers.
+    tls_port: Annotated[int | None, Field(ge=0, le=65535)] = None
+    plain: bool = True  # False: no plain DICOM listener (tls_port only)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_require_client_cert: bool | None = None  # None: required when tls_ca is set
+
+    @model_validator(mode="after")
+    def _tls(self) -> NodeSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise setting_error("tls_cert and tls_key go together", "tls_key")
+        if self.tls_port is not None and self.tls_cert is None:
+            raise setting_error("a TLS listener (tls_port) needs tls_cert and tls_key", "tls_cert")
+        if not self.plain and self.tls_port is None:
+            raise setting_error("plain = false leaves no listener: set tls_port", "plain")
+        if self.tls_require_client_cert and self.tls_ca is None:
+            raise setting_error(
+                "client certificates are verified against tls_ca: set it", "tls_require_client_cert"
+            )
+        return self
+
+    @property
+    def requires_client_cert(self) -> bool:
+        """Whether the TLS listener refuses a client without a certificate tls_ca verifies."""
+        if self.tls_require_client_cert is None:
+            return self.tls_ca is not None
+        return self.tls_require_client_cert
 
 
 class DispatchSettings(_Section):
@@ -149,6 +179,10 @@ class PeerSettings(_Section):
     max_concurrent_moves: Annotated[int, Field(ge=1, le=64)] = 2
     # As a caller: the services it may use (None: all of them).
     services: list[Service] | None = None
+    # Reached over DICOM TLS, its certificate verified against [node] tls_ca; host names are
+    # checked only when asked (DICOM peers are often addressed by IP).
+    tls: bool = False
+    tls_check_hostname: bool = False
     # As a destination: False sends stored transfer syntaxes only (no re-encoding, no
     # decompression); an instance the peer takes in none of them fails with `no_context`.
     transcode: bool = True
@@ -323,6 +357,12 @@ class Settings(BaseSettings):
         """Peer and folder names unique together, rule names unique, targets that exist."""
         kinds: dict[str, str] = {}
         for index, peer in enumerate(self.peers):
+            if peer.tls and self.node.tls_ca is None:
+                raise setting_error(
+                    f"peer {peer.name!r} is reached over TLS: its certificate is verified"
+                    " against [node] tls_ca, which is not set",
+                    f"peers.{index}.tls",
+                )
             if peer.name in kinds:
                 raise setting_error(f"peer name {peer.name!r} is used twice", f"peers.{index}.name")
             kinds[peer.name] = "peer"
@@ -454,19 +494,22 @@ def load_settings(path: Path | str) -> Settings:
         # Relative data paths are relative to the config file, not to the working directory.
         node = settings.node.model_copy(update={"data_dir": path.parent / settings.node.data_dir})
         settings = settings.model_copy(update={"node": node})
-    relative = {
-        key: path.parent / value
-        for key in ("socket", "tls_cert", "tls_key")
-        if (value := getattr(settings.control, key)) is not None and not value.is_absolute()
-    }
-    if relative:
-        settings = settings.model_copy(
-            update={"control": settings.control.model_copy(update=relative)}
-        )
-    for key in ("tls_cert", "tls_key"):
-        file = getattr(settings.control, key)
-        if file is not None and not file.is_file():
-            raise ConfigError(f"{path}: control.{key}: {file} is not a readable file")
+    for section, keys in (
+        ("control", ("socket", "tls_cert", "tls_key")),
+        ("node", ("tls_cert", "tls_key", "tls_ca")),
+    ):
+        current = getattr(settings, section)
+        relative = {
+            key: path.parent / value
+            for key in keys
+            if (value := getattr(current, key)) is not None and not value.is_absolute()
+        }
+        if relative:
+            settings = settings.model_copy(update={section: current.model_copy(update=relative)})
+        for key in keys:
+            file = getattr(getattr(settings, section), key)
+            if key != "socket" and file is not None and not file.is_file():
+                raise ConfigError(f"{path}: {section}.{key}: {file} is not a readable file")
     if any(not folder.path.is_absolute() for folder in settings.folders):
         folders = [
             folder

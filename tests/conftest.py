@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,49 @@ def write_config(path: Path, sections: dict[str, Any]) -> Path:
             lines.extend(f"{k} = {_toml_value(v)}" for k, v in body.items())
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A test CA, and key pairs (PEM) it signed, each valid for localhost and 127.0.0.1."""
+
+    ca: Path
+    directory: Path
+
+    def pair(self, name: str) -> tuple[Path, Path]:
+        """(certificate, key) of *name*."""
+        return self.directory / f"{name}.pem", self.directory / f"{name}.key"
+
+
+def make_pki(directory: Path, names: tuple[str, ...]) -> Pki:
+    """A CA and one certificate per name signed by it (openssl; one day; serverAuth and
+    clientAuth)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+            "/CN=Gateway test CA", "-keyout", str(ca_key), "-out", str(ca),
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    extensions = directory / "leaf.ext"
+    extensions.write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth,clientAuth\n"
+    )
+    pki = Pki(ca, directory)
+    for name in names:
+        cert, key = pki.pair(name)
+        csr = directory / f"{name}.csr"
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                "-keyout", str(key), "-out", str(csr))  # fmt: skip
+        openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+                "-CAcreateserial", "-days", "1", "-extfile", str(extensions),
+                "-out", str(cert))  # fmt: skip
+    return pki
 
 
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:

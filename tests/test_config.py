@@ -70,6 +70,15 @@ def test_environment_overrides_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             '[control]\ntcp_port = 5104\ntcp_host = "gateway.example.org"\n',
             "control.tcp_host: 'gateway.example.org' is not a loopback address",
         ),
+        ("[node]\ntls_port = 2762\n", "node.tls_cert: a TLS listener (tls_port) needs tls_cert"),
+        ("[node]\nplain = false\n", "node.plain: plain = false leaves no listener"),
+        ('[node]\ntls_cert = "c.pem"\n', "node.tls_key: tls_cert and tls_key go together"),
+        (
+            '[[peers]]\nname = "a"\nae_title = "A"\nhost = "h"\nport = 1\ntls = true\n',
+            "peers.0.tls: peer 'a' is reached over TLS: its certificate is verified against"
+            " [node] tls_ca, which is not set",
+        ),
+        ('[node]\ntls_ca = "missing-ca.pem"\n', "node.tls_ca: "),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -27,10 +27,11 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from gateway.config import Settings
+from gateway.config import PeerSettings, Settings
 from gateway.errors import GatewayError, PeerError, RejectedInstance, StoreError
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.receiving import ReceivingFile
+from gateway.scp.tls import tls_args
 from gateway.scp.transport import cancel_check, set_nodelay
 from gateway.scp.worklist import AcquisitionServices
 from gateway.scu.syntaxes import outgoing, storage_contexts
@@ -398,15 +399,15 @@ class DicomServices:
             instances = self._instances(event)
         except QueryError as exc:
             log.warning("move_refused", association_id=stats.association_id, reason=str(exc))
-            yield peer.host, peer.port, self._move_kwargs([])
+            yield peer.host, peer.port, self._move_kwargs([], peer=peer)
             raise
         except GatewayError as exc:
             log.error("move_failed", association_id=stats.association_id, reason=str(exc))
-            yield peer.host, peer.port, self._move_kwargs([])
+            yield peer.host, peer.port, self._move_kwargs([], peer=peer)
             raise
         tally = _SubOperations()
         cancelled = cancel_check(event)
-        yield peer.host, peer.port, self._move_kwargs(instances, tally, peer.transcode)
+        yield peer.host, peer.port, self._move_kwargs(instances, tally, peer)
         yield from self._send(
             cancelled, stats, instances, "move", transcode=peer.transcode, peer=peer.name
         )
@@ -467,13 +468,14 @@ class DicomServices:
         self,
         instances: list[InstanceFile],
         tally: _SubOperations | None = None,
-        transcode: bool = True,
+        peer: PeerSettings | None = None,
     ) -> dict[str, Any]:
         """Association arguments for the move destination: the storage contexts of what is sent
         (`storage_contexts`), and Verification, so that a destination that accepts none of the
         others still associates and each instance fails as a sub-operation (pynetdicom answers
         an association that could not be made with 0xA801, Move Destination unknown)."""
         pairs = sorted({(i.sop_class_uid, i.transfer_syntax) for i in instances})
+        transcode = peer.transcode if peer is not None else True
         contexts = storage_contexts(pairs, transcode=transcode, limit=_MAX_CONTEXTS - 1)
         contexts.append(build_context(Verification))
         node = self._settings.node
@@ -483,7 +485,14 @@ class DicomServices:
         ]
         if tally is not None:
             handlers.append((evt.EVT_DIMSE_RECV, tally.on_message))
-        return {"contexts": contexts, "max_pdu": node.max_pdu_size, "evt_handlers": handlers}
+        kwargs: dict[str, Any] = {
+            "contexts": contexts,
+            "max_pdu": node.max_pdu_size,
+            "evt_handlers": handlers,
+        }
+        if peer is not None and peer.tls:
+            kwargs["tls_args"] = tls_args(node, peer)  # the destination is reached over TLS
+        return kwargs
 
     def on_destination_accepted(self, event: evt.Event) -> None:
         _send_stored_files(event.assoc)

@@ -25,6 +25,7 @@ datasets are never re-encoded, so nothing the node stores depends on that valida
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +55,7 @@ from gateway.scp.bridge import LoopBridge
 from gateway.scp.handlers import DicomServices
 from gateway.scp.receiving import install_receive_path
 from gateway.scp.storage_classes import STORAGE_SOP_CLASSES, register_storage_classes
+from gateway.scp.tls import server_context
 from gateway.scp.transport import MIN_PDU_LIMIT, AssociationPolicy, EventDrivenAE, GatewayServer
 from gateway.scp.worklist import AcquisitionServices
 from gateway.store.store import Store
@@ -90,8 +92,7 @@ class DicomNode:
         stations = (lambda: registry.station_aes) if registry is not None else frozenset
         self.access = ServiceAccess(settings, stations)
         self._ae = self._make_ae()
-        self._server: GatewayServer | None = None
-        self._thread: threading.Thread | None = None
+        self._listeners: list[tuple[GatewayServer, threading.Thread]] = []
         self._saved_settings: list[tuple[Any, str, Any]] = []
         self._restore_receive_path: Callable[[], None] | None = None
 
@@ -134,9 +135,9 @@ class DicomNode:
 
     @property
     def port(self) -> int:
-        """The port the listener is bound to (useful when configured as 0)."""
-        assert self._server is not None
-        return int(self._server.server_address[1])
+        """The port the first listener is bound to (the plain one, unless `plain = false`)."""
+        assert self._listeners
+        return int(self._listeners[0][0].server_address[1])
 
     @property
     def open_associations(self) -> int:
@@ -147,40 +148,55 @@ class DicomNode:
         """Bind the listener and serve associations in background threads."""
         node = self._settings.node
         self._apply_process_settings()
-        server = self._ae.make_server(
-            (node.host, node.port),
-            evt_handlers=self.services.handlers(),
-            server_class=GatewayServer,
-        )
-        server.policy = AssociationPolicy(
+        policy = AssociationPolicy(
             ae_title=node.ae_title,
             check_called_ae=node.check_called_ae,
             allowed_callers=tuple(self._settings.security.allowed_callers),
             max_associations=node.max_associations,
         )
-        server.on_reject = self.services.on_rejected
-        server.access = self.access
-        self._ae._servers.append(server)
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="dicom-listener"
-        )
-        self._thread.daemon = True
-        self._thread.start()
-        log.info("dicom_node_listening", ae_title=node.ae_title, host=node.host, port=self.port)
+        listeners: list[tuple[int, ssl.SSLContext | None]] = []
+        if node.plain:
+            listeners.append((node.port, None))
+        if node.tls_port is not None:
+            listeners.append((node.tls_port, server_context(node)))
+        for port, context in listeners:
+            server = self._ae.make_server(
+                (node.host, port),
+                evt_handlers=self.services.handlers(),
+                server_class=GatewayServer,
+                ssl_context=context,
+            )
+            server.policy = policy
+            server.on_reject = self.services.on_rejected
+            server.access = self.access
+            self._ae._servers.append(server)
+            thread = threading.Thread(
+                target=server.serve_forever,
+                kwargs={"poll_interval": 0.2},
+                name="dicom-tls-listener" if context else "dicom-listener",
+                daemon=True,
+            )
+            thread.start()
+            self._listeners.append((server, thread))
+            log.info(
+                "dicom_node_listening",
+                ae_title=node.ae_title,
+                host=node.host,
+                port=int(server.server_address[1]),
+                tls=context is not None,
+            )
 
     def stop(self, grace: float) -> None:
         """Stop accepting; give open associations *grace* seconds; abort what is left.
 
         Blocking: run it in a worker thread.
         """
-        server = self._server
-        if server is None:
+        listeners, self._listeners = self._listeners, []
+        if not listeners:
             return
-        self._server = None
-        server.shutdown()  # stops serve_forever and closes the listening socket only
-        if self._thread is not None:
-            self._thread.join()
+        for server, thread in listeners:
+            server.shutdown()  # stops serve_forever and closes the listening socket only
+            thread.join()
         deadline = time.monotonic() + grace
         while self.open_associations and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -576,6 +576,24 @@ class EventDrivenAE(AE):  # type: ignore[misc]
 class _RequestHandler(RequestHandler):  # type: ignore[misc]
     server: GatewayServer
 
+    def handle(self) -> None:
+        # A TLS connection's handshake runs here, in the connection's own thread and within
+        # the ACSE timeout: pynetdicom would run it in the listener's thread while accepting,
+        # where one client that connects and says nothing stops every other from connecting.
+        sock = self.request
+        if isinstance(sock, ssl.SSLSocket):
+            sock.settimeout(self.ae.acse_timeout or 30)
+            try:
+                sock.do_handshake()
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                log.warning("tls_handshake_failed", peer=self.client_address[0],
+                            reason=str(exc)[:200])  # fmt: skip
+                with contextlib.suppress(OSError):
+                    sock.close()
+                return
+            sock.settimeout(None)
+        super().handle()
+
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         set_nodelay(self.request)
@@ -603,6 +621,16 @@ class GatewayServer(ThreadedAssociationServer):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["request_handler"] = _RequestHandler
         super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection; a TLS one is wrapped without its handshake, which the
+        connection's thread runs (`_RequestHandler.handle`)."""
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
 
 
 def cancel_check(event: evt.Event) -> Callable[[], bool]:

@@ -18,6 +18,7 @@ from pynetdicom.presentation import PresentationContext
 from gateway.config import NodeSettings, PeerSettings
 from gateway.errors import PeerError
 from gateway.scp.storage_classes import register_storage_classes
+from gateway.scp.tls import tls_args
 from gateway.scp.transport import MIN_PDU_LIMIT, EventDrivenAE, set_nodelay
 from gateway.scu.syntaxes import named
 
@@ -82,6 +83,7 @@ def associate(
         ae_title=peer.ae_title,
         max_pdu=node.max_pdu_size,
         ext_neg=list(ext_neg) if ext_neg else None,
+        tls_args=tls_args(node, peer),
         evt_handlers=[(evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse), *evt_handlers],
     )
     if assoc.is_established:

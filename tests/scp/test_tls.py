@@ -1,0 +1,140 @@
+"""DICOM TLS with DCMTK: the node's TLS listener, and peers reached over TLS.
+
+A test CA signs the gateway's, a client's and a destination's certificates (`make_pki`). DCMTK
+`echoscu`, `storescu` and `findscu` with `+tls` reach the TLS port with the client's certificate;
+a client without a certificate, with one the CA did not sign, or speaking plain DICOM is refused
+during the handshake, and the plain port goes on serving. DCMTK `storescp +tls` is a `tls = true`
+peer: `gateway echo` and a C-MOVE reach it, verified against the CA, with the gateway's
+certificate as the client's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    HOST,
+    TEST_FILES,
+    GatewayProcess,
+    Pki,
+    dcmtk_env,
+    free_port,
+    make_pki,
+    require,
+    self_signed_certificate,
+    wait_for_port,
+)
+from tests.scp.test_query_retrieve import movescu
+
+CT = TEST_FILES / "CT_small.dcm"
+STUDY = "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322"
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path / "pki", ("gateway", "client", "dest"))
+
+
+def client_tls(pki: Pki, name: str = "client") -> tuple[str, ...]:
+    cert, key = pki.pair(name)
+    return ("+tls", str(key), str(cert), "+cf", str(pki.ca))
+
+
+def echo(port: int, tls: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require("echoscu"), "-v", *tls, "-aec", "GATEWAY", HOST, str(port)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=60,
+    )  # fmt: skip
+
+
+def tls_gateway(gateway_factory: Any, pki: Pki, **sections: Any) -> tuple[GatewayProcess, int]:
+    cert, key = pki.pair("gateway")
+    tls_port = free_port()
+    node = {"tls_port": tls_port, "tls_cert": str(cert), "tls_key": str(key),
+            "tls_ca": str(pki.ca), **sections.pop("node", {})}  # fmt: skip
+    gw = gateway_factory(node=node, **sections)
+    wait_for_port(tls_port, 10)
+    return gw, tls_port
+
+
+def test_tls_listener_with_client_certificates(
+    gateway_factory: Any, pki: Pki, tmp_path: Path
+) -> None:
+    gw, tls_port = tls_gateway(gateway_factory, pki)
+    assert echo(tls_port, client_tls(pki)).returncode == 0
+    stored = subprocess.run(
+        [require("storescu"), "-v", *client_tls(pki), "-aec", "GATEWAY", HOST, str(tls_port),
+         str(CT)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=60,
+    )  # fmt: skip
+    assert "Received Store Response (Success)" in stored.stdout + stored.stderr
+    found = subprocess.run(
+        [require("findscu"), "-v", *client_tls(pki), "-S", "-aec", "GATEWAY",
+         "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", HOST, str(tls_port)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=60,
+    )  # fmt: skip
+    assert STUDY in found.stdout + found.stderr
+    # No client certificate, one the CA did not sign, plain DICOM: refused in the handshake.
+    anonymous = echo(tls_port, ("+tla", "+cf", str(pki.ca)))
+    assert anonymous.returncode != 0
+    rogue_cert, rogue_key = self_signed_certificate(tmp_path)
+    rogue = echo(tls_port, ("+tls", str(rogue_key), str(rogue_cert), "+cf", str(pki.ca)))
+    assert rogue.returncode != 0
+    assert echo(tls_port).returncode != 0
+    failures = [
+        json.loads(line) for line in gw.log_text().splitlines()
+        if line.startswith("{") and '"tls_handshake_failed"' in line
+    ]  # fmt: skip
+    assert len(failures) >= 3
+    # The plain port goes on, and the TLS one still serves.
+    assert echo(gw.port).returncode == 0
+    assert echo(tls_port, client_tls(pki)).returncode == 0
+    assert gw.call("status")["instances"] == 1
+
+
+class TlsStoreSCP:
+    """DCMTK `storescp +tls` with the destination's certificate, requiring a client one."""
+
+    def __init__(self, directory: Path, pki: Pki) -> None:
+        cert, key = pki.pair("dest")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [require("storescp"), "+tls", str(key), str(cert), "+cf", str(pki.ca), "-aet",
+             "TLSDEST", "-od", str(directory), str(self.port)],
+            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for_port(self.port, 10, self.proc)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def test_a_tls_peer_is_reached_over_tls(gateway_factory: Any, pki: Pki, tmp_path: Path) -> None:
+    dest = TlsStoreSCP(tmp_path / "dest", pki)
+    try:
+        peer = {"name": "dest", "ae_title": "TLSDEST", "host": HOST, "port": dest.port,
+                "tls": True}  # fmt: skip
+        gw, _ = tls_gateway(gateway_factory, pki, peers=[peer])
+        echoed = gw.cli("echo", "dest")
+        assert "dest" in echoed.stdout and echoed.returncode == 0, echoed.stdout
+        sent = subprocess.run(
+            [require("storescu"), "-aec", "GATEWAY", HOST, str(gw.port), str(CT)],
+            capture_output=True, text=True, env=dcmtk_env(), timeout=60,
+        )  # fmt: skip
+        assert sent.returncode == 0
+        result = movescu(
+            gw, "TLSDEST", "S", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={STUDY}"
+        )
+        output = result.stdout + result.stderr
+        assert "Received Final Move Response" in output and "0x0000: Success" in output, output
+        assert len(list((tmp_path / "dest").iterdir())) == 1
+    finally:
+        dest.stop()
