@@ -25,6 +25,7 @@ import structlog
 from gateway import __version__
 from gateway.acquire.registry import Registry
 from gateway.acquire.results import Uploads
+from gateway.audit import AuditLog
 from gateway.config import Settings, load_settings
 from gateway.control.acquire import register_acquisition_methods
 from gateway.control.auth import device_gone, make_authenticator
@@ -111,6 +112,9 @@ class Gateway:
             task.add_done_callback(self._background.discard)
         self.dispatcher.wake()
         self.reloaded_at = time.time()
+        if self.store.audit is not None:
+            self.store.audit.record("Application Activity", what="configuration reloaded",
+                                    peers_changed=changed)  # fmt: skip
         log.info(
             "config_reloaded",
             rules=len(self.settings.rules),
@@ -168,6 +172,8 @@ async def run(
         min_free_bytes=settings.node.min_free_mb * 2**20,
     )
     await store.open()
+    audit = AuditLog(settings.node.data_dir / "audit")
+    store.audit = audit
     jobs = JobQueue(store)
     await jobs.ensure_schema()
     await CompletionStore(store).ensure_schema()
@@ -201,7 +207,10 @@ async def run(
     retriever = Retriever(settings, store, retrievals, jobs, wake_dispatcher=dispatcher.wake)
     store.set_ingest_listener(completion.arrived_from_thread)
     node = DicomNode(settings, store, LoopBridge(loop), registry)
+    node.services.audit = audit
     control = ControlServer(settings.control_socket, settings.control)
+    control.audit = audit
+    dispatcher.audit = audit
     gateway = Gateway(
         settings,
         store,
@@ -244,10 +253,13 @@ async def run(
         await control.start()
         node.start()
         log.info("gateway_started", version=__version__, ae_title=settings.node.ae_title)
+        audit.record("Application Activity", what="started", version=__version__,
+                     ae_title=settings.node.ae_title)  # fmt: skip
         if ready is not None:
             ready.set()
         await _wait_for_stop(stop, tasks)
         log.info("gateway_stopping", open_associations=node.open_associations)
+        audit.record("Application Activity", what="stopped")
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(node.stop, settings.node.shutdown_grace)
@@ -259,6 +271,7 @@ async def run(
             await asyncio.gather(*tasks, return_exceptions=True)
             await control.stop()
             await store.close()
+            audit.close()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(signum)

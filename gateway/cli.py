@@ -136,6 +136,39 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """The audit trail (`gateway.audit`), read from the files; the gateway need not run."""
+    from datetime import UTC, datetime
+
+    from gateway.audit import read_records
+
+    since = None
+    if args.since:
+        try:
+            since = datetime.fromisoformat(args.since)
+        except ValueError:
+            print(f"gateway: --since {args.since!r} is not an ISO 8601 date or time",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
+    directory = _settings(args).node.data_dir / "audit"
+    for entry in read_records(directory, since=since, event=args.event, study=args.study):
+        if args.json:
+            print(json.dumps(entry, ensure_ascii=False))
+            continue
+        who = entry.get("calling_ae") or entry.get("role") or ""
+        where = entry.get("address") or ""
+        what = entry.get("what") or entry.get("service") or entry.get("level") or ""
+        studies = ",".join(entry.get("studies", []))
+        line = (
+            f"{entry['time']}  {entry.get('code') or '-':>6}  {entry['event']:<28}"
+            f" {entry['outcome']:<8} {who:<16} {where:<15} {what} {studies}"
+        )
+        print(line.rstrip())
+    return 0
+
+
 def _call(args: argparse.Namespace, method: str, params: dict[str, Any] | None = None) -> Any:
     from gateway.control.client import ControlClient
 
@@ -900,6 +933,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     add(config, "check", cmd_config_check, "validate the config without starting")
     add(sub, "status", cmd_status, "what the running gateway holds and does")
+    audit = add(sub, "audit", cmd_audit, "the audit trail (DICOM PS3.15 A.5 / IHE ATNA events)")
+    audit.add_argument("--since", help="ISO 8601 date or time (UTC unless it says)")
+    audit.add_argument("--event", help="an event name (Query, Import...) or its code (110112)")
+    audit.add_argument("--study", help="a Study Instance UID")
     studies = sub.add_parser("studies", help="stored studies").add_subparsers(
         dest="studies_command", required=True, metavar="COMMAND"
     )

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import structlog
 
+from gateway.audit import AuditLog
 from gateway.config import ControlSettings
 from gateway.errors import ControlError, GatewayError
 
@@ -126,6 +127,7 @@ class ControlServer:
         self.authenticator: Authenticator | None = None
         self.on_session_end: Callable[[Session], Awaitable[None]] | None = None
         self.sessions: set[Session] = set()
+        self.audit: AuditLog | None = None  # set by the application
 
     def register(self, name: str, method: Method, access: Access = "operator") -> None:
         """Expose *method* as *name*; it receives the params object (a dict)."""
@@ -396,6 +398,11 @@ class ControlServer:
                 )
             except ControlError as exc:
                 failure = exc.message
+        if self.audit is not None:
+            self.audit.record("User Authentication",
+                              outcome="success" if failure is None else "refused",
+                              address=session.peer, role=session.role, device=session.device_id,
+                              reason=failure)  # fmt: skip
         if failure is not None:
             session.close_after_reply = True
             log.warning("control_auth_failed", peer=session.peer, reason=failure)

@@ -27,6 +27,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from gateway.audit import AuditLog
 from gateway.config import PeerSettings, Settings
 from gateway.errors import GatewayError, PeerError, RejectedInstance, StoreError
 from gateway.scp.bridge import LoopBridge
@@ -124,6 +125,12 @@ def _send_stored_files(assoc: Association) -> None:
     assoc._gateway_sends_stored_files = True
 
 
+def _who(stats: AssociationStats) -> dict[str, str]:
+    """An association's caller, for an audit record."""
+    return {"calling_ae": stats.calling_ae.strip(), "called_ae": stats.called_ae.strip(),
+            "address": stats.peer_address}  # fmt: skip
+
+
 @dataclass
 class AssociationStats:
     """Per-association counters, logged when the association ends."""
@@ -138,6 +145,7 @@ class AssociationStats:
     refused: int = 0
     queries: int = 0
     sent: int = 0
+    studies: set[str] = field(default_factory=set)  # of the instances it stored
 
 
 class DicomServices:
@@ -153,6 +161,7 @@ class DicomServices:
         self._settings = settings
         self._store = store
         self._bridge = bridge
+        self.audit: AuditLog | None = None  # set by the application
         self._acquisition = acquisition
         self._stats: dict[int, AssociationStats] = {}
 
@@ -197,13 +206,20 @@ class DicomServices:
 
     def on_rejected(self, assoc: Association, reason: str) -> None:
         address = assoc.requestor.address_info
+        calling = assoc.requestor.primitive.calling_ae_title
+        called = assoc.requestor.primitive.called_ae_title
         log.info(
             "association_rejected",
             reason=reason,
-            calling_ae=assoc.requestor.primitive.calling_ae_title,
-            called_ae=assoc.requestor.primitive.called_ae_title,
+            calling_ae=calling,
+            called_ae=called,
             peer=address.address if address else None,
         )
+        if self.audit is not None:
+            self.audit.record("Security Alert", outcome="refused", what="association rejected",
+                              reason=reason, calling_ae=str(calling).strip(),
+                              called_ae=str(called).strip(),
+                              address=address.address if address else None)  # fmt: skip
 
     def on_accepted(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -214,6 +230,9 @@ class DicomServices:
             peer_address=assoc.requestor.address,
         )
         self._stats[id(assoc)] = stats
+        if self.audit is not None:
+            self.audit.record("Association Accepted", association_id=stats.association_id,
+                              **_who(stats))  # fmt: skip
         log.info(
             "association_accepted",
             association_id=stats.association_id,
@@ -227,6 +246,9 @@ class DicomServices:
         stats = self._stats.pop(id(event.assoc), None)
         if stats is None:
             return
+        if self.audit is not None and stats.studies:
+            self.audit.record("Import", studies=stats.studies, association_id=stats.association_id,
+                              instances=stats.stored + stats.duplicates, **_who(stats))  # fmt: skip
         # requests the transport answered itself (0x0122, a SOP class off its context)
         stats.refused += getattr(event.assoc, "refused_requests", 0)
         log.info(
@@ -299,6 +321,7 @@ class DicomServices:
                 reason=str(exc),
             )
             return 0xA700
+        stats.studies.add(result.study_instance_uid)
         if result.outcome in ("stored", "replaced"):
             stats.stored += 1
         else:
@@ -340,7 +363,18 @@ class DicomServices:
             return
         model = _model(event)
         cap = self._settings.node.max_find_results
-
+        if self.audit is not None:
+            identifier = event.identifier
+            keys = sorted(
+                elem.keyword or str(elem.tag)
+                for elem in identifier
+                if elem.value not in (None, "", [])
+                and elem.tag.group > 0x0002
+                and elem.keyword not in ("QueryRetrieveLevel", "SpecificCharacterSet")
+            )
+            self.audit.record("Query", association_id=stats.association_id, model=model,
+                              level=str(identifier.get("QueryRetrieveLevel", "")), keys=keys,
+                              **_who(stats))  # fmt: skip
         cancelled = cancel_check(event)
         sent = 0
         try:
@@ -374,6 +408,10 @@ class DicomServices:
             yield 0xFE00, None
 
     # -- C-MOVE / C-GET -----------------------------------------------------------------------
+
+    def _studies_of(self, instances: list[InstanceFile]) -> list[str]:
+        """The Study Instance UIDs of *instances*, for the audit record of a transfer."""
+        return self._bridge.call(self._store.study_uids_of, [i.pk for i in instances])
 
     def _instances(self, event: evt.Event) -> list[InstanceFile]:
         model = _model(event)
@@ -454,6 +492,11 @@ class DicomServices:
         transcode: bool,
         peer: str,
     ) -> Iterator[Any]:
+        if self.audit is not None and instances:
+            self.audit.record("DICOM Instances Transferred", studies=self._studies_of(instances),
+                              association_id=stats.association_id, service=kind,
+                              destination=peer, instances=len(instances),
+                              **_who(stats))  # fmt: skip
         yield len(instances)
         for instance in instances:
             if cancelled():

@@ -169,6 +169,7 @@ class DicomNode:
             server.policy = policy
             server.on_reject = self.services.on_rejected
             server.access = self.access
+            server.audit = self.services.audit
             self._ae._servers.append(server)
             thread = threading.Thread(
                 target=server.serve_forever,

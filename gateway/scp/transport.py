@@ -52,6 +52,7 @@ from pynetdicom.transport import (
     ThreadedAssociationServer,
 )
 
+from gateway.audit import AuditLog
 from gateway.config import CallerSettings
 from gateway.scp.access import Grant, ServiceAccess, service_of
 
@@ -340,6 +341,7 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
     _wake_event: threading.Event
     refused_requests = 0  # requests answered here with a refusal (`_refuse`)
     access: ServiceAccess | None = None  # inbound: what the caller may use; None: no screen
+    audit: AuditLog | None = None  # inbound: where refusals are recorded
     _grant: Grant | None = None
 
     def run(self) -> None:
@@ -480,6 +482,10 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
             status=f"0x{_NOT_AUTHORIZED:04X}",
             reason=f"{self._grant.caller} may use {', '.join(sorted(self._grant.services))}",
         )
+        if self.audit is not None:
+            self.audit.record("Security Alert", outcome="refused", what="service refused",
+                              service=service, calling_ae=str(self.requestor.ae_title).strip(),
+                              address=self.requestor.address)  # fmt: skip
         return True
 
     def _refuse(self, msg: Any, context_id: int | None, status: int) -> None:
@@ -588,6 +594,11 @@ class _RequestHandler(RequestHandler):  # type: ignore[misc]
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 log.warning("tls_handshake_failed", peer=self.client_address[0],
                             reason=str(exc)[:200])  # fmt: skip
+                if self.server.audit is not None:
+                    self.server.audit.record("Security Alert", outcome="refused",
+                                             what="TLS handshake failed",
+                                             address=self.client_address[0],
+                                             reason=str(exc)[:200])  # fmt: skip
                 with contextlib.suppress(OSError):
                     sock.close()
                 return
@@ -603,6 +614,7 @@ class _RequestHandler(RequestHandler):  # type: ignore[misc]
         acse.on_reject = self.server.on_reject
         assoc.acse = acse
         assoc.access = self.server.access
+        assoc.audit = self.server.audit
         return assoc
 
 
@@ -612,6 +624,7 @@ class GatewayServer(ThreadedAssociationServer):  # type: ignore[misc]
     policy: AssociationPolicy
     on_reject: Callable[[Association, str], None]
     access: ServiceAccess | None = None
+    audit: AuditLog | None = None
     daemon_threads = True
     # socketserver's default backlog is 5: a burst of connections (modalities reconnecting after
     # an outage, health checks) while the listener thread waited for the GIL overflowed it, and

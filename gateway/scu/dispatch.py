@@ -26,6 +26,7 @@ import anyio.to_thread
 import structlog
 from anyio.abc import TaskGroup
 
+from gateway.audit import AuditLog
 from gateway.config import FolderSettings, PeerSettings, Settings, WebhookSettings
 from gateway.errors import GatewayError
 from gateway.scu.notify import NotifyError, post_json, summary
@@ -121,6 +122,7 @@ class Dispatcher:
         self.store = store
         self.queue = queue
         self.backoff = backoff or Backoff()
+        self.audit: AuditLog | None = None  # set by the application
         self.per_target_concurrency = per_target_concurrency
         self.poll_seconds = poll_seconds
         self.claim_limit = claim_limit
@@ -352,6 +354,11 @@ class Dispatcher:
                 ledger.close()
 
         await anyio.to_thread.run_sync(send)
+        if self.audit is not None and delivered:
+            self.audit.record("DICOM Instances Transferred", studies=[job.study_uid],
+                              outcome="success" if not errors else "partial",
+                              service="dispatch", destination=peer.name, job=job.id,
+                              rule=job.rule, instances=delivered)  # fmt: skip
         return delivered, errors[0] if errors else None, permanent
 
     async def _copy_to_folder(

@@ -70,7 +70,7 @@ class Retention:
             studies = await self.eligible(now)
             for study_uid in studies:
                 await self.store.write(functools.partial(_forget, study_uid=study_uid))
-                instances = await self.store.delete_study(study_uid)
+                instances = await self.store.delete_study(study_uid, by="retention")
                 log.info("retention_deleted", study_uid=study_uid, instances=instances)
                 deleted += 1
             if len(studies) < _BATCH:

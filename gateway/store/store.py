@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import anyio
 import structlog
 
+from gateway.audit import AuditLog
 from gateway.errors import GatewayError, InstanceMismatch, InvalidInstance, StoreError
 from gateway.store.files import FileStore
 from gateway.store.index import (
@@ -101,6 +102,7 @@ class Store:
         self._readers = _ReadPool(self.db_path, _READERS, "read")
         self._streams = _ReadPool(self.db_path, _QUERY_STREAMS, "query")
         self.reconcile_report = ReconcileReport()
+        self.audit: AuditLog | None = None  # set by the application
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -259,8 +261,9 @@ class Store:
         """Queue *fn* like `write` and return its future at once (for worker threads)."""
         return self._writer.submit(fn)
 
-    async def delete_study(self, study_uid: str) -> int:
-        """Remove a study's rows and files; return how many instances it had."""
+    async def delete_study(self, study_uid: str, by: str = "operator") -> int:
+        """Remove a study's rows and files; return how many instances it had. *by* (operator,
+        retention) goes into the audit record."""
 
         def delete(conn: sqlite3.Connection) -> list[str]:
             rows = conn.execute(
@@ -284,6 +287,9 @@ class Store:
         paths = await self.write(delete)
         await anyio.to_thread.run_sync(self.files.remove, paths)
         log.info("study_deleted", instances=len(paths))
+        if self.audit is not None and paths:
+            self.audit.record("DICOM Study Deleted", studies=[study_uid], by=by,
+                              instances=len(paths))  # fmt: skip
         return len(paths)
 
     # -- reads --------------------------------------------------------------------------------
@@ -324,6 +330,26 @@ class Store:
                 raise StoreError(f"the index could not be read: {exc}") from exc
             finally:
                 conn.set_progress_handler(None, 0)
+
+    async def study_uids_of(self, instance_pks: Sequence[int]) -> list[str]:
+        """The distinct Study Instance UIDs of the instances with these row ids."""
+
+        def select(conn: sqlite3.Connection) -> list[str]:
+            found: set[str] = set()
+            for start in range(0, len(instance_pks), 500):
+                chunk = list(instance_pks[start : start + 500])
+                found.update(
+                    str(uid)
+                    for (uid,) in conn.execute(
+                        "SELECT DISTINCT st.study_uid FROM instances i"
+                        " JOIN series s ON i.series_pk = s.pk JOIN studies st"
+                        f" ON s.study_pk = st.pk WHERE i.pk IN ({','.join('?' * len(chunk))})",
+                        chunk,
+                    )
+                )
+            return sorted(found)
+
+        return await self.read(select)
 
     async def counts(self) -> dict[str, int]:
         """Patients, studies, series, instances and bytes (of datasets) held, and how many
