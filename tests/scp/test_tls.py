@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,6 @@ from tests.conftest import (
     self_signed_certificate,
     wait_for_port,
 )
-from tests.scp.test_query_retrieve import movescu
 
 CT = TEST_FILES / "CT_small.dcm"
 STUDY = "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322"
@@ -118,11 +118,15 @@ class TlsStoreSCP:
 
 
 def test_a_tls_peer_is_reached_over_tls(gateway_factory: Any, pki: Pki, tmp_path: Path) -> None:
+    """`gateway echo`, a routing rule's dispatch, and a C-MOVE that DCMTK movescu asks for over
+    the TLS port, each reach DCMTK `storescp +tls`."""
     dest = TlsStoreSCP(tmp_path / "dest", pki)
     try:
         peer = {"name": "dest", "ae_title": "TLSDEST", "host": HOST, "port": dest.port,
                 "tls": True}  # fmt: skip
-        gw, _ = tls_gateway(gateway_factory, pki, peers=[peer])
+        rules = [{"name": "ct", "match": 'Modality == "CT"', "targets": ["dest"],
+                  "quiet_seconds": 0.3}]  # fmt: skip
+        gw, tls_port = tls_gateway(gateway_factory, pki, peers=[peer], rules=rules)
         echoed = gw.cli("echo", "dest")
         assert "dest" in echoed.stdout and echoed.returncode == 0, echoed.stdout
         sent = subprocess.run(
@@ -130,11 +134,37 @@ def test_a_tls_peer_is_reached_over_tls(gateway_factory: Any, pki: Pki, tmp_path
             capture_output=True, text=True, env=dcmtk_env(), timeout=60,
         )  # fmt: skip
         assert sent.returncode == 0
-        result = movescu(
-            gw, "TLSDEST", "S", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={STUDY}"
-        )
-        output = result.stdout + result.stderr
-        assert "Received Final Move Response" in output and "0x0000: Success" in output, output
+        deadline = time.monotonic() + 30
+        while [j["state"] for j in gw.call("jobs.list")["jobs"]] != ["done"]:
+            assert time.monotonic() < deadline, gw.call("jobs.list")
+            time.sleep(0.1)
+        assert len(list((tmp_path / "dest").iterdir())) == 1  # dispatched by the rule
+        for path in (tmp_path / "dest").iterdir():
+            path.unlink()
+        # DCMTK's movescu has no TLS options: a pynetdicom requestor with the client's
+        # certificate asks for the C-MOVE on the TLS port.
+        import ssl
+
+        from pydicom.dataset import Dataset
+        from pynetdicom import AE
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
+        context.check_hostname = False
+        cert, key = pki.pair("client")
+        context.load_cert_chain(cert, key)
+        ae = AE(ae_title="WS1")
+        ae.add_requested_context(MOVE)
+        assoc = ae.associate(HOST, tls_port, ae_title="GATEWAY", tls_args=(context, None))
+        assert assoc.is_established
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = STUDY
+        try:
+            statuses = [int(s.Status) for s, _ in assoc.send_c_move(query, "TLSDEST", MOVE)]
+        finally:
+            assoc.release()
+        assert statuses[-1] == 0x0000, statuses
         assert len(list((tmp_path / "dest").iterdir())) == 1
     finally:
         dest.stop()
