@@ -172,7 +172,7 @@ async def run(
         min_free_bytes=settings.node.min_free_mb * 2**20,
     )
     await store.open()
-    audit = AuditLog(settings.node.data_dir / "audit")
+    audit = AuditLog(settings.node.data_dir / "audit", settings.audit.syslog_address())
     store.audit = audit
     jobs = JobQueue(store)
     await jobs.ensure_schema()

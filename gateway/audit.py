@@ -17,14 +17,17 @@ session's role and device), and the studies concerned:
 | 110113 | Security Alert | a refused association, a refused service, a failed TLS handshake |
 | (none) | Association Accepted | every accepted association |
 
-Patient names never appear; a Patient ID may (`patient_ids`). Writing never raises into the
-work it records: a failed write is logged as `audit_write_failed`.
+Patient names never appear. Writing never raises into the work it records: a failed write is
+logged as `audit_write_failed`. With `[audit] syslog` each record is also sent to a collector as
+an RFC 5424 message (facility 10, security/authorization; severity notice, or warning for a
+Security Alert; APP-NAME `dicom-gateway`, MSGID the event code, the record as JSON as MSG).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -61,10 +64,13 @@ class _Day:
 class AuditLog:
     """Appends audit records under *directory*; safe from any thread."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, syslog: tuple[str, str, int] | None = None) -> None:
         self.directory = directory
         self._lock = threading.Lock()
         self._day: _Day | None = None
+        self._syslog = syslog
+        self._sock: socket.socket | None = None
+        self._hostname = socket.gethostname() or "-"
 
     def record(
         self,
@@ -85,12 +91,39 @@ class AuditLog:
             **{key: value for key, value in details.items() if value is not None},
             "studies": sorted(set(studies)),
         }
-        line = (json.dumps(entry, default=str, ensure_ascii=False) + "\n").encode("utf-8")
+        text = json.dumps(entry, default=str, ensure_ascii=False)
         try:
             with self._lock:
-                os.write(self._fd_for(now), line)
+                os.write(self._fd_for(now), (text + "\n").encode("utf-8"))
         except OSError as exc:
             log.error("audit_write_failed", event=event, error=str(exc))
+        if self._syslog is not None:
+            self._send(entry, text)
+
+    def _send(self, entry: dict[str, Any], text: str) -> None:
+        """One RFC 5424 message in one UDP datagram (RFC 5426)."""
+        severity = 4 if entry["event"] == "Security Alert" else 5
+        message = (
+            f"<{10 * 8 + severity}>1 {entry['time']} {self._hostname} dicom-gateway"
+            f" {os.getpid()} {entry['code'] or '-'} - {text}"
+        ).encode()
+        assert self._syslog is not None
+        _, host, port = self._syslog
+        try:
+            with self._lock:
+                if self._sock is None:
+                    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                    sock = socket.socket(family, socket.SOCK_DGRAM)
+                    sock.setblocking(False)
+                    sock.connect((host, port))
+                    self._sock = sock
+                self._sock.send(message)
+        except OSError as exc:
+            log.warning("audit_syslog_failed", error=str(exc))
+            with self._lock:
+                if self._sock is not None:
+                    self._sock.close()
+                    self._sock = None
 
     def _fd_for(self, now: float) -> int:
         stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%d")
@@ -108,6 +141,9 @@ class AuditLog:
             if self._day is not None:
                 os.close(self._day.fd)
                 self._day = None
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
 
 
 def read_records(

@@ -133,6 +133,31 @@ class DispatchSettings(_Section):
     max_attempts: Annotated[int, Field(ge=1, le=1000)] = 10
 
 
+_SYSLOG_RE = re.compile(r"^(udp)://([^/:\s]+|\[[0-9a-fA-F:]+\]):([0-9]{1,5})$")
+
+
+class AuditSettings(_Section):
+    """The audit trail (docs/audit.md): always written under data_dir/audit/; optionally also
+    sent to a syslog collector as RFC 5424 messages over UDP (RFC 5426, `udp://host:514`): a
+    datagram never waits for the collector, so a collector that is down delays nothing."""
+
+    syslog: str | None = None
+
+    @field_validator("syslog")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not _SYSLOG_RE.match(value):
+            raise setting_error(f"{value!r} is not udp://host:port")
+        return value
+
+    def syslog_address(self) -> tuple[str, str, int] | None:
+        """(transport, host, port) of the collector, or None."""
+        match = _SYSLOG_RE.match(self.syslog or "")
+        if match is None:
+            return None
+        return match.group(1), match.group(2).strip("[]"), int(match.group(3))
+
+
 class RetentionSettings(_Section):
     """When studies leave the store: after their jobs are done, once they are old enough."""
 
@@ -337,6 +362,7 @@ class Settings(BaseSettings):
     retrieve: RetrieveSettings = Field(default_factory=RetrieveSettings)
     projects: list[ProjectSettings] = Field(default_factory=list)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 

@@ -22,7 +22,14 @@ def dcmtk(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_audit_trail_of_a_session(gateway_factory: Any, tmp_path: Path) -> None:
+    """Each kind of record from what DCMTK's tools and a control login do; the same records as
+    RFC 5424 messages to a UDP syslog collector on loopback."""
+    import socket
+
     dest = StoreSCP(tmp_path / "dest")
+    collector = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    collector.bind((HOST, 0))
+    collector.settimeout(5)
     try:
         _, hashed = new_operator_token()
         port = free_port()
@@ -30,6 +37,7 @@ def test_audit_trail_of_a_session(gateway_factory: Any, tmp_path: Path) -> None:
             peers=[{"name": "dest", "ae_title": "STORESCP", "host": HOST, "port": dest.port}],
             security={"default_services": ["echo", "store", "find", "move"]},
             control={"tcp_port": port, "operator_token_hashes": [hashed]},
+            audit={"syslog": f"udp://{HOST}:{collector.getsockname()[1]}"},
         )
         gateway = ("-aec", gw.ae_title, HOST, str(gw.port))
         assert dcmtk("storescu", "-aet", "CT1", *gateway, str(CT)).returncode == 0
@@ -112,5 +120,19 @@ def test_audit_trail_of_a_session(gateway_factory: Any, tmp_path: Path) -> None:
         # No patient name is written, only what the records above say.
         text = "".join(p.read_text() for p in (gw.data_dir / "audit").iterdir())
         assert "CompressedSamples" not in text and "Compressed*" not in text
+        # The collector got every record as RFC 5424: <PRI>1 TIME HOST APP PROCID MSGID - MSG.
+        received = []
+        while len(received) < len(records):
+            datagram = collector.recv(65536).decode()
+            *header, structured, message = datagram.split(" ", 7)
+            assert structured == "-"  # no structured data
+            received.append((header, json.loads(message)))
+        assert [message for _, message in received] == records
+        for fields, message in received:
+            alert = message["event"] == "Security Alert"
+            assert fields[0] == ("<84>1" if alert else "<85>1")
+            assert (fields[1], fields[3], fields[5]) == (message["time"], "dicom-gateway",
+                                                         message["code"] or "-")  # fmt: skip
     finally:
         dest.stop()
+        collector.close()
