@@ -24,6 +24,7 @@ import pytest
 from gateway.config import SERVICES
 from gateway.control.client import ControlClient
 
+REPO = Path(__file__).resolve().parent.parent
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
 TEST_FILES = PYDICOM_DATA / "test_files"
 CHARSET_FILES = PYDICOM_DATA / "charset_files"
@@ -103,34 +104,13 @@ class Pki:
 
 
 def make_pki(directory: Path, names: tuple[str, ...]) -> Pki:
-    """A CA and one certificate per name signed by it (openssl; one day; serverAuth and
-    clientAuth)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ca, ca_key = directory / "ca.pem", directory / "ca.key"
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-            "/CN=Gateway test CA", "-keyout", str(ca_key), "-out", str(ca),
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
-    extensions = directory / "leaf.ext"
-    extensions.write_text(
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
-        "keyUsage=critical,digitalSignature,keyEncipherment\n"
-        "extendedKeyUsage=serverAuth,clientAuth\n"
-    )
-    pki = Pki(ca, directory)
-    for name in names:
-        cert, key = pki.pair(name)
-        csr = directory / f"{name}.csr"
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                "-keyout", str(key), "-out", str(csr))  # fmt: skip
-        openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
-                "-CAcreateserial", "-days", "1", "-extfile", str(extensions),
-                "-out", str(cert))  # fmt: skip
-    return pki
+    """A CA and one certificate per name signed by it: the README's `scripts/make-certs`
+    (one day)."""
+    subprocess.run(
+        [str(REPO / "scripts" / "make-certs"), str(directory), *names],
+        check=True, capture_output=True, env={**os.environ, "DAYS": "1"},
+    )  # fmt: skip
+    return Pki(directory / "ca.pem", directory)
 
 
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
