@@ -358,6 +358,7 @@ class OrthancProcess:
         *,
         verbose: bool = False,
         check_called_aet: bool = False,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         import json
 
@@ -381,6 +382,7 @@ class OrthancProcess:
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": check_called_aet,
             "DicomModalities": {name: list(m) for name, m in (modalities or {}).items()},
+            **(extra or {}),
         }
         (root / "orthanc.json").write_text(json.dumps(config))
         self.log_path = root / "orthanc.log"

@@ -4,8 +4,8 @@ A test CA signs the gateway's, a client's and a destination's certificates (`mak
 `echoscu`, `storescu` and `findscu` with `+tls` reach the TLS port with the client's certificate;
 a client without a certificate, with one the CA did not sign, or speaking plain DICOM is refused
 during the handshake, and the plain port goes on serving. DCMTK `storescp +tls` is a `tls = true`
-peer: `gateway echo` and a C-MOVE reach it, verified against the CA, with the gateway's
-certificate as the client's.
+peer, and so is Orthanc with its DICOM TLS on: `gateway echo`, a rule's dispatch and C-MOVEs
+reach them, verified against the CA, with the gateway's certificate as the client's.
 """
 
 from __future__ import annotations
@@ -168,3 +168,36 @@ def test_a_tls_peer_is_reached_over_tls(gateway_factory: Any, pki: Pki, tmp_path
         assert len(list((tmp_path / "dest").iterdir())) == 1
     finally:
         dest.stop()
+
+
+def test_orthanc_over_dicom_tls(gateway_factory: Any, pki: Pki, tmp_path: Path) -> None:
+    """Orthanc with DICOM TLS on (its certificate from the test CA, client certificates
+    required) as a `tls = true` peer: `gateway echo` and a C-MOVE to it go over TLS."""
+    from tests.conftest import OrthancProcess
+    from tests.scp.test_query_retrieve import movescu
+
+    make_pki(pki.directory, ("orthanc",))
+    cert, key = pki.pair("orthanc")
+    orthanc = OrthancProcess(tmp_path / "orthanc", "ORTHANC", extra={
+        "DicomTlsEnabled": True, "DicomTlsCertificate": str(cert),
+        "DicomTlsPrivateKey": str(key), "DicomTlsTrustedCertificates": str(pki.ca),
+        "DicomTlsRemoteCertificateRequired": True, "DicomAlwaysAllowStore": True,
+    })  # fmt: skip
+    try:
+        peer = {"name": "orthanc", "ae_title": "ORTHANC", "host": HOST, "port": orthanc.port,
+                "tls": True}  # fmt: skip
+        gw, _ = tls_gateway(gateway_factory, pki, peers=[peer])
+        echoed = gw.cli("echo", "orthanc", check=False)
+        assert echoed.returncode == 0, echoed.stdout + echoed.stderr
+        sent = subprocess.run(
+            [require("storescu"), "-aec", "GATEWAY", HOST, str(gw.port), str(CT)],
+            capture_output=True, text=True, env=dcmtk_env(), timeout=60,
+        )  # fmt: skip
+        assert sent.returncode == 0
+        keys = ("QueryRetrieveLevel=STUDY", f"StudyInstanceUID={STUDY}")
+        moved = movescu(gw, "ORTHANC", "S", *keys)
+        output = moved.stdout + moved.stderr
+        assert "0x0000: Success" in output, output
+        assert orthanc.instance_count() == 1
+    finally:
+        orthanc.stop()
