@@ -50,6 +50,7 @@ _READERS = 4  # read connections for the control plane, dispatch, retrieval, C-M
 _QUERY_STREAMS = 3  # read connections C-FIND answers stream from (`Store.stream`)
 _PROGRESS_STEPS = 1000  # SQLite VM steps between checks for a cancelled stream
 _READ_WAIT = 30.0  # seconds a read waits for a free connection before it fails
+_WRITE_WAIT = 120.0  # seconds an association's thread waits for its instance's index commit
 _RECONCILE_MARGIN = 3600.0  # seconds before an unmarked unclean run's start scanned too
 # Seconds before the durable mark that are scanned too. Within a run the store's clock never goes
 # back (`InFlight.clock`), so every file moved in after the mark is timed at or after it; the
@@ -240,7 +241,12 @@ class Store:
             raise StoreError(f"cannot flush the received file to disk: {exc}") from exc
         finally:
             os.close(fd)
-        return pending.result()
+        try:
+            return pending.result(timeout=_WRITE_WAIT)
+        except TimeoutError:
+            # A writer stuck on the disk fails this request (0xA700), not the association's
+            # thread for ever; the row may still commit, and a re-send is then a duplicate.
+            raise StoreError(f"the index did not commit within {_WRITE_WAIT:g} s") from None
 
     async def ingest(
         self, temp_path: Path, provenance: Provenance, *, expect: tuple[str, str] | None = None
