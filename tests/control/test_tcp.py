@@ -413,14 +413,18 @@ def test_idle_uploads_expire_and_uploads_pass_the_disk_guard(gateway_factory: An
     import base64
     import hashlib
 
+    def device_with_task(gw: GatewayProcess, port: int) -> tuple[Line, dict[str, Any]]:
+        mr = gw.call("devices.register", {"name": "MR 1", "modality": "MR"})
+        seq = gw.call("sequences.create", {"name": "T1"})
+        task = gw.call("tasks.create", {"device_id": mr["id"], "sequence_id": seq["id"],
+                                        "patient": {"id": "P1"}})  # fmt: skip
+        device = Line(port)
+        device.call("auth.login", {"device_id": mr["id"], "token": mr["token"]})
+        return device, task
+
     port = free_port()
     gw = gateway_factory(control={"tcp_port": port, "upload_idle_timeout": 1})
-    mr = gw.call("devices.register", {"name": "MR 1", "modality": "MR"})
-    seq = gw.call("sequences.create", {"name": "T1"})
-    task = gw.call("tasks.create", {"device_id": mr["id"], "sequence_id": seq["id"],
-                                    "patient": {"id": "P1"}})  # fmt: skip
-    device = Line(port)
-    device.call("auth.login", {"device_id": mr["id"], "token": mr["token"]})
+    device, task = device_with_task(gw, port)
     data = b"k" * 4000
     begin = device.call("uploads.begin", {"task_id": task["id"], "name": "k.raw",
                                           "size": len(data),
@@ -442,12 +446,7 @@ def test_idle_uploads_expire_and_uploads_pass_the_disk_guard(gateway_factory: An
     gw.stop()
 
     full = gateway_factory("full", control={"tcp_port": port}, node={"min_free_mb": 2**40})
-    mr = full.call("devices.register", {"name": "MR 1", "modality": "MR"})
-    seq = full.call("sequences.create", {"name": "T1"})
-    task = full.call("tasks.create", {"device_id": mr["id"], "sequence_id": seq["id"],
-                                      "patient": {"id": "P1"}})  # fmt: skip
-    device = Line(port)
-    device.call("auth.login", {"device_id": mr["id"], "token": mr["token"]})
+    device, task = device_with_task(full, port)
     refused = device.call(
         "uploads.begin",
         {
