@@ -259,7 +259,7 @@ async def run(
             ready.set()
         await _wait_for_stop(stop, tasks)
         log.info("gateway_stopping", open_associations=node.open_associations)
-        audit.record("Application Activity", what="stopped")
+        audit.record("Application Activity", what="stopped", version=__version__)
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(node.stop, settings.node.shutdown_grace)

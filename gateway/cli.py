@@ -127,7 +127,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     print(f"{_config_path(args)}: valid")
     node = settings.node
-    print(f"  node: {node.ae_title} on {node.host}:{node.port}, data in {node.data_dir}")
+    listeners = [f"{node.host}:{node.port}"] if node.plain else []
+    if node.tls_port is not None:
+        listeners.append(f"{node.host}:{node.tls_port} (TLS)")
+    print(f"  node: {node.ae_title} on {', '.join(listeners)}, data in {node.data_dir}")
     print(f"  control socket: {settings.control_socket}")
     print(f"  peers: {', '.join(p.name for p in settings.peers) or 'none'}")
     print(f"  folders: {', '.join(f.name for f in settings.folders) or 'none'}")
@@ -1033,7 +1036,9 @@ def _add_retrieve(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return int(args.fn(args))
+        code = int(args.fn(args))
+        sys.stdout.flush()  # a reader that went away shows here, not at the exit
+        return code
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
@@ -1045,3 +1050,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`gateway audit | head`): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0

@@ -117,6 +117,18 @@ def test_audit_trail_of_a_session(gateway_factory: Any, tmp_path: Path) -> None:
                                                    "DICOM Study Deleted"}  # fmt: skip
         queries = gw.cli("audit", "--event", "110112").stdout.splitlines()
         assert len(queries) == 1 and "Query" in queries[0] and "WS1" in queries[0]
+        refusal = next(r for r in by_event["Security Alert"] if r["what"] == "service refused")
+        assert refusal["reason"] == "unknown caller may not use get"
+        # Read by a pager or `head`: the reader going away ends it quietly.
+        import sys
+
+        piped = subprocess.run(
+            f"set -o pipefail; {sys.executable} -m gateway audit --json --config {gw.config}"
+            " | head -1",
+            shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert piped.returncode == 0 and piped.stderr == "", piped.stderr
+        assert json.loads(piped.stdout)["event"] == "Application Activity"
         # No patient name is written, only what the records above say.
         text = "".join(p.read_text() for p in (gw.data_dir / "audit").iterdir())
         assert "CompressedSamples" not in text and "Compressed*" not in text

@@ -485,7 +485,8 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
         if self.audit is not None:
             self.audit.record("Security Alert", outcome="refused", what="service refused",
                               service=service, calling_ae=str(self.requestor.ae_title).strip(),
-                              address=self.requestor.address)  # fmt: skip
+                              address=self.requestor.address,
+                              reason=f"{self._grant.caller} may not use {service}")  # fmt: skip
         return True
 
     def _refuse(self, msg: Any, context_id: int | None, status: int) -> None:
