@@ -35,7 +35,7 @@ from gateway.scp.receiving import ReceivingFile
 from gateway.scp.tls import tls_args
 from gateway.scp.transport import cancel_check, set_nodelay
 from gateway.scp.worklist import AcquisitionServices
-from gateway.scu.syntaxes import outgoing, storage_contexts
+from gateway.scu.syntaxes import MAX_CONTEXTS, outgoing, storage_contexts
 from gateway.store.index import Provenance
 from gateway.store.query import QueryError, QueryModel, retrieve_filter, stream_capped
 from gateway.store.store import InstanceFile, Store
@@ -49,7 +49,6 @@ _PATIENT_ROOT = {
     str(PatientRootQueryRetrieveInformationModelMove),
     str(PatientRootQueryRetrieveInformationModelGet),
 }
-_MAX_CONTEXTS = 128
 
 
 def _model(event: evt.Event) -> QueryModel:
@@ -437,15 +436,15 @@ class DicomServices:
             instances = self._instances(event)
         except QueryError as exc:
             log.warning("move_refused", association_id=stats.association_id, reason=str(exc))
-            yield peer.host, peer.port, self._move_kwargs([], peer=peer)
+            yield peer.host, peer.port, self._move_kwargs([], peer)
             raise
         except GatewayError as exc:
             log.error("move_failed", association_id=stats.association_id, reason=str(exc))
-            yield peer.host, peer.port, self._move_kwargs([], peer=peer)
+            yield peer.host, peer.port, self._move_kwargs([], peer)
             raise
         tally = _SubOperations()
         cancelled = cancel_check(event)
-        yield peer.host, peer.port, self._move_kwargs(instances, tally, peer)
+        yield peer.host, peer.port, self._move_kwargs(instances, peer, tally)
         yield from self._send(
             cancelled, stats, instances, "move", transcode=peer.transcode, peer=peer.name
         )
@@ -510,16 +509,15 @@ class DicomServices:
     def _move_kwargs(
         self,
         instances: list[InstanceFile],
+        peer: PeerSettings,
         tally: _SubOperations | None = None,
-        peer: PeerSettings | None = None,
     ) -> dict[str, Any]:
         """Association arguments for the move destination: the storage contexts of what is sent
         (`storage_contexts`), and Verification, so that a destination that accepts none of the
         others still associates and each instance fails as a sub-operation (pynetdicom answers
         an association that could not be made with 0xA801, Move Destination unknown)."""
         pairs = sorted({(i.sop_class_uid, i.transfer_syntax) for i in instances})
-        transcode = peer.transcode if peer is not None else True
-        contexts = storage_contexts(pairs, transcode=transcode, limit=_MAX_CONTEXTS - 1)
+        contexts = storage_contexts(pairs, transcode=peer.transcode, limit=MAX_CONTEXTS - 1)
         contexts.append(build_context(Verification))
         node = self._settings.node
         handlers = [
@@ -528,14 +526,12 @@ class DicomServices:
         ]
         if tally is not None:
             handlers.append((evt.EVT_DIMSE_RECV, tally.on_message))
-        kwargs: dict[str, Any] = {
+        return {
             "contexts": contexts,
             "max_pdu": node.max_pdu_size,
             "evt_handlers": handlers,
+            "tls_args": tls_args(node, peer),  # None: plain DICOM
         }
-        if peer is not None and peer.tls:
-            kwargs["tls_args"] = tls_args(node, peer)  # the destination is reached over TLS
-        return kwargs
 
     def on_destination_accepted(self, event: evt.Event) -> None:
         _send_stored_files(event.assoc)

@@ -24,14 +24,13 @@ from pynetdicom import _config
 from gateway.config import NodeSettings, PeerSettings
 from gateway.errors import PeerError
 from gateway.scu.association import associate, client_ae, no_answer
-from gateway.scu.syntaxes import context_count, outgoing, storage_contexts
+from gateway.scu.syntaxes import MAX_CONTEXTS, context_count, outgoing, storage_contexts
 from gateway.store.store import InstanceFile
 
 __all__ = ["MAX_CONTEXTS", "Delivery", "context_batches", "send_instances"]
 
 log = structlog.get_logger(__name__)
 
-MAX_CONTEXTS = 128
 _WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
 
 

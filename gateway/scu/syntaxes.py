@@ -41,6 +41,7 @@ from gateway.errors import PeerError
 from gateway.store.store import InstanceFile
 
 __all__ = [
+    "MAX_CONTEXTS",
     "UNCOMPRESSED",
     "context_count",
     "named",
@@ -48,6 +49,9 @@ __all__ = [
     "reencode",
     "storage_contexts",
 ]
+
+# Presentation contexts in one association at most (PS3.8 9.3.2.2: odd context IDs 1-255).
+MAX_CONTEXTS = 128
 
 # What a peer that takes none of an instance's stored syntaxes is offered, in order of preference.
 UNCOMPRESSED: tuple[str, ...] = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
@@ -85,7 +89,7 @@ def context_count(pairs: Iterable[tuple[str, str]], *, transcode: bool) -> int:
 
 
 def storage_contexts(
-    pairs: Iterable[tuple[str, str]], *, transcode: bool, limit: int = 128
+    pairs: Iterable[tuple[str, str]], *, transcode: bool, limit: int = MAX_CONTEXTS
 ) -> list[PresentationContext]:
     """The presentation contexts to propose for instances of these (SOP class, stored transfer
     syntax) pairs: one per pair, then with *transcode* one per SOP class offering

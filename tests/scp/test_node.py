@@ -11,7 +11,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from gateway.config import NodeSettings, Settings
+from gateway.config import NodeSettings, PeerSettings, Settings
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.node import DicomNode
 from gateway.store.store import Store
@@ -61,7 +61,8 @@ async def test_accepted_and_opened_sockets_have_nodelay(tmp_path: Path) -> None:
                 assert _nodelay(client) == 0
                 node.services.on_conn_open(Event(client))  # type: ignore[arg-type]
                 assert _nodelay(client) != 0
-        kwargs = node.services._move_kwargs([])
+        destination = PeerSettings(name="dest", ae_title="DEST", host=HOST, port=104)
+        kwargs = node.services._move_kwargs([], destination)
         assert (
             next(h for e, h in kwargs["evt_handlers"] if e.name == "EVT_CONN_OPEN")
             == node.services.on_conn_open
