@@ -3,10 +3,12 @@
 The parts: the store; the DICOM node, whose committed instances feed the completion engine; the
 completion engine, whose completed series and studies become dispatch jobs; the dispatcher,
 which sends them; the retriever, which fetches cohorts from the archives and hands them to the
-dispatcher; retention, which deletes studies whose work is over; the control socket.
-Signals set an event; shutdown stops the DICOM listener first, gives open associations
-`shutdown_grace` seconds, stops the engine, retention and the dispatcher (interrupted jobs
-resume at the next start), then closes the control socket and the store.
+dispatcher; retention, which deletes studies whose work is over; the control socket; the
+metrics (counted by the parts, served by the `[metrics]` endpoint when it is on).
+Signals set an event; shutdown stops the DICOM listener first (`/healthz` answers 503 from
+then on), gives open associations `shutdown_grace` seconds, stops the engine, retention and the
+dispatcher (interrupted jobs resume at the next start), then closes the control socket, the
+metrics endpoint and the store.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from gateway.control.methods import register_core_methods
 from gateway.control.retrieve import register_retrieve_methods
 from gateway.control.server import ControlServer
 from gateway.errors import ConfigError
+from gateway.metrics import Metrics, MetricsEndpoint, Probe
 from gateway.retrieve.requests import RetrievalQueue
 from gateway.retrieve.worker import Retriever
 from gateway.rules.runtime import CompletedWork, CompletionEngine
@@ -65,6 +68,9 @@ class Gateway:
     retrievals: RetrievalQueue
     registry: Registry
     uploads: Uploads
+    metrics: Metrics
+    probe: Probe
+    endpoint: MetricsEndpoint | None = None
     config_path: Path | None = None
     started_at: float = field(default_factory=time.time)
     version: str = __version__
@@ -150,6 +156,13 @@ class Gateway:
 _RELOADABLE = ("rules", "peers", "folders", "webhooks", "projects")
 
 
+def _dispatch_targets(settings: Settings) -> list[str]:
+    """Where jobs go: rule targets, and the anonymisers retrieval forwards to."""
+    names = [target for rule in settings.rules for target in rule.targets]
+    names += [settings.retrieve.anonymiser or "", *(p.anonymiser or "" for p in settings.projects)]
+    return sorted({name for name in names if name})
+
+
 async def run(
     settings: Settings,
     *,
@@ -184,6 +197,8 @@ async def run(
     uploads = Uploads(store, registry, settings.control.upload_idle_timeout)
     await uploads.ensure_schema()
     await jobs.recover_running()
+    metrics = Metrics()
+    metrics.declare_targets(_dispatch_targets(settings))
     dispatch = settings.dispatch
     backoff = Backoff(
         dispatch.retry_base_seconds, dispatch.retry_max_seconds, dispatch.max_attempts
@@ -194,6 +209,7 @@ async def run(
         jobs,
         backoff=backoff,
         per_target_concurrency=dispatch.per_target_concurrency,
+        metrics=metrics,
     )
 
     async def enqueue(work: CompletedWork) -> None:
@@ -206,9 +222,9 @@ async def run(
     completion = CompletionEngine(settings.rules, store, enqueue)
     retriever = Retriever(settings, store, retrievals, jobs, wake_dispatcher=dispatcher.wake)
     store.set_ingest_listener(completion.arrived_from_thread)
-    node = DicomNode(settings, store, LoopBridge(loop), registry)
+    node = DicomNode(settings, store, LoopBridge(loop), registry, metrics)
     node.services.audit = audit
-    control = ControlServer(settings.control_socket, settings.control)
+    control = ControlServer(settings.control_socket, settings.control, metrics)
     control.audit = audit
     dispatcher.audit = audit
     gateway = Gateway(
@@ -223,6 +239,17 @@ async def run(
         retrievals,
         registry,
         uploads,
+        metrics,
+        Probe(
+            loop,
+            store,
+            listening=lambda: node.listening,
+            open_associations=lambda: node.open_associations,
+            names=lambda: (
+                _dispatch_targets(gateway.settings),
+                [project.name for project in gateway.settings.projects],
+            ),
+        ),
         config_path=config_path,
     )
 
@@ -240,6 +267,9 @@ async def run(
     register_acquisition_methods(control, gateway)
     control.authenticator = make_authenticator(gateway)
     control.on_session_end = lambda session: device_gone(gateway, session)
+    metrics.declare_methods([*control.methods, "auth.login"])
+    if settings.metrics.port is not None:
+        gateway.endpoint = MetricsEndpoint(settings.metrics, metrics, gateway.probe)
     retention = Retention(store, settings.retention)
     tasks = [
         asyncio.create_task(completion.run(), name="completion"),
@@ -251,6 +281,8 @@ async def run(
         tasks.append(asyncio.create_task(retention.run(), name="retention"))
     try:
         await control.start()
+        if gateway.endpoint is not None:  # before the node: a port taken stops before any DICOM
+            gateway.endpoint.start()
         node.start()
         log.info("gateway_started", version=__version__, ae_title=settings.node.ae_title)
         audit.record("Application Activity", what="started", version=__version__,
@@ -262,6 +294,7 @@ async def run(
         audit.record("Application Activity", what="stopped", version=__version__)
     finally:
         with anyio.CancelScope(shield=True):
+            gateway.probe.stopping.set()  # /healthz: 503 while open associations finish
             await anyio.to_thread.run_sync(node.stop, settings.node.shutdown_grace)
             for task in tasks:
                 if task.get_name() not in ("dispatcher", "retriever"):
@@ -270,6 +303,8 @@ async def run(
             retriever.stop()
             await asyncio.gather(*tasks, return_exceptions=True)
             await control.stop()
+            if gateway.endpoint is not None:  # before the store: a scrape may be reading it
+                await anyio.to_thread.run_sync(gateway.endpoint.stop)
             await store.close()
             audit.close()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

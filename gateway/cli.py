@@ -132,6 +132,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         listeners.append(f"{node.host}:{node.tls_port} (TLS)")
     print(f"  node: {node.ae_title} on {', '.join(listeners)}, data in {node.data_dir}")
     print(f"  control socket: {settings.control_socket}")
+    metrics = settings.metrics
+    served = f"http://{metrics.host}:{metrics.port}/metrics" if metrics.port is not None else "off"
+    print(f"  metrics: {served}")
     print(f"  peers: {', '.join(p.name for p in settings.peers) or 'none'}")
     print(f"  folders: {', '.join(f.name for f in settings.folders) or 'none'}")
     rules = [r.name if r.enabled else f"{r.name} (disabled)" for r in settings.rules]
@@ -172,6 +175,42 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Copy the store into DEST while the gateway runs (`gateway.store.backup`); it reads
+    data_dir's files itself, so the gateway need not run."""
+    import signal
+    from datetime import UTC, datetime
+
+    from gateway.store.backup import backup
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # the backup removes what it wrote, then exit status 130
+
+    signal.signal(signal.SIGTERM, interrupted)
+    settings = _settings(args)
+    report = backup(settings.node.data_dir, Path(args.dest),
+                    control_socket=settings.control_socket)  # fmt: skip
+    for warning in report.warnings:
+        print(f"gateway: warning: {warning}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    snapshot = datetime.fromtimestamp(report.snapshot_at, UTC).isoformat(timespec="seconds")
+    print(f"backup of {report.data_dir} in {report.dest} ({report.seconds:.1f} s)")
+    print(f"  index         snapshot at {snapshot}, {_human_bytes(report.index_bytes)}")
+    print(f"  instances     {report.instances}, {_human_bytes(report.instance_bytes)}")
+    print(f"  other files   {report.files}, {_human_bytes(report.file_bytes)} (uploads, sequences)")
+    print(f"  audit files   {report.audit_files}, {_human_bytes(report.audit_bytes)}")
+    print(f"  total         {_human_bytes(report.bytes)}")
+    if report.replaced or report.removed or report.files_removed:
+        print(f"  meanwhile     {report.replaced} instance(s) replaced (newer file copied),"
+              f" {report.removed} removed (deleted: dropped from the copy),"
+              f" {report.files_removed} other file(s) gone")  # fmt: skip
+    if report.not_copied:
+        print(f"  not copied    {', '.join(report.not_copied)} (not part of the store)")
+    return 0
+
+
 def _call(args: argparse.Namespace, method: str, params: dict[str, Any] | None = None) -> Any:
     from gateway.control.client import ControlClient
 
@@ -192,6 +231,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         f" {result['instances']} instances, {_human_bytes(result['bytes'])}"
     )
     print(f"  disk free     {_human_bytes(result['disk_free_bytes'])}")
+    metrics = result.get("metrics")
+    if metrics is None:  # a gateway of an earlier version
+        return 0
+    associations, instances = metrics["associations"], metrics["instances"]
+    print(
+        f"  since start   {associations['accepted']} associations accepted,"
+        f" {sum(associations['rejected'].values())} rejected;"
+        f" {instances['received']} instances received"
+        f" ({_human_bytes(instances['received_bytes'])}),"
+        f" {sum(instances['refused'].values())} refused"
+    )
+    print("  jobs          " + ", ".join(f"{n} {state}" for state, n in metrics["jobs"].items()))
+    retrievals = ", ".join(f"{n} {status}" for status, n in metrics["retrievals"].items())
+    print(f"  retrievals    {retrievals}")
+    print(f"  metrics       {metrics['endpoint'] or 'off'}")
     return 0
 
 
@@ -306,6 +360,30 @@ def cmd_echo(args: argparse.Namespace) -> int:
     else:
         print(f"{result['peer']}: status 0x{result['status']:04X} in {result['seconds']:.3f} s")
     return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the running gateway answers `status` within 5 s and accepts instances; 1
+    with the reason otherwise (the container's HEALTHCHECK)."""
+    from gateway.control.client import ControlClient
+
+    with ControlClient(_settings(args).control_socket, timeout=_HEALTH_TIMEOUT) as client:
+        result = client.call("status")
+    if args.json:
+        print(json.dumps({"healthy": bool(result["accepting_instances"])}))
+    if not result["accepting_instances"]:
+        print(
+            f"gateway: refusing instances: {_human_bytes(result['disk_free_bytes'])} free,"
+            f" below min_free_mb ({_human_bytes(result['min_free_bytes'])})",
+            file=sys.stderr,
+        )
+        return 1
+    if not args.json:
+        print("healthy")
+    return 0
+
+
+_HEALTH_TIMEOUT = 5.0
 
 
 # -- rules dry runs -----------------------------------------------------------------------------
@@ -940,6 +1018,8 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--since", help="ISO 8601 date or time (UTC unless it says)")
     audit.add_argument("--event", help="an event name (Query, Import...) or its code (110112)")
     audit.add_argument("--study", help="a Study Instance UID")
+    backup = add(sub, "backup", cmd_backup, "copy the store, even while it runs, into DEST")
+    backup.add_argument("dest", metavar="DEST", help="a new or empty directory, outside data_dir")
     studies = sub.add_parser("studies", help="stored studies").add_subparsers(
         dest="studies_command", required=True, metavar="COMMAND"
     )
@@ -968,6 +1048,7 @@ def _parser() -> argparse.ArgumentParser:
     jobs_retry.add_argument("ids", nargs="*", type=int)
     jobs_cancel = add(jobs, "cancel", cmd_jobs_cancel, "cancel queued or running jobs")
     jobs_cancel.add_argument("ids", nargs="+", type=int)
+    add(sub, "health", cmd_health, "exit 0 if the running gateway answers and accepts instances")
     echo = add(sub, "echo", cmd_echo, "C-ECHO a configured peer from the gateway")
     echo.add_argument("peer", help="the name of a [[peers]] entry")
     rules = sub.add_parser("rules", help="routing rules: dry runs, reload").add_subparsers(

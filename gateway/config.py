@@ -38,6 +38,7 @@ __all__ = [
     "DispatchSettings",
     "FolderSettings",
     "LogSettings",
+    "MetricsSettings",
     "NodeSettings",
     "PeerSettings",
     "ProjectSettings",
@@ -335,11 +336,21 @@ def _loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
+class MetricsSettings(_Section):
+    """The Prometheus endpoint (off unless port is set): /metrics and /healthz over HTTP. It
+    serves counts and states, never patient data, so it may listen beyond loopback."""
+
+    host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    port: Annotated[int | None, Field(ge=0, le=65535)] = None
+
+
 class LogSettings(_Section):
     """structlog output: console in a terminal, JSON in production."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "console", "json"] = "auto"
+    # Where log lines go; the container image sets stdout (GATEWAY_LOG__STREAM).
+    stream: Literal["stderr", "stdout"] = "stderr"
 
 
 class Settings(BaseSettings):
@@ -364,6 +375,7 @@ class Settings(BaseSettings):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
 
     @classmethod

@@ -30,6 +30,10 @@ TEST_FILES = PYDICOM_DATA / "test_files"
 CHARSET_FILES = PYDICOM_DATA / "charset_files"
 HOST = "127.0.0.1"
 
+# The container image's tests need a Docker daemon and the built image: scripts/test-container
+# sets GATEWAY_TEST_IMAGE and runs them after the suite.
+collect_ignore = [] if os.environ.get("GATEWAY_TEST_IMAGE") else ["container"]
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -274,12 +278,18 @@ class StoreSCP:
     """DCMTK `storescp` writing into a directory: `+xa` accepts every transfer syntax, `+xi`
     Implicit VR Little Endian only (a legacy or research destination)."""
 
-    def __init__(self, directory: Path, ae_title: str = "STORESCP", syntaxes: str = "+xa") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        ae_title: str = "STORESCP",
+        syntaxes: str = "+xa",
+        port: int | None = None,
+    ) -> None:
         require("storescp")
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
-        self.port = free_port()
+        self.port = port or free_port()
         self.proc = subprocess.Popen(
             [
                 "/usr/bin/storescp",

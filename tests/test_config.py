@@ -108,6 +108,13 @@ def test_config_check_cli_exit_status(tmp_path: Path) -> None:
     )
     assert ok.returncode == 0, ok.stderr
     assert "valid" in ok.stdout
+    assert "  metrics: off" in ok.stdout.splitlines()
+    good.write_text('[node]\nae_title = "X"\n[metrics]\nhost = "0.0.0.0"\nport = 9464\n')
+    shown = subprocess.run(
+        [sys.executable, "-m", "gateway", "config", "check", "--config", str(good)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "  metrics: http://0.0.0.0:9464/metrics" in shown.stdout.splitlines()
     bad = tmp_path / "bad.toml"
     bad.write_text("[node]\nport = -3\n")
     for argv in (["config", "check"], ["serve"]):

@@ -6,7 +6,8 @@ sub-association to a peer), C-GET, rejected associations, a dataset aborted half
 vanish mid-association or mid-request, associations and bare connections left idle until the
 node's timeouts end them. Outbound: C-ECHO of a peer, dispatch jobs, webhooks, retrieval from an
 Orthanc archive by C-FIND then C-MOVE, and by C-GET. Control: Unix socket requests, TCP requests
-refused before login, operator and device logins, TLS, device sessions with an upload.
+refused before login, operator and device logins, TLS, device sessions with an upload. Metrics:
+scrapes of /metrics and /healthz.
 
 The gateway's open descriptors, threads and RSS are read from /proc: after a warm-up round (which
 loads every code path once), a first and a second round of the same load must leave descriptors
@@ -26,6 +27,7 @@ import ssl
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -145,6 +147,7 @@ class Site:
     operator_token: str
     control_port: int
     tls_port: int
+    metrics_port: int
     cafile: Path
     device: dict[str, Any]
     task: dict[str, Any]
@@ -157,7 +160,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
     webhook = WebhookReceiver()
     token, hashed = new_operator_token()
     cert, key = self_signed_certificate(tmp_path)
-    control_port, tls_port = free_port(), free_port()
+    control_port, tls_port, metrics_port = free_port(), free_port(), free_port()
     gw = GatewayProcess(
         tmp_path / "gw",
         node={"acse_timeout": 5, "network_timeout": 5, "check_called_ae": True,
@@ -172,15 +175,16 @@ def site(tmp_path: Path) -> Iterator[Site]:
     )  # fmt: skip
     vna = OrthancProcess(tmp_path / "vna", "VNA", {"gateway": ("GATEWAY", HOST, gw.port)})
     try:
-        gw.write_config(**_sections(recorder, webhook, vna, retrieve="move"))
+        gw.write_config(**_sections(recorder, webhook, vna, retrieve="move",
+                                    metrics_port=metrics_port))  # fmt: skip
         gw.start()
         tls.start()
         device = gw.call("devices.register", {"name": "MR 1", "modality": "MR"})
         sequence = gw.call("sequences.create", {"name": "T1"})
         task = gw.call("tasks.create", {"device_id": device["id"], "sequence_id": sequence["id"],
                                         "patient": {"id": "LEAK"}})  # fmt: skip
-        yield Site(gw, recorder, webhook, vna, tmp_path, token, control_port, tls_port, cert,
-                   device, task, [])  # fmt: skip
+        yield Site(gw, recorder, webhook, vna, tmp_path, token, control_port, tls_port,
+                   metrics_port, cert, device, task, [])  # fmt: skip
     finally:
         for process in (gw, tls):
             process.stop()
@@ -190,9 +194,15 @@ def site(tmp_path: Path) -> Iterator[Site]:
 
 
 def _sections(
-    recorder: Recorder, webhook: WebhookReceiver, vna: OrthancProcess, *, retrieve: str
+    recorder: Recorder,
+    webhook: WebhookReceiver,
+    vna: OrthancProcess,
+    *,
+    retrieve: str,
+    metrics_port: int,
 ) -> dict[str, Any]:
     return {
+        "metrics": {"host": HOST, "port": metrics_port},
         "peers": [
             {"name": "recorder", "ae_title": "RECORDER", "host": HOST, "port": recorder.port},
             {"name": "vna", "ae_title": "VNA", "host": HOST, "port": vna.port,
@@ -378,6 +388,14 @@ def device_session(site: Site, n: int) -> None:
     line.close()
 
 
+def scrape(site: Site, n: int) -> None:
+    """A Prometheus scrape (which reads the index on the gateway's loop), or a health check."""
+    path = "/healthz" if n % 2 else "/metrics"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://{HOST}:{site.metrics_port}{path}", timeout=30) as response:
+        assert response.status == 200 and response.read()
+
+
 def outbound_echo(site: Site, n: int) -> None:
     assert site.gw.call("echo", {"peer": "vna"})["status"] == 0
 
@@ -407,7 +425,7 @@ ROUND: list[tuple[Kind, int]] = [
     (echo, 300), (store, 150), (find, 150), (move, 40), (get, 60), (rejected, 150),
     (aborted_mid_dataset, 100), (vanished_mid_request, 100), (half_request, 50),
     (unix_control, 200), (tcp_refused, 60), (tcp_operator, 60), (tls_operator, 40),
-    (device_session, 40), (outbound_echo, 60), (upload, 10),
+    (device_session, 40), (outbound_echo, 60), (upload, 10), (scrape, 100),
 ]  # fmt: skip
 
 
@@ -475,7 +493,8 @@ def test_thousands_of_associations_leave_nothing_behind(site: Site) -> None:
     first_made = run_round(site, 1.0, make_studies(site, "one", 8))
     first = settled_usage(pid, start)
     # The second round retrieves by C-GET, from the same archive.
-    site.gw.write_config(**_sections(site.recorder, site.webhook, site.vna, retrieve="get"))
+    site.gw.write_config(**_sections(site.recorder, site.webhook, site.vna, retrieve="get",
+                                     metrics_port=site.metrics_port))  # fmt: skip
     site.gw.call("rules.reload")
     second_made = run_round(site, 1.0, make_studies(site, "two", 8))
     second = settled_usage(pid, start)

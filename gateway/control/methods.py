@@ -6,7 +6,6 @@ Later features register their own methods beside these (see `ControlServer.regis
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pydicom.dataset import Dataset
 
 from gateway.control.server import INVALID_PARAMS, ControlServer
 from gateway.errors import ConfigError, ControlError, GatewayError, PeerError
+from gateway.metrics import Figures
 from gateway.rules.engine import RuleSet, fact_text, outcome_report
 from gateway.rules.expr import facts_from_dataset
 from gateway.scu.echo import echo_peer
@@ -106,8 +106,8 @@ def register_core_methods(server: ControlServer, gateway: Gateway) -> None:
 
     async def status(params: dict[str, Any]) -> dict[str, Any]:
         _no_unknown(params, set())
-        counts = await store.counts()
-        usage = await anyio.to_thread.run_sync(shutil.disk_usage, store.files.root)
+        figures = await gateway.probe.figures()
+        counts = figures.counts
         return {
             "version": gateway.version,
             "ae_title": gateway.settings.node.ae_title,
@@ -120,10 +120,11 @@ def register_core_methods(server: ControlServer, gateway: Gateway) -> None:
             "instances": counts["instances"],
             "bytes": counts["bytes"],
             "sop_instance_uid_conflicts": counts["sop_instance_uid_conflicts"],
-            "disk_free_bytes": usage.free,
-            "disk_total_bytes": usage.total,
+            "disk_free_bytes": figures.disk_free,
+            "disk_total_bytes": figures.disk_total,
             "min_free_bytes": store.min_free_bytes,
-            "accepting_instances": usage.free >= store.min_free_bytes,
+            "accepting_instances": figures.disk_free >= store.min_free_bytes,
+            "metrics": _metrics(gateway, figures),
         }
 
     async def search(params: dict[str, Any]) -> dict[str, Any]:
@@ -209,6 +210,30 @@ def register_core_methods(server: ControlServer, gateway: Gateway) -> None:
     server.register("studies.delete", delete)
     server.register("echo", echo)
     register_rule_methods(server, gateway)
+
+
+def _metrics(gateway: Gateway, figures: Figures) -> dict[str, Any]:
+    """What the metrics endpoint serves, as one JSON object: the counters since the start
+    (`Metrics.snapshot`), and the index's figures (`Probe.figures`)."""
+    snapshot = gateway.metrics.snapshot()
+    snapshot["associations"]["open"] = gateway.node.open_associations
+    by_target: dict[str, dict[str, int]] = {}
+    for (state, target), count in sorted(figures.jobs.items()):
+        by_target.setdefault(target, {})[state] = count
+    by_project: dict[str, dict[str, int]] = {}
+    for (project, state), count in sorted(figures.retrievals.items()):
+        by_project.setdefault(project, {})[state] = count
+    endpoint = gateway.endpoint
+    return {
+        "endpoint": endpoint.url if endpoint is not None else None,
+        **snapshot,
+        "jobs": figures.jobs_by_state(),
+        "jobs_by_target": by_target,
+        "retrievals": figures.retrievals_by_status(),
+        "retrievals_by_project": by_project,
+        "completion_waits": figures.waits,
+        "devices": figures.devices,
+    }
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,8 @@ import structlog
 from gateway.audit import AuditLog
 from gateway.config import ControlSettings
 from gateway.errors import ControlError, GatewayError
+from gateway.metrics import INVALID_REQUEST as INVALID_METHOD
+from gateway.metrics import UNKNOWN_METHOD, Metrics
 
 __all__ = [
     "AUTH_FAILED",
@@ -116,9 +118,12 @@ class _LineTooLong(Exception):
 class ControlServer:
     """A JSON-RPC 2.0 server on a Unix socket."""
 
-    def __init__(self, path: Path, settings: ControlSettings) -> None:
+    def __init__(
+        self, path: Path, settings: ControlSettings, metrics: Metrics | None = None
+    ) -> None:
         self.path = path
         self._settings = settings
+        self.metrics = metrics or Metrics()
         self._methods: dict[str, Method] = {}
         self._access: dict[str, Access] = {}
         self._server: asyncio.AbstractServer | None = None
@@ -250,6 +255,8 @@ class ControlServer:
                     return  # an idle connection is closed; the client may reconnect
                 except _LineTooLong:
                     limit = self._settings.max_line_bytes
+                    self.metrics.control_requests.labels(method=INVALID_METHOD).inc()
+                    self.metrics.control_errors.labels(method=INVALID_METHOD).inc()
                     await self._reply(
                         writer,
                         _error(None, INVALID_REQUEST, f"request line longer than {limit} bytes"),
@@ -320,33 +327,23 @@ class ControlServer:
 
     async def handle_line(self, line: bytes) -> dict[str, Any] | None:
         """Answer one request line (None for a notification, which gets no answer)."""
-        try:
-            request = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return _error(None, PARSE_ERROR, f"not valid JSON: {exc}")
-        except RecursionError:
-            return _error(None, PARSE_ERROR, "not valid JSON: nested too deeply")
-        if isinstance(request, list):
-            return _error(
-                None, INVALID_REQUEST, "batch requests are not supported: send one object a line"
-            )
-        if not isinstance(request, dict):
-            return _error(None, INVALID_REQUEST, "a request is a JSON object")
-        request_id = request.get("id")
-        # bool is an int to Python, not to JSON-RPC; an invalid id is never echoed back.
-        if request_id is not None and (
-            isinstance(request_id, bool) or not isinstance(request_id, (str, int))
-        ):
-            return _error(None, INVALID_REQUEST, '"id" must be a string or an integer')
-        if request.get("jsonrpc") != "2.0":
-            return _error(request_id, INVALID_REQUEST, '"jsonrpc" must be "2.0"')
-        method_name = request.get("method")
-        if not isinstance(method_name, str):
-            return _error(request_id, INVALID_REQUEST, '"method" must be a string')
-        response = await self._call(request_id, method_name, request.get("params"))
-        if "id" not in request:  # a notification is never answered, not even with an error
+        request, response = _parse(line)
+        label = INVALID_METHOD
+        if request is not None:
+            method_name = request["method"]
+            response = await self._call(request.get("id"), method_name, request.get("params"))
+            known = method_name in self._methods or method_name == "auth.login"
+            label = method_name if known else UNKNOWN_METHOD  # no label from arbitrary text
+        assert response is not None
+        self.metrics.control_requests.labels(method=label).inc()
+        if "error" in response:
+            self.metrics.control_errors.labels(method=label).inc()
+        if request is not None and "id" not in request:
+            # a notification is never answered, not even with an error
             if "error" in response:
-                log.info("control_notification_failed", method=method_name, **response["error"])
+                log.info(
+                    "control_notification_failed", method=request["method"], **response["error"]
+                )
             return None
         return response
 
@@ -411,6 +408,33 @@ class ControlServer:
                  device=session.device_id)  # fmt: skip
         result = {"role": session.role, "device_id": session.device_id}
         return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+
+def _parse(line: bytes) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(the request, None) for a valid JSON-RPC request line, else (None, its error)."""
+    try:
+        request = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, _error(None, PARSE_ERROR, f"not valid JSON: {exc}")
+    except RecursionError:
+        return None, _error(None, PARSE_ERROR, "not valid JSON: nested too deeply")
+    if isinstance(request, list):
+        return None, _error(
+            None, INVALID_REQUEST, "batch requests are not supported: send one object a line"
+        )
+    if not isinstance(request, dict):
+        return None, _error(None, INVALID_REQUEST, "a request is a JSON object")
+    request_id = request.get("id")
+    # bool is an int to Python, not to JSON-RPC; an invalid id is never echoed back.
+    if request_id is not None and (
+        isinstance(request_id, bool) or not isinstance(request_id, (str, int))
+    ):
+        return None, _error(None, INVALID_REQUEST, '"id" must be a string or an integer')
+    if request.get("jsonrpc") != "2.0":
+        return None, _error(request_id, INVALID_REQUEST, '"jsonrpc" must be "2.0"')
+    if not isinstance(request.get("method"), str):
+        return None, _error(request_id, INVALID_REQUEST, '"method" must be a string')
+    return request, None
 
 
 def _error(request_id: object, code: int, message: str, data: object = None) -> dict[str, Any]:

@@ -78,6 +78,8 @@ RETRIEVE_SCHEMA: Final = (
     )""",
     "CREATE INDEX IF NOT EXISTS retrievals_due ON retrievals (status, next_attempt_at)",
     "CREATE INDEX IF NOT EXISTS retrievals_project ON retrievals (project, id)",
+    # Requests by project and status (the metrics' gauge) counted from this index alone.
+    "CREATE INDEX IF NOT EXISTS retrievals_project_status ON retrievals (project, status)",
     """CREATE TABLE IF NOT EXISTS retrieval_instances (
         request_id    INTEGER NOT NULL,
         sop_uid       TEXT NOT NULL,

@@ -30,6 +30,7 @@ from pynetdicom.sop_class import (
 from gateway.audit import AuditLog
 from gateway.config import PeerSettings, Settings
 from gateway.errors import GatewayError, PeerError, RejectedInstance, StoreError
+from gateway.metrics import Metrics, query_level, status_text
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.receiving import ReceivingFile
 from gateway.scp.tls import tls_args
@@ -156,11 +157,13 @@ class DicomServices:
         store: Store,
         bridge: LoopBridge,
         acquisition: AcquisitionServices | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._bridge = bridge
         self.audit: AuditLog | None = None  # set by the application
+        self.metrics = metrics or Metrics()
         self._acquisition = acquisition
         self._stats: dict[int, AssociationStats] = {}
 
@@ -187,11 +190,13 @@ class DicomServices:
         ]
 
     def on_n_create(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        self._count("mpps")
         if self._acquisition is None:
             return 0x0110, None
         return self._acquisition.on_n_create(event)
 
     def on_n_set(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        self._count("mpps")
         if self._acquisition is None:
             return 0x0110, None
         return self._acquisition.on_n_set(event)
@@ -200,6 +205,11 @@ class DicomServices:
     def open_associations(self) -> int:
         return len(self._stats)
 
+    def _count(self, service: str, event: evt.Event | None = None) -> None:
+        """Count a request of *service*, with its Query/Retrieve level when *event* is one."""
+        level = "" if event is None else query_level(event)
+        self.metrics.dimse_requests.labels(service=service, level=level).inc()
+
     def on_conn_open(self, event: evt.Event) -> None:
         set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
 
@@ -207,6 +217,7 @@ class DicomServices:
         address = assoc.requestor.address_info
         calling = assoc.requestor.primitive.calling_ae_title
         called = assoc.requestor.primitive.called_ae_title
+        self.metrics.associations_rejected.labels(reason=reason).inc()
         log.info(
             "association_rejected",
             reason=reason,
@@ -229,6 +240,7 @@ class DicomServices:
             peer_address=assoc.requestor.address,
         )
         self._stats[id(assoc)] = stats
+        self.metrics.associations_accepted.inc()
         if self.audit is not None:
             self.audit.record("Association Accepted", association_id=stats.association_id,
                               **_who(stats))  # fmt: skip
@@ -271,9 +283,25 @@ class DicomServices:
     # -- C-ECHO / C-STORE ---------------------------------------------------------------------
 
     def on_echo(self, event: evt.Event) -> int:
+        self._count("echo")
         return 0x0000
 
     def on_store(self, event: evt.Event) -> int:
+        """C-STORE: check, store durably and index the received dataset (`_store_one`), and
+        count the answer and the time it took."""
+        started = time.perf_counter()
+        status, size = self._store_one(event)
+        metrics = self.metrics
+        metrics.store_seconds.observe(time.perf_counter() - started)
+        if status == 0x0000:
+            metrics.instances_received.inc()
+            metrics.received_bytes.inc(size)
+        else:
+            metrics.instances_refused.labels(status=status_text(status)).inc()
+        return status
+
+    def _store_one(self, event: evt.Event) -> tuple[int, int]:
+        """(the C-STORE's status, the dataset's bytes as received)."""
         stats = self._stats_for(event.assoc)
         request = event.request
         provenance = Provenance(
@@ -293,7 +321,7 @@ class DicomServices:
                 reason=f"the dataset is larger than node.max_instance_bytes ({received.max_bytes}"
                 " bytes): dropped as it arrived",
             )
-            return 0xA700
+            return 0xA700, 0
         try:
             result = self._store.ingest_blocking(
                 Path(event.dataset_path),
@@ -310,7 +338,7 @@ class DicomServices:
                 status=f"0x{exc.status:04X}",
                 reason=str(exc),
             )
-            return exc.status
+            return exc.status, 0
         except (StoreError, OSError) as exc:
             stats.refused += 1
             log.error(
@@ -319,7 +347,7 @@ class DicomServices:
                 status="0xA700",
                 reason=str(exc),
             )
-            return 0xA700
+            return 0xA700, 0
         stats.studies.add(result.study_instance_uid)
         if result.outcome in ("stored", "replaced"):
             stats.stored += 1
@@ -331,7 +359,7 @@ class DicomServices:
             sop_instance_uid=result.sop_instance_uid,
             outcome=result.outcome,
         )
-        return 0x0000
+        return 0x0000, received.dataset_bytes if isinstance(received, ReceivingFile) else 0
 
     # -- C-FIND -------------------------------------------------------------------------------
 
@@ -355,11 +383,13 @@ class DicomServices:
         stats = self._stats_for(event.assoc)
         stats.queries += 1
         if str(event.request.AffectedSOPClassUID) == ModalityWorklistInformationFind:
+            self._count("worklist")
             if self._acquisition is None:
                 yield 0xC000, None
                 return
             yield from self._acquisition.on_worklist_find(event)
             return
+        self._count("find", event)
         model = _model(event)
         cap = self._settings.node.max_find_results
         if self.audit is not None:
@@ -419,6 +449,7 @@ class DicomServices:
 
     def on_move(self, event: evt.Event) -> Iterator[Any]:
         stats = self._stats_for(event.assoc)
+        self._count("move", event)
         destination = str(event.move_destination).strip()
         peer = self._settings.peer_by_ae_title(destination)
         if peer is None:
@@ -461,6 +492,7 @@ class DicomServices:
 
     def on_get(self, event: evt.Event) -> Iterator[Any]:
         stats = self._stats_for(event.assoc)
+        self._count("get", event)
         try:
             instances = self._instances(event)
         except QueryError as exc:

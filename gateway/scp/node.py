@@ -50,6 +50,7 @@ from pynetdicom.sop_class import (
 
 from gateway.acquire.registry import Registry
 from gateway.config import Settings
+from gateway.metrics import Metrics
 from gateway.scp.access import ServiceAccess
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.handlers import DicomServices
@@ -83,11 +84,12 @@ class DicomNode:
         store: Store,
         bridge: LoopBridge,
         registry: Registry | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         acquisition = AcquisitionServices(registry, bridge) if registry is not None else None
-        self.services = DicomServices(settings, store, bridge, acquisition)
+        self.services = DicomServices(settings, store, bridge, acquisition, metrics)
         # What each caller may use (gateway.scp.access), screened per request by the transport.
         stations = (lambda: registry.station_aes) if registry is not None else frozenset
         self.access = ServiceAccess(settings, stations)
@@ -140,6 +142,11 @@ class DicomNode:
         return int(self._listeners[0][0].server_address[1])
 
     @property
+    def listening(self) -> bool:
+        """Whether the listeners are up (between `start` and `stop`)."""
+        return bool(self._listeners)
+
+    @property
     def open_associations(self) -> int:
         """Established associations (a connection still negotiating is not counted)."""
         return len([a for a in self._ae.active_associations if a.is_acceptor and a.is_established])
@@ -170,6 +177,7 @@ class DicomNode:
             server.on_reject = self.services.on_rejected
             server.access = self.access
             server.audit = self.services.audit
+            server.metrics = self.services.metrics
             self._ae._servers.append(server)
             thread = threading.Thread(
                 target=server.serve_forever,

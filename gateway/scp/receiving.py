@@ -107,6 +107,11 @@ class ReceivingFile:
         self._digest = hashlib.sha256()
 
     @property
+    def dataset_bytes(self) -> int:
+        """Bytes of the dataset received so far (File Meta excluded), kept or dropped."""
+        return self._dataset_bytes
+
+    @property
     def dataset_digest(self) -> str | None:
         """SHA-256 (hex) of the dataset bytes written so far."""
         return None if self._digest is None else str(self._digest.hexdigest())

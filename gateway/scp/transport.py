@@ -54,6 +54,7 @@ from pynetdicom.transport import (
 
 from gateway.audit import AuditLog
 from gateway.config import CallerSettings
+from gateway.metrics import Metrics, status_text
 from gateway.scp.access import Grant, ServiceAccess, service_of
 
 __all__ = [
@@ -342,6 +343,7 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
     refused_requests = 0  # requests answered here with a refusal (`_refuse`)
     access: ServiceAccess | None = None  # inbound: what the caller may use; None: no screen
     audit: AuditLog | None = None  # inbound: where refusals are recorded
+    metrics: Metrics | None = None  # inbound: where refusals are counted
     _grant: Grant | None = None
 
     def run(self) -> None:
@@ -505,6 +507,14 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
         rsp.Status = status
         self.dimse.send_msg(rsp, context_id)
         self.refused_requests += 1
+        if self.metrics is not None:
+            if isinstance(msg, C_STORE):
+                self.metrics.instances_refused.labels(status=status_text(status)).inc()
+            else:
+                service = service_of(msg.msg_type.replace("-", "_"), str(_sop_class_of(msg) or ""))
+                self.metrics.dimse_refused.labels(
+                    service=service or "other", status=status_text(status)
+                ).inc()
 
 
 _SOP_CLASS_NOT_SUPPORTED = 0x0122
@@ -595,6 +605,9 @@ class _RequestHandler(RequestHandler):  # type: ignore[misc]
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 log.warning("tls_handshake_failed", peer=self.client_address[0],
                             reason=str(exc)[:200])  # fmt: skip
+                if self.server.metrics is not None:
+                    reason = "tls_handshake_failed"
+                    self.server.metrics.associations_rejected.labels(reason=reason).inc()
                 if self.server.audit is not None:
                     self.server.audit.record("Security Alert", outcome="refused",
                                              what="TLS handshake failed",
@@ -616,6 +629,7 @@ class _RequestHandler(RequestHandler):  # type: ignore[misc]
         assoc.acse = acse
         assoc.access = self.server.access
         assoc.audit = self.server.audit
+        assoc.metrics = self.server.metrics
         return assoc
 
 
@@ -626,6 +640,7 @@ class GatewayServer(ThreadedAssociationServer):  # type: ignore[misc]
     on_reject: Callable[[Association, str], None]
     access: ServiceAccess | None = None
     audit: AuditLog | None = None
+    metrics: Metrics | None = None
     daemon_threads = True
     # socketserver's default backlog is 5: a burst of connections (modalities reconnecting after
     # an outage, health checks) while the listener thread waited for the GIL overflowed it, and

@@ -29,6 +29,7 @@ from anyio.abc import TaskGroup
 from gateway.audit import AuditLog
 from gateway.config import FolderSettings, PeerSettings, Settings, WebhookSettings
 from gateway.errors import GatewayError
+from gateway.metrics import Metrics
 from gateway.scu.notify import NotifyError, post_json, summary
 from gateway.scu.sender import Delivery, send_instances
 from gateway.store.files import write_atomically
@@ -115,6 +116,7 @@ class Dispatcher:
         poll_seconds: float = 30.0,
         claim_limit: int = 32,
         random: _random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if per_target_concurrency < 1:
             raise ValueError("per_target_concurrency must be at least 1")
@@ -123,6 +125,7 @@ class Dispatcher:
         self.queue = queue
         self.backoff = backoff or Backoff()
         self.audit: AuditLog | None = None  # set by the application
+        self.metrics = metrics or Metrics()
         self.per_target_concurrency = per_target_concurrency
         self.poll_seconds = poll_seconds
         self.claim_limit = claim_limit
@@ -286,6 +289,8 @@ class Dispatcher:
         state = await self.queue.fail_attempt(
             job.id, error, time.time(), self.backoff, permanent=permanent
         )
+        self.metrics.dispatch_failures.labels(target=job.target).inc()
+        self.metrics.dispatch_delivered.labels(target=job.target).inc(delivered)
         log.warning(
             "job_failed",
             job=job.id,
@@ -317,9 +322,17 @@ class Dispatcher:
             return
         await self._done(job, started, http_status=status)
 
-    async def _done(self, job: Job, started: float, **fields: object) -> None:
-        """The attempt delivered everything: finish the job and log it."""
+    async def _done(
+        self, job: Job, started: float, *, delivered: int | None = None, **fields: object
+    ) -> None:
+        """The attempt delivered everything (*delivered* instances: None for a webhook):
+        finish the job, count and log it."""
         state = await self.queue.finish(job.id, time.time())
+        if state is not None:  # None: cancelled while it ran
+            self.metrics.dispatch_completed.labels(target=job.target).inc()
+        if delivered is not None:
+            self.metrics.dispatch_delivered.labels(target=job.target).inc(delivered)
+            fields = {"delivered": delivered, **fields}
         duration = round(time.monotonic() - started, 3)
         log.info(
             "job_done", job=job.id, target=job.target, state=state, duration=duration, **fields

@@ -77,6 +77,8 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_open ON jobs (scope, uid, target)
     WHERE state IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_uid);
 CREATE INDEX IF NOT EXISTS jobs_running ON jobs (target, study_uid) WHERE state = 'running';
+-- Jobs by state and target (the metrics' gauge) counted from this index alone, not the table.
+CREATE INDEX IF NOT EXISTS jobs_state_target ON jobs (state, target);
 CREATE TABLE IF NOT EXISTS deliveries (
     instance_pk  INTEGER NOT NULL REFERENCES instances (pk) ON DELETE CASCADE,
     target       TEXT NOT NULL,

@@ -40,12 +40,12 @@ from gateway.store.index import (
 from gateway.store.instance import ReceivedFile, read_received_file
 from gateway.store.schema import connect
 
-__all__ = ["InstanceFile", "ReconcileReport", "Store"]
+__all__ = ["RUNNING_KEY", "InstanceFile", "ReconcileReport", "Store", "prune_empty"]
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
-_RUNNING_KEY = "running_since"
+RUNNING_KEY = "running_since"  # meta: set while a gateway has the store open (unclean if left)
 _READERS = 4  # read connections for the control plane, dispatch, retrieval, C-MOVE / C-GET
 _QUERY_STREAMS = 3  # read connections C-FIND answers stream from (`Store.stream`)
 _PROGRESS_STEPS = 1000  # SQLite VM steps between checks for a cancelled stream
@@ -133,7 +133,7 @@ class Store:
         if not self._readers.is_open:
             return
         try:
-            await self.write(lambda c: c.execute("DELETE FROM meta WHERE key=?", (_RUNNING_KEY,)))
+            await self.write(lambda c: c.execute("DELETE FROM meta WHERE key=?", (RUNNING_KEY,)))
         except GatewayError as exc:
             log.warning("store_close_mark_failed", error=str(exc))
         await anyio.to_thread.run_sync(self._writer.stop)
@@ -287,7 +287,7 @@ class Store:
                 " (SELECT pk FROM series WHERE study_pk = ?)",
                 (study[0],),
             )
-            _prune_empty(conn)
+            prune_empty(conn)
             return [row[0] for row in rows]
 
         paths = await self.write(delete)
@@ -441,7 +441,7 @@ class Store:
         now = self._inflight.clock()
 
         def start_run(conn: sqlite3.Connection) -> None:
-            for key in (_RUNNING_KEY, MARK_KEY):
+            for key in (RUNNING_KEY, MARK_KEY):
                 conn.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, repr(now))
                 )
@@ -497,7 +497,7 @@ class Store:
 
         def drop(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM instances WHERE path = ?", (relpath,))
-            _prune_empty(conn)
+            prune_empty(conn)
 
         self._writer.submit(drop).result()
         self.files.absolute(relpath).unlink(missing_ok=True)
@@ -583,7 +583,7 @@ class _ReadPool:
             conn.close()
 
 
-def _prune_empty(conn: sqlite3.Connection) -> None:
+def prune_empty(conn: sqlite3.Connection) -> None:
     """Remove series without instances, studies without series, patients without studies."""
     conn.execute(
         "DELETE FROM series WHERE NOT EXISTS (SELECT 1 FROM instances WHERE series_pk = series.pk)"
@@ -602,7 +602,7 @@ def _forget(sop_uid: str, relpath: str) -> Callable[[sqlite3.Connection], None]:
 
     def forget(conn: sqlite3.Connection) -> None:
         conn.execute("DELETE FROM instances WHERE sop_uid = ? AND path = ?", (sop_uid, relpath))
-        _prune_empty(conn)
+        prune_empty(conn)
 
     return forget
 
@@ -624,7 +624,7 @@ def _scan_window(conn: sqlite3.Connection, new_index: bool) -> float | None:
     """
     if new_index:
         return 0.0
-    running = _meta_time(conn, _RUNNING_KEY)
+    running = _meta_time(conn, RUNNING_KEY)
     if running is None:
         return None
     mark = _meta_time(conn, MARK_KEY)

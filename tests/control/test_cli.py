@@ -124,7 +124,17 @@ def test_status_table(gw: GatewayProcess) -> None:
     assert re.fullmatch(r"  associations +\d+ open", lines[2]), lines[2]
     assert re.fullmatch(r"  held +2 studies, 2 series, 2 instances, \d+\.\d KB", lines[3]), lines[3]
     assert re.fullmatch(r"  disk free +\d+\.\d [KMGT]B", lines[4]), lines[4]
-    assert len(lines) == 5
+    assert re.fullmatch(
+        r"  since start +\d+ associations accepted, 0 rejected; 2 instances received"
+        r" \(\d+\.\d KB\), 0 refused",
+        lines[5],
+    ), lines[5]
+    assert lines[6] == "  jobs          0 queued, 0 running, 0 done, 0 failed, 0 cancelled"
+    assert lines[7] == (
+        "  retrievals    0 Queued, 0 Processing, 0 Successful, 0 Failed, 0 QueueFailed"
+    )
+    assert lines[8] == "  metrics       off"
+    assert len(lines) == 9
 
 
 def test_status_json(gw: GatewayProcess) -> None:
