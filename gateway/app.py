@@ -30,7 +30,7 @@ from gateway.acquire.results import Uploads
 from gateway.audit import AuditLog
 from gateway.config import Settings, load_settings
 from gateway.control.acquire import register_acquisition_methods
-from gateway.control.auth import device_gone, make_authenticator
+from gateway.control.auth import device_arrived, device_gone, make_authenticator
 from gateway.control.jobs import register_job_methods
 from gateway.control.methods import register_core_methods
 from gateway.control.retrieve import register_retrieve_methods
@@ -187,7 +187,7 @@ async def run(
     await store.open()
     audit = AuditLog(settings.node.data_dir / "audit", settings.audit.syslog_address())
     store.audit = audit
-    jobs = JobQueue(store)
+    jobs = JobQueue(store, lease_seconds=settings.dispatch.lease_seconds)
     await jobs.ensure_schema()
     await CompletionStore(store).ensure_schema()
     retrievals = RetrievalQueue(store)
@@ -212,14 +212,10 @@ async def run(
         metrics=metrics,
     )
 
-    async def enqueue(work: CompletedWork) -> None:
-        if work.rule.action == "discard":
-            return
-        for target in work.rule.targets:
-            await jobs.enqueue(work.scope, work.uid, target, work.rule.name, work.rule.priority)
-        dispatcher.wake()
+    async def completed(work: CompletedWork) -> None:
+        dispatcher.wake()  # its jobs were queued with the completion
 
-    completion = CompletionEngine(settings.rules, store, enqueue)
+    completion = CompletionEngine(settings.rules, store, completed)
     retriever = Retriever(settings, store, retrievals, jobs, wake_dispatcher=dispatcher.wake)
     store.set_ingest_listener(completion.arrived_from_thread)
     node = DicomNode(settings, store, LoopBridge(loop), registry, metrics)
@@ -266,6 +262,8 @@ async def run(
     register_retrieve_methods(control, gateway)
     register_acquisition_methods(control, gateway)
     control.authenticator = make_authenticator(gateway)
+    # A device's session makes it ONLINE (or BUSY, told its task again) and its end OFFLINE.
+    control.on_session_start = lambda session: device_arrived(gateway, session)
     control.on_session_end = lambda session: device_gone(gateway, session)
     metrics.declare_methods([*control.methods, "auth.login"])
     if settings.metrics.port is not None:

@@ -132,6 +132,9 @@ class DispatchSettings(_Section):
     retry_base_seconds: Annotated[float, Field(ge=0)] = 5.0
     retry_max_seconds: Annotated[float, Field(ge=0)] = 600.0
     max_attempts: Annotated[int, Field(ge=1, le=1000)] = 10
+    # A running job whose worker acknowledges nothing for this long is claimed again (another
+    # attempt), without a restart: longer than one instance takes to send.
+    lease_seconds: Seconds = 300.0
 
 
 _SYSLOG_RE = re.compile(r"^(udp)://([^/:\s]+|\[[0-9a-fA-F:]+\]):([0-9]{1,5})$")

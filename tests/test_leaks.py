@@ -183,6 +183,12 @@ def site(tmp_path: Path) -> Iterator[Site]:
         sequence = gw.call("sequences.create", {"name": "T1"})
         task = gw.call("tasks.create", {"device_id": device["id"], "sequence_id": sequence["id"],
                                         "patient": {"id": "LEAK"}})  # fmt: skip
+        # Uploads are taken only for a running task: start it (the device then disconnects;
+        # the task stays STARTED, and each later login of the device is told it again).
+        scanner = Line(control_port)
+        assert scanner.call("auth.login", {"device_id": device["id"], "token": device["token"]})
+        task = gw.call("tasks.start", {"task_id": task["id"]})
+        scanner.close()
         yield Site(gw, recorder, webhook, vna, tmp_path, token, control_port, tls_port,
                    metrics_port, cert, device, task, [])  # fmt: skip
     finally:
@@ -436,8 +442,9 @@ def run_round(site: Site, scale: float, studies: list[Any]) -> int:
     for kind, count in ROUND:
         runs = max(1, int(count * scale))
         began = time.monotonic()
-        # One device's uploads belong to its connection: they go one at a time.
-        with ThreadPoolExecutor(1 if kind is upload else 4) as pool:
+        # One device has one session at a time (a login ends its previous one), and its
+        # uploads belong to it: its sessions go one at a time.
+        with ThreadPoolExecutor(1 if kind in (upload, device_session) else 4) as pool:
             list(pool.map(lambda n, k=kind: k(site, n), range(runs)))  # type: ignore[misc]
         print(f"{kind.__name__} x{runs}: {time.monotonic() - began:.1f} s; {usage(site.gw.pid)}")
         made += runs

@@ -211,6 +211,53 @@ def test_kill_9_mid_dispatch_resumes_and_resends_at_most_in_flight(
         slow.stop()
 
 
+class StallingRecorder(Recorder):
+    """A receiver whose first C-STORE hangs for *stall* seconds (then succeeds)."""
+
+    def __init__(self, stall: float) -> None:
+        self.stall = stall
+        self.stalled: list[str] = []
+        super().__init__()
+
+    def _on_store(self, event: Any) -> int:
+        if not self.stalled:
+            self.stalled.append(str(event.request.AffectedSOPInstanceUID))
+            time.sleep(self.stall)
+        return super()._on_store(event)
+
+
+def test_a_stalled_send_loses_its_lease_and_another_attempt_delivers(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    """The peer hangs on the first C-STORE (within the DIMSE timeout): the job's lease runs
+    out, it is claimed again while the first attempt still hangs, and that attempt delivers;
+    the hung one, when it returns, changes nothing."""
+    receiver = StallingRecorder(stall=8.0)
+    try:
+        gw = gateway_factory(
+            peers=[{"name": "rec", "ae_title": "RECORDER", "host": HOST, "port": receiver.port}],
+            rules=[{"name": "ct", "match": 'Modality == "CT"', "targets": ["rec"],
+                    "quiet_seconds": 0.3}],
+            dispatch={"lease_seconds": 1.5, "per_target_concurrency": 1},  # its one slot hangs
+        )  # fmt: skip
+        files = make_series(tmp_path / "in", 3, generate_uid(), "AX")
+        storescu(gw, files)
+        wait_until(lambda: len(receiver.stalled) == 1)  # the first attempt hangs from here
+        started = time.monotonic()
+        wait_until(lambda: gw.call("jobs.list")["jobs"][0]["state"] == "done", timeout=20)
+        assert time.monotonic() - started < receiver.stall  # the first attempt still hangs
+        (job,) = gw.call("jobs.list")["jobs"]
+        assert (job["attempts"], job["delivered"], job["lease_owner"]) == (1, 3, None)
+        assert "lease expired" in gw.log_text()
+        expected = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+        assert {uid for uid, _, _ in receiver.received} == expected
+        time.sleep(receiver.stall)  # the hung attempt returns
+        (after,) = gw.call("jobs.list")["jobs"]
+        assert (after["state"], after["attempts"], after["delivered"]) == ("done", 1, 3)
+    finally:
+        receiver.stop()
+
+
 def test_notify_posts_a_summary_once_complete_retrying_and_discard_sends_nothing(
     gateway_factory: Any, recorder: Recorder, tmp_path: Path
 ) -> None:

@@ -9,7 +9,8 @@
   and its parameters, a scheduled start. The gateway assigns its StudyInstanceUID,
   AccessionNumber, RequestedProcedureID and ScheduledProcedureStepID. Status NEW, STARTED,
   INPROGRESS, FINISHED or ERROR, with progress in percent. NEW and STARTED tasks are Modality
-  Worklist items.
+  Worklist items. A device has at most one *active* task (STARTED or INPROGRESS) at a time; only
+  an active task takes reports and uploads.
 - An **MPPS instance** (Modality Performed Procedure Step) records an N-CREATE and its N-SETs;
   the task it names (by its scheduled step, accession or study) follows its status.
 
@@ -28,10 +29,10 @@ import secrets
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Final, Literal, TypeVar
+from typing import Any, BinaryIO, Final, Literal
 
 import anyio
 
@@ -41,6 +42,7 @@ from gateway.store.store import Store
 
 __all__ = [
     "ACQUIRE_SCHEMA",
+    "ACTIVE_STATUSES",
     "FILE_NAME_RE",
     "TASK_STATUSES",
     "AcquisitionError",
@@ -50,9 +52,11 @@ __all__ = [
     "hash_token",
 ]
 
-T = TypeVar("T")
 TaskStatus = Literal["NEW", "STARTED", "INPROGRESS", "FINISHED", "ERROR"]
 TASK_STATUSES: Final[tuple[TaskStatus, ...]] = ("NEW", "STARTED", "INPROGRESS", "FINISHED", "ERROR")
+# The statuses of a task its device is running: the only ones that take reports and uploads.
+ACTIVE_STATUSES: Final[tuple[TaskStatus, ...]] = ("STARTED", "INPROGRESS")
+_ACTIVE_SQL: Final = "('STARTED', 'INPROGRESS')"
 _UID_ROOT: Final = "2.25."
 # A name a device or operator gives a file the gateway keeps (uploads, sequence files).
 FILE_NAME_RE: Final = re.compile(
@@ -137,14 +141,18 @@ _TASK_KEYS: Final = (
 )  # fmt: skip
 
 
-class AcquisitionError(Exception):
-    """A request refused; `kind` says why ("invalid", "not_found", "conflict", "forbidden")."""
+ErrorKind = Literal["invalid", "not_found", "conflict", "forbidden", "inactive"]
 
-    def __init__(
-        self, kind: Literal["invalid", "not_found", "conflict", "forbidden"], message: str
-    ) -> None:
+
+class AcquisitionError(Exception):
+    """A request refused; `kind` says why ("invalid", "not_found", "conflict", "forbidden", or
+    "inactive": a report or upload for a task that is not STARTED or INPROGRESS). `data`, when
+    set, is the JSON-RPC error's `data`."""
+
+    def __init__(self, kind: ErrorKind, message: str, data: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.data = data
 
 
 def hash_token(token: str, salt: bytes) -> bytes:
@@ -217,24 +225,13 @@ class Registry:
         )
         self.station_aes = frozenset(str(title) for (title,) in rows)
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        with anyio.CancelScope(shield=True):
-            result = await self.store.write(fn)
-        return result
-
     async def ensure_schema(self) -> None:
         def create(conn: sqlite3.Connection) -> None:
             for statement in ACQUIRE_SCHEMA:
                 conn.execute(statement)
-            if "file" not in {row[1] for row in conn.execute("PRAGMA table_info(sequences)")}:
-                conn.execute("ALTER TABLE sequences ADD COLUMN file TEXT")
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(devices)")}
-            if "state" not in columns:  # a devices table of the first acquisition build
-                conn.execute("ALTER TABLE devices ADD COLUMN state TEXT NOT NULL DEFAULT 'OFFLINE'")
-                conn.execute("ALTER TABLE devices ADD COLUMN last_seen REAL")
             conn.execute("UPDATE devices SET state = 'OFFLINE'")  # no connection survives a start
 
-        await self._write(create)
+        await self.store.write(create)
         await self._load_stations()
 
     # -- devices ------------------------------------------------------------------------------
@@ -248,7 +245,7 @@ class Registry:
         token, salt, digest = _new_token()
         device_id = uuid.uuid4().hex
         now = time.time()
-        await self._write(
+        await self.store.write(
             lambda conn: conn.execute(
                 "INSERT INTO devices (id, name, modality, manufacturer, serial_number, site,"
                 " station_ae, token_salt, token_hash, created_at, updated_at)"
@@ -268,7 +265,7 @@ class Registry:
             raise AcquisitionError("invalid", f"unknown field(s): {', '.join(sorted(unknown))}")
         if changes:
             columns = ", ".join(f"{key} = ?" for key in changes)
-            count = await self._write(
+            count = await self.store.write(
                 lambda conn: (
                     conn.execute(
                         f"UPDATE devices SET {columns}, updated_at = ? WHERE id = ?",
@@ -290,7 +287,7 @@ class Registry:
         await self._set_token(device_id, None, None)
 
     async def _set_token(self, device_id: str, salt: bytes | None, digest: bytes | None) -> None:
-        count = await self._write(
+        count = await self.store.write(
             lambda conn: (
                 conn.execute(
                     "UPDATE devices SET token_salt = ?, token_hash = ?, updated_at = ?"
@@ -302,14 +299,31 @@ class Registry:
         if not count:
             raise AcquisitionError("not_found", f"no device {device_id[:40]!r}")
 
-    async def set_device_state(self, device_id: str, state: DeviceState) -> None:
-        """Record a device's connection state (and when it was last heard from)."""
-        await self._write(
-            lambda conn: conn.execute(
+    async def set_device_state(
+        self, device_id: str, state: DeviceState, *, only_from: tuple[DeviceState, ...] = ()
+    ) -> str:
+        """Record a device's state (and that it was heard from now); return the state it has.
+
+        ONLINE is recorded as BUSY while the device has an active task (STARTED, INPROGRESS).
+        With *only_from*, the state changes only from one of those (else it is left as it is).
+        """
+
+        def update(conn: sqlite3.Connection) -> str:
+            row = conn.execute("SELECT state FROM devices WHERE id = ?", (device_id,)).fetchone()
+            if row is None:
+                return "OFFLINE"
+            if only_from and row[0] not in only_from:
+                return str(row[0])
+            new = state
+            if new == "ONLINE" and _active_task_id(conn, device_id) is not None:
+                new = "BUSY"
+            conn.execute(
                 "UPDATE devices SET state = ?, last_seen = ? WHERE id = ?",
-                (state, time.time(), device_id),
+                (new, time.time(), device_id),
             )
-        )
+            return new
+
+        return await self.store.write(update)
 
     async def seen(self, device_id: str) -> str:
         """A heartbeat: the device was heard from now; return its state."""
@@ -319,7 +333,7 @@ class Registry:
             row = conn.execute("SELECT state FROM devices WHERE id = ?", (device_id,)).fetchone()
             return "OFFLINE" if row is None else str(row[0])
 
-        return await self._write(touch)
+        return await self.store.write(touch)
 
     async def check_token(self, device_id: str, token: str) -> bool:
         """Whether *token* is the device's current token (constant-time comparison)."""
@@ -380,7 +394,7 @@ class Registry:
             except sqlite3.IntegrityError:
                 raise AcquisitionError("conflict", f"a sequence named {name!r} exists") from None
 
-        await self._write(insert)
+        await self.store.write(insert)
         return {"id": sequence_id, "name": name, "description": description,
                 "parameters": parameters, "file": file_info, "created_at": now}  # fmt: skip
 
@@ -437,6 +451,8 @@ class Registry:
         scheduled = _text(fields, "scheduled_at", limit=32)
         try:
             when = datetime.fromisoformat(scheduled) if scheduled else datetime.fromtimestamp(now)
+            if when.tzinfo is not None:  # a time with an offset: the gateway's local time
+                when = when.astimezone().replace(tzinfo=None)
         except ValueError:
             raise AcquisitionError(
                 "invalid", f"scheduled_at {scheduled!r} is not an ISO date-time"
@@ -467,7 +483,7 @@ class Registry:
                  task["requested_procedure_id"], task["sps_id"], now, now),
             )  # fmt: skip
 
-        await self._write(insert)
+        await self.store.write(insert)
         return await self.task(task_id)
 
     async def task(self, task_id: str) -> dict[str, Any]:
@@ -507,6 +523,63 @@ class Registry:
         )
         return [_task(row) for row in rows]
 
+    async def active_task(self, device_id: str) -> dict[str, Any] | None:
+        """The device's active task (STARTED or INPROGRESS), or None."""
+        task_id = await self.store.read(lambda conn: _active_task_id(conn, device_id))
+        return None if task_id is None else await self.task(task_id)
+
+    async def device_task(self, task_id: str, device_id: str) -> dict[str, Any]:
+        """The task a device reports on or uploads for: it must exist ("not_found"), be the
+        device's ("forbidden") and be active, STARTED or INPROGRESS ("inactive")."""
+        task = await self.task(task_id)
+        if task["device_id"] != device_id:
+            raise AcquisitionError("forbidden", f"task {task['id']} belongs to another device")
+        if task["status"] not in ACTIVE_STATUSES:
+            raise AcquisitionError("inactive", _inactive(task["id"], task["status"]))
+        return task
+
+    async def start_task(self, task_id: str) -> dict[str, Any]:
+        """A NEW task becomes STARTED and its device BUSY, in one transaction: refused
+        ("conflict") when the task is not NEW or the device has an active task already."""
+
+        def start(conn: sqlite3.Connection) -> None:
+            row = conn.execute(
+                "SELECT t.status, t.device_id, d.name FROM tasks t JOIN devices d"
+                " ON d.id = t.device_id WHERE t.id = ?",
+                (task_id,),
+            ).fetchone()
+            if row is None:
+                raise AcquisitionError("not_found", f"no task {task_id[:40]!r}")
+            status, device_id, name = row
+            if status != "NEW":
+                raise AcquisitionError("conflict", f"task {task_id} is {status}, not NEW")
+            running = _active_task_id(conn, device_id)
+            if running is not None:
+                raise AcquisitionError(
+                    "conflict",
+                    f"device {name!r} is busy with another task ({running}): it runs one task"
+                    " at a time",
+                    {"device_id": device_id, "state": "BUSY", "task_id": running},
+                )
+            now = time.time()
+            conn.execute(
+                "UPDATE tasks SET status = 'STARTED', updated_at = ? WHERE id = ?", (now, task_id)
+            )
+            conn.execute(
+                "UPDATE devices SET state = 'BUSY', last_seen = ? WHERE id = ?"
+                " AND state != 'OFFLINE'",
+                (now, device_id),
+            )
+
+        await self.store.write(start)
+        return await self.task(task_id)
+
+    async def task_assignment(self, task: dict[str, Any]) -> dict[str, Any]:
+        """What a device is told of a task it is to run (the `task.start` notification's
+        params, `tasks.current`'s result): the task, its sequence, its parameters."""
+        sequence = await self.sequence(task["sequence_id"])
+        return {"task": task, "sequence": sequence, "parameters": task["parameters"]}
+
     async def set_task_status(
         self,
         task_id: str,
@@ -515,23 +588,35 @@ class Registry:
         progress: int | None = None,
         reason: str | None = None,
         allowed_from: tuple[str, ...] = TASK_STATUSES,
+        refused: Literal["conflict", "inactive"] = "conflict",
     ) -> dict[str, Any]:
+        """Change a task's status, only from one of *allowed_from* (else an AcquisitionError of
+        kind *refused*). A task that leaves STARTED or INPROGRESS for FINISHED or ERROR frees
+        its device: BUSY becomes ONLINE."""
+
         def update(conn: sqlite3.Connection) -> None:
-            row = conn.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            row = conn.execute(
+                "SELECT status, device_id FROM tasks WHERE id = ?", (task_id,)
+            ).fetchone()
             if row is None:
                 raise AcquisitionError("not_found", f"no task {task_id[:40]!r}")
             if row[0] not in allowed_from:
-                raise AcquisitionError(
-                    "conflict", f"task {task_id} is {row[0]}, not {'/'.join(allowed_from)}"
+                message = (
+                    _inactive(task_id, row[0])
+                    if refused == "inactive"
+                    else f"task {task_id} is {row[0]}, not {'/'.join(allowed_from)}"
                 )
+                raise AcquisitionError(refused, message)
             final = 100 if status == "FINISHED" else progress
             conn.execute(
                 "UPDATE tasks SET status = ?, progress = coalesce(?, progress), reason = ?,"
                 " updated_at = ? WHERE id = ?",
                 (status, final, reason, time.time(), task_id),
             )
+            if row[0] in ACTIVE_STATUSES and status in ("FINISHED", "ERROR"):
+                _free_device(conn, row[1])
 
-        await self._write(update)
+        await self.store.write(update)
         return await self.task(task_id)
 
     # -- MPPS ---------------------------------------------------------------------------------
@@ -563,7 +648,7 @@ class Registry:
                 )
             return task_id
 
-        return await self._write(create)
+        return await self.store.write(create)
 
     async def mpps_set(
         self, sop_uid: str, status: str, attributes: Mapping[str, Any], reason: str | None
@@ -592,15 +677,20 @@ class Registry:
             )
             task_id = None if row[1] is None else str(row[1])
             if task_id is not None and status in ("COMPLETED", "DISCONTINUED"):
+                device = conn.execute(
+                    "SELECT device_id FROM tasks WHERE id = ?", (task_id,)
+                ).fetchone()
                 conn.execute(
                     "UPDATE tasks SET status = ?, progress = CASE WHEN ? THEN 100 ELSE progress"
                     " END, reason = ?, updated_at = ? WHERE id = ?",
                     ("FINISHED" if status == "COMPLETED" else "ERROR", status == "COMPLETED",
                      reason, now, task_id),
                 )  # fmt: skip
+                if device is not None:
+                    _free_device(conn, str(device[0]))
             return task_id
 
-        return await self._write(update)
+        return await self.store.write(update)
 
     async def worklist(
         self, where: str, params: builtins.list[object]
@@ -639,6 +729,30 @@ def _keep_sequence_file(directory: Path, attached: Any) -> dict[str, Any]:
 
     write_atomically(directory / name, fill)
     return {"name": name, "size": len(content), "sha256": sha.lower()}
+
+
+def _active_task_id(conn: sqlite3.Connection, device_id: str) -> str | None:
+    """The id of the device's active task (the most recently changed, should there be two)."""
+    row = conn.execute(
+        f"SELECT id FROM tasks WHERE device_id = ? AND status IN {_ACTIVE_SQL}"
+        " ORDER BY updated_at DESC LIMIT 1",
+        (device_id,),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _free_device(conn: sqlite3.Connection, device_id: str) -> None:
+    """A device's task ended: BUSY becomes ONLINE (unless another task of it is active)."""
+    if _active_task_id(conn, device_id) is None:
+        conn.execute(
+            "UPDATE devices SET state = 'ONLINE' WHERE id = ? AND state = 'BUSY'", (device_id,)
+        )
+
+
+def _inactive(task_id: str, status: str) -> str:
+    return (
+        f"task {task_id} is {status}: only a STARTED or INPROGRESS task takes reports and uploads"
+    )
 
 
 def _find_task(conn: sqlite3.Connection, keys: Mapping[str, str]) -> str | None:

@@ -10,6 +10,9 @@
   is refused and nothing is kept. A DICOM Part 10 file then goes into the store like any
   received instance (its study is the task's, or it is refused). Any other file (raw data, a
   log) is written atomically beside the task's results, in `<data_dir>/results/<task id>/`.
+- **Only for a running task.** Each upload call checks that the task is STARTED or INPROGRESS
+  (`Registry.device_task`); once it has ended (FINISHED, or ERROR: reported, cancelled, MPPS
+  DISCONTINUED) its uploads are refused ("inactive") and an open one is dropped.
 """
 
 from __future__ import annotations
@@ -118,9 +121,7 @@ class Uploads:
         await self.store.write(lambda conn: conn.execute(RESULTS_SCHEMA))
 
     async def begin(self, device_id: str, params: dict[str, Any]) -> dict[str, Any]:
-        task = await self.registry.task(str(params.get("task_id", "")))
-        if task["device_id"] != device_id:
-            raise AcquisitionError("forbidden", f"task {task['id']} belongs to another device")
+        task = await self.registry.device_task(str(params.get("task_id", "")), device_id)
         name, size, sha = params.get("name"), params.get("size"), params.get("sha256")
         if not isinstance(name, str) or not FILE_NAME_RE.fullmatch(name):
             raise AcquisitionError("invalid", "name must be a file name: letters, digits, . _ -")
@@ -153,15 +154,22 @@ class Uploads:
             await asyncio.sleep(min(60.0, self.idle_seconds / 4))
             self.expire()
 
-    def _get(self, device_id: str, params: dict[str, Any]) -> _Upload:
+    async def _get(self, device_id: str, params: dict[str, Any]) -> _Upload:
+        """The device's open upload *params* name, for a task still running (else the upload
+        is dropped and refused, "inactive")."""
         self.expire()
         upload = self._open.get(str(params.get("upload_id", "")))
         if upload is None or upload.device_id != device_id:
             raise AcquisitionError("not_found", "no such upload in progress")
+        try:
+            await self.registry.device_task(upload.task["id"], device_id)
+        except AcquisitionError as exc:
+            self._drop(upload)
+            raise AcquisitionError(exc.kind, f"{exc}: upload dropped") from None
         return upload
 
     async def chunk(self, device_id: str, params: dict[str, Any]) -> dict[str, Any]:
-        upload = self._get(device_id, params)
+        upload = await self._get(device_id, params)
         offset, data = params.get("offset"), params.get("data")
         if offset != upload.received:
             raise AcquisitionError(
@@ -191,7 +199,7 @@ class Uploads:
         return {"upload_id": upload.id, "received": upload.received}
 
     async def finish(self, device_id: str, params: dict[str, Any]) -> dict[str, Any]:
-        upload = self._get(device_id, params)
+        upload = await self._get(device_id, params)
         self._open.pop(upload.id, None)
         if upload.received != upload.size:
             upload.path.unlink(missing_ok=True)
@@ -237,7 +245,9 @@ class Uploads:
                 ),
             )
         )
-        return {**record, "name": upload.name, "size": upload.size, "sha256": upload.sha256}
+        return {"id": record["id"], "name": upload.name, "size": upload.size,
+                "sha256": upload.sha256, "kind": record["kind"], "sop_uid": record["sop_uid"],
+                "created_at": now}  # fmt: skip
 
     def _keep(self, upload: _Upload) -> str:
         target = self.store.files.root / "results" / upload.task["id"] / upload.name
@@ -251,6 +261,11 @@ class Uploads:
     def drop_device(self, device_id: str) -> None:
         """The device's connection closed: its unfinished uploads are dropped."""
         for upload in [u for u in self._open.values() if u.device_id == device_id]:
+            self._drop(upload)
+
+    def drop_task(self, task_id: str) -> None:
+        """The task ended (cancelled): its unfinished uploads are dropped."""
+        for upload in [u for u in self._open.values() if u.task["id"] == task_id]:
             self._drop(upload)
 
 

@@ -1,22 +1,25 @@
-"""Operator control methods for acquisition: devices.*, sequences.*, tasks.*.
+"""Control methods for acquisition: devices.*, sequences.*, tasks.*, uploads.*.
 
-devices.register / list / get / update / rotate_token / revoke; sequences.create / list;
-tasks.create / list / get / cancel. docs/acquisition.md documents each with examples.
+Operators: devices.register / list / get / update / rotate_token / revoke; sequences.create /
+list / file; tasks.create / list / get / start / cancel / results. Devices: tasks.report,
+tasks.current, tasks.results, devices.report_state, devices.heartbeat, sequences.file,
+uploads.begin / chunk / finish. The gateway notifies a device with `task.start`, `task.cancel`
+and `session.closed`. docs/acquisition.md documents each with examples.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway.acquire.registry import AcquisitionError
+from gateway.acquire.registry import ACTIVE_STATUSES, AcquisitionError
 from gateway.acquire.results import task_results
 from gateway.control.methods import NOT_FOUND, _no_unknown
 from gateway.control.server import (
     FORBIDDEN,
     INVALID_PARAMS,
     ControlServer,
-    Session,
     current_session,
 )
 from gateway.errors import ControlError
@@ -24,26 +27,34 @@ from gateway.errors import ControlError
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-__all__ = ["CONFLICT", "register_acquisition_methods"]
+__all__ = ["CONFLICT", "TASK_NOT_ACTIVE", "register_acquisition_methods"]
 
 CONFLICT = -32013
+# A report or upload for a task that is not STARTED or INPROGRESS (NEW, FINISHED, ERROR).
+TASK_NOT_ACTIVE = -32014
 _CODES = {
     "invalid": INVALID_PARAMS,
     "not_found": NOT_FOUND,
     "conflict": CONFLICT,
     "forbidden": FORBIDDEN,
+    "inactive": TASK_NOT_ACTIVE,
 }
 _DEVICE_FIELDS = {"name", "modality", "manufacturer", "serial_number", "site", "station_ae"}
+_UPLOAD_PARAMS = {
+    "begin": {"task_id", "name", "size", "sha256"},
+    "chunk": {"upload_id", "offset", "data"},
+    "finish": {"upload_id"},
+}
 
-Method = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+Method = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
 def _wrapped(method: Method) -> Method:
-    async def call(params: dict[str, Any]) -> dict[str, Any]:
+    async def call(params: dict[str, Any]) -> Any:
         try:
             return await method(params)
         except AcquisitionError as exc:
-            raise ControlError(_CODES[exc.kind], str(exc)) from None
+            raise ControlError(_CODES[exc.kind], str(exc), exc.data) from None
 
     return call
 
@@ -80,14 +91,16 @@ def register_acquisition_methods(server: ControlServer, gateway: Gateway) -> Non
         _no_unknown(params, {"device_id"})
         device_id = _id(params, "device_id")
         token = await registry.rotate_token(device_id)
-        server.close_sessions({device_id}, "device token rotated")
+        await asyncio.gather(*server.close_sessions({device_id}, "device token rotated",
+                                                    code="token_rotated"))  # fmt: skip
         return {"id": device_id, "token": token}
 
     async def revoke(params: dict[str, Any]) -> dict[str, Any]:
         _no_unknown(params, {"device_id"})
         device_id = _id(params, "device_id")
         await registry.revoke_token(device_id)
-        server.close_sessions({device_id}, "device token revoked")
+        await asyncio.gather(*server.close_sessions({device_id}, "device token revoked",
+                                                    code="token_revoked"))  # fmt: skip
         return {"id": device_id, "revoked": True}
 
     async def create_sequence(params: dict[str, Any]) -> dict[str, Any]:
@@ -120,12 +133,23 @@ def register_acquisition_methods(server: ControlServer, gateway: Gateway) -> Non
         return await registry.task(_id(params, "task_id"))
 
     async def cancel_task(params: dict[str, Any]) -> dict[str, Any]:
+        """End a task that has not ended (ERROR, with the reason). A running one (STARTED,
+        INPROGRESS) frees its device (BUSY -> ONLINE), which is told: `task.cancel`."""
         _no_unknown(params, {"task_id", "reason"})
-        reason = params.get("reason") or "cancelled by an operator"
-        return await registry.set_task_status(
-            _id(params, "task_id"), "ERROR", reason=str(reason)[:256],
-            allowed_from=("NEW", "STARTED", "INPROGRESS"),
-        )  # fmt: skip
+        reason = str(params.get("reason") or "cancelled by an operator")[:256]
+        before = await registry.task(_id(params, "task_id"))
+        cancelled = await registry.set_task_status(
+            before["id"], "ERROR", reason=reason, allowed_from=("NEW", *ACTIVE_STATUSES)
+        )
+        if before["status"] in ACTIVE_STATUSES:
+            gateway.uploads.drop_task(before["id"])
+            session = server.device_session(before["device_id"])
+            if session is not None:  # else it learns at its next login: no task.start
+                await session.notify(
+                    "task.cancel",
+                    {"task_id": cancelled["id"], "reason": reason, "task": cancelled},
+                )
+        return cancelled
 
     async def heartbeat(params: dict[str, Any]) -> dict[str, Any]:
         _no_unknown(params, set())
@@ -134,43 +158,39 @@ def register_acquisition_methods(server: ControlServer, gateway: Gateway) -> Non
         state = await registry.seen(session.device_id)
         return {"device_id": session.device_id, "state": state}
 
-    def device_session(device_id: str) -> Session | None:
-        return next(
-            (s for s in server.sessions if s.role == "device" and s.device_id == device_id), None
-        )
-
     async def start_task(params: dict[str, Any]) -> dict[str, Any]:
         _no_unknown(params, {"task_id"})
         task = await registry.task(_id(params, "task_id"))
         if task["status"] != "NEW":
             raise ControlError(CONFLICT, f"task {task['id']} is {task['status']}, not NEW")
         device = await registry.device(task["device_id"])
-        session = device_session(device["id"])
-        if session is None or device["state"] == "OFFLINE":
-            raise ControlError(CONFLICT, f"device {device['name']!r} is offline")
-        if device["state"] == "BUSY":
-            raise ControlError(CONFLICT, f"device {device['name']!r} is busy with another task")
-        started = await registry.set_task_status(task["id"], "STARTED", allowed_from=("NEW",))
-        await registry.set_device_state(device["id"], "BUSY")
-        sequence = await registry.sequence(started["sequence_id"])
-        delivered = await session.notify(
-            "task.start",
-            {"task": started, "sequence": sequence, "parameters": started["parameters"]},
-        )
+        offline = ControlError(CONFLICT, f"device {device['name']!r} is offline",
+                               {"device_id": device["id"], "state": "OFFLINE"})  # fmt: skip
+        session = server.device_session(device["id"])
+        if session is None:
+            raise offline
+        started = await registry.start_task(task["id"])  # refused if it has an active task
+        delivered = await session.notify("task.start", await registry.task_assignment(started))
         if not delivered:  # the connection went away between the check and the send
             await registry.set_task_status(task["id"], "NEW", allowed_from=("STARTED",))
-            await registry.set_device_state(device["id"], "OFFLINE")
-            raise ControlError(CONFLICT, f"device {device['name']!r} is offline")
+            await server.end_session(session, "the connection was lost", code="disconnected")
+            raise offline
         return started
+
+    async def current_task(params: dict[str, Any]) -> dict[str, Any] | None:
+        """The calling device's active task as `task.start` gave it, or None."""
+        _no_unknown(params, set())
+        session = current_session()
+        assert session is not None and session.device_id is not None
+        task = await registry.active_task(session.device_id)
+        return None if task is None else await registry.task_assignment(task)
 
     async def report(params: dict[str, Any]) -> dict[str, Any]:
         """A device reports progress or the end of one of its own tasks."""
         _no_unknown(params, {"task_id", "progress", "status", "reason"})
         session = current_session()
         assert session is not None and session.device_id is not None
-        task = await registry.task(_id(params, "task_id"))
-        if task["device_id"] != session.device_id:
-            raise ControlError(FORBIDDEN, f"task {task['id']} belongs to another device")
+        task = await registry.device_task(_id(params, "task_id"), session.device_id)
         progress = params.get("progress")
         if progress is not None and (
             isinstance(progress, bool) or not isinstance(progress, int) or not 0 <= progress <= 100
@@ -189,10 +209,9 @@ def register_acquisition_methods(server: ControlServer, gateway: Gateway) -> Non
             status,
             progress=progress,
             reason=None if reason is None else str(reason)[:256],
-            allowed_from=("STARTED", "INPROGRESS"),
-        )
-        if status in ("FINISHED", "ERROR"):
-            await registry.set_device_state(session.device_id, "ONLINE")
+            allowed_from=ACTIVE_STATUSES,
+            refused="inactive",
+        )  # FINISHED or ERROR frees the device: BUSY -> ONLINE
         return updated
 
     async def device_state(params: dict[str, Any]) -> dict[str, Any]:
@@ -220,6 +239,7 @@ def register_acquisition_methods(server: ControlServer, gateway: Gateway) -> Non
 
     def device_call(name: str) -> Method:
         async def call(params: dict[str, Any]) -> dict[str, Any]:
+            _no_unknown(params, _UPLOAD_PARAMS[name])
             session = current_session()
             assert session is not None and session.device_id is not None
             method = getattr(gateway.uploads, name)
@@ -234,6 +254,7 @@ def register_acquisition_methods(server: ControlServer, gateway: Gateway) -> Non
     server.register("uploads.chunk", _wrapped(device_call("chunk")), access="device")
     server.register("uploads.finish", _wrapped(device_call("finish")), access="device")
     server.register("devices.heartbeat", _wrapped(heartbeat), access="device")
+    server.register("tasks.current", _wrapped(current_task), access="device")
     server.register("tasks.report", _wrapped(report), access="device")
     server.register("devices.report_state", _wrapped(device_state), access="device")
     server.register("tasks.start", _wrapped(start_task))

@@ -3,7 +3,11 @@
 Operator tokens live in `[control] operator_token_hashes` as `sha256$<salt hex>$<digest hex>`
 (make one with `gateway control hash-token`); device tokens in the devices table. Both are only
 ever stored as salted SHA-256 digests of 256-bit random tokens and compared with
-`hmac.compare_digest`. A device that logs in is ONLINE until its connection closes (OFFLINE).
+`hmac.compare_digest`.
+
+A device's state follows its session (`ControlServer.end_session`): it is ONLINE from its login
+(BUSY if it has a STARTED or INPROGRESS task, which it is then told again) until the session
+ends, whoever ends it (OFFLINE), unless a newer login of the same device ended it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,13 @@ from gateway.errors import ControlError
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-__all__ = ["make_authenticator", "new_operator_token", "operator_token_hash"]
+__all__ = [
+    "device_arrived",
+    "device_gone",
+    "make_authenticator",
+    "new_operator_token",
+    "operator_token_hash",
+]
 
 
 def new_operator_token() -> tuple[str, str]:
@@ -52,7 +62,6 @@ def make_authenticator(gateway: Gateway) -> Authenticator:
         device_id, token = params.get("device_id"), params.get("token")
         if isinstance(device_id, str) and isinstance(token, str):
             if await gateway.registry.check_token(device_id, token):
-                await gateway.registry.set_device_state(device_id, "ONLINE")
                 return "device", device_id, device_id
             raise ControlError(AUTH_FAILED, "unknown device or token")
         raise ControlError(AUTH_FAILED, "auth.login needs operator_token, or device_id and token")
@@ -60,8 +69,26 @@ def make_authenticator(gateway: Gateway) -> Authenticator:
     return login
 
 
+async def device_arrived(gateway: Gateway, session: Session) -> None:
+    """A device logged in (`ControlServer.on_session_start`, before its login is answered): it
+    is ONLINE, or BUSY with its active task, which is sent again (`task.start`) after the
+    answer."""
+    if session.device_id is None:
+        return
+    registry = gateway.registry
+    await registry.set_device_state(session.device_id, "ONLINE")  # BUSY with an active task
+    task = await registry.active_task(session.device_id)
+    if task is not None:
+        session.notify_after_reply("task.start", await registry.task_assignment(task))
+
+
 async def device_gone(gateway: Gateway, session: Session) -> None:
-    """A device's connection closed: it is OFFLINE, its unfinished uploads dropped."""
-    if session.device_id is not None:
+    """A device's session ended (`ControlServer.on_session_end`): it is OFFLINE and its
+    unfinished uploads are dropped, unless a newer session of the device ended it (then it is
+    online through that one, which has begun no upload yet)."""
+    if session.device_id is None:
+        return
+    if session.replaced or gateway.control.device_session(session.device_id) is None:
         gateway.uploads.drop_device(session.device_id)
+    if not session.replaced and gateway.control.device_session(session.device_id) is None:
         await gateway.registry.set_device_state(session.device_id, "OFFLINE")

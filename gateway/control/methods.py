@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from gateway.control.server import INVALID_PARAMS, ControlServer
 from gateway.errors import ConfigError, ControlError, GatewayError, PeerError
 from gateway.metrics import Figures
 from gateway.rules.engine import RuleSet, fact_text, outcome_report
-from gateway.rules.expr import facts_from_dataset
+from gateway.rules.facts import connection_facts, read_facts
 from gateway.scu.echo import echo_peer
 from gateway.store.instance import is_valid_uid
 from gateway.store.query import QueryError, find
@@ -266,15 +265,7 @@ def _first_instances(
     ).fetchall()
     first: list[_FirstInstance] = []
     for series_uid, count, sop_uid, path, calling, called, address in rows:
-        connection = {
-            fact: value
-            for fact, value in (
-                ("CallingAE", calling),
-                ("CalledAE", called),
-                ("PeerAddress", address),
-            )
-            if value is not None
-        }
+        connection = connection_facts(calling, called, address)
         first.append(_FirstInstance(series_uid, count, sop_uid, absolute(path), connection))
     return first
 
@@ -284,15 +275,13 @@ def register_rule_methods(server: ControlServer, gateway: Gateway) -> None:
     `rules.reload` (apply the config file's rules, peers, folders and webhooks, or refuse)."""
     store = gateway.store
 
-    def read_facts(first: _FirstInstance, ruleset: RuleSet) -> dict[str, object]:
-        keywords = sorted(ruleset.keywords)
+    def facts_of(first: _FirstInstance, ruleset: RuleSet) -> dict[str, object]:
         try:
-            ds = dcmread(first.path, stop_before_pixels=True, specific_tags=keywords)
+            return read_facts(first.path, ruleset.keywords, first.connection)
         except Exception as exc:  # missing, truncated: the store should not hold such a file
             raise GatewayError(
                 f"cannot read instance {first.sop_uid} of series {first.series_uid}: {exc}"
             ) from exc
-        return facts_from_dataset(ds, ruleset.keywords, first.connection)
 
     async def rules_test(params: dict[str, Any]) -> dict[str, Any]:
         uid = _study_uid(params)
@@ -300,7 +289,7 @@ def register_rule_methods(server: ControlServer, gateway: Gateway) -> None:
         if found is None:
             raise ControlError(NOT_FOUND, f"no study {uid}")
         ruleset = RuleSet(gateway.settings.rules)
-        facts = [await anyio.to_thread.run_sync(read_facts, first, ruleset) for first in found]
+        facts = [await anyio.to_thread.run_sync(facts_of, first, ruleset) for first in found]
         descriptions = [fact_text(f.get("SeriesDescription")) or "" for f in facts]
         series = [
             {

@@ -16,6 +16,15 @@ answer, not even an error. Batches (JSON arrays) are refused. A line longer than
 `max_line_bytes` is refused as soon as the limit is passed (at most the limit is ever buffered)
 and the connection is closed. Each connection is served by its own task, so a slow or silent
 client stalls no one else.
+
+Every connection ends in `ControlServer.end_session`, whoever ends it (the client closing, a
+timeout, an oversized line, a credential taken away, a second login of the same device, the
+gateway stopping): it takes the session out of `sessions` (the live sessions, the only
+registry of them), tells a device why (a `session.closed` notification), closes the
+connection, and runs `on_session_end` for a device at once, before waiting for the transport to
+close (a TLS peer that does not answer the close could hold that for half a minute). A device
+has at most one session: its login ends the previous one, and that ending does not make the
+device OFFLINE (`Session.replaced`).
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ __all__ = [
     "INVALID_REQUEST",
     "METHOD_NOT_FOUND",
     "PARSE_ERROR",
+    "SESSION_CLOSED",
     "ControlServer",
     "Method",
     "Session",
@@ -65,6 +75,8 @@ INTERNAL_ERROR = -32603
 GATEWAY_ERROR = -32000
 AUTH_FAILED = -32001
 FORBIDDEN = -32003
+# The notification a device gets when the gateway ends its session: {"code", "reason"}.
+SESSION_CLOSED = "session.closed"
 
 Method = Callable[[dict[str, Any]], Awaitable[Any]]
 Access = Literal["operator", "device", "any"]
@@ -81,8 +93,14 @@ class Session:
     device_id: str | None = None
     credential: str | None = None  # what it logged in with: an operator token's hash, a device id
     writer: asyncio.StreamWriter | None = None
+    reader: asyncio.StreamReader | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     close_after_reply: bool = False
+    task: asyncio.Task[None] | None = None  # the task serving the connection
+    ended: bool = False  # end_session has run: no longer in ControlServer.sessions
+    replaced: bool = False  # ended by a newer login of the same device
+    # Notifications to send once the reply to the current request is written.
+    queued: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     async def notify(self, method: str, params: dict[str, Any]) -> bool:
         """Send a JSON-RPC notification; False when the connection is gone."""
@@ -97,6 +115,14 @@ class Session:
         except (ConnectionError, RuntimeError):
             return False
         return True
+
+    def notify_after_reply(self, method: str, params: dict[str, Any]) -> None:
+        """Send a notification after the answer to the request being handled."""
+        self.queued.append((method, params))
+
+
+class _SessionEnded(Exception):
+    """Raised in a session's reader when `end_session` ends it from elsewhere."""
 
 
 _SESSION: contextvars.ContextVar[Session | None] = contextvars.ContextVar("session", default=None)
@@ -130,8 +156,12 @@ class ControlServer:
         self._tcp_server: asyncio.Server | None = None
         self._clients: set[asyncio.Task[None]] = set()
         self.authenticator: Authenticator | None = None
+        # A device's session: after its login (before the answer), and after it ends (unless
+        # replaced by a newer login of the same device).
+        self.on_session_start: Callable[[Session], Awaitable[None]] | None = None
         self.on_session_end: Callable[[Session], Awaitable[None]] | None = None
-        self.sessions: set[Session] = set()
+        self.sessions: set[Session] = set()  # the live sessions
+        self._ending: set[asyncio.Task[None]] = set()
         self.audit: AuditLog | None = None  # set by the application
 
     def register(self, name: str, method: Method, access: Access = "operator") -> None:
@@ -148,17 +178,61 @@ class ControlServer:
             return None
         return int(self._tcp_server.sockets[0].getsockname()[1])
 
-    def close_sessions(self, credentials: set[str], reason: str) -> int:
-        """Close at once the TCP connections that logged in with one of *credentials* (a
-        revoked or rotated device token, a removed operator token hash); how many."""
-        closed = 0
-        for session in list(self.sessions):
-            if session.credential in credentials and session.writer is not None:
-                log.warning("control_session_closed", peer=session.peer, role=session.role,
-                            device=session.device_id, reason=reason)  # fmt: skip
-                session.writer.close()
-                closed += 1
-        return closed
+    def device_session(self, device_id: str) -> Session | None:
+        """The live session of a device (it has at most one), or None."""
+        return next(
+            (s for s in self.sessions if s.role == "device" and s.device_id == device_id), None
+        )
+
+    def close_sessions(
+        self, credentials: set[str], reason: str, code: str = "credential_removed"
+    ) -> list[asyncio.Task[None]]:
+        """End the TCP sessions that logged in with one of *credentials* (a revoked or rotated
+        device token, a removed operator token hash), each by `end_session`, in tasks started
+        now; await them to know the sessions ended (a caller that cannot await, e.g. a reload
+        from a signal, may drop them)."""
+        ending = [
+            asyncio.ensure_future(self.end_session(session, reason, code=code))
+            for session in list(self.sessions)
+            if session.credential in credentials
+        ]
+        for task in ending:
+            self._ending.add(task)
+            task.add_done_callback(self._ending.discard)
+        return ending
+
+    async def end_session(
+        self, session: Session, reason: str, *, code: str = "closed", replaced: bool = False
+    ) -> None:
+        """End a session, whoever ends it; the one way a session ends (the second call does
+        nothing). A device that the gateway disconnects (any *code* but "disconnected": its
+        own close) is sent `session.closed` with *code* and *reason* first; its connection is
+        then closed, and `on_session_end` runs before this returns, not once the transport has
+        closed. *replaced*: ended by a newer login of the same device."""
+        if session.ended:
+            return
+        session.ended = True
+        session.replaced = replaced
+        self.sessions.discard(session)
+        writer = session.writer
+        if code not in ("disconnected", "unauthenticated"):  # (a failed login is logged)
+            log.warning("control_session_closed", peer=session.peer, role=session.role,
+                        device=session.device_id, reason=reason, code=code)  # fmt: skip
+        if writer is not None and not writer.is_closing():
+            if session.role == "device" and code != "disconnected":
+                message = {"jsonrpc": "2.0", "method": SESSION_CLOSED,
+                           "params": {"code": code, "reason": reason}}  # fmt: skip
+                with contextlib.suppress(Exception):  # best effort, never waits on the peer
+                    writer.write(json.dumps(message).encode() + b"\n")
+            writer.close()
+        if session.reader is not None and asyncio.current_task() is not session.task:
+            # wake the session's own task, wherever it waits for the next line
+            session.reader.set_exception(_SessionEnded())
+        if session.role == "device" and self.on_session_end is not None:
+            try:
+                await self.on_session_end(session)
+            except Exception:
+                log.exception("control_session_end_failed", device=session.device_id)
 
     @property
     def methods(self) -> list[str]:
@@ -203,6 +277,11 @@ class ControlServer:
         self._server.close()
         if self._tcp_server is not None:
             self._tcp_server.close()
+        await asyncio.gather(
+            *(self.end_session(s, "the gateway is stopping", code="shutdown")
+              for s in list(self.sessions)),
+            *self._ending, return_exceptions=True,
+        )  # fmt: skip
         for task in list(self._clients):
             task.cancel()
         await asyncio.gather(*self._clients, return_exceptions=True)
@@ -229,8 +308,10 @@ class ControlServer:
     ) -> None:
         session = session or Session("unix", "unix", role="operator")
         session.writer = writer
+        session.reader = reader
         task = asyncio.current_task()
         assert task is not None
+        session.task = task
         if len(self._clients) >= self._settings.max_clients:
             await self._reply(writer, _error(None, GATEWAY_ERROR, "too many control clients"))
             writer.close()
@@ -252,38 +333,41 @@ class ControlServer:
                 except TimeoutError:
                     if session.role == "device":
                         log.warning("device_silent", device=session.device_id, seconds=timeout)
-                    return  # an idle connection is closed; the client may reconnect
+                    # an idle connection is closed; the client may reconnect
+                    await self.end_session(session, f"silent for {timeout:g} s", code="silent")
+                    return
                 except _LineTooLong:
                     limit = self._settings.max_line_bytes
                     self.metrics.control_requests.labels(method=INVALID_METHOD).inc()
                     self.metrics.control_errors.labels(method=INVALID_METHOD).inc()
-                    await self._reply(
-                        writer,
-                        _error(None, INVALID_REQUEST, f"request line longer than {limit} bytes"),
-                    )
+                    message = f"request line longer than {limit} bytes"
+                    await self._reply(writer, _error(None, INVALID_REQUEST, message))
+                    await self.end_session(session, message, code="line_too_long")
                     return
-                if line is None:
+                if line is None or session.ended:
                     return
                 if not line.strip():
                     continue
                 response = await self.handle_line(line)
                 if response is not None:
                     await self._reply(writer, response)
+                while session.queued and not session.ended:
+                    await session.notify(*session.queued.pop(0))
                 if session.close_after_reply or (session.role is None and response is not None
                                                  and "error" in response):  # fmt: skip
-                    return  # an unauthenticated connection gets one error, then is closed
-        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+                    # an unauthenticated connection gets one error, then is closed
+                    await self.end_session(session, "not authenticated", code="unauthenticated")
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, _SessionEnded):
             return
         finally:
             _SESSION.reset(token)
+            await self.end_session(session, "the client closed the connection",
+                                   code="disconnected")  # fmt: skip
             self._clients.discard(task)
-            self.sessions.discard(session)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
-            if session.role == "device" and self.on_session_end is not None:
-                with contextlib.suppress(Exception):
-                    await self.on_session_end(session)
 
     async def _read_line(self, reader: asyncio.StreamReader) -> bytes | None:
         """One line, at most `max_line_bytes`; a longer one is drained and refused."""
@@ -406,7 +490,20 @@ class ControlServer:
             return _error(request_id, AUTH_FAILED, f"authentication failed: {failure}")
         log.info("control_authenticated", peer=session.peer, role=session.role,
                  device=session.device_id)  # fmt: skip
-        result = {"role": session.role, "device_id": session.device_id}
+        if session.role == "device" and session.device_id is not None:
+            # One session per device: this login ends the previous one, which does not make
+            # the device OFFLINE (it is online through this one).
+            for old in [s for s in self.sessions if s is not session
+                        and s.role == "device" and s.device_id == session.device_id]:  # fmt: skip
+                await self.end_session(old, "the device logged in again on another connection",
+                                       code="replaced", replaced=True)  # fmt: skip
+            if self.on_session_start is not None:
+                try:
+                    await self.on_session_start(session)
+                except Exception:
+                    log.exception("control_session_start_failed", device=session.device_id)
+        result = {"role": session.role, "device_id": session.device_id,
+                  "max_line_bytes": self._settings.max_line_bytes}  # fmt: skip
         return {"jsonrpc": "2.0", "id": request_id, "result": result}
 
 

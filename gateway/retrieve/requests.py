@@ -23,13 +23,12 @@ import builtins
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeVar
-
-import anyio
+from typing import Any, Final, Literal
 
 from gateway.store.instance import is_valid_uid
+from gateway.store.jobs import JobSpec, enqueue_job
 from gateway.store.store import Store
 
 __all__ = [
@@ -43,7 +42,6 @@ __all__ = [
     "validate",
 ]
 
-T = TypeVar("T")
 Status = Literal["Queued", "Processing", "Successful", "Failed", "QueueFailed"]
 Step = Literal["submit", "query", "query_secondary", "compare", "move", "verify", "forward", "done"]
 STATUSES: Final[tuple[Status, ...]] = (
@@ -231,17 +229,12 @@ class RetrievalQueue:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        with anyio.CancelScope(shield=True):  # a submitted write is awaited to its end
-            result = await self.store.write(fn)
-        return result
-
     async def ensure_schema(self) -> None:
         def create(conn: sqlite3.Connection) -> None:
             for statement in RETRIEVE_SCHEMA:
                 conn.execute(statement)
 
-        await self._write(create)
+        await self.store.write(create)
 
     # -- submission, operator actions ---------------------------------------------------------
 
@@ -288,7 +281,7 @@ class RetrievalQueue:
                 out.append({"id": cursor.lastrowid, "status": status, "reason": reason})
             return out
 
-        return await self._write(put)
+        return await self.store.write(put)
 
     async def retry(self, project: str, now: float | None = None) -> int:
         """Queue the project's Failed requests again (attempts reset, at the step they failed in;
@@ -308,7 +301,7 @@ class RetrievalQueue:
 
     async def _requeue_failed(self, where: str, params: tuple[Any, ...], now: float | None) -> int:
         at = time.time() if now is None else now
-        return await self._write(
+        return await self.store.write(
             lambda conn: (
                 conn.execute(
                     "UPDATE retrievals SET status = 'Queued', attempts = 0, next_attempt_at = ?,"
@@ -341,7 +334,7 @@ class RetrievalQueue:
             )
             return ids
 
-        return await self._write(stop)
+        return await self.store.write(stop)
 
     # -- the worker's bookkeeping -------------------------------------------------------------
 
@@ -355,7 +348,7 @@ class RetrievalQueue:
             changes["timings"] = json.dumps(changes["timings"])
         changes.setdefault("updated_at", time.time())
         columns = ", ".join(f"{key} = ?" for key in changes)
-        await self._write(
+        await self.store.write(
             lambda conn: conn.execute(
                 f"UPDATE retrievals SET {columns} WHERE id = ?"
                 " AND status IN ('Queued', 'Processing')",
@@ -412,7 +405,7 @@ class RetrievalQueue:
             conn.execute("DELETE FROM retrieval_instances WHERE request_id = ?", (request_id,))
             conn.executemany("INSERT OR IGNORE INTO retrieval_instances VALUES (?,?,?,?,?)", rows)
 
-        await self._write(replace)
+        await self.store.write(replace)
 
     async def missing(self, request_id: int) -> builtins.list[ArchiveInstance]:
         """The archive's instances for the request that the store does not hold."""
@@ -438,13 +431,20 @@ class RetrievalQueue:
             )
         )
 
-    async def add_jobs(self, request_id: int, job_ids: Iterable[int]) -> None:
-        rows = [(request_id, job_id) for job_id in job_ids]
-        await self._write(
-            lambda conn: conn.executemany(
-                "INSERT OR IGNORE INTO retrieval_jobs VALUES (?, ?)", rows
+    async def forward(self, request_id: int, jobs: Sequence[JobSpec]) -> list[int]:
+        """Queue the request's forwarding *jobs* and link them to it, in one transaction (a
+        kill leaves both or neither); return the job ids."""
+
+        def put(conn: sqlite3.Connection) -> list[int]:
+            now = time.time()
+            ids = [enqueue_job(conn, job, now) for job in jobs]
+            conn.executemany(
+                "INSERT OR IGNORE INTO retrieval_jobs VALUES (?, ?)",
+                [(request_id, job_id) for job_id in ids],
             )
-        )
+            return ids
+
+        return await self.store.write(put)
 
     async def latest_jobs(self, request_id: int) -> dict[tuple[str, str], tuple[str, str | None]]:
         """Per (scope, uid) the request forwards: the state and last error of its newest job."""

@@ -55,7 +55,7 @@ from gateway.scu.query import (
     c_move,
     identifier,
 )
-from gateway.store.jobs import Backoff, JobQueue
+from gateway.store.jobs import Backoff, JobQueue, JobSpec
 from gateway.store.store import Store
 
 __all__ = ["Retriever", "dispatch_priority"]
@@ -533,7 +533,7 @@ class Retriever:
         else:
             scopes = [("study", uid) for uid in request.studies]
         latest = await self.queue.latest_jobs(request.id)
-        queued: list[int] = []
+        jobs: list[JobSpec] = []
         waiting: list[str] = []
         for scope, uid in scopes:
             state, error = latest.get((scope, uid), (None, None))
@@ -542,17 +542,14 @@ class Retriever:
             if state in ("failed", "cancelled") and not resumed:
                 raise _Final(f"forward to {target} {state}: {error or 'no reason recorded'}")
             if state in (None, "failed", "cancelled"):
-                queued.append(
-                    await self.jobs.enqueue(
-                        scope, uid, target, f"retrieve:{request.project}",  # type: ignore[arg-type]
-                        dispatch_priority(request.priority),
-                    )
-                )  # fmt: skip
+                rule = f"retrieve:{request.project}"
+                priority = dispatch_priority(request.priority)
+                jobs.append(JobSpec(scope, uid, target, rule, priority))  # type: ignore[arg-type]
                 waiting.append("queued")
             else:
                 waiting.append(error or state or "queued")
-        if queued:
-            await self.queue.add_jobs(request.id, queued)
+        if jobs:
+            await self.queue.forward(request.id, jobs)
             self.wake_dispatcher()
         if not waiting:
             return "done"

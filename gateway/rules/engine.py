@@ -1,7 +1,8 @@
 """Which rules fire for a series: the rule set's decision, and the dry run's explanation.
 
 Pure: no I/O and no DICOM networking. Callers extract the facts (`RuleSet.keywords` says which
-DICOM keywords to read, see `gateway.rules.expr.facts_from_dataset`) and act on the decision.
+DICOM keywords to read; `gateway.rules.facts` reads them from a series' first instance) and act
+on the decision.
 
 The order of evaluation, for one set of facts:
 

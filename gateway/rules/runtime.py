@@ -24,7 +24,9 @@ moves the checkpoint), so what a restart reads again is what arrived in the last
 everything since the last rule fired. A batch that opens or prolongs no wait moves it at most
 once per `_CHECKPOINT_EVERY` (one FULL commit each).
 
-A completed wait is handed to `on_complete` (which enqueues dispatch jobs). Instances that arrive
+A completed wait is closed and its dispatch jobs (one per target of the rule) are queued in the
+same transaction, so a kill never leaves a completed wait without its jobs; `on_complete` is
+told afterwards (the application wakes the dispatcher). Instances that arrive
 after completion open a new wait for what they belong to: the whole series, or the whole study,
 is sent again when that wait completes.
 """
@@ -40,13 +42,13 @@ from typing import Literal
 
 import anyio
 import structlog
-from pydicom import dcmread
 
 from gateway.rules.engine import RuleSet, required_series_satisfied
-from gateway.rules.expr import facts_from_dataset
+from gateway.rules.facts import connection_facts, read_facts
 from gateway.rules.model import RuleSettings
 from gateway.store.completions import Completion, CompletionStore, FirstInstance, Touch
 from gateway.store.index import IngestResult
+from gateway.store.jobs import JobSpec
 from gateway.store.store import Store
 
 __all__ = ["CompletedWork", "CompletionEngine"]
@@ -160,8 +162,10 @@ class CompletionEngine:
         # checkpoint is taken again (touching a wait twice only prolongs it a little).
         missed = await self._completions.arrivals_since_checkpoint(self._created_at)
         if missed and self._rules:
+            # A wait that closed after these arrived covered them: it is not opened again.
             await self._on_arrivals(
-                [IngestResult("stored", "", series, study, "") for series, study in missed]
+                [IngestResult("stored", "", series, study, "") for series, study, _ in missed],
+                replayed={series: at for series, _, at in missed},
             )
         self._waiting = await self._completions.waiting()
         log.info("completion_engine_started", waiting=len(self._waiting))
@@ -191,10 +195,13 @@ class CompletionEngine:
 
     # -- arrivals -----------------------------------------------------------------------------
 
-    async def _on_arrivals(self, results: list[IngestResult]) -> bool:
+    async def _on_arrivals(
+        self, results: list[IngestResult], replayed: dict[str, float] | None = None
+    ) -> bool:
         """Open or prolong the waits of *results* and move the checkpoint; True if any wait
         was touched. A batch that touches none moves the checkpoint at most once per
-        `_CHECKPOINT_EVERY`."""
+        `_CHECKPOINT_EVERY`. *replayed* (series UID -> newest received-at) marks arrivals
+        taken again at start-up (`Touch.arrived_at`)."""
         now = self._clock()
         series = {r.series_instance_uid: r.study_instance_uid for r in results}
         touches: list[Touch] = []
@@ -213,6 +220,7 @@ class CompletionEngine:
                         now=now,
                         quiet_seconds=rule.quiet_seconds,
                         force_seconds=rule.force_seconds if study_level else None,
+                        arrived_at=None if replayed is None else replayed.get(series_uid),
                     )
                 )
         if not touches and now - self._checkpointed_at < _CHECKPOINT_EVERY:
@@ -252,17 +260,9 @@ class CompletionEngine:
         return cached
 
     def _read_facts(self, first: FirstInstance) -> dict[str, object]:
-        ds = dcmread(
-            self._store.files.absolute(first.path),
-            stop_before_pixels=True,
-            specific_tags=sorted(self._ruleset.keywords | {"SpecificCharacterSet"}),
-        )
-        connection = {
-            "CallingAE": first.calling_ae,
-            "CalledAE": first.called_ae,
-            "PeerAddress": first.peer_address,
-        }
-        return facts_from_dataset(ds, self._ruleset.keywords, connection)
+        connection = connection_facts(first.calling_ae, first.called_ae, first.peer_address)
+        path = self._store.files.absolute(first.path)
+        return read_facts(path, self._ruleset.keywords, connection)
 
     # -- deadlines ----------------------------------------------------------------------------
 
@@ -302,9 +302,15 @@ class CompletionEngine:
     async def _finish(
         self, completion: Completion, rule: RuleSettings, now: float, discard: bool
     ) -> None:
-        if not await self._completions.close(
-            completion.id, "discarded" if discard else "done", now
-        ):
+        """Close the wait and queue its jobs in one transaction, then tell `on_complete`."""
+        jobs = [
+            JobSpec(completion.scope, completion.uid, target, rule.name, rule.priority)
+            for target in rule.targets
+        ]
+        queued = await self._completions.close(
+            completion.id, "discarded" if discard else "done", now, [] if discard else jobs
+        )
+        if queued is None:
             return
         log.info(
             "completion_discarded" if discard else "completion_reached",
@@ -312,6 +318,7 @@ class CompletionEngine:
             scope=completion.scope,
             uid=completion.uid,
             waited=round(now - completion.first_at, 3),
+            jobs=queued,
         )
         if discard:
             return

@@ -1,8 +1,9 @@
 """The dispatcher: runs the durable jobs of `gateway.store.jobs` against peers and folders.
 
-One asyncio service. Its loop claims due jobs (most urgent first), runs each in a task under a
-per-target `anyio.CapacityLimiter`, and sleeps until the next job is due or `wake()` is called
-(an enqueue, a retry, a job that finished). A job selects its instances from the index, skips
+One asyncio service. Its loop claims due jobs (most urgent first, at most
+`per_target_concurrency` running per target), runs each in a task, and sleeps until the next job
+is due, the earliest lease runs out, or `wake()` is called (an enqueue, a retry, a job that
+finished). A job selects its instances from the index, skips
 those its target already holds (the `deliveries` ledger), and sends the rest: C-STORE to a peer
 (`send_instances` in a worker thread), or an atomic copy into a folder. Acknowledgements are
 recorded as they come, group-committed by `_Ledger`. docs/dispatch.md describes the model.
@@ -15,7 +16,7 @@ import random as _random
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -44,6 +45,11 @@ log = structlog.get_logger(__name__)
 
 class _Stopping(Exception):
     """Raised in a sender thread to end a send early (the dispatcher is stopping)."""
+
+
+def _token(job: Job) -> str:
+    """The claim a running job is known by: its lease token."""
+    return job.lease_owner or str(job.id)
 
 
 def folder_path(root: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
@@ -78,13 +84,18 @@ class _Ledger:
     once more). `close()` waits for everything to be committed.
     """
 
-    def __init__(self, queue: JobQueue, job_id: int) -> None:
+    def __init__(
+        self, queue: JobQueue, job: Job, progress: Callable[[], None] = lambda: None
+    ) -> None:
         self._queue = queue
-        self._job_id = job_id
+        self._job_id = job.id
+        self._lease = job.lease_owner  # each commit renews the job's lease
+        self._progress = progress  # told of each acknowledgement
         self._waiting: list[InstanceFile] = []
         self._in_flight: Future[int] | None = None
 
     def add(self, instance: InstanceFile) -> None:
+        self._progress()
         self._waiting.append(instance)
         if self._in_flight is None or self._in_flight.done():
             self._flush()
@@ -95,7 +106,9 @@ class _Ledger:
             self._in_flight = None
         if self._waiting:
             batch, self._waiting = self._waiting, []
-            self._in_flight = self._queue.record_delivered_nowait(self._job_id, batch)
+            self._in_flight = self._queue.record_delivered_nowait(
+                self._job_id, batch, lease=self._lease
+            )
 
     def close(self) -> None:
         self._flush()
@@ -132,8 +145,8 @@ class Dispatcher:
         self._random = random or _random.Random()
         self._wake = asyncio.Event()
         self._stopping = threading.Event()  # read by sender threads
-        self._limiters: dict[str, anyio.CapacityLimiter] = {}
-        self._running: dict[int, Job] = {}
+        self._running: dict[str, Job] = {}  # by lease token: a job claimed again is another
+        self._progress: dict[str, float] = {}  # lease token -> last acknowledgement (time.time)
         self._task_group: TaskGroup | None = None
 
     # -- control ------------------------------------------------------------------------------
@@ -161,8 +174,13 @@ class Dispatcher:
     # -- the loop -----------------------------------------------------------------------------
 
     def _busy(self) -> tuple[set[str], dict[str, int]]:
+        """Targets with no free slot, and the free slots of each target with running jobs. A
+        job whose worker made no progress for its lease holds no slot: it is claimed again."""
         counts: dict[str, int] = {}
-        for job in self._running.values():
+        stale = time.time() - self.queue.lease_seconds
+        for token, job in self._running.items():
+            if self._progress.get(token, 0.0) < stale:
+                continue
             counts[job.target] = counts.get(job.target, 0) + 1
         free = {t: self.per_target_concurrency - n for t, n in counts.items()}
         return {t for t, n in free.items() if n <= 0}, free
@@ -200,7 +218,8 @@ class Dispatcher:
                 slots_per_target=self.per_target_concurrency,
             )
             for job in jobs:
-                self._running[job.id] = job
+                self._running[_token(job)] = job
+                self._progress[_token(job)] = time.time()
                 tg.start_soon(self._run_job, job, name=f"job-{job.id}")
             if len(jobs) >= self.claim_limit:
                 return 0.0
@@ -215,21 +234,19 @@ class Dispatcher:
 
     # -- one job ------------------------------------------------------------------------------
 
-    def _limiter(self, target: str) -> anyio.CapacityLimiter:
-        limiter = self._limiters.get(target)
-        if limiter is None:
-            limiter = self._limiters[target] = anyio.CapacityLimiter(self.per_target_concurrency)
-        return limiter
+    def _progressed(self, job: Job) -> None:
+        """An acknowledgement for *job* (from its sender thread)."""
+        self._progress[_token(job)] = time.time()
 
     async def _run_job(self, job: Job) -> None:
         try:
-            async with self._limiter(job.target):
-                await self._execute(job)
+            await self._execute(job)
         except Exception as exc:
-            # The queue could not be updated: the job stays running until the next start.
+            # The queue could not be updated: the job's lease runs out, and it is claimed again.
             log.error("job_bookkeeping_failed", job=job.id, target=job.target, error=str(exc))
         finally:
-            self._running.pop(job.id, None)
+            self._running.pop(_token(job), None)
+            self._progress.pop(_token(job), None)
             self._wake.set()
 
     async def _execute(self, job: Job) -> None:
@@ -241,6 +258,8 @@ class Dispatcher:
             scope=job.scope,
             rule=job.rule,
             attempt=job.attempts + 1,
+            lease=job.lease_owner,
+            previous_error=job.last_error,  # "lease expired: ..." when another worker hung
         )
         hook = self.settings.webhook(job.target)
         if hook is not None:
@@ -287,7 +306,7 @@ class Dispatcher:
         permanent: bool = False,
     ) -> None:
         state = await self.queue.fail_attempt(
-            job.id, error, time.time(), self.backoff, permanent=permanent
+            job.id, error, time.time(), self.backoff, permanent=permanent, lease=job.lease_owner
         )
         self.metrics.dispatch_failures.labels(target=job.target).inc()
         self.metrics.dispatch_delivered.labels(target=job.target).inc(delivered)
@@ -327,8 +346,8 @@ class Dispatcher:
     ) -> None:
         """The attempt delivered everything (*delivered* instances: None for a webhook):
         finish the job, count and log it."""
-        state = await self.queue.finish(job.id, time.time())
-        if state is not None:  # None: cancelled while it ran
+        state = await self.queue.finish(job.id, time.time(), lease=job.lease_owner)
+        if state is not None:  # None: cancelled while it ran, or its lease passed to another
             self.metrics.dispatch_completed.labels(target=job.target).inc()
         if delivered is not None:
             self.metrics.dispatch_delivered.labels(target=job.target).inc(delivered)
@@ -343,7 +362,7 @@ class Dispatcher:
     ) -> tuple[int, str | None, bool]:
         """C-STORE *pending* to *peer*: (delivered, the first error or None, whether that error
         is permanent)."""
-        ledger = _Ledger(self.queue, job.id)
+        ledger = _Ledger(self.queue, job, lambda: self._progressed(job))
         by_uid = {instance.sop_instance_uid: instance for instance in pending}
         errors: list[str] = []
         delivered = 0
@@ -387,7 +406,7 @@ class Dispatcher:
             return {row[0]: (row[1], row[2]) for row in rows}
 
         location = await self.store.read(uids)
-        ledger = _Ledger(self.queue, job.id)
+        ledger = _Ledger(self.queue, job, lambda: self._progressed(job))
 
         def copy_all() -> tuple[int, str | None]:
             try:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from gateway.store.jobs import JobSpec, enqueue_job
 from gateway.store.store import Store
 
 __all__ = [
@@ -53,9 +54,9 @@ COMPLETIONS_SCHEMA = (
 _CHECKPOINT_KEY = "completion_checkpoint"
 # What arrived from a time on: the index on instances.received_at finds it without a scan.
 ARRIVALS_SINCE = (
-    "SELECT DISTINCT s.series_uid, st.study_uid FROM instances i"
+    "SELECT s.series_uid, st.study_uid, max(i.received_at) FROM instances i"
     " JOIN series s ON i.series_pk = s.pk JOIN studies st ON s.study_pk = st.pk"
-    " WHERE i.received_at >= ?"
+    " WHERE i.received_at >= ? GROUP BY s.pk ORDER BY s.pk"
 )
 
 
@@ -70,6 +71,10 @@ class Touch:
     now: float
     quiet_seconds: float
     force_seconds: float | None
+    # Set for an arrival taken again at start-up (`arrivals_since_checkpoint`): the newest
+    # received-at of what it stands for. A wait for the same (rule, scope, uid) that closed
+    # after it already covered it, so none is opened again.
+    arrived_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +138,8 @@ class CompletionStore:
                     " AND uid = ? AND state = 'waiting'",
                     (t.now, t.now + t.quiet_seconds, t.rule, t.scope, t.uid),
                 ).rowcount
+                if not updated and t.arrived_at is not None and _closed_after(conn, t):
+                    continue
                 if not updated:
                     force_at = None if t.force_seconds is None else t.now + t.force_seconds
                     conn.execute(
@@ -144,10 +151,10 @@ class CompletionStore:
 
         await self._store.write(apply)
 
-    async def arrivals_since_checkpoint(self, now: float) -> list[tuple[str, str]]:
-        """(series UID, study UID) of what arrived since the last checkpoint; on the very first
-        run, nothing (the checkpoint starts at *now*, s since the epoch: existing data is not
-        routed).
+    async def arrivals_since_checkpoint(self, now: float) -> list[tuple[str, str, float]]:
+        """(series UID, study UID, newest received-at) of what arrived since the last
+        checkpoint; on the very first run, nothing (the checkpoint starts at *now*, s since the
+        epoch: existing data is not routed).
 
         Both reads go to a read connection, so the writer (and the instances it commits) does
         not wait for them; the arrivals are found through the index on received_at.
@@ -167,7 +174,7 @@ class CompletionStore:
             return []
         since = float(row[0])
         return await self._store.read(
-            lambda c: [(r[0], r[1]) for r in c.execute(ARRIVALS_SINCE, (since,))]
+            lambda c: [(r[0], r[1], float(r[2])) for r in c.execute(ARRIVALS_SINCE, (since,))]
         )
 
     async def waiting(self) -> list[Completion]:
@@ -187,17 +194,23 @@ class CompletionStore:
             )
         )
 
-    async def close(self, completion_id: int, state: str, now: float) -> bool:
-        """Close a wait (`done` or `discarded`); False when it was no longer open."""
+    async def close(
+        self, completion_id: int, state: str, now: float, jobs: Sequence[JobSpec] = ()
+    ) -> list[int] | None:
+        """Close a wait (`done` or `discarded`) and queue *jobs*, in one transaction: a kill
+        at any moment leaves either the wait open (it completes again after the restart) or
+        the wait closed with its jobs. Returns the jobs' ids, or None when the wait was no
+        longer open (nothing is queued then)."""
 
-        def update(conn: sqlite3.Connection) -> bool:
-            return bool(
-                conn.execute(
-                    "UPDATE completions SET state = ?, closed_at = ? WHERE id = ?"
-                    " AND state = 'waiting'",
-                    (state, now, completion_id),
-                ).rowcount
-            )
+        def update(conn: sqlite3.Connection) -> list[int] | None:
+            closed = conn.execute(
+                "UPDATE completions SET state = ?, closed_at = ? WHERE id = ?"
+                " AND state = 'waiting'",
+                (state, now, completion_id),
+            ).rowcount
+            if not closed:
+                return None
+            return [enqueue_job(conn, job, now) for job in jobs]
 
         return await self._store.write(update)
 
@@ -252,3 +265,14 @@ class CompletionStore:
             ).fetchall()
         )
         return [SeriesProgress(*row) for row in rows]
+
+
+def _closed_after(conn: sqlite3.Connection, touch: Touch) -> bool:
+    """Whether a wait for a replayed *touch* closed after its instances arrived: they were
+    part of it (its jobs select what the index holds when they run)."""
+    row = conn.execute(
+        "SELECT 1 FROM completions WHERE rule = ? AND scope = ? AND uid = ?"
+        " AND state != 'waiting' AND closed_at >= ? LIMIT 1",
+        (touch.rule, touch.scope, touch.uid, touch.arrived_at),
+    ).fetchone()
+    return row is not None

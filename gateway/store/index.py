@@ -35,14 +35,8 @@ import structlog
 from gateway.errors import DuplicateInstance, GatewayError, SopInstanceConflict, StoreError
 from gateway.store.files import FileStore
 from gateway.store.instance import ReceivedFile, read_received_file
-from gateway.store.schema import (
-    SCHEMA,
-    connect,
-    identity_pk,
-    migrate,
-    patient_identity,
-    upgrade,
-)
+from gateway.store.migrations import migrate_data, migrate_structure
+from gateway.store.schema import SCHEMA, connect, identity_pk, patient_identity, upkeep
 
 __all__ = [
     "MARK_KEY",
@@ -221,10 +215,11 @@ class IndexWriter:
     def _run(self) -> None:
         try:
             self._conn = connect(self._db_path)
-            upgrade(self._conn)
+            migrate_structure(self._conn)
             self._conn.executescript(SCHEMA)
             self._conn.execute("BEGIN IMMEDIATE")
-            migrate(self._conn, self._stored_patient)
+            migrate_data(self._conn, self._stored_patient)
+            upkeep(self._conn)
             self._conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if self._conn is not None:

@@ -12,6 +12,14 @@ States::
                       -> failed (max attempts reached, or a permanent error)
     queued | running  -> cancelled
     failed | cancelled -> queued (retry)
+    running (lease expired) -> running (claimed again: another attempt)
+
+A claimed job carries a lease: its worker's token (`lease_owner`) and a deadline
+(`lease_until`) that each acknowledged instance moves `lease_seconds` ahead. A worker that dies
+or hangs stops renewing it; once the deadline passes the job is claimed again, as another
+attempt, without waiting for a restart. Every transition a worker makes is fenced by its token:
+the worker that lost its lease finds its `finish` or `fail_attempt` refused (None), and only
+its acknowledgements, which are facts about the target, still reach the ledger.
 
 At most one *open* job (queued or running) exists per (scope, uid, target): a partial UNIQUE
 index enforces it, and `enqueue` returns the open job instead of adding another. `deliveries` is
@@ -24,29 +32,32 @@ each sees the ledger the other left.
 from __future__ import annotations
 
 import builtins
+import os
 import random as _random
+import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeVar
-
-import anyio
+from typing import Any, Final, Literal
 
 from gateway.store.store import InstanceFile, Store
 
 __all__ = [
+    "DEFAULT_LEASE_SECONDS",
     "JOBS_SCHEMA",
     "PRIORITIES",
     "Backoff",
     "Job",
     "JobQueue",
+    "JobSpec",
     "JobState",
     "Scope",
+    "enqueue_job",
 ]
 
-T = TypeVar("T")
 Scope = Literal["series", "study"]
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 
@@ -70,7 +81,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     rerun           INTEGER NOT NULL DEFAULT 0,
     delivered       INTEGER NOT NULL DEFAULT 0,
     created_at      REAL NOT NULL,
-    updated_at      REAL NOT NULL
+    updated_at      REAL NOT NULL,
+    lease_owner     TEXT,
+    lease_until     REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, priority, next_attempt_at, id);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_open ON jobs (scope, uid, target)
@@ -98,8 +111,10 @@ ACKNOWLEDGED: Final = (
 
 _COLUMNS: Final = (
     "id, scope, uid, study_uid, target, rule, priority, state, attempts, next_attempt_at,"
-    " last_error, delivered, created_at, updated_at"
+    " last_error, delivered, created_at, updated_at, lease_owner, lease_until"
 )
+# How long a claimed job is its worker's without progress (`[dispatch] lease_seconds`).
+DEFAULT_LEASE_SECONDS: Final = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +135,8 @@ class Job:
     delivered: int
     created_at: float
     updated_at: float
+    lease_owner: str | None = None  # who runs it: "host:pid/claim"; None unless running
+    lease_until: float | None = None  # s since the epoch; renewed by each acknowledgement
 
     def as_dict(self) -> dict[str, Any]:
         """The job as JSON-friendly values (priority by name)."""
@@ -139,6 +156,8 @@ class Job:
             "delivered": self.delivered,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            "lease_owner": self.lease_owner,
+            "lease_until": self.lease_until,
         }
 
 
@@ -185,44 +204,78 @@ def _placeholders(values: Collection[Any]) -> str:
     return ",".join("?" * len(values))
 
 
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """A job to queue: deliver a series or study (*scope*, *uid*) to *target* for *rule*."""
+
+    scope: Scope
+    uid: str
+    target: str
+    rule: str
+    priority: int | str = 1
+
+
+def enqueue_job(conn: sqlite3.Connection, spec: JobSpec, at: float) -> int:
+    """Queue *spec* inside the caller's write transaction; return the job id.
+
+    The transition that creates work calls this in its own transaction (a completed wait, a
+    retrieval's forward step), so the transition and its jobs commit together or not at all.
+    When an open job for the same (scope, uid, target) exists, its id is returned: it keeps
+    the more urgent of the two priorities, and a *running* one is marked to run once more when
+    it finishes (instances stored since it selected its own are then sent too; what it
+    delivered is not sent again). Raises ValueError for an unknown scope or priority.
+    """
+    if spec.scope not in ("series", "study"):
+        raise ValueError(f"unknown scope {spec.scope!r}")
+    level = _priority(spec.priority)
+    row = conn.execute(
+        "SELECT id, state FROM jobs WHERE scope = ? AND uid = ? AND target = ?"
+        " AND state IN ('queued', 'running')",
+        (spec.scope, spec.uid, spec.target),
+    ).fetchone()
+    if row is not None:
+        conn.execute(
+            "UPDATE jobs SET priority = min(priority, ?), rerun = (state = 'running'),"
+            " updated_at = ? WHERE id = ?",
+            (level, at, row[0]),
+        )
+        return int(row[0])
+    cursor = conn.execute(
+        "INSERT INTO jobs (scope, uid, study_uid, target, rule, priority, state,"
+        " attempts, next_attempt_at, created_at, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?)",
+        (spec.scope, spec.uid, _study_of(conn, spec.scope, spec.uid), spec.target, spec.rule,
+         level, at, at, at),
+    )  # fmt: skip
+    assert cursor.lastrowid is not None
+    return cursor.lastrowid
+
+
 class JobQueue:
     """The `jobs` and `deliveries` tables of a `Store`, behind async methods."""
 
-    def __init__(self, store: Store, *, random: _random.Random | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        random: _random.Random | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    ) -> None:
         self.store = store
         self._random = random or _random.Random()
-
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """`Store.write`, shielded: once submitted, a write is awaited to its end.
-
-        A cancelled await of `Store.write` would cancel the writer's future while the writer
-        still runs it (and the writer thread then dies setting its result); the transaction
-        commits either way, so the caller waits for it and is cancelled just after.
-        """
-        with anyio.CancelScope(shield=True):
-            result = await self.store.write(fn)
-        return result
+        self.lease_seconds = lease_seconds
+        self._owner = f"{socket.gethostname()}:{os.getpid()}"
 
     async def ensure_schema(self) -> None:
         """Create the tables and indexes (idempotent); call once after `Store.open`."""
 
         def create(conn: sqlite3.Connection) -> None:
-            _migrate(conn)
             # executescript would COMMIT the writer's transaction: run statement by statement.
             for statement in JOBS_SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            if _table_exists(conn, "job_deliveries"):  # the per-job list of version 0.1
-                conn.execute(
-                    "INSERT OR IGNORE INTO deliveries"
-                    " (instance_pk, target, checksum, job_id, delivered_at)"
-                    " SELECT i.pk, j.target, i.checksum, j.id, d.delivered_at"
-                    " FROM job_deliveries d JOIN jobs j ON d.job_id = j.id"
-                    " JOIN instances i ON i.sop_uid = d.sop_uid"
-                )
-                conn.execute("DROP TABLE job_deliveries")
 
-        await self._write(create)
+        await self.store.write(create)
 
     # -- writes -------------------------------------------------------------------------------
 
@@ -235,41 +288,13 @@ class JobQueue:
         priority: int | str,
         now: float | None = None,
     ) -> int:
-        """Queue delivering a series or study to a target; return the job id.
-
-        When an open job for the same (scope, uid, target) exists, its id is returned: it keeps
-        the more urgent of the two priorities, and a *running* one is marked to run once more
-        when it finishes (instances stored since it selected its own are then sent too; what it
-        delivered is not sent again).
-        """
-        if scope not in ("series", "study"):
-            raise ValueError(f"unknown scope {scope!r}")
-        level = _priority(priority)
+        """Queue delivering a series or study to a target, in a transaction of its own
+        (`enqueue_job`, whose rules for an open job of the same series or study and target
+        apply); return the job id."""
         at = time.time() if now is None else now
-
-        def put(conn: sqlite3.Connection) -> int:
-            row = conn.execute(
-                "SELECT id, state FROM jobs WHERE scope = ? AND uid = ? AND target = ?"
-                " AND state IN ('queued', 'running')",
-                (scope, uid, target),
-            ).fetchone()
-            if row is not None:
-                conn.execute(
-                    "UPDATE jobs SET priority = min(priority, ?), rerun = (state = 'running'),"
-                    " updated_at = ? WHERE id = ?",
-                    (level, at, row[0]),
-                )
-                return int(row[0])
-            cursor = conn.execute(
-                "INSERT INTO jobs (scope, uid, study_uid, target, rule, priority, state,"
-                " attempts, next_attempt_at, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?)",
-                (scope, uid, _study_of(conn, scope, uid), target, rule, level, at, at, at),
-            )
-            assert cursor.lastrowid is not None
-            return cursor.lastrowid
-
-        return await self._write(put)
+        return await self.store.write(
+            lambda conn: enqueue_job(conn, JobSpec(scope, uid, target, rule, priority), at)
+        )
 
     async def claim_due(
         self,
@@ -291,18 +316,24 @@ class JobQueue:
         """
         busy = builtins.list(dict.fromkeys(busy_targets))
         slots = dict(free_slots or {})
+        lease = self.lease_seconds
 
         def claim(conn: sqlite3.Connection) -> builtins.list[Job]:
             sql = (
-                f"SELECT {_COLUMNS} FROM jobs WHERE state = 'queued' AND next_attempt_at <= ?"
+                f"SELECT {_COLUMNS} FROM jobs WHERE ((state = 'queued' AND next_attempt_at <= ?)"
+                " OR (state = 'running' AND lease_until < ?))"
                 + (f" AND target NOT IN ({_placeholders(busy)})" if busy else "")
                 + " ORDER BY priority, next_attempt_at, id"
             )
             claimed: builtins.list[Job] = []
             sending = set(
-                conn.execute("SELECT target, study_uid FROM jobs WHERE state = 'running'")
+                conn.execute(
+                    "SELECT target, study_uid FROM jobs WHERE state = 'running'"
+                    " AND (lease_until IS NULL OR lease_until >= ?)",
+                    (now,),
+                )
             )
-            for row in conn.execute(sql, (now, *busy)):
+            for row in conn.execute(sql, (now, now, *busy)):
                 if len(claimed) >= limit:
                     break
                 job = _job(row)
@@ -315,54 +346,81 @@ class JobQueue:
                     slots[job.target] = left - 1
                 claimed.append(job)
                 sending.add((job.target, job.study_uid))
-            if claimed:
-                ids = [job.id for job in claimed]
+            taken: builtins.list[Job] = []
+            for job in claimed:
+                token = f"{self._owner}/{secrets.token_hex(4)}"
+                fields = {"state": "running", "updated_at": now, "lease_owner": token,
+                          "lease_until": now + lease}  # fmt: skip
+                if job.state == "running":  # its lease expired: the attempt it held failed
+                    fields["attempts"] = job.attempts + 1
+                    fields["last_error"] = (
+                        f"lease expired: {job.lease_owner} acknowledged nothing for {lease:g} s"
+                    )
+                    conn.execute(
+                        "UPDATE jobs SET attempts = ?, last_error = ? WHERE id = ?",
+                        (fields["attempts"], fields["last_error"], job.id),
+                    )
+                else:
+                    conn.execute("UPDATE jobs SET rerun = 0 WHERE id = ?", (job.id,))
                 conn.execute(
-                    "UPDATE jobs SET state = 'running', rerun = 0, updated_at = ?"
-                    f" WHERE id IN ({_placeholders(ids)})",
-                    (now, *ids),
+                    "UPDATE jobs SET state = 'running', lease_owner = ?, lease_until = ?,"
+                    " updated_at = ? WHERE id = ?",
+                    (token, now + lease, now, job.id),
                 )
-            return [
-                Job(**{**_fields(job), "state": "running", "updated_at": now}) for job in claimed
-            ]
+                taken.append(Job(**{**_fields(job), **fields}))
+            return taken
 
-        return await self._write(claim)
+        return await self.store.write(claim)
 
     async def record_delivered(
-        self, job_id: int, instances: Iterable[InstanceFile | str], now: float | None = None
+        self,
+        job_id: int,
+        instances: Iterable[InstanceFile | str],
+        now: float | None = None,
+        lease: str | None = None,
     ) -> int:
-        """Record instances the job's target acknowledged (durably, before returning).
+        """Record instances the job's target acknowledged (durably, before returning), and
+        renew the job's lease when *lease* (its worker's token) still holds it.
 
         An `InstanceFile` is recorded with the checksum it was sent with; a SOP Instance UID
         with the checksum stored now. Returns how many were not in the ledger yet.
         """
-        return await self._write(_recorder(job_id, instances, now))
+        return await self.store.write(_recorder(job_id, instances, now, lease, self.lease_seconds))
 
     def record_delivered_nowait(
-        self, job_id: int, instances: Iterable[InstanceFile | str], now: float | None = None
+        self,
+        job_id: int,
+        instances: Iterable[InstanceFile | str],
+        now: float | None = None,
+        lease: str | None = None,
     ) -> Future[int]:
         """`record_delivered` without waiting: the commit's future (for a sender thread)."""
-        return self.store.write_nowait(_recorder(job_id, instances, now))
+        return self.store.write_nowait(_recorder(job_id, instances, now, lease, self.lease_seconds))
 
-    async def finish(self, job_id: int, now: float | None = None) -> JobState | None:
+    async def finish(
+        self, job_id: int, now: float | None = None, lease: str | None = None
+    ) -> JobState | None:
         """A running job delivered everything: `done` (or `queued` again when re-enqueued
-        while running). Returns the new state; None when the job was not running (cancelled).
+        while running). Returns the new state; None when the job was not running (cancelled),
+        or, given its worker's *lease* token, when that worker no longer holds it.
         """
         at = time.time() if now is None else now
 
         def done(conn: sqlite3.Connection) -> JobState | None:
-            row = conn.execute("SELECT state, rerun FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row[0] != "running":
+            row = conn.execute(
+                "SELECT state, rerun, lease_owner FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+            if row is None or row[0] != "running" or (lease is not None and row[2] != lease):
                 return None
             state: JobState = "queued" if row[1] else "done"
             conn.execute(
                 "UPDATE jobs SET state = ?, rerun = 0, last_error = NULL, next_attempt_at = ?,"
-                " updated_at = ? WHERE id = ?",
+                " updated_at = ?, lease_owner = NULL, lease_until = NULL WHERE id = ?",
                 (state, at, at, job_id),
             )
             return state
 
-        return await self._write(done)
+        return await self.store.write(done)
 
     async def fail_attempt(
         self,
@@ -372,19 +430,21 @@ class JobQueue:
         backoff: Backoff,
         *,
         permanent: bool = False,
+        lease: str | None = None,
     ) -> JobState | None:
         """Count a failed attempt of a running job: `queued` after a backoff, or `failed`.
 
         A *permanent* error (an unknown target) fails the job at once. Returns the new state;
-        None when the job was not running (it was cancelled meanwhile).
+        None when the job was not running (it was cancelled meanwhile), or, given its worker's
+        *lease* token, when that worker no longer holds it.
         """
         at = time.time() if now is None else now
 
         def fail(conn: sqlite3.Connection) -> JobState | None:
             row = conn.execute(
-                "SELECT state, attempts FROM jobs WHERE id = ?", (job_id,)
+                "SELECT state, attempts, lease_owner FROM jobs WHERE id = ?", (job_id,)
             ).fetchone()
-            if row is None or row[0] != "running":
+            if row is None or row[0] != "running" or (lease is not None and row[2] != lease):
                 return None
             attempts = int(row[1]) + 1
             state: JobState
@@ -394,12 +454,12 @@ class JobQueue:
                 state, due = "queued", at + backoff.delay(attempts, self._random)
             conn.execute(
                 "UPDATE jobs SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
-                " rerun = 0, updated_at = ? WHERE id = ?",
+                " rerun = 0, updated_at = ?, lease_owner = NULL, lease_until = NULL WHERE id = ?",
                 (state, attempts, due, error, at, job_id),
             )
             return state
 
-        return await self._write(fail)
+        return await self.store.write(fail)
 
     async def retry(
         self,
@@ -446,7 +506,7 @@ class JobQueue:
                 ).rowcount
             return count
 
-        return await self._write(requeue)
+        return await self.store.write(requeue)
 
     async def cancel(self, job_ids: Iterable[int], now: float | None = None) -> int:
         """Cancel queued or running jobs; return how many. A running one stops being recorded
@@ -458,21 +518,22 @@ class JobQueue:
 
         def stop(conn: sqlite3.Connection) -> int:
             return conn.execute(
-                "UPDATE jobs SET state = 'cancelled', rerun = 0, updated_at = ?"
+                "UPDATE jobs SET state = 'cancelled', rerun = 0, updated_at = ?,"
+                " lease_owner = NULL, lease_until = NULL"
                 f" WHERE state IN ('queued', 'running') AND id IN ({_placeholders(ids)})",
                 (at, *ids),
             ).rowcount
 
-        return await self._write(stop)
+        return await self.store.write(stop)
 
     async def recover_running(self, now: float | None = None) -> int:
         """At start-up: jobs left running by an earlier process are queued again, due now."""
         at = time.time() if now is None else now
-        return await self._write(
+        return await self.store.write(
             lambda conn: (
                 conn.execute(
-                    "UPDATE jobs SET state = 'queued', next_attempt_at = ?, updated_at = ?"
-                    " WHERE state = 'running'",
+                    "UPDATE jobs SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
+                    " lease_owner = NULL, lease_until = NULL WHERE state = 'running'",
                     (at, at),
                 ).rowcount
             )
@@ -535,7 +596,8 @@ class JobQueue:
         return await self.store.read(select)
 
     async def next_due_at(self, busy_targets: Collection[str] = ()) -> float | None:
-        """When the earliest queued job (of a target not in *busy_targets*) is due."""
+        """When the earliest queued job (of a target not in *busy_targets*) is due, or the
+        earliest lease of a running job expires, whichever comes first."""
         busy = builtins.list(dict.fromkeys(busy_targets))
 
         def earliest(conn: sqlite3.Connection) -> float | None:
@@ -544,18 +606,32 @@ class JobQueue:
                 + (f" AND target NOT IN ({_placeholders(busy)})" if busy else ""),
                 tuple(busy),
             ).fetchone()
-            return None if row is None or row[0] is None else float(row[0])
+            lease = conn.execute(
+                "SELECT min(lease_until) FROM jobs WHERE state = 'running'"
+            ).fetchone()
+            times = [float(r[0]) for r in (row, lease) if r is not None and r[0] is not None]
+            return min(times, default=None)
 
         return await self.store.read(earliest)
 
 
 def _recorder(
-    job_id: int, instances: Iterable[InstanceFile | str], now: float | None
+    job_id: int,
+    instances: Iterable[InstanceFile | str],
+    now: float | None,
+    lease: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> Callable[[sqlite3.Connection], int]:
     at = time.time() if now is None else now
     items = builtins.list(instances)
 
     def record(conn: sqlite3.Connection) -> int:
+        if lease is not None:  # progress: the worker keeps the job a while longer
+            conn.execute(
+                "UPDATE jobs SET lease_until = ? WHERE id = ? AND state = 'running'"
+                " AND lease_owner = ?",
+                (time.time() + lease_seconds, job_id, lease),
+            )
         row = conn.execute("SELECT target FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None or not items:
             return 0
@@ -588,27 +664,6 @@ def _recorder(
         return added
 
     return record
-
-
-def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
-    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
-    return row.fetchone() is not None
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring a `jobs` table of version 0.1 (no study_uid, no delivered) up to date."""
-    if not _table_exists(conn, "jobs"):
-        return
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
-    if "study_uid" not in columns:
-        conn.execute("ALTER TABLE jobs ADD COLUMN study_uid TEXT NOT NULL DEFAULT ''")
-        conn.execute(
-            "UPDATE jobs SET study_uid = CASE scope WHEN 'study' THEN uid ELSE coalesce("
-            "(SELECT st.study_uid FROM series s JOIN studies st ON s.study_pk = st.pk"
-            " WHERE s.series_uid = jobs.uid), '') END"
-        )
-    if "delivered" not in columns:
-        conn.execute("ALTER TABLE jobs ADD COLUMN delivered INTEGER NOT NULL DEFAULT 0")
 
 
 def _study_of(conn: sqlite3.Connection, scope: Scope, uid: str) -> str:

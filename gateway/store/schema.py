@@ -1,5 +1,6 @@
 """The index's schema: its tables, indexes and the triggers that keep derived tables in step,
-how every connection is opened, and what an existing index gets at open (`migrate`).
+how every connection is opened, the steps of migration 1 (`gateway.store.migrations` numbers and
+runs them) and the upkeep every open does (`upkeep`).
 
 Derived tables, changed by triggers in the transaction that changes the rows they derive from:
 
@@ -20,12 +21,13 @@ from gateway.store.names import pn_keys_json
 __all__ = [
     "IDENTITY_CONFLICT",
     "SCHEMA",
-    "SCHEMA_VERSION",
+    "PatientReader",
     "connect",
     "identity_pk",
-    "migrate",
     "patient_identity",
-    "upgrade",
+    "rebuild_patients",
+    "split_merged_patients",
+    "upkeep",
 ]
 
 _PN_KEYS_FUNCTION = "gateway_pn_keys"
@@ -163,9 +165,6 @@ IDENTITY_CONFLICT = (
     "(patient_id, issuer_of_patient_id, ifnull(patient_name, ''),"
     " ifnull(patient_birth_date, ''), ifnull(patient_sex, ''))"
 )
-# PRAGMA user_version of an index this code made or upgraded. 0: before versions were kept (one
-# patients row per Patient ID and issuer, merging the attributes of every study under it).
-SCHEMA_VERSION = 1
 _NAME_KEYS_VERSION = "1"  # bump when names.pn_keys changes: the keys are recomputed at open
 _NAME_KEYS_VERSION_KEY = "name_keys_version"
 
@@ -198,11 +197,9 @@ PatientReader = Callable[[str], dict[str, Any]]
 """The patient attributes (`IndexAttributes.patient`) of the stored file at a relative path."""
 
 
-def upgrade(conn: sqlite3.Connection) -> None:
-    """Change the tables of an older index to this version's, before `SCHEMA` runs (outside a
-    transaction; each step commits on its own and is skipped once done).
-
-    From version 0: `patients` loses its UNIQUE (patient_id, issuer_of_patient_id) constraint,
+def rebuild_patients(conn: sqlite3.Connection) -> None:
+    """Migration 1, before `SCHEMA` runs (outside a transaction; skipped once done): `patients`
+    loses its UNIQUE (patient_id, issuer_of_patient_id) constraint,
     which SQLite only drops by rebuilding the table (sqlite.org/lang_altertable.html, section 7);
     the rows keep their keys, so studies and name keys still point at them.
     """
@@ -234,19 +231,12 @@ def upgrade(conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA foreign_keys=ON")
 
 
-def migrate(conn: sqlite3.Connection, read_patient: PatientReader) -> None:
-    """Bring rows and derived tables up to date (after `SCHEMA`, in the caller's transaction).
-
-    An index older than `SCHEMA_VERSION` 1 merged every study under one Patient ID into one
-    patients row; each study of such a row gets the identity its files carry again (one file
-    read per study, through *read_patient*; only rows with several studies can be merged).
-    The name keys are recomputed from the patients when they were made by another definition
-    of `pn_keys`, or never (an index from before they existed); the totals are counted once when
-    their row is absent (a new index, or one from before they existed).
+def upkeep(conn: sqlite3.Connection) -> None:
+    """What every open brings up to date (after `SCHEMA`, in the caller's transaction): the
+    totals are counted once when their row is absent (a new index, or one from before they
+    existed); the name keys are recomputed from the patients when they were made by another
+    definition of `pn_keys`, or never.
     """
-    if conn.execute("PRAGMA user_version").fetchone()[0] < 1:
-        _split_merged_patients(conn, read_patient)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     if conn.execute("SELECT 1 FROM totals").fetchone() is None:
         conn.execute(
             "INSERT INTO totals (id, patients, studies, series, instances, bytes)"
@@ -266,8 +256,10 @@ def migrate(conn: sqlite3.Connection, read_patient: PatientReader) -> None:
         )
 
 
-def _split_merged_patients(conn: sqlite3.Connection, read_patient: PatientReader) -> None:
-    """Give each study of a patients row shared by several studies the identity of its files."""
+def split_merged_patients(conn: sqlite3.Connection, read_patient: PatientReader) -> None:
+    """Migration 1, after `SCHEMA`: an earlier index merged every study under one Patient ID
+    into one patients row; each study of a row shared by several studies gets the identity its
+    files carry again (one file read per study, through *read_patient*)."""
     rows = conn.execute(
         "SELECT st.pk, (SELECT i.path FROM series s JOIN instances i ON i.series_pk = s.pk"
         " WHERE s.study_pk = st.pk ORDER BY i.pk LIMIT 1)"

@@ -40,7 +40,14 @@ from gateway.store.index import (
 from gateway.store.instance import ReceivedFile, read_received_file
 from gateway.store.schema import connect
 
-__all__ = ["RUNNING_KEY", "InstanceFile", "ReconcileReport", "Store", "prune_empty"]
+__all__ = [
+    "RUNNING_KEY",
+    "InstanceFile",
+    "ReconcileReport",
+    "Store",
+    "finish_then_cancel",
+    "prune_empty",
+]
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -257,9 +264,16 @@ class Store:
         )
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run *fn* on the write connection in a transaction of its own."""
+        """Run *fn* on the write connection in a transaction of its own.
+
+        Once submitted, a write runs to its end and is awaited to its end: a caller cancelled
+        meanwhile (an anyio cancel scope or a plain `Task.cancel()`) waits for the transaction
+        to commit or fail, then sees the cancellation. Nothing is left half-known: the caller
+        never goes on believing a write did not happen that the writer is about to commit.
+        Raises StoreError when the transaction fails.
+        """
         try:
-            return await asyncio.wrap_future(self._writer.submit(fn))
+            return await finish_then_cancel(self._writer.submit(fn))
         except sqlite3.Error as exc:
             raise StoreError(f"the index could not be updated: {exc}") from exc
 
@@ -581,6 +595,29 @@ class _ReadPool:
             idle, self._idle, self.is_open = self._idle, [], False
         for conn in idle:
             conn.close()
+
+
+async def finish_then_cancel(future: Future[T]) -> T:
+    """Await *future* (running in a thread) to its end, even when cancelled meanwhile, by
+    anyio or by a plain `Task.cancel()`; then raise the cancellation, or return its result.
+
+    The one place work that must finish is shielded: anyio's shielded scopes do not stop a
+    plain asyncio cancellation, and cancelling `asyncio.wrap_future` would cancel a write still
+    queued for the writer thread, so the future is shielded from both.
+    """
+    inner = asyncio.wrap_future(future)
+    try:
+        return await asyncio.shield(inner)
+    except asyncio.CancelledError:
+        with anyio.CancelScope(shield=True):
+            while not inner.done():
+                try:
+                    await asyncio.wait([inner])
+                except asyncio.CancelledError:
+                    continue  # cancelled again: still wait for the write
+        if not inner.cancelled():
+            inner.exception()  # retrieved: its error is not logged as never retrieved
+        raise
 
 
 def prune_empty(conn: sqlite3.Connection) -> None:

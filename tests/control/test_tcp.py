@@ -19,33 +19,62 @@ from tests.conftest import HOST, GatewayProcess, free_port, self_signed_certific
 
 
 class Line:
-    """A raw JSON-lines client over TCP (optionally TLS)."""
+    """A raw JSON-lines client over TCP (optionally TLS). Notifications the gateway pushes
+    (lines without an "id") are kept aside while a call waits for its answer, for
+    `notification` to return in order."""
 
     def __init__(self, port: int, context: ssl.SSLContext | None = None) -> None:
         sock = socket.create_connection((HOST, port), timeout=10)
         self.sock = context.wrap_socket(sock, server_hostname="localhost") if context else sock
         self.file = self.sock.makefile("rwb")
         self.next_id = 0
+        self.notifications: list[dict[str, Any]] = []
 
     def send_raw(self, data: bytes) -> Any:
         self.file.write(data)
         self.file.flush()
-        line = self.file.readline()
-        return json.loads(line) if line else None
+        while True:
+            line = self.file.readline()
+            if not line:
+                return None
+            message = json.loads(line)
+            if "id" in message or "method" not in message:
+                return message
+            self.notifications.append(message)
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         self.next_id += 1
         request = {"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params or {}}
         return self.send_raw(json.dumps(request).encode() + b"\n")
 
+    def notification(self) -> dict[str, Any]:
+        """The next notification the gateway pushed (waiting for it up to the timeout)."""
+        if self.notifications:
+            return self.notifications.pop(0)
+        line = self.file.readline()
+        assert line, "the connection closed instead"
+        message: dict[str, Any] = json.loads(line)
+        assert "id" not in message, message
+        return message
+
     def closed(self) -> bool:
-        """Whether the gateway closed the connection (this side is closed either way)."""
+        """Whether the gateway closed the connection with nothing more to say (this side is
+        closed either way)."""
         try:
-            return self.file.readline() == b""
+            return not self.notifications and self.file.readline() == b""
         except (ConnectionError, ssl.SSLError):
             return True
         finally:
             self.close()
+
+    def closed_by_gateway(self) -> dict[str, Any]:
+        """The `session.closed` notification's params, once the connection is closed after
+        it (this side is closed either way)."""
+        notice = self.notification()
+        assert notice["method"] == "session.closed", notice
+        assert self.closed()
+        params: dict[str, Any] = notice["params"]
+        return params
 
     def close(self) -> None:
         self.file.close()
@@ -97,7 +126,8 @@ def test_operator_and_device_roles(tcp_gateway: tuple[GatewayProcess, int, str])
 
     scanner = Line(port)
     login = scanner.call("auth.login", {"device_id": device["id"], "token": device["token"]})
-    assert login["result"] == {"role": "device", "device_id": device["id"]}
+    assert login["result"] == {"role": "device", "device_id": device["id"],
+                               "max_line_bytes": 4096}  # fmt: skip
     assert gw.call("devices.get", {"device_id": device["id"]})["state"] == "ONLINE"
     assert scanner.call("devices.heartbeat")["result"]["state"] == "ONLINE"
     forbidden = scanner.call("devices.list")["error"]
@@ -162,15 +192,16 @@ def test_a_scripted_device_runs_its_task(tcp_gateway: tuple[GatewayProcess, int,
 
     started = gw.call("tasks.start", {"task_id": task["id"]})
     assert started["status"] == "STARTED"
-    notification = json.loads(device.file.readline())  # pushed to the device's connection
+    notification = device.notification()  # pushed to the device's connection
     assert notification["method"] == "task.start" and "id" not in notification
     assert notification["params"]["task"]["id"] == task["id"]
     assert notification["params"]["task"]["study_uid"] == task["study_uid"]
     assert notification["params"]["sequence"]["parameters"] == {"TR": 4000}
     assert notification["params"]["parameters"] == {"slices": 30}
     assert gw.call("devices.get", {"device_id": mr["id"]})["state"] == "BUSY"
-    with pytest.raises(ControlError, match="device 'MR 1' is busy"):
+    with pytest.raises(ControlError, match="device 'MR 1' is busy") as busy:
         gw.call("tasks.start", {"task_id": second["id"]})
+    assert busy.value.code == -32013 and busy.value.data["task_id"] == task["id"]
 
     # Only the task's own device may report on it.
     refused = other.call("tasks.report", {"task_id": task["id"], "progress": 10})["error"]
@@ -193,11 +224,11 @@ def test_a_scripted_device_runs_its_task(tcp_gateway: tuple[GatewayProcess, int,
     out, _ = watcher.communicate(timeout=30)
     assert watcher.returncode == 0 and out.splitlines()[-1].split() == ["FINISHED", "100%"]
     again = device.call("tasks.report", {"task_id": task["id"], "progress": 60})["error"]
-    assert again["code"] == -32013  # a finished task takes no more reports
+    assert again["code"] == -32014  # a finished task takes no more reports
 
     # A device disconnecting mid-task: OFFLINE, the task kept as it was.
     gw.call("tasks.start", {"task_id": second["id"]})
-    assert json.loads(device.file.readline())["params"]["task"]["id"] == second["id"]
+    assert device.notification()["params"]["task"]["id"] == second["id"]
     device.call("tasks.report", {"task_id": second["id"], "progress": 20})
     device.close()
     deadline = time.monotonic() + 5
@@ -219,7 +250,7 @@ def test_a_device_whose_heartbeats_stop_goes_offline(gateway_factory: Any) -> No
     assert device.call("devices.heartbeat")["result"]["state"] == "ONLINE"
     time.sleep(1.0)  # 2 s since the login, 1 s since the heartbeat: still connected
     assert gw.call("devices.get", {"device_id": ct["id"]})["state"] == "ONLINE"
-    assert device.closed()  # then silent for more than 1.5 s
+    assert device.closed_by_gateway() == {"code": "silent", "reason": "silent for 1.5 s"}
     deadline = time.monotonic() + 5
     while gw.call("devices.get", {"device_id": ct["id"]})["state"] != "OFFLINE":
         assert time.monotonic() < deadline
@@ -246,7 +277,7 @@ def test_results_are_linked_and_uploads_verified(
     device = Line(port)
     device.call("auth.login", {"device_id": mr["id"], "token": mr["token"]})
     gw.call("tasks.start", {"task_id": task["id"]})
-    device.file.readline()  # the start notification
+    device.notification()  # the start notification
 
     # The scanner's images by C-STORE (DCMTK), into the task's study: linked automatically.
     images = [
@@ -322,7 +353,7 @@ def test_scripted_device_end_to_end(
     device = Line(port)
     device.call("auth.login", {"device_id": device_info["id"], "token": device_info["token"]})
     assert operator.call("tasks.start", {"task_id": task["id"]})["result"]["status"] == "STARTED"
-    start = json.loads(device.file.readline())
+    start = device.notification()
     assert start["method"] == "task.start" and start["params"]["task"]["id"] == task["id"]
     assert (
         device.call("tasks.report", {"task_id": task["id"], "progress": 40})["result"]["status"]
@@ -337,8 +368,6 @@ def test_scripted_device_end_to_end(
     storescu(gw, images, calling="MR9")
     results = device.call("tasks.results", {"task_id": task["id"]})["result"]
     assert results["instances"] == 2
-    finished = device.call("tasks.report", {"task_id": task["id"], "status": "FINISHED"})
-    assert finished["result"]["status"] == "FINISHED"
     data = b"raw" * 100
     begin = device.call("uploads.begin", {"task_id": task["id"], "name": "raw.dat",
                                           "size": len(data), "sha256": "f" * 64})  # fmt: skip
@@ -349,6 +378,8 @@ def test_scripted_device_end_to_end(
     assert refused["message"] == "sha256 does not match the bytes: nothing kept"
     assert hashlib.sha256(data).hexdigest() != "f" * 64
     assert operator.call("tasks.results", {"task_id": task["id"]})["result"]["files"] == []
+    finished = device.call("tasks.report", {"task_id": task["id"], "status": "FINISHED"})
+    assert finished["result"]["status"] == "FINISHED"
     device.close()
     operator.close()
 
@@ -377,10 +408,11 @@ def test_revoked_rotated_and_removed_credentials_close_their_sessions(
         device_session(other, other["token"]),
     )
     rotated = gw.call("devices.rotate_token", {"device_id": device["id"]})["token"]
-    assert scanner.closed()
+    assert scanner.closed_by_gateway() == {"code": "token_rotated",
+                                           "reason": "device token rotated"}  # fmt: skip
     scanner = device_session(device, rotated)  # the new token logs in
     gw.call("devices.revoke", {"device_id": device["id"]})
-    assert scanner.closed()
+    assert scanner.closed_by_gateway()["code"] == "token_revoked"
     assert bystander.call("devices.heartbeat")["result"]["state"] == "ONLINE"
 
     operator = Line(port)
@@ -420,6 +452,7 @@ def test_idle_uploads_expire_and_uploads_pass_the_disk_guard(gateway_factory: An
                                         "patient": {"id": "P1"}})  # fmt: skip
         device = Line(port)
         device.call("auth.login", {"device_id": mr["id"], "token": mr["token"]})
+        gw.call("tasks.start", {"task_id": task["id"]})  # uploads only for a running task
         return device, task
 
     port = free_port()

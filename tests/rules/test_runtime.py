@@ -17,6 +17,7 @@ from gateway.config import PeerSettings, Settings
 from gateway.rules.runtime import CompletedWork, CompletionEngine
 from gateway.store.completions import ARRIVALS_SINCE, CompletionStore
 from gateway.store.index import Provenance
+from gateway.store.jobs import JobQueue
 from gateway.store.store import Store
 from tests.conftest import TEST_FILES, write_variant
 
@@ -41,6 +42,7 @@ class Harness:
 
     async def start(self) -> Harness:
         await self.store.open()
+        await JobQueue(self.store).ensure_schema()  # completions queue their jobs
         self.engine = CompletionEngine(self.settings.rules, self.store, self._done)
         self.store.set_ingest_listener(self.engine.arrived_from_thread)
         self.task = asyncio.create_task(self.engine.run())
@@ -176,6 +178,62 @@ async def test_pending_waits_survive_a_restart(harness: Any, tmp_path: Path) -> 
     assert second.completed == [("ct", "series", s["SeriesInstanceUID"])]
 
 
+async def jobs_of(store: Store) -> list[tuple[str, str, str, str]]:
+    return await store.read(
+        lambda c: c.execute("SELECT scope, uid, target, rule FROM jobs ORDER BY id").fetchall()
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_completion_and_its_jobs_are_one_transaction(harness: Any) -> None:
+    """The wait closes and one job per target is queued in the same commit."""
+    settings = Settings(
+        peers=[PEER, PeerSettings(name="ris", ae_title="RIS", host="127.0.0.1", port=105)],
+        rules=[{"name": "ct", "match": 'Modality == "CT"', "targets": ["pacs", "ris"],  # type: ignore[list-item]
+                "quiet_seconds": 0.2}],
+    )  # fmt: skip
+    h = await harness(settings)
+    s = series(generate_uid(), "AX")
+    await h.send(SOPInstanceUID=generate_uid(), **s)
+    await asyncio.sleep(0.6)
+    assert h.completed == [("ct", "series", s["SeriesInstanceUID"])]
+    uid = s["SeriesInstanceUID"]
+    assert await jobs_of(h.store) == [("series", uid, "pacs", "ct"), ("series", uid, "ris", "ct")]
+    # Both written by the statement that closed the wait: created when it closed.
+    closed, created = await h.store.read(
+        lambda c: c.execute(
+            "SELECT (SELECT closed_at FROM completions), (SELECT min(created_at) FROM jobs)"
+        ).fetchone()
+    )
+    assert closed == created
+
+
+@pytest.mark.asyncio
+async def test_a_restart_does_not_complete_again_what_completed(
+    harness: Any, tmp_path: Path
+) -> None:
+    """Arrivals a restart takes again (those after the checkpoint) do not reopen a wait that
+    closed after they arrived: no second job, no second webhook."""
+    settings = rules({"name": "ct", "match": 'Modality == "CT"', "targets": ["pacs"],
+                      "quiet_seconds": 0.2})  # fmt: skip
+    first = await harness(settings, "a")
+    done, pending = series(generate_uid(), "AX"), series(generate_uid(), "COR")
+    await first.send(SOPInstanceUID=generate_uid(), **done)
+    await asyncio.sleep(0.6)
+    assert first.completed == [("ct", "series", done["SeriesInstanceUID"])]
+    await first.send(SOPInstanceUID=generate_uid(), **pending)  # stopped before it completes
+    await asyncio.sleep(0.05)
+    await first.stop()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    second = await harness(settings, "b")
+    await asyncio.sleep(0.8)
+    assert second.completed == [("ct", "series", pending["SeriesInstanceUID"])]
+    assert [uid for _, uid, _, _ in await jobs_of(second.store)] == [
+        done["SeriesInstanceUID"],
+        pending["SeriesInstanceUID"],
+    ]
+
+
 @pytest.mark.asyncio
 async def test_instances_after_completion_open_a_new_cycle(harness: Any) -> None:
     h = await harness(rules({"name": "ct", "match": 'Modality == "CT"', "targets": ["pacs"],
@@ -243,7 +301,9 @@ async def test_checkpoint_moves_with_every_batch_rules_or_not(
     await reopened.open()
     try:
         missed = await CompletionStore(reopened).arrivals_since_checkpoint(clock.now)
-        assert missed == [(new["SeriesInstanceUID"], new["StudyInstanceUID"])]
+        assert [(series, study) for series, study, _ in missed] == [
+            (new["SeriesInstanceUID"], new["StudyInstanceUID"])
+        ]
         plan = await reopened.read(
             lambda c: c.execute("EXPLAIN QUERY PLAN " + ARRIVALS_SINCE, (0.0,)).fetchall()
         )

@@ -130,6 +130,33 @@ def stored_bytes(store: Store, sop_uid: str) -> bytes:
 # -- the queue ------------------------------------------------------------------------------
 
 
+async def test_an_expired_lease_is_claimed_again_and_fences_the_stalled_worker(
+    store: Store,
+) -> None:
+    queue = JobQueue(store, lease_seconds=10.0)
+    await queue.ensure_schema()
+    job_id = await queue.enqueue("series", SERIES_A, "pacs", "rule-a", "normal", now=1.0)
+    (first,) = await queue.claim_due(2.0, 10)
+    assert first.lease_owner and first.lease_until == 12.0
+    listed = (await queue.list())[0]
+    assert (listed["lease_owner"], listed["lease_until"]) == (first.lease_owner, 12.0)
+    assert await queue.claim_due(11.0, 10) == []  # still held
+    assert await queue.next_due_at() == 12.0  # the dispatcher wakes when it runs out
+    (second,) = await queue.claim_due(12.5, 10)  # the worker made no progress: claimed again
+    assert second.id == job_id and second.lease_owner != first.lease_owner
+    assert second.attempts == 1 and second.last_error is not None
+    assert second.last_error.startswith(f"lease expired: {first.lease_owner}")
+    # The stalled worker wakes up: nothing it says changes the job any more.
+    assert await queue.finish(job_id, 13.0, lease=first.lease_owner) is None
+    backoff = Backoff(1, 1, 3)
+    assert await queue.fail_attempt(job_id, "x", 13.0, backoff, lease=first.lease_owner) is None
+    job = await queue.get(job_id)
+    assert job is not None and (job.state, job.lease_owner) == ("running", second.lease_owner)
+    assert await queue.finish(job_id, 14.0, lease=second.lease_owner) == "done"
+    job = await queue.get(job_id)
+    assert job is not None and (job.state, job.lease_owner, job.lease_until) == ("done", None, None)
+
+
 async def test_enqueue_dedupes_open_jobs_and_a_new_cycle_makes_a_new_job(queue: JobQueue) -> None:
     first = await queue.enqueue("series", SERIES_A, "pacs", "rule-a", "low", now=1.0)
     again = await queue.enqueue("series", SERIES_A, "pacs", "rule-b", "urgent", now=2.0)
@@ -272,9 +299,14 @@ async def test_series_and_study_jobs_of_one_target_share_the_ledger(
 
 
 async def test_a_version_0_1_queue_is_migrated(store: Store, tmp_path: Path) -> None:
+    """The first dispatch build's jobs table and per-job delivery list, in an index of
+    version 1, are brought to version 2 when the store opens (`gateway.store.migrations`)."""
     made = await populate(store, tmp_path)
 
     def old_schema(conn: sqlite3.Connection) -> None:
+        conn.execute("DROP TABLE IF EXISTS jobs")
+        conn.execute("DROP TABLE IF EXISTS deliveries")
+        conn.execute("PRAGMA user_version=1")
         conn.execute(
             "CREATE TABLE jobs (id INTEGER PRIMARY KEY, scope TEXT NOT NULL, uid TEXT NOT NULL,"
             " target TEXT NOT NULL, rule TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 1,"
@@ -294,6 +326,9 @@ async def test_a_version_0_1_queue_is_migrated(store: Store, tmp_path: Path) -> 
         conn.execute("INSERT INTO job_deliveries VALUES (1, ?, 2)", (made[SERIES_A][0],))
 
     await store.write(old_schema)
+    await store.close()
+    store = Store(tmp_path / "data")
+    await store.open()
     queue = JobQueue(store)
     await queue.ensure_schema()
     (job,) = await queue.claim_due(time.time(), 5)
@@ -301,6 +336,12 @@ async def test_a_version_0_1_queue_is_migrated(store: Store, tmp_path: Path) -> 
     assert await queue.delivered(job.id) == {made[SERIES_A][0]}
     pending, held = await queue.pending(job)
     assert held == 1 and [i.sop_instance_uid for i in pending] == made[SERIES_A][1:]
+    with sqlite3.connect(store.db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        assert not conn.execute(
+            "SELECT name FROM sqlite_master WHERE name = 'job_deliveries'"
+        ).fetchall()
+    await store.close()
 
 
 # pynetdicom drops a refused connection's socket without closing it (the GC closes it).

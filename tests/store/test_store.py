@@ -8,7 +8,9 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pydicom
 import pytest
 import pytest_asyncio
@@ -24,9 +26,10 @@ from gateway.errors import (
 from gateway.store.completions import CompletionStore
 from gateway.store.index import Provenance
 from gateway.store.jobs import JobQueue
+from gateway.store.migrations import SCHEMA_VERSION
 from gateway.store.names import pn_keys
 from gateway.store.retention import Retention
-from gateway.store.schema import SCHEMA_VERSION, connect
+from gateway.store.schema import connect
 from gateway.store.store import Store
 from tests.conftest import CHARSET_FILES, TEST_FILES, write_variant
 
@@ -624,3 +627,36 @@ async def test_an_index_that_merged_patients_is_split_by_their_files(tmp_path: P
         await assert_consistent(reopened)
     finally:
         await reopened.close()
+
+
+def _slow_insert(key: str, seconds: float) -> Any:
+    def write(conn: sqlite3.Connection) -> None:
+        time.sleep(seconds)  # the writer thread is busy this long
+        conn.execute("INSERT INTO meta (key, value) VALUES (?, 'x')", (key,))
+
+    return write
+
+
+async def _meta_keys(store: Store) -> set[str]:
+    return await store.read(lambda c: {row[0] for row in c.execute("SELECT key FROM meta")})
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_write_is_awaited_to_its_end(store: Store) -> None:
+    """Plain Task.cancel() and an anyio cancel scope alike: the caller waits for the
+    transaction, then sees the cancellation; a write queued behind another still runs."""
+    first = asyncio.create_task(store.write(_slow_insert("first", 0.3)))
+    queued = asyncio.create_task(store.write(_slow_insert("queued", 0.0)))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    first.cancel()
+    queued.cancel()  # still waiting for the writer thread: it must not be dropped
+    for task in (first, queued):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert time.monotonic() - started >= 0.2  # cancelled only once its write had committed
+    assert {"first", "queued"} <= await _meta_keys(store)
+
+    with anyio.move_on_after(0.05) as scope:
+        await store.write(_slow_insert("scoped", 0.3))
+    assert scope.cancelled_caught and "scoped" in await _meta_keys(store)

@@ -1,15 +1,25 @@
 """Today's gateway on a data_dir written by the gateway of an earlier release.
 
-`data/previous-index.tar.gz` was made by `data/make_previous_index.py` with the code of commit
-42e6ab0 (`de3d6ad^`): a schema version 0 index, after a clean stop, that merged two patients
-sharing a PatientID, with a queued dispatch job, a done one and its delivery ledger, a retrieval
-request, a device, a sequence and a task (the facts are listed in that script's docstring).
+Each migration (gateway/store/migrations.py) is tested from a database made by the release
+before it. `data/make_previous_index.py` made both tarballs, after a clean stop, with the same
+work: two studies under one PatientID with other names, a queued dispatch job with failed
+attempts, a done one and its delivery ledger, a retrieval request, a device, a sequence and a
+task (the facts are listed in that script's docstring):
+
+- `data/previous-index.tar.gz`, by the code of commit 42e6ab0 (`de3d6ad^`): schema version 0,
+  which merged the two patients sharing a PatientID (migration 1 splits them);
+- `data/index-v1.tar.gz`, by the code of commit d3163ed: schema version 1, whose jobs have no
+  lease (migration 2 adds `lease_owner`, `lease_until`).
+
+The same checks run on both; version 1's also show that its first open adds the lease columns
+and changes nothing else.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import sqlite3
 import tarfile
 import threading
@@ -18,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, build_context, build_role, evt
@@ -29,14 +40,16 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
 )
 
-from gateway.store.schema import SCHEMA_VERSION
+from gateway.store.migrations import SCHEMA_VERSION
+from gateway.store.store import ReconcileReport, Store
 from tests.conftest import HOST, GatewayProcess, dataset_bytes, free_port
 
 StudyRootGet = StudyRootQueryRetrieveInformationModelGet
 StudyRootFind = StudyRootQueryRetrieveInformationModelFind
 PatientRootFind = PatientRootQueryRetrieveInformationModelFind
 
-TARBALL = Path(__file__).parent / "data" / "previous-index.tar.gz"
+DATA = Path(__file__).parent / "data"
+TARBALLS = {0: DATA / "previous-index.tar.gz", 1: DATA / "index-v1.tar.gz"}  # by schema version
 ROOT = "1.2.826.0.1.3680043.8.498.7070"
 STUDY_CT, STUDY_MR, STUDY_POE = f"{ROOT}.1", f"{ROOT}.2", f"{ROOT}.3"
 # Each study's series and their instances, as the generator sent them.
@@ -56,14 +69,25 @@ STABLE_TABLES = (
     "deliveries", "completions", "series_rules", "devices", "sequences", "tasks",
 )  # fmt: skip
 REPAIRS = ("temp_files_removed", "orphans_indexed", "orphans_removed", "scanned")
+LEASE_COLUMNS = ["lease_owner", "lease_until"]  # what migration 2 adds to jobs
+# Tables the gateway's work in this test writes to (jobs run, rules re-see arrivals, the
+# retrieval is tried, every open moves the durable mark); no other table's rows may change.
+WORKED_TABLES = ("jobs", "deliveries", "completions", "series_rules", "retrievals", "meta")
 
 
 class Recorder:
-    """A storage SCP (pynetdicom) recording (SOP Instance UID, dataset bytes) per C-STORE."""
+    """A storage SCP (pynetdicom) recording (SOP Instance UID, dataset bytes) per C-STORE.
 
-    def __init__(self, port: int) -> None:
+    *held*: each C-STORE is answered only once `release` was called (`holding` is set when
+    one waits), so a job sending to it stays running meanwhile."""
+
+    def __init__(self, port: int, *, held: bool = False) -> None:
         self.received: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
+        self.holding = threading.Event()
+        self._released = threading.Event()
+        if not held:
+            self._released.set()
         self.ae = AE(ae_title="ARCHIVE")
         self.ae.supported_contexts = AllStoragePresentationContexts
         self.server = self.ae.start_server(
@@ -71,13 +95,20 @@ class Recorder:
         )
 
     def _on_store(self, event: Any) -> int:
+        if not self._released.is_set():
+            self.holding.set()
+            self._released.wait(30)
         with self._lock:
             self.received.append(
                 (str(event.request.AffectedSOPInstanceUID), event.request.DataSet.getvalue())
             )
         return 0x0000
 
+    def release(self) -> None:
+        self._released.set()
+
     def stop(self) -> None:
+        self.release()
         self.server.shutdown()
 
 
@@ -131,6 +162,35 @@ def shape(conn: sqlite3.Connection) -> dict[str, Any]:
             sorted(indexes, key=repr),
         )
     return found
+
+
+def tables(conn: sqlite3.Connection) -> dict[str, tuple[list[str], list[tuple[Any, ...]]]]:
+    """Every table's column names and rows (sorted), SQLite's own tables left out."""
+    found = {}
+    for (table,) in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+    ):
+        columns = [str(row[1]) for row in conn.execute(f"PRAGMA table_info({table})")]
+        rows = sorted(conn.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+        found[table] = (columns, rows)
+    return found
+
+
+def without_mark(meta: tuple[list[str], list[tuple[Any, ...]]]) -> list[tuple[Any, ...]]:
+    """The rows of `meta` but the durable mark, which every open moves."""
+    return [row for row in meta[1] if row[0] != "durable_mark"]
+
+
+def open_store(data_dir: Path) -> ReconcileReport:
+    """Open the store in this process (the index's migrations run) and close it cleanly."""
+
+    async def run() -> ReconcileReport:
+        store = Store(data_dir)
+        report = await store.open()
+        await store.close()
+        return report
+
+    return anyio.run(run)
 
 
 def file_digests(data_dir: Path) -> dict[str, str]:
@@ -196,11 +256,11 @@ def archive_port() -> int:
 
 
 @pytest.fixture
-def recorder_at(archive_port: int) -> Iterator[Callable[[], Recorder]]:
+def recorder_at(archive_port: int) -> Iterator[Callable[..., Recorder]]:
     started: list[Recorder] = []
 
-    def start() -> Recorder:
-        started.append(Recorder(archive_port))
+    def start(*, held: bool = False) -> Recorder:
+        started.append(Recorder(archive_port, held=held))
         return started[-1]
 
     yield start
@@ -208,12 +268,13 @@ def recorder_at(archive_port: int) -> Iterator[Callable[[], Recorder]]:
         recorder.stop()
 
 
+@pytest.mark.parametrize("release", sorted(TARBALLS), ids=lambda v: f"v{v}")
 def test_an_index_made_by_the_previous_release_is_upgraded_in_place(
-    tmp_path: Path, archive_port: int, recorder_at: Callable[[], Recorder]
+    release: int, tmp_path: Path, archive_port: int, recorder_at: Callable[..., Recorder]
 ) -> None:
     root = tmp_path / "gw"
     root.mkdir()
-    with tarfile.open(TARBALL) as tar:
+    with tarfile.open(TARBALLS[release]) as tar:
         tar.extractall(root, filter="data")
     data_dir = root / "data"
     db = data_dir / "index.sqlite"
@@ -236,12 +297,33 @@ def test_an_index_made_by_the_previous_release_is_upgraded_in_place(
         }
 
     old = read_index(db, before, immutable=True)
-    assert old["user_version"] == 0
-    assert old["patients_of_upg0"] == 1  # merged
+    old_tables = read_index(db, tables, immutable=True)
+    assert old["user_version"] == release < SCHEMA_VERSION
+    # Merged by version 0; one row per identity from version 1 on.
+    assert old["patients_of_upg0"] == (1 if release == 0 else 2)
+    job_columns = old_tables["jobs"][0]
+    assert not set(LEASE_COLUMNS) & set(job_columns)
     job_id, state, old_attempts, last_error, created_at = old["ct_job"]
     assert state == "queued" and old_attempts >= 1 and last_error
     files = file_digests(data_dir)
     assert len(files) == len(old["instances"]) == 6
+
+    if release == 1:
+        # Migration 2 alone (the store opened and closed, no part or worker running): the
+        # lease columns are added, empty, and nothing else changes.
+        assert open_store(data_dir) == ReconcileReport()
+        migrated = read_index(db, tables, immutable=False)
+        assert read_index(db, lambda c: c.execute("PRAGMA user_version").fetchone()[0],
+                          immutable=False) == SCHEMA_VERSION == 2  # fmt: skip
+        columns, rows = migrated.pop("jobs")
+        assert columns == job_columns + LEASE_COLUMNS
+        assert [row[: len(job_columns)] for row in rows] == old_tables["jobs"][1]
+        assert [row[len(job_columns) :] for row in rows] == [(None, None)] * len(rows)
+        assert without_mark(migrated.pop("meta")) == without_mark(old_tables["meta"])
+        assert migrated == {
+            table: content for table, content in old_tables.items() if table not in ("jobs", "meta")
+        }
+        assert file_digests(data_dir) == files
 
     gw = GatewayProcess(
         root,
@@ -267,7 +349,7 @@ def test_an_index_made_by_the_previous_release_is_upgraded_in_place(
         (opened,) = store_opened(gw)
         assert {key: opened[key] for key in REPAIRS} == dict.fromkeys(REPAIRS, 0)
 
-        # The schema: version 1, and every table, column and index a new index has.
+        # The schema: this version's, and every table, column and index a new index has.
         upgraded = read_index(db, shape, immutable=False)
         assert read_index(db, lambda c: c.execute("PRAGMA user_version").fetchone()[0],
                           immutable=False) == SCHEMA_VERSION  # fmt: skip
@@ -354,8 +436,25 @@ def test_an_index_made_by_the_previous_release_is_upgraded_in_place(
         assert (job["target"], job["study_uid"], job["created_at"]) == (
             "archive", STUDY_CT, created_at
         )  # fmt: skip
-        recorder = recorder_at()
+        # Claimed with a lease: while the archive holds its first C-STORE, the job is running
+        # under this gateway's token, its deadline ahead; the lease ends with the job.
+        recorder = recorder_at(held=True)
+        assert recorder.holding.wait(15), "no C-STORE reached the archive"
+        job = jobs()[job_id]
+        assert job["state"] == "running", job
+        assert job["lease_owner"].startswith(f"{socket.gethostname()}:{gw.pid}/"), job
+        assert job["lease_until"] > time.time(), job
+        lease = read_index(
+            db, lambda c: c.execute(
+                "SELECT lease_owner, lease_until FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone(),
+            immutable=False,
+        )  # fmt: skip
+        assert lease == (job["lease_owner"], job["lease_until"])
+        recorder.release()
         wait_until("the job's delivery", lambda: jobs()[job_id]["state"] == "done")
+        job = jobs()[job_id]
+        assert (job["lease_owner"], job["lease_until"]) == (None, None), job
 
         # The rules' arrivals checkpoint of the previous release lies before its last arrivals,
         # so their rules may fire again: the delivery ledger it kept holds those sends back.
@@ -382,6 +481,22 @@ def test_an_index_made_by_the_previous_release_is_upgraded_in_place(
         assert delivered == {"ct-to-archive": len(ct), "poe-to-export": 2}
         assert not [p for p in (tmp_path / "export").rglob("*") if p.is_file()]
         first = read_index(db, snapshot, immutable=False)
+        now = read_index(db, tables, immutable=False)
+        # No job but the queued one changed; every job carries the lease columns, emptied.
+        columns, rows = now["jobs"]
+        assert columns == job_columns + LEASE_COLUMNS
+        assert all(row[len(job_columns) :] == (None, None) for row in rows)
+        old_jobs = {row[0]: row for row in old_tables["jobs"][1]}
+        kept = {row[0]: row[: len(job_columns)] for row in rows if row[0] in old_jobs}
+        assert kept.pop(job_id) != old_jobs.pop(job_id)
+        assert kept == old_jobs
+        # The ledger only grew, by what the queued job delivered.
+        assert set(old_tables["deliveries"][1]) <= set(now["deliveries"][1])
+        assert len(now["deliveries"][1]) == len(old_tables["deliveries"][1]) + len(ct)
+        if release == 1:  # no migration but 2: the tables the work leaves alone are as they were
+            assert {t: c for t, c in now.items() if t not in WORKED_TABLES} == {
+                t: c for t, c in old_tables.items() if t not in WORKED_TABLES
+            }
     finally:
         assert gw.stop() == 0
 

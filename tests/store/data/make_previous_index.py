@@ -1,19 +1,33 @@
-"""Make `previous-index.tar.gz`: a data_dir written by the gateway of an earlier release.
+"""Make the data_dirs written by the gateways of earlier releases that test_upgrade.py upgrades.
 
-The code is commit 42e6ab0b2ecb1aa67836c9789603c1affae96471 (`de3d6ad^`, the parent of the
-commit that introduced `PRAGMA user_version` 1 and gave each study its own patient identity):
-its index is schema version 0, which kept one `patients` row per (PatientID, issuer) and merged
-the studies of two patients sharing a PatientID into it. tests/store/test_upgrade.py opens the
-tarball with today's gateway.
+Each schema version's migration is tested from a database made by the release before it:
+
+- `--release 0`: commit 42e6ab0b2ecb1aa67836c9789603c1affae96471 (`de3d6ad^`, the parent of the
+  commit that introduced `PRAGMA user_version` 1 and gave each study its own patient identity)
+  makes `previous-index.tar.gz`: a schema version 0 index, which kept one `patients` row per
+  (PatientID, issuer) and merged the studies of two patients sharing a PatientID into it (the
+  test of migration 1);
+- `--release 1`: commit d3163ed52886ffb3c7b2c8d82bdadeaa37efa219 (the last before migration 2:
+  "README: say what the ingest re-run shows...") makes `index-v1.tar.gz`: a schema version 1
+  index, with one patients row per identity, and dispatch jobs without a lease (no
+  `lease_owner`, `lease_until` columns; the test of migration 2).
+
+tests/store/test_upgrade.py opens each tarball with today's gateway.
 
 Run it from the repository root (DCMTK's storescu in /usr/bin; nothing is sent off 127.0.0.1):
 
-    git worktree add /tmp/prev-gateway de3d6ad^
-    python3 tests/store/data/make_previous_index.py /tmp/prev-gateway
-    git worktree remove --force /tmp/prev-gateway
+    git worktree add /tmp/prev0 42e6ab0
+    python3 tests/store/data/make_previous_index.py --release 0 /tmp/prev0
+    git worktree remove --force /tmp/prev0
 
-It runs that worktree's gateway as a real process (`python3 -m gateway serve` from the worktree,
-which imports the old package: the script checks `gateway.__file__`), and with real peers:
+    git worktree add /tmp/prev1 d3163ed
+    python3 tests/store/data/make_previous_index.py --release 1 /tmp/prev1
+    git worktree remove --force /tmp/prev1
+
+The script refuses a worktree at another commit than the release's. It runs that worktree's
+gateway as a real process (`python3 -m gateway serve` from the worktree, which imports the old
+package: the script checks `gateway.__file__`), and with real peers, the same for both
+releases:
 
 - DCMTK storescu sends 6 instances (3 studies, 4 series) made from pydicom's CT_small.dcm and
   MR_small.dcm with other patient and study attributes (`STUDIES`) and UIDs under `ROOT`
@@ -21,36 +35,42 @@ which imports the old package: the script checks `gateway.__file__`), and with r
   - study `ROOT.1`, PatientID UPG-0, PatientName Doe^Jane, CT: series `ROOT.1.1`, instances
     `ROOT.1.1.1` and `ROOT.1.1.2` (InstanceNumber 1, 2);
   - study `ROOT.2`, PatientID UPG-0, PatientName Roe^Richard, MR: series `ROOT.2.1`, instances
-    `ROOT.2.1.1` and `ROOT.2.1.2`: the old index files it under the patients row study `ROOT.1`
+    `ROOT.2.1.1` and `ROOT.2.1.2`: release 0 files it under the patients row study `ROOT.1`
     made (one row for PatientID UPG-0 and two studies, its attributes now Roe^Richard's);
+    release 1 gives it a patients row of its own (two rows with PatientID UPG-0);
   - study `ROOT.3`, PatientID UPG-3, PatientName Poe^Edgar, MR: series `ROOT.3.1` and
     `ROOT.3.2`, one instance each (`ROOT.3.1.1`, `ROOT.3.2.1`).
 - Rule `ct-to-archive` (`Modality == "CT"`, study level, quiet 1 s) routes study `ROOT.1` to
-  peer `archive` (AE ARCHIVE), where nothing listens: its job (job 1 in the tarball) stays
-  `queued` with `attempts` >= 2 (2 in the tarball), a `last_error`, nothing delivered.
+  peer `archive` (AE ARCHIVE), where nothing listens: its job (job 1 in the tarballs) stays
+  `queued` with `attempts` >= 2 (2 in the tarballs), a `last_error`, nothing delivered.
 - Rule `poe-to-export` (`PatientID == "UPG-3"`, study level, quiet 1 s) copies study `ROOT.3`
   to folder `export`: a `done` job (job 2) with `delivered` 2 and its 2 rows in the delivery
   ledger (`deliveries`).
 - `[retrieve] primary = "vna"` (a peer where nothing listens), project `cohort`: one retrieval
   request for study `ROOT.9`, attempts >= 1 (`Processing` at step `query`, attempts 1 in the
-  tarball), its next attempt up to an hour after the first.
+  tarballs), its next attempt up to an hour after the first.
 - A device `MR scanner 1` (modality MR, station AE MR1), a sequence `T1 MPRAGE`, and a task
   (`NEW`) of patient UPG-7 Moe^Mary on them.
 
+No job is left `running`: a clean stop leaves none.
+
 The gateway is then stopped with SIGTERM (exit 0, a clean stop: no `running_since` in `meta`, no
 WAL left) and `data/index.sqlite` and `data/objects/` (the 6 instance files as stored) are
-packed, nothing else (about 65 KB). The script checks what the test relies on: `PRAGMA
-user_version` 0; the patients table with its UNIQUE (patient_id, issuer_of_patient_id) and 2 rows,
-UPG-0's holding both its studies (with the attributes of the last one received, Roe^Richard's);
-the jobs, ledger and retrieval above.
+packed, nothing else (about 65 KB each). The script checks what the test relies on: `PRAGMA
+user_version` (0 or 1); for release 0 the patients table with its UNIQUE (patient_id,
+issuer_of_patient_id) and 2 rows, UPG-0's holding both its studies (with the attributes of the
+last one received, Roe^Richard's); for release 1 3 patients rows, one per study, and a jobs
+table without `lease_owner` and `lease_until`; for both the jobs, ledger and retrieval above.
 
-As this release left it, the rules' arrivals checkpoint (`meta` `completion_checkpoint`) lies 5 s
-before the last arrivals, so at the next start (this release's as much as today's) the rules see
-those arrivals again and may open new waits; the delivery ledger keeps them from sending twice.
+As these releases left it, the rules' arrivals checkpoint (`meta` `completion_checkpoint`) lies
+5 s before the last arrivals, so at the next start (the release's as much as today's) the rules
+see those arrivals again and may open new waits; the delivery ledger keeps them from sending
+twice.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -67,11 +87,14 @@ from typing import Any
 
 import pydicom
 
-PREVIOUS_COMMIT = "42e6ab0b2ecb1aa67836c9789603c1affae96471"
+# Schema version: (commit, its short name, the tarball it makes).
+RELEASES: dict[int, tuple[str, str, str]] = {
+    0: ("42e6ab0b2ecb1aa67836c9789603c1affae96471", "42e6ab0 (de3d6ad^)", "previous-index.tar.gz"),
+    1: ("d3163ed52886ffb3c7b2c8d82bdadeaa37efa219", "d3163ed", "index-v1.tar.gz"),
+}
 ROOT = "1.2.826.0.1.3680043.8.498.7070"  # pydicom's UID root, a suffix of this test's own
 HOST = "127.0.0.1"
 HERE = Path(__file__).resolve().parent
-TARBALL = HERE / "previous-index.tar.gz"
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
 # (study number, source file, patient and study attributes, {series number: instances}).
@@ -220,13 +243,14 @@ def wait_for(what: str, check: Any, timeout: float = 60.0) -> Any:
     raise TimeoutError(what)
 
 
-def check_previous(previous: Path) -> None:
+def check_previous(previous: Path, release: int) -> None:
+    commit, name, _ = RELEASES[release]
     head = subprocess.run(
         ["git", "-C", str(previous), "rev-parse", "HEAD"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
-    if head != PREVIOUS_COMMIT:
-        sys.exit(f"{previous} is at {head}, not {PREVIOUS_COMMIT} (de3d6ad^)")
+    if head != commit:
+        sys.exit(f"{previous} is at {head}, not {commit} ({name}, release {release})")
     imported = subprocess.run(
         [sys.executable, "-c", "import gateway; print(gateway.__file__)"],
         cwd=previous, capture_output=True, text=True, check=True,
@@ -292,22 +316,29 @@ def drive(previous: Path, work: Path) -> None:
         sys.exit(f"the old gateway exited with {code}:\n{(work / 'gateway.log').read_text()}")
 
 
-def check_index(data: Path) -> None:
+def check_index(data: Path, release: int) -> None:
     """What the test relies on, read from the index as the old gateway left it."""
     assert not (data / "index.sqlite-wal").exists(), "WAL left: not a clean stop"
     assert not any((data / "tmp").iterdir()), "temp files left"
     conn = sqlite3.connect(f"file:{data / 'index.sqlite'}?immutable=1", uri=True)
     try:
         (version,) = conn.execute("PRAGMA user_version").fetchone()
-        assert version == 0, version
+        assert version == release, version
         (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'patients'").fetchone()
-        assert "UNIQUE (patient_id, issuer_of_patient_id)" in sql
+        assert ("UNIQUE (patient_id, issuer_of_patient_id)" in sql) == (release == 0), sql
         assert conn.execute("SELECT value FROM meta WHERE key = 'running_since'").fetchone() is None
-        merged = conn.execute(
+        by_patient = conn.execute(
             "SELECT p.patient_id, count(*) FROM studies s JOIN patients p ON s.patient_pk = p.pk"
             " GROUP BY p.pk ORDER BY p.patient_id"
         ).fetchall()
-        assert merged == [("UPG-0", 2), ("UPG-3", 1)], merged
+        if release == 0:  # merged: one row for both UPG-0 studies
+            assert by_patient == [("UPG-0", 2), ("UPG-3", 1)], by_patient
+        else:  # one row per identity
+            assert by_patient == [("UPG-0", 1), ("UPG-0", 1), ("UPG-3", 1)], by_patient
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        print("jobs columns:", sorted(columns))
+        assert {"study_uid", "delivered"} <= columns, columns
+        assert not columns & {"lease_owner", "lease_until"}, columns  # migration 2 adds them
         jobs = conn.execute(
             "SELECT id, rule, state, attempts, delivered FROM jobs ORDER BY id"
         ).fetchall()
@@ -333,7 +364,7 @@ def check_index(data: Path) -> None:
         conn.close()
 
 
-def pack(data: Path) -> None:
+def pack(data: Path, tarball: Path) -> None:
     members = [data / "index.sqlite"]
     members += sorted(p for p in (data / "objects").rglob("*"))
 
@@ -343,23 +374,28 @@ def pack(data: Path) -> None:
         info.mode = 0o755 if info.isdir() else 0o644
         return info
 
-    with tarfile.open(TARBALL, "w:gz", compresslevel=9) as tar:
+    with tarfile.open(tarball, "w:gz", compresslevel=9) as tar:
         tar.add(data / "objects", "data/objects", recursive=False, filter=clean)
         for path in members:
             tar.add(path, f"data/{path.relative_to(data)}", recursive=False, filter=clean)
-    print(f"{TARBALL}: {TARBALL.stat().st_size} bytes, {len(members)} members under data/")
+    print(f"{tarball}: {tarball.stat().st_size} bytes, {len(members)} members under data/")
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        sys.exit(f"usage: {sys.argv[0]} PATH-OF-A-WORKTREE-AT-de3d6ad^")
-    previous = Path(sys.argv[1])
-    check_previous(previous)
-    with tempfile.TemporaryDirectory(prefix="previous-index-") as tmp:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "--release", type=int, choices=sorted(RELEASES), required=True,
+        help="schema version of the index to make: "
+        + "; ".join(f"{v}: {name} makes {tar}" for v, (_, name, tar) in RELEASES.items()),
+    )  # fmt: skip
+    parser.add_argument("worktree", type=Path, help="a git worktree at the release's commit")
+    args = parser.parse_args()
+    check_previous(args.worktree, args.release)
+    with tempfile.TemporaryDirectory(prefix=f"index-v{args.release}-") as tmp:
         work = Path(tmp)
-        drive(previous, work)
-        check_index(work / "data")
-        pack(work / "data")
+        drive(args.worktree, work)
+        check_index(work / "data", args.release)
+        pack(work / "data", HERE / RELEASES[args.release][2])
 
 
 if __name__ == "__main__":
