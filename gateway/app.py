@@ -32,7 +32,7 @@ from gateway.config import Settings, load_settings
 from gateway.control.acquire import register_acquisition_methods
 from gateway.control.auth import device_arrived, device_gone, make_authenticator
 from gateway.control.jobs import register_job_methods
-from gateway.control.methods import register_core_methods
+from gateway.control.methods import StatusSources, register_core_methods
 from gateway.control.retrieve import register_retrieve_methods
 from gateway.control.server import ControlServer
 from gateway.errors import ConfigError
@@ -48,14 +48,14 @@ from gateway.store.jobs import Backoff, JobQueue
 from gateway.store.retention import Retention
 from gateway.store.store import Store
 
-__all__ = ["Gateway", "run"]
+__all__ = ["Gateway", "register_control_methods", "run"]
 
 log = structlog.get_logger(__name__)
 
 
 @dataclass
 class Gateway:
-    """The running parts, as the control methods see them."""
+    """The running parts; `register_control_methods` gives each control method the ones it uses."""
 
     settings: Settings
     store: Store
@@ -154,6 +154,27 @@ class Gateway:
 
 # What `Gateway.reload` applies while running; the other sections are read at start-up.
 _RELOADABLE = ("rules", "peers", "folders", "webhooks", "projects")
+
+
+def register_control_methods(control: ControlServer, gateway: Gateway) -> None:
+    """Register every control method on *control*, each given the parts it uses (the running
+    settings through a getter: `Gateway.reload` replaces them)."""
+
+    def settings() -> Settings:
+        return gateway.settings
+
+    sources = StatusSources(
+        version=gateway.version,
+        started_at=gateway.started_at,
+        node=gateway.node,
+        probe=gateway.probe,
+        metrics=gateway.metrics,
+        endpoint=lambda: gateway.endpoint,
+    )
+    register_core_methods(control, gateway.store, settings, sources, gateway.reload)
+    register_job_methods(control, gateway.jobs, gateway.dispatcher.wake, gateway.completion)
+    register_retrieve_methods(control, gateway.retrievals, gateway.retriever, settings)
+    register_acquisition_methods(control, gateway.registry, gateway.uploads, gateway.store)
 
 
 def _dispatch_targets(settings: Settings) -> list[str]:
@@ -257,14 +278,11 @@ async def run(
 
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, reload_on_signal)
-    register_core_methods(control, gateway)
-    register_job_methods(control, gateway)
-    register_retrieve_methods(control, gateway)
-    register_acquisition_methods(control, gateway)
-    control.authenticator = make_authenticator(gateway)
+    register_control_methods(control, gateway)
+    control.authenticator = make_authenticator(lambda: gateway.settings, registry)
     # A device's session makes it ONLINE (or BUSY, told its task again) and its end OFFLINE.
-    control.on_session_start = lambda session: device_arrived(gateway, session)
-    control.on_session_end = lambda session: device_gone(gateway, session)
+    control.on_session_start = lambda session: device_arrived(registry, session)
+    control.on_session_end = lambda session: device_gone(control, registry, uploads, session)
     metrics.declare_methods([*control.methods, "auth.login"])
     if settings.metrics.port is not None:
         gateway.endpoint = MetricsEndpoint(settings.metrics, metrics, gateway.probe)

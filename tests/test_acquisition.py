@@ -87,7 +87,7 @@ def test_devices_sequences_tasks_over_the_control_socket(gateway: GatewayProcess
                                                                        "revoked": True}  # fmt: skip
     assert gateway.call("devices.get", {"device_id": mr["id"]})["has_token"] is False
     for method, params, code, message in (
-        ("devices.register", {"name": "X"}, -32602, "modality is required"),
+        ("devices.register", {"name": "X"}, -32602, "'modality' is required"),
         ("devices.register", {"name": "X", "modality": "MR", "colour": "red"}, -32602, "colour"),
         ("tasks.create", {"device_id": "nope", "sequence_id": site["sequence"]["id"],
                           "patient": {"id": "P9"}}, -32004, "no device 'nope'"),

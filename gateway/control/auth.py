@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from gateway.acquire.registry import hash_token
-from gateway.control.server import AUTH_FAILED, Authenticator, Role, Session
+from gateway.acquire.registry import Registry, hash_token
+from gateway.acquire.results import Uploads
+from gateway.config import Settings
+from gateway.control.server import AUTH_FAILED, Authenticator, ControlServer, Role, Session
 from gateway.errors import ControlError
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 __all__ = [
     "device_arrived",
@@ -51,17 +50,20 @@ def operator_token_hash(token: str, hashes: Sequence[str]) -> str | None:
     return found
 
 
-def make_authenticator(gateway: Gateway) -> Authenticator:
+def make_authenticator(settings: Callable[[], Settings], registry: Registry) -> Authenticator:
+    """auth.login's check: an operator token against the running settings' hashes (a reload
+    replaces them), or a device id and token against *registry*."""
+
     async def login(params: dict[str, Any]) -> tuple[Role, str | None, str]:
         if isinstance(params.get("operator_token"), str):
-            hashes = gateway.settings.control.operator_token_hashes
+            hashes = settings().control.operator_token_hashes
             entry = operator_token_hash(params["operator_token"], hashes)
             if entry is not None:
                 return "operator", None, entry
             raise ControlError(AUTH_FAILED, "unknown operator token")
         device_id, token = params.get("device_id"), params.get("token")
         if isinstance(device_id, str) and isinstance(token, str):
-            if await gateway.registry.check_token(device_id, token):
+            if await registry.check_token(device_id, token):
                 return "device", device_id, device_id
             raise ControlError(AUTH_FAILED, "unknown device or token")
         raise ControlError(AUTH_FAILED, "auth.login needs operator_token, or device_id and token")
@@ -69,26 +71,27 @@ def make_authenticator(gateway: Gateway) -> Authenticator:
     return login
 
 
-async def device_arrived(gateway: Gateway, session: Session) -> None:
+async def device_arrived(registry: Registry, session: Session) -> None:
     """A device logged in (`ControlServer.on_session_start`, before its login is answered): it
     is ONLINE, or BUSY with its active task, which is sent again (`task.start`) after the
     answer."""
     if session.device_id is None:
         return
-    registry = gateway.registry
     await registry.set_device_state(session.device_id, "ONLINE")  # BUSY with an active task
     task = await registry.active_task(session.device_id)
     if task is not None:
         session.notify_after_reply("task.start", await registry.task_assignment(task))
 
 
-async def device_gone(gateway: Gateway, session: Session) -> None:
+async def device_gone(
+    control: ControlServer, registry: Registry, uploads: Uploads, session: Session
+) -> None:
     """A device's session ended (`ControlServer.on_session_end`): it is OFFLINE and its
     unfinished uploads are dropped, unless a newer session of the device ended it (then it is
     online through that one, which has begun no upload yet)."""
     if session.device_id is None:
         return
-    if session.replaced or gateway.control.device_session(session.device_id) is None:
-        gateway.uploads.drop_device(session.device_id)
-    if not session.replaced and gateway.control.device_session(session.device_id) is None:
-        await gateway.registry.set_device_state(session.device_id, "OFFLINE")
+    if session.replaced or control.device_session(session.device_id) is None:
+        uploads.drop_device(session.device_id)
+    if not session.replaced and control.device_session(session.device_id) is None:
+        await registry.set_device_state(session.device_id, "OFFLINE")

@@ -2,63 +2,79 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from gateway.control.methods import _no_unknown, _study_uid
-from gateway.control.server import INVALID_PARAMS, ControlServer
-from gateway.errors import ControlError
+from pydantic import AfterValidator
 
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.control.methods import StudyParams
+from gateway.control.params import Explain, Limit, Params
+from gateway.control.server import ControlServer
+from gateway.rules.runtime import CompletionEngine
+from gateway.store.jobs import JobQueue
 
-__all__ = ["register_job_methods"]
+__all__ = ["CancelJobsParams", "ListJobsParams", "RetryJobsParams", "register_job_methods"]
 
 _STATES = ("queued", "running", "done", "failed", "cancelled")
 
+_IDS = Explain("must be a list of job ids")
 
-def _ids(params: dict[str, Any]) -> list[int] | None:
-    ids = params.get("ids")
-    if ids is None:
-        return None
-    if not isinstance(ids, list) or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in ids
-    ):
-        raise ControlError(INVALID_PARAMS, "parameter 'ids' must be a list of job ids")
+
+def _not_empty(ids: list[int]) -> list[int]:
+    if not ids:
+        raise ValueError("is required")
     return ids
 
 
-def register_job_methods(server: ControlServer, gateway: Gateway) -> None:
-    """Register the dispatch and completion methods."""
+class ListJobsParams(Params):
+    """`jobs.list`: `state` (optional, one of queued, running, done, failed, cancelled) and
+    `limit` (1..10000, 100 by default)."""
 
-    async def list_jobs(params: dict[str, Any]) -> dict[str, Any]:
-        _no_unknown(params, {"state", "limit"})
-        state = params.get("state")
-        if state is not None and state not in _STATES:
-            raise ControlError(INVALID_PARAMS, f"parameter 'state' must be one of {_STATES}")
-        limit = params.get("limit", 100)
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
-            raise ControlError(INVALID_PARAMS, "parameter 'limit' must be an integer 1..10000")
-        jobs = await gateway.jobs.list(state, limit)
-        return {"jobs": jobs, "count": len(jobs)}
+    state: Annotated[
+        Literal["queued", "running", "done", "failed", "cancelled"] | None,
+        Explain(f"must be one of {_STATES}"),
+    ] = None
+    limit: Limit = 100
 
-    async def retry(params: dict[str, Any]) -> dict[str, Any]:
-        _no_unknown(params, {"ids"})
-        count = await gateway.jobs.retry(_ids(params))
-        gateway.dispatcher.wake()
+
+class RetryJobsParams(Params):
+    """`jobs.retry`: `ids` (optional; none or null: every failed job)."""
+
+    ids: Annotated[list[int] | None, _IDS] = None
+
+
+class CancelJobsParams(Params):
+    """`jobs.cancel`: `ids`, required, not empty."""
+
+    ids: Annotated[list[int], AfterValidator(_not_empty), _IDS]
+
+
+def register_job_methods(
+    server: ControlServer,
+    jobs: JobQueue,
+    wake_dispatcher: Callable[[], None],
+    completion: CompletionEngine,
+) -> None:
+    """Register the dispatch and completion methods: *jobs* is the dispatch queue,
+    *wake_dispatcher* makes the dispatcher look at it now, *completion* the rule waits."""
+
+    async def list_jobs(params: ListJobsParams) -> dict[str, Any]:
+        found = await jobs.list(params.state, params.limit)
+        return {"jobs": found, "count": len(found)}
+
+    async def retry(params: RetryJobsParams) -> dict[str, Any]:
+        count = await jobs.retry(params.ids)
+        wake_dispatcher()
         return {"requeued": count}
 
-    async def cancel(params: dict[str, Any]) -> dict[str, Any]:
-        _no_unknown(params, {"ids"})
-        ids = _ids(params)
-        if not ids:
-            raise ControlError(INVALID_PARAMS, "parameter 'ids' is required")
-        return {"cancelled": await gateway.jobs.cancel(ids)}
+    async def cancel(params: CancelJobsParams) -> dict[str, Any]:
+        return {"cancelled": await jobs.cancel(params.ids)}
 
-    async def force_complete(params: dict[str, Any]) -> dict[str, Any]:
-        uid = _study_uid(params)
-        return {"study_uid": uid, "completed": await gateway.completion.force_study(uid)}
+    async def force_complete(params: StudyParams) -> dict[str, Any]:
+        uid = params.study_uid
+        return {"study_uid": uid, "completed": await completion.force_study(uid)}
 
-    server.register("jobs.list", list_jobs)
-    server.register("jobs.retry", retry)
-    server.register("jobs.cancel", cancel)
-    server.register("studies.force_complete", force_complete)
+    server.register("jobs.list", ListJobsParams, list_jobs)
+    server.register("jobs.retry", RetryJobsParams, retry)
+    server.register("jobs.cancel", CancelJobsParams, cancel)
+    server.register("studies.force_complete", StudyParams, force_complete)

@@ -1,7 +1,10 @@
 """The core control methods (status, studies.search, studies.get, studies.delete, echo) and
-the rules' dry run (rules.test).
+the rules' dry run and reload (rules.test, rules.reload).
 
-Later features register their own methods beside these (see `ControlServer.register`).
+Each method's parameters are a model (`SearchParams`, `StudyParams`, `EchoParams`, `NoParams`)
+the server validates before the call (-32602 naming the parameter); each method is given the
+parts it uses, the running settings through a getter (`rules.reload` replaces them). Later
+features register their own methods beside these (see `ControlServer.register`).
 """
 
 from __future__ import annotations
@@ -11,24 +14,30 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 from pydicom.dataset import Dataset
 
+from gateway.config import Settings
+from gateway.control.params import Limit, NoParams, Params, StudyUid
 from gateway.control.server import INVALID_PARAMS, ControlServer
 from gateway.errors import ConfigError, ControlError, GatewayError, PeerError
-from gateway.metrics import Figures
+from gateway.metrics import Figures, Metrics, MetricsEndpoint, Probe
 from gateway.rules.engine import RuleSet, fact_text, outcome_report
 from gateway.rules.facts import connection_facts, read_facts
 from gateway.scu.echo import echo_peer
-from gateway.store.instance import is_valid_uid
 from gateway.store.query import QueryError, find
+from gateway.store.store import Store
 
-if TYPE_CHECKING:
-    from gateway.app import Gateway
-
-__all__ = ["register_core_methods", "register_rule_methods"]
+__all__ = [
+    "EchoParams",
+    "SearchParams",
+    "StatusSources",
+    "StudyParams",
+    "register_core_methods",
+    "register_rule_methods",
+]
 
 PEER_ERROR = -32010
 CONFIG_INVALID = -32011
@@ -62,21 +71,54 @@ _RETURN_KEYS = {
 }
 
 
-def _string(params: dict[str, Any], name: str, *, required: bool = False) -> str | None:
-    value = params.get(name)
-    if value is None:
-        if required:
-            raise ControlError(INVALID_PARAMS, f"parameter {name!r} is required")
-        return None
-    if not isinstance(value, str):
-        raise ControlError(INVALID_PARAMS, f"parameter {name!r} must be a string")
-    return value
+class SearchParams(Params):
+    """`studies.search`: C-FIND matching on each key given (strings), at most `limit` studies.
+    A key the query refuses (a malformed date range) is -32602 naming it."""
+
+    patient_id: str | None = None
+    patient_name: str | None = None
+    study_uid: str | None = None
+    study_date: str | None = None
+    accession_number: str | None = None
+    study_description: str | None = None
+    modality: str | None = None
+    limit: Limit = 100
 
 
-def _no_unknown(params: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        raise ControlError(INVALID_PARAMS, f"unknown parameter {unknown[0]!r}")
+class StudyParams(Params):
+    """One stored study: `study_uid`, required, a valid UID (`studies.get`, `studies.delete`,
+    `studies.force_complete`, `rules.test`)."""
+
+    study_uid: StudyUid
+
+
+class EchoParams(Params):
+    """`echo`: `peer`, required, the name of a `[[peers]]` entry (else -32602 listing them)."""
+
+    peer: str
+
+
+class Node(Protocol):
+    """What `status` reads of the DICOM node."""
+
+    @property
+    def port(self) -> int: ...
+
+    @property
+    def open_associations(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StatusSources:
+    """What `status` reports on: the node, the index's figures (`probe`), the counters
+    (`metrics`) and the metrics endpoint (a getter: it is made after the methods)."""
+
+    version: str
+    started_at: float
+    node: Node
+    probe: Probe
+    metrics: Metrics
+    endpoint: Callable[[], MetricsEndpoint | None]
 
 
 def _value(ds: Dataset, keyword: str) -> Any:
@@ -90,29 +132,27 @@ def _value(ds: Dataset, keyword: str) -> Any:
     return str(value)
 
 
-def _study_uid(params: dict[str, Any]) -> str:
-    _no_unknown(params, {"study_uid"})
-    uid = _string(params, "study_uid", required=True)
-    assert uid is not None
-    if not is_valid_uid(uid):
-        raise ControlError(INVALID_PARAMS, "parameter 'study_uid' is not a valid UID")
-    return uid
+def register_core_methods(
+    server: ControlServer,
+    store: Store,
+    settings: Callable[[], Settings],
+    sources: StatusSources,
+    reload: Callable[[], dict[str, Any]],
+) -> None:
+    """Register the methods of the DICOM node and its store (status, studies.search / get /
+    delete, echo), then `register_rule_methods`. *settings* gives the running settings (a
+    reload replaces them)."""
 
-
-def register_core_methods(server: ControlServer, gateway: Gateway) -> None:
-    """Register the methods of the DICOM node and its store, then `register_rule_methods`."""
-    store = gateway.store
-
-    async def status(params: dict[str, Any]) -> dict[str, Any]:
-        _no_unknown(params, set())
-        figures = await gateway.probe.figures()
+    async def status(params: NoParams) -> dict[str, Any]:
+        figures = await sources.probe.figures()
         counts = figures.counts
+        node = sources.node
         return {
-            "version": gateway.version,
-            "ae_title": gateway.settings.node.ae_title,
-            "port": gateway.node.port,
-            "uptime_seconds": round(time.time() - gateway.started_at, 3),
-            "associations_open": gateway.node.open_associations,
+            "version": sources.version,
+            "ae_title": settings().node.ae_title,
+            "port": node.port,
+            "uptime_seconds": round(time.time() - sources.started_at, 3),
+            "associations_open": node.open_associations,
             "patients": counts["patients"],
             "studies": counts["studies"],
             "series": counts["series"],
@@ -123,24 +163,20 @@ def register_core_methods(server: ControlServer, gateway: Gateway) -> None:
             "disk_total_bytes": figures.disk_total,
             "min_free_bytes": store.min_free_bytes,
             "accepting_instances": figures.disk_free >= store.min_free_bytes,
-            "metrics": _metrics(gateway, figures),
+            "metrics": _metrics(sources, figures),
         }
 
-    async def search(params: dict[str, Any]) -> dict[str, Any]:
-        _no_unknown(params, {*_SEARCH_KEYS, "limit"})
-        limit = params.get("limit", 100)
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
-            raise ControlError(INVALID_PARAMS, "parameter 'limit' must be an integer 1..10000")
+    async def search(params: SearchParams) -> dict[str, Any]:
         identifier = Dataset()
         identifier.QueryRetrieveLevel = "STUDY"
         for keyword in _RETURN_KEYS.values():
             setattr(identifier, keyword, "")
         for name, keyword in _SEARCH_KEYS.items():
-            value = _string(params, name)
+            value = getattr(params, name)
             if value is not None:
                 setattr(identifier, keyword, value)
         try:
-            matches = await find(store, "study", identifier, limit=limit)
+            matches = await find(store, "study", identifier, limit=params.limit)
         except QueryError as exc:
             # The query speaks DICOM keywords; name the parameter the caller actually sent.
             message = str(exc)
@@ -151,9 +187,9 @@ def register_core_methods(server: ControlServer, gateway: Gateway) -> None:
         studies = [{k: _value(ds, kw) for k, kw in _RETURN_KEYS.items()} for ds in matches]
         return {"studies": studies, "count": len(studies)}
 
-    async def get(params: dict[str, Any]) -> dict[str, Any]:
-        uid = _study_uid(params)
-        found = await search({"study_uid": uid, "limit": 1})
+    async def get(params: StudyParams) -> dict[str, Any]:
+        uid = params.study_uid
+        found = await search(SearchParams(study_uid=uid, limit=1))
         if not found["studies"]:
             raise ControlError(NOT_FOUND, f"no study {uid}")
         study: dict[str, Any] = found["studies"][0]
@@ -182,47 +218,46 @@ def register_core_methods(server: ControlServer, gateway: Gateway) -> None:
         ]
         return study
 
-    async def delete(params: dict[str, Any]) -> dict[str, Any]:
-        uid = _study_uid(params)
+    async def delete(params: StudyParams) -> dict[str, Any]:
+        uid = params.study_uid
         removed = await store.delete_study(uid)
         if not removed:
             raise ControlError(NOT_FOUND, f"no study {uid}")
         return {"study_uid": uid, "instances_removed": removed}
 
-    async def echo(params: dict[str, Any]) -> dict[str, Any]:
-        _no_unknown(params, {"peer"})
-        name = _string(params, "peer", required=True)
-        assert name is not None
-        peer = gateway.settings.peer(name)
+    async def echo(params: EchoParams) -> dict[str, Any]:
+        name = params.peer
+        running = settings()
+        peer = running.peer(name)
         if peer is None:
-            known = ", ".join(p.name for p in gateway.settings.peers) or "none configured"
+            known = ", ".join(p.name for p in running.peers) or "none configured"
             raise ControlError(INVALID_PARAMS, f"unknown peer {name!r} (peers: {known})")
         try:
-            result = await anyio.to_thread.run_sync(echo_peer, gateway.settings.node, peer)
+            result = await anyio.to_thread.run_sync(echo_peer, running.node, peer)
         except PeerError as exc:
             raise ControlError(PEER_ERROR, str(exc)) from exc
         return {"peer": name, "status": result.status, "seconds": round(result.seconds, 4)}
 
-    server.register("status", status)
-    server.register("studies.search", search)
-    server.register("studies.get", get)
-    server.register("studies.delete", delete)
-    server.register("echo", echo)
-    register_rule_methods(server, gateway)
+    server.register("status", NoParams, status)
+    server.register("studies.search", SearchParams, search)
+    server.register("studies.get", StudyParams, get)
+    server.register("studies.delete", StudyParams, delete)
+    server.register("echo", EchoParams, echo)
+    register_rule_methods(server, store, settings, reload)
 
 
-def _metrics(gateway: Gateway, figures: Figures) -> dict[str, Any]:
+def _metrics(sources: StatusSources, figures: Figures) -> dict[str, Any]:
     """What the metrics endpoint serves, as one JSON object: the counters since the start
     (`Metrics.snapshot`), and the index's figures (`Probe.figures`)."""
-    snapshot = gateway.metrics.snapshot()
-    snapshot["associations"]["open"] = gateway.node.open_associations
+    snapshot = sources.metrics.snapshot()
+    snapshot["associations"]["open"] = sources.node.open_associations
     by_target: dict[str, dict[str, int]] = {}
     for (state, target), count in sorted(figures.jobs.items()):
         by_target.setdefault(target, {})[state] = count
     by_project: dict[str, dict[str, int]] = {}
     for (project, state), count in sorted(figures.retrievals.items()):
         by_project.setdefault(project, {})[state] = count
-    endpoint = gateway.endpoint
+    endpoint = sources.endpoint()
     return {
         "endpoint": endpoint.url if endpoint is not None else None,
         **snapshot,
@@ -270,10 +305,15 @@ def _first_instances(
     return first
 
 
-def register_rule_methods(server: ControlServer, gateway: Gateway) -> None:
+def register_rule_methods(
+    server: ControlServer,
+    store: Store,
+    settings: Callable[[], Settings],
+    reload: Callable[[], dict[str, Any]],
+) -> None:
     """Register `rules.test` (the running rules' dry run on a stored study) and
-    `rules.reload` (apply the config file's rules, peers, folders and webhooks, or refuse)."""
-    store = gateway.store
+    `rules.reload` (*reload*: apply the config file's rules, peers, folders and webhooks, or
+    raise ConfigError, answered -32011)."""
 
     def facts_of(first: _FirstInstance, ruleset: RuleSet) -> dict[str, object]:
         try:
@@ -283,12 +323,12 @@ def register_rule_methods(server: ControlServer, gateway: Gateway) -> None:
                 f"cannot read instance {first.sop_uid} of series {first.series_uid}: {exc}"
             ) from exc
 
-    async def rules_test(params: dict[str, Any]) -> dict[str, Any]:
-        uid = _study_uid(params)
+    async def rules_test(params: StudyParams) -> dict[str, Any]:
+        uid = params.study_uid
         found = await store.read(lambda conn: _first_instances(conn, uid, store.files.absolute))
         if found is None:
             raise ControlError(NOT_FOUND, f"no study {uid}")
-        ruleset = RuleSet(gateway.settings.rules)
+        ruleset = RuleSet(settings().rules)
         facts = [await anyio.to_thread.run_sync(facts_of, first, ruleset) for first in found]
         descriptions = [fact_text(f.get("SeriesDescription")) or "" for f in facts]
         series = [
@@ -303,11 +343,11 @@ def register_rule_methods(server: ControlServer, gateway: Gateway) -> None:
         ]
         return {"study_uid": uid, "series": series}
 
-    async def rules_reload(params: dict[str, Any]) -> dict[str, Any]:
+    async def rules_reload(params: NoParams) -> dict[str, Any]:
         try:
-            return gateway.reload()
+            return reload()
         except ConfigError as exc:
             raise ControlError(CONFIG_INVALID, f"config not reloaded: {exc}") from None
 
-    server.register("rules.test", rules_test)
-    server.register("rules.reload", rules_reload)
+    server.register("rules.test", StudyParams, rules_test)
+    server.register("rules.reload", NoParams, rules_reload)

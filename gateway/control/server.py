@@ -8,14 +8,14 @@ login gets -32001 and is closed too. Every method is registered with its access:
 (the default), `device` (devices only; the device is `current_session()`), or `any`. A device
 calling an operator method gets -32003.
 
-Methods are registered by name with an async function taking the params object; later features
-add theirs. Errors follow JSON-RPC: -32700 bad JSON, -32600 invalid request, -32601 unknown
-method, -32602 a bad parameter (the message names it), -32603 internal error, and -32000 and
-below for the gateway's own failures. A request without an "id" is a notification: it gets no
-answer, not even an error. Batches (JSON arrays) are refused. A line longer than
-`max_line_bytes` is refused as soon as the limit is passed (at most the limit is ever buffered)
-and the connection is closed. Each connection is served by its own task, so a slow or silent
-client stalls no one else.
+Methods are registered by name with their parameters' model (`gateway.control.params`) and an
+async function taking the validated model; later features add theirs. Errors follow JSON-RPC:
+-32700 bad JSON, -32600 invalid request, -32601 unknown method, -32602 a bad parameter (the
+message names it), -32603 internal error, and -32000 and below for the gateway's own failures.
+A request without an "id" is a notification: it gets no answer, not even an error. Batches
+(JSON arrays) are refused. A line longer than `max_line_bytes` is refused as soon as the limit
+is passed (at most the limit is ever buffered) and the connection is closed. Each connection is
+served by its own task, so a slow or silent client stalls no one else.
 
 Every connection ends in `ControlServer.end_session`, whoever ends it (the client closing, a
 timeout, an oversized line, a credential taken away, a second login of the same device, the
@@ -39,12 +39,14 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import structlog
+from pydantic import ValidationError
 
 from gateway.audit import AuditLog
 from gateway.config import ControlSettings
+from gateway.control.params import Params, explain
 from gateway.errors import ControlError, GatewayError
 from gateway.metrics import INVALID_REQUEST as INVALID_METHOD
 from gateway.metrics import UNKNOWN_METHOD, Metrics
@@ -78,7 +80,9 @@ FORBIDDEN = -32003
 # The notification a device gets when the gateway ends its session: {"code", "reason"}.
 SESSION_CLOSED = "session.closed"
 
-Method = Callable[[dict[str, Any]], Awaitable[Any]]
+P = TypeVar("P", bound=Params)
+# A registered method: it receives its parameters validated into its model.
+Method = Callable[[P], Awaitable[Any]]
 Access = Literal["operator", "device", "any"]
 Role = Literal["operator", "device"]
 
@@ -150,7 +154,7 @@ class ControlServer:
         self.path = path
         self._settings = settings
         self.metrics = metrics or Metrics()
-        self._methods: dict[str, Method] = {}
+        self._methods: dict[str, tuple[type[Params], Method[Any]]] = {}
         self._access: dict[str, Access] = {}
         self._server: asyncio.AbstractServer | None = None
         self._tcp_server: asyncio.Server | None = None
@@ -164,12 +168,20 @@ class ControlServer:
         self._ending: set[asyncio.Task[None]] = set()
         self.audit: AuditLog | None = None  # set by the application
 
-    def register(self, name: str, method: Method, access: Access = "operator") -> None:
-        """Expose *method* as *name*; it receives the params object (a dict)."""
+    def register(
+        self, name: str, params: type[P], method: Method[P], access: Access = "operator"
+    ) -> None:
+        """Expose *method* as *name*. A request's params object is validated into *params*
+        (unknown keys, missing or bad values: -32602 naming the parameter, `params.explain`)
+        and *method* receives the model."""
         if name in self._methods:
             raise ValueError(f"control method {name!r} registered twice")
-        self._methods[name] = method
+        self._methods[name] = (params, method)
         self._access[name] = access
+
+    def params_model(self, name: str) -> type[Params]:
+        """The parameters' model of the registered method *name* (KeyError if none)."""
+        return self._methods[name][0]
 
     @property
     def tcp_port(self) -> int | None:
@@ -442,15 +454,20 @@ class ControlServer:
         if session is not None and session.role is None:
             session.close_after_reply = True
             return _error(request_id, AUTH_FAILED, "authenticate first: call auth.login")
-        method = self._methods.get(method_name)
-        if method is None:
+        registered = self._methods.get(method_name)
+        if registered is None:
             return _error(request_id, METHOD_NOT_FOUND, f"unknown method {method_name!r}")
         access = self._access[method_name]
         role = session.role if session is not None else "operator"
         if access != "any" and access != role:
             return _error(request_id, FORBIDDEN, f"{method_name} is for {access}s only")
+        model, method = registered
         try:
-            result = await method(params)
+            args = model.model_validate(params)
+        except ValidationError as exc:
+            return _error(request_id, INVALID_PARAMS, explain(model, exc))
+        try:
+            result = await method(args)
         except ControlError as exc:
             return _error(request_id, exc.code, exc.message, exc.data)
         except GatewayError as exc:

@@ -12,6 +12,7 @@ recorded as they come, group-committed by `_Ledger`. docs/dispatch.md describes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random as _random
 import shutil
 import threading
@@ -79,9 +80,12 @@ class _Ledger:
     """Records a job's acknowledged instances from its sender thread, group-committed.
 
     One ledger transaction is in flight at a time; acknowledgements that arrive while it
-    commits go into the next one. The sender never waits for the disk between instances, and
-    a kill loses at most the acknowledgements of the commit in flight (those instances are sent
-    once more). `close()` waits for everything to be committed.
+    commits go into the next one, which starts as soon as it has committed (from the writer
+    thread's completion callback: an acknowledgement never waits for the next one, nor for the
+    association's release). The sender never waits for the disk between instances, and a kill
+    loses at most the acknowledgements of the commit in flight and those queued behind it
+    (those instances are sent once more). `close()` waits for everything to be committed; a
+    failed commit fails the attempt (raised by the next `add` or by `close`).
     """
 
     def __init__(
@@ -91,28 +95,50 @@ class _Ledger:
         self._job_id = job.id
         self._lease = job.lease_owner  # each commit renews the job's lease
         self._progress = progress  # told of each acknowledgement
+        self._lock = threading.RLock()  # the sender's thread and the writer's callbacks
         self._waiting: list[InstanceFile] = []
         self._in_flight: Future[int] | None = None
+        self._failed: BaseException | None = None
 
     def add(self, instance: InstanceFile) -> None:
         self._progress()
-        self._waiting.append(instance)
-        if self._in_flight is None or self._in_flight.done():
-            self._flush()
+        with self._lock:
+            if self._failed is not None:
+                raise self._failed
+            self._waiting.append(instance)
+            if self._in_flight is None:
+                self._submit()
 
-    def _flush(self) -> None:
-        if self._in_flight is not None:
-            self._in_flight.result()  # a failed commit fails the attempt
-            self._in_flight = None
-        if self._waiting:
-            batch, self._waiting = self._waiting, []
-            self._in_flight = self._queue.record_delivered_nowait(
-                self._job_id, batch, lease=self._lease
-            )
+    def _submit(self) -> None:
+        """Commit what waits (holding the lock)."""
+        batch, self._waiting = self._waiting, []
+        future = self._queue.record_delivered_nowait(self._job_id, batch, lease=self._lease)
+        self._in_flight = future
+        future.add_done_callback(self._committed)  # at once, re-entrantly, if already done
+
+    def _committed(self, future: Future[int]) -> None:
+        with self._lock:
+            if self._in_flight is future:
+                self._in_flight = None
+            error = future.exception()
+            if error is not None and self._failed is None:
+                self._failed = error
+            if self._waiting and self._failed is None and self._in_flight is None:
+                self._submit()
 
     def close(self) -> None:
-        self._flush()
-        self._flush()
+        while True:
+            with self._lock:
+                future = self._in_flight
+                if future is None and self._waiting and self._failed is None:
+                    self._submit()
+                    continue
+            if future is None:
+                break
+            with contextlib.suppress(Exception):
+                future.result()  # its error, if any, is kept by _committed
+        if self._failed is not None:
+            raise self._failed
 
 
 class Dispatcher:
