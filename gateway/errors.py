@@ -2,8 +2,8 @@
 
 GatewayError
 ├── ConfigError            a bad config.toml or environment override (exit status 2)
-├── StoreError             the file store or its index failed (DIMSE 0xA700)
-│   └── DiskFullError      free space below the configured floor
+├── StoreError             the file store or its index failed, or the disk is below its
+│                          floor (DIMSE 0xA700)
 ├── RejectedInstance       an instance refused for what it is; carries its DIMSE status
 │   ├── InvalidInstance    undecodable, truncated, missing or malformed UIDs (0xC000 class)
 │   ├── InstanceMismatch   dataset UIDs differ from the C-STORE request (0xA900)
@@ -20,7 +20,6 @@ from typing import Literal
 __all__ = [
     "ConfigError",
     "ControlError",
-    "DiskFullError",
     "DuplicateInstance",
     "GatewayError",
     "InstanceMismatch",
@@ -45,10 +44,6 @@ class StoreError(GatewayError):
     """The file store or the index could not do its work."""
 
     status = 0xA700
-
-
-class DiskFullError(StoreError):
-    """Free space on the store's filesystem is below the configured floor."""
 
 
 class RejectedInstance(GatewayError):

@@ -32,14 +32,14 @@ from gateway.config import PeerSettings, Settings
 from gateway.errors import GatewayError, PeerError, RejectedInstance, StoreError
 from gateway.metrics import Metrics, query_level, status_text
 from gateway.scp.bridge import LoopBridge
-from gateway.scp.receiving import ReceivingFile
+from gateway.scp.receiving import DatasetSpool
 from gateway.scp.tls import tls_args
 from gateway.scp.transport import cancel_check, set_nodelay
 from gateway.scp.worklist import AcquisitionServices
 from gateway.scu.syntaxes import MAX_CONTEXTS, outgoing, storage_contexts
 from gateway.store.index import Provenance
 from gateway.store.query import QueryError, QueryModel, retrieve_filter, stream_capped
-from gateway.store.store import InstanceFile, Store
+from gateway.store.store import Store, StoredInstance
 
 __all__ = ["AssociationStats", "DicomServices"]
 
@@ -75,22 +75,23 @@ class _SubOperations:
 _C_STORE_RSP = 0x8001
 
 
-class _StoredFile(Dataset):
+class _SubOperationDataset(Dataset):
     """A stored instance as the dataset of a C-MOVE / C-GET sub-operation.
 
     pynetdicom's Q/R service takes only a `Dataset` for a sub-operation (a path is refused as an
-    invalid dataset) and hands it to `send_c_store`. A `_StoredFile` holds the UIDs pynetdicom reads
-    and the file; `_send_stored_files` makes an association send what `outgoing` chooses for it:
-    the file's path, so its dataset bytes go out unchanged (`STORE_SEND_CHUNKED_DATASET`), where
-    the association accepted its stored syntax, else its dataset re-encoded in an accepted
-    uncompressed syntax (a C-GET requestor such as DCMTK getscu proposes several).
+    invalid dataset) and hands it to `send_c_store`. A `_SubOperationDataset` holds the UIDs
+    pynetdicom reads and the file; `_send_stored_files` makes an association send what
+    `outgoing` chooses for it: the file's path, so its dataset bytes go out unchanged
+    (`STORE_SEND_CHUNKED_DATASET`), where the association accepted its stored syntax, else its
+    dataset re-encoded in an accepted uncompressed syntax (a C-GET requestor such as DCMTK
+    getscu proposes several).
     """
 
-    stored: InstanceFile
+    stored: StoredInstance
     transcode: bool
     peer: str
 
-    def __init__(self, instance: InstanceFile, *, transcode: bool, peer: str) -> None:
+    def __init__(self, instance: StoredInstance, *, transcode: bool, peer: str) -> None:
         super().__init__()
         self.SOPClassUID = instance.sop_class_uid
         self.SOPInstanceUID = instance.sop_instance_uid  # for a FailedSOPInstanceUIDList
@@ -107,13 +108,13 @@ class _StoredFile(Dataset):
 
 
 def _send_stored_files(assoc: Association) -> None:
-    """Let *assoc*'s `send_c_store` take a `_StoredFile` (once per association)."""
+    """Let *assoc*'s `send_c_store` take a `_SubOperationDataset` (once per association)."""
     if getattr(assoc, "_gateway_sends_stored_files", False):
         return
     send_c_store = assoc.send_c_store
 
     def send(dataset: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(dataset, _StoredFile):
+        if isinstance(dataset, _SubOperationDataset):
             try:
                 dataset = dataset.payload(assoc)
             except PeerError as exc:
@@ -311,7 +312,7 @@ class DicomServices:
             association_id=stats.association_id,
         )
         received = request._dataset_file
-        if isinstance(received, ReceivingFile) and received.too_large:
+        if isinstance(received, DatasetSpool) and received.too_large:
             stats.refused += 1
             log.warning(
                 "instance_refused",
@@ -327,7 +328,7 @@ class DicomServices:
                 Path(event.dataset_path),
                 provenance,
                 expect=(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)),
-                checksum=received.dataset_digest if isinstance(received, ReceivingFile) else None,
+                checksum=received.dataset_digest if isinstance(received, DatasetSpool) else None,
             )
         except RejectedInstance as exc:
             stats.refused += 1
@@ -359,7 +360,7 @@ class DicomServices:
             sop_instance_uid=result.sop_instance_uid,
             outcome=result.outcome,
         )
-        return 0x0000, received.dataset_bytes if isinstance(received, ReceivingFile) else 0
+        return 0x0000, received.dataset_bytes if isinstance(received, DatasetSpool) else 0
 
     # -- C-FIND -------------------------------------------------------------------------------
 
@@ -438,11 +439,11 @@ class DicomServices:
 
     # -- C-MOVE / C-GET -----------------------------------------------------------------------
 
-    def _studies_of(self, instances: list[InstanceFile]) -> list[str]:
+    def _studies_of(self, instances: list[StoredInstance]) -> list[str]:
         """The Study Instance UIDs of *instances*, for the audit record of a transfer."""
         return self._bridge.call(self._store.study_uids_of, [i.pk for i in instances])
 
-    def _instances(self, event: evt.Event) -> list[InstanceFile]:
+    def _instances(self, event: evt.Event) -> list[StoredInstance]:
         model = _model(event)
         where, params = retrieve_filter(model, event.identifier)
         return self._bridge.call(self._store.instance_files, where, params)
@@ -517,7 +518,7 @@ class DicomServices:
         self,
         cancelled: Callable[[], bool],
         stats: AssociationStats,
-        instances: list[InstanceFile],
+        instances: list[StoredInstance],
         kind: str,
         *,
         transcode: bool,
@@ -535,12 +536,12 @@ class DicomServices:
                 yield 0xFE00, None
                 return
             stats.sent += 1
-            yield 0xFF00, _StoredFile(instance, transcode=transcode, peer=peer)
+            yield 0xFF00, _SubOperationDataset(instance, transcode=transcode, peer=peer)
         log.info(f"{kind}_done", association_id=stats.association_id, instances=len(instances))
 
     def _move_kwargs(
         self,
-        instances: list[InstanceFile],
+        instances: list[StoredInstance],
         peer: PeerSettings,
         tally: _SubOperations | None = None,
     ) -> dict[str, Any]:

@@ -5,7 +5,7 @@ pynetdicom's chunked receive (`STORE_RECV_CHUNKED_DATASET`) creates a temp file 
 `write_file_meta_info`, then appends each P-DATA fragment of the dataset. It looks those three up
 as module-global names of `pynetdicom.dimse_messages`; `install_receive_path` replaces them there:
 
-- the temp file is a `ReceivingFile` in the store's `tmp/`, which hashes the dataset bytes as they
+- the temp file is a `DatasetSpool` in the store's `tmp/`, which hashes the dataset bytes as they
   are written (the check after the last fragment then need not read them again) and asks the
   kernel to start writing every 256 KB back as soon as it is written (`sync_file_range`), so
   the fsync before the reply finds little left to write. Measured on 512 KB instances received
@@ -35,7 +35,7 @@ from pynetdicom import (
 
 from gateway.scp.transport import dul_resources, uid_value
 
-__all__ = ["ReceivingFile", "encode_file_meta", "install_receive_path"]
+__all__ = ["DatasetSpool", "encode_file_meta", "install_receive_path"]
 
 _WRITEBACK_BYTES = 256 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
@@ -56,7 +56,7 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 _sync_file_range = _load_sync_file_range()
 
 
-class ReceivingFile:
+class DatasetSpool:
     """The file a received dataset is streamed into: the subset of a `NamedTemporaryFile` that
     pynetdicom uses (`name`, `write`, `file.flush`, `close`), plus the dataset's digest.
 
@@ -168,21 +168,21 @@ def encode_file_meta(
 
 def install_receive_path(tmp_dir: Path, max_bytes: int | None = None) -> Callable[[], None]:
     """Replace pynetdicom's three names (module docstring); return a function that undoes it.
-    A received dataset longer than *max_bytes* is dropped (`ReceivingFile`)."""
+    A received dataset longer than *max_bytes* is dropped (`DatasetSpool`)."""
     saved = {
         name: getattr(dimse_messages, name)
         for name in ("NamedTemporaryFile", "create_file_meta", "write_file_meta_info")
     }
 
-    def temp_file(**kwargs: Any) -> ReceivingFile:
-        return ReceivingFile(tmp_dir, max_bytes)
+    def temp_file(**kwargs: Any) -> DatasetSpool:
+        return DatasetSpool(tmp_dir, max_bytes)
 
     def create(**kwargs: Any) -> bytes:
         return encode_file_meta(**kwargs)
 
     def write(fp: Any, file_meta: bytes, enforce_standard: bool = True) -> None:
         fp.write(file_meta)
-        if isinstance(fp, ReceivingFile):
+        if isinstance(fp, DatasetSpool):
             fp.begin_dataset()
 
     dimse_messages.NamedTemporaryFile = temp_file

@@ -37,7 +37,7 @@ from gateway.scu.sender import Delivery, send_instances
 from gateway.store.files import write_atomically
 from gateway.store.instance import is_valid_uid
 from gateway.store.jobs import Backoff, Job, JobQueue
-from gateway.store.store import InstanceFile, Store
+from gateway.store.store import Store, StoredInstance
 
 __all__ = ["Dispatcher", "folder_path"]
 
@@ -96,11 +96,11 @@ class _Ledger:
         self._lease = job.lease_owner  # each commit renews the job's lease
         self._progress = progress  # told of each acknowledgement
         self._lock = threading.RLock()  # the sender's thread and the writer's callbacks
-        self._waiting: list[InstanceFile] = []
+        self._waiting: list[StoredInstance] = []
         self._in_flight: Future[int] | None = None
         self._failed: BaseException | None = None
 
-    def add(self, instance: InstanceFile) -> None:
+    def add(self, instance: StoredInstance) -> None:
         self._progress()
         with self._lock:
             if self._failed is not None:
@@ -384,7 +384,7 @@ class Dispatcher:
         )
 
     async def _send_to_peer(
-        self, job: Job, peer: PeerSettings, pending: Sequence[InstanceFile]
+        self, job: Job, peer: PeerSettings, pending: Sequence[StoredInstance]
     ) -> tuple[int, str | None, bool]:
         """C-STORE *pending* to *peer*: (delivered, the first error or None, whether that error
         is permanent)."""
@@ -420,7 +420,7 @@ class Dispatcher:
         return delivered, errors[0] if errors else None, permanent
 
     async def _copy_to_folder(
-        self, job: Job, folder: FolderSettings, pending: Sequence[InstanceFile], where: str
+        self, job: Job, folder: FolderSettings, pending: Sequence[StoredInstance], where: str
     ) -> tuple[int, str | None]:
         def uids(conn: Any) -> dict[str, tuple[str, str]]:
             rows = conn.execute(

@@ -27,7 +27,7 @@ from pynetdicom.sop_class import (
 
 from gateway.config import NodeSettings, PeerSettings
 from gateway.errors import GatewayError, PeerError, RejectedInstance
-from gateway.scp.receiving import ReceivingFile, encode_file_meta
+from gateway.scp.receiving import DatasetSpool, encode_file_meta
 from gateway.scu.association import associate, client_ae, no_answer
 from gateway.store.index import Provenance
 from gateway.store.store import Store
@@ -241,7 +241,7 @@ def c_get(
         try:  # the node's receive path streamed it to a file in the store's tmp/ already
             temp = Path(event.dataset_path)
             received = getattr(request, "_dataset_file", None)
-            if isinstance(received, ReceivingFile):
+            if isinstance(received, DatasetSpool):
                 checksum = received.dataset_digest
         except AttributeError:  # received in memory (no node running in this process)
             temp = store.files.new_temp_path()

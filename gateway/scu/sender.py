@@ -25,7 +25,7 @@ from gateway.config import NodeSettings, PeerSettings
 from gateway.errors import PeerError
 from gateway.scu.association import associate, client_ae, no_answer
 from gateway.scu.syntaxes import MAX_CONTEXTS, context_count, outgoing, storage_contexts
-from gateway.store.store import InstanceFile
+from gateway.store.store import StoredInstance
 
 __all__ = ["MAX_CONTEXTS", "Delivery", "context_batches", "send_instances"]
 
@@ -49,10 +49,10 @@ class Delivery:
 
 
 def context_batches(
-    instances: Sequence[InstanceFile], *, transcode: bool = True
-) -> Iterator[list[InstanceFile]]:
+    instances: Sequence[StoredInstance], *, transcode: bool = True
+) -> Iterator[list[StoredInstance]]:
     """Split *instances* (order kept within a batch) so no batch needs more than 128 contexts."""
-    batch: list[InstanceFile] = []
+    batch: list[StoredInstance] = []
     pairs: set[tuple[str, str]] = set()
     for instance in instances:
         pair = (instance.sop_class_uid, instance.transfer_syntax)
@@ -68,7 +68,7 @@ def context_batches(
 def send_instances(
     node: NodeSettings,
     peer: PeerSettings,
-    instances: Sequence[InstanceFile],
+    instances: Sequence[StoredInstance],
     *,
     on_result: Callable[[Delivery], None] | None = None,
 ) -> list[Delivery]:
@@ -93,7 +93,7 @@ def send_instances(
 def _send_batch(
     node: NodeSettings,
     peer: PeerSettings,
-    batch: list[InstanceFile],
+    batch: list[StoredInstance],
     record: Callable[[Delivery], None],
 ) -> None:
     pairs = [(i.sop_class_uid, i.transfer_syntax) for i in batch]

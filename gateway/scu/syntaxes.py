@@ -38,7 +38,7 @@ from pydicom.uid import (
 from pynetdicom.presentation import PresentationContext, build_context
 
 from gateway.errors import PeerError
-from gateway.store.store import InstanceFile
+from gateway.store.store import StoredInstance
 
 __all__ = [
     "MAX_CONTEXTS",
@@ -106,7 +106,7 @@ def storage_contexts(
     return contexts[:limit]
 
 
-def _proposed(instance: InstanceFile, transcode: bool) -> str:
+def _proposed(instance: StoredInstance, transcode: bool) -> str:
     syntaxes = [instance.transfer_syntax]
     if transcode:
         syntaxes += [s for s in UNCOMPRESSED if s != instance.transfer_syntax]
@@ -114,7 +114,7 @@ def _proposed(instance: InstanceFile, transcode: bool) -> str:
 
 
 def outgoing(
-    instance: InstanceFile,
+    instance: StoredInstance,
     accepted: Sequence[PresentationContext],
     *,
     transcode: bool,

@@ -34,7 +34,7 @@ import structlog
 
 from gateway.errors import DuplicateInstance, GatewayError, SopInstanceConflict, StoreError
 from gateway.store.files import FileStore
-from gateway.store.instance import ReceivedFile, read_received_file
+from gateway.store.instance import CheckedInstance, read_received_file
 from gateway.store.migrations import migrate_data, migrate_structure
 from gateway.store.schema import SCHEMA, connect, identity_pk, patient_identity, upkeep
 
@@ -79,7 +79,7 @@ class IngestResult:
 
 @dataclass(slots=True)
 class _Ingest:
-    received: ReceivedFile
+    received: CheckedInstance
     provenance: Provenance
     future: Future[IngestResult]
 
@@ -194,7 +194,9 @@ class IndexWriter:
                 return
             self._queue.put(item)
 
-    def submit_ingest(self, received: ReceivedFile, provenance: Provenance) -> Future[IngestResult]:
+    def submit_ingest(
+        self, received: CheckedInstance, provenance: Provenance
+    ) -> Future[IngestResult]:
         """Queue an instance whose file is durably in its bucket.
 
         The future resolves once its row is committed, or with the refusal. A file that does not

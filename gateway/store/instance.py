@@ -28,8 +28,8 @@ from pydicom.valuerep import PersonName
 from gateway.errors import InvalidInstance
 
 __all__ = [
+    "CheckedInstance",
     "IndexAttributes",
-    "ReceivedFile",
     "is_valid_uid",
     "read_received_file",
     "split_file_meta",
@@ -84,7 +84,7 @@ class IndexAttributes:
 
 
 @dataclass(frozen=True, slots=True)
-class ReceivedFile:
+class CheckedInstance:
     """A checked Part 10 file: where its dataset starts, its size, checksum and attributes."""
 
     path: Path
@@ -326,7 +326,7 @@ def _check_dataset(
     )
 
 
-def read_received_file(path: Path, *, checksum: str | None = None) -> ReceivedFile:
+def read_received_file(path: Path, *, checksum: str | None = None) -> CheckedInstance:
     """Check, hash and decode the Part 10 file at *path*.
 
     *checksum*, when given, is the dataset's SHA-256 computed as the file was written; the
@@ -362,7 +362,7 @@ def read_received_file(path: Path, *, checksum: str | None = None) -> ReceivedFi
                 while count := fh.readinto(buffer):
                     digest.update(memoryview(buffer)[:count])
                 checksum = digest.hexdigest()
-    return ReceivedFile(
+    return CheckedInstance(
         path=path,
         transfer_syntax=syntax,
         dataset_offset=offset,

@@ -43,7 +43,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from gateway.store.store import InstanceFile, Store
+from gateway.store.store import Store, StoredInstance
 
 __all__ = [
     "DEFAULT_LEASE_SECONDS",
@@ -375,14 +375,14 @@ class JobQueue:
     async def record_delivered(
         self,
         job_id: int,
-        instances: Iterable[InstanceFile | str],
+        instances: Iterable[StoredInstance | str],
         now: float | None = None,
         lease: str | None = None,
     ) -> int:
         """Record instances the job's target acknowledged (durably, before returning), and
         renew the job's lease when *lease* (its worker's token) still holds it.
 
-        An `InstanceFile` is recorded with the checksum it was sent with; a SOP Instance UID
+        An `StoredInstance` is recorded with the checksum it was sent with; a SOP Instance UID
         with the checksum stored now. Returns how many were not in the ledger yet.
         """
         return await self.store.write(_recorder(job_id, instances, now, lease, self.lease_seconds))
@@ -390,7 +390,7 @@ class JobQueue:
     def record_delivered_nowait(
         self,
         job_id: int,
-        instances: Iterable[InstanceFile | str],
+        instances: Iterable[StoredInstance | str],
         now: float | None = None,
         lease: str | None = None,
     ) -> Future[int]:
@@ -554,7 +554,7 @@ class JobQueue:
             }
         )
 
-    async def pending(self, job: Job) -> tuple[builtins.list[InstanceFile], int]:
+    async def pending(self, job: Job) -> tuple[builtins.list[StoredInstance], int]:
         """The job's instances its target does not hold as stored; and how many it holds."""
         where = "s.series_uid = ?" if job.scope == "series" else "st.study_uid = ?"
         pending = await self.store.instance_files(
@@ -617,7 +617,7 @@ class JobQueue:
 
 def _recorder(
     job_id: int,
-    instances: Iterable[InstanceFile | str],
+    instances: Iterable[StoredInstance | str],
     now: float | None,
     lease: str | None = None,
     lease_seconds: float = DEFAULT_LEASE_SECONDS,

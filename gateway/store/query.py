@@ -40,7 +40,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from gateway.errors import RejectedInstance
+from gateway.errors import GatewayError
 from gateway.patterns import Pattern, compile_wildcard
 from gateway.store.names import key_range, pn_groups
 from gateway.store.store import Store
@@ -65,8 +65,9 @@ _RESPONSE_CHARSET = "ISO_IR 192"
 _PN_FUNCTION = "gateway_pn_match"
 
 
-class QueryError(RejectedInstance):
-    """A Query/Retrieve identifier that cannot be answered; the message says why."""
+class QueryError(GatewayError):
+    """A Query/Retrieve identifier that cannot be answered; the message says why. *status* is
+    the DIMSE status it is refused with: 0xC000 (Unable to process, PS3.4 C.4.1.1.4)."""
 
     status = 0xC000
 

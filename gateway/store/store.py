@@ -37,14 +37,14 @@ from gateway.store.index import (
     IngestResult,
     Provenance,
 )
-from gateway.store.instance import ReceivedFile, read_received_file
+from gateway.store.instance import CheckedInstance, read_received_file
 from gateway.store.schema import connect
 
 __all__ = [
     "RUNNING_KEY",
-    "InstanceFile",
     "ReconcileReport",
     "Store",
+    "StoredInstance",
     "finish_then_cancel",
     "prune_empty",
 ]
@@ -66,7 +66,7 @@ _CLOCK_MARGIN = 1.0
 
 
 @dataclass(frozen=True, slots=True)
-class InstanceFile:
+class StoredInstance:
     """One stored instance as a sender needs it."""
 
     sop_instance_uid: str
@@ -219,7 +219,7 @@ class Store:
             self._inflight.end(token)
 
     def _place(
-        self, received: ReceivedFile, temp_path: Path, provenance: Provenance, now: float
+        self, received: CheckedInstance, temp_path: Path, provenance: Provenance, now: float
     ) -> IngestResult:
         """Move a checked file into the bucket of *now* (s since the epoch) and flush it while
         the writer indexes it; return the writer's result once both are done."""
@@ -418,10 +418,10 @@ class Store:
 
         return await self.read(select)
 
-    async def instance_files(self, where: str, params: Sequence[Any]) -> list[InstanceFile]:
+    async def instance_files(self, where: str, params: Sequence[Any]) -> list[StoredInstance]:
         """Stored instances selected by a WHERE clause over `st` (studies), `s` (series), `i`."""
 
-        def select(conn: sqlite3.Connection) -> list[InstanceFile]:
+        def select(conn: sqlite3.Connection) -> list[StoredInstance]:
             rows = conn.execute(
                 "SELECT i.sop_uid, i.sop_class_uid, i.transfer_syntax, i.path, i.size,"
                 " i.checksum, i.pk FROM instances i JOIN series s ON i.series_pk = s.pk"
@@ -431,7 +431,7 @@ class Store:
                 tuple(params),
             ).fetchall()
             return [
-                InstanceFile(r[0], r[1], r[2], self.files.absolute(r[3]), r[4], r[5], r[6])
+                StoredInstance(r[0], r[1], r[2], self.files.absolute(r[3]), r[4], r[5], r[6])
                 for r in rows
             ]
 
@@ -520,7 +520,7 @@ class Store:
     def _adopt(self, relpath: str) -> bool:
         path = self.files.absolute(relpath)
         try:
-            received: ReceivedFile = read_received_file(path)
+            received: CheckedInstance = read_received_file(path)
         except (InvalidInstance, OSError) as exc:
             log.warning("orphan_file_removed", path=relpath, reason=str(exc))
             path.unlink(missing_ok=True)

@@ -13,7 +13,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
 from gateway.config import NodeSettings, PeerSettings
 from gateway.scu.sender import MAX_CONTEXTS, Delivery, context_batches, send_instances
-from gateway.store.store import InstanceFile
+from gateway.store.store import StoredInstance
 from tests.conftest import HOST, TEST_FILES, dataset_bytes, free_port
 
 EXPLICIT, IMPLICIT = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
@@ -76,9 +76,9 @@ def _restore_send_mode() -> Iterator[None]:
     _config.STORE_SEND_CHUNKED_DATASET = previous
 
 
-def instance(path: Path) -> InstanceFile:
+def instance(path: Path) -> StoredInstance:
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-    return InstanceFile(
+    return StoredInstance(
         str(ds.SOPInstanceUID),
         str(ds.SOPClassUID),
         str(ds.file_meta.TransferSyntaxUID),
@@ -296,8 +296,8 @@ def test_context_batches_hold_at_most_128_contexts() -> None:
     uncompressed fallback unless the peer has transcode = false."""
     from gateway.scu.syntaxes import context_count
 
-    def fake(n: int) -> InstanceFile:
-        return InstanceFile(f"1.2.{n}", f"1.2.840.{n % 200}", "1.2.840.10008.1.2.1", Path("x"), 1)
+    def fake(n: int) -> StoredInstance:
+        return StoredInstance(f"1.2.{n}", f"1.2.840.{n % 200}", "1.2.840.10008.1.2.1", Path("x"), 1)
 
     instances = [fake(n) for n in range(500)]
     for transcode, count in ((False, 4), (True, 8)):  # 128 + 72 + 128 + 72; or by 64 classes

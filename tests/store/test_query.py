@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.dsutils import decode, encode
 
-from gateway.errors import InvalidInstance, RejectedInstance
+from gateway.errors import GatewayError, InvalidInstance, RejectedInstance
 from gateway.store.index import Provenance
 from gateway.store.query import (
     QueryError,
@@ -733,10 +733,13 @@ async def test_invalid_identifiers_raise_query_error(store: Store) -> None:
         await find(store, "study", unvalidated(identifier("STUDY"), "StudyDate", "2004-01-01"))
 
 
-def test_query_error_is_a_rejection_with_status_c000() -> None:
+def test_query_error_is_refused_with_status_c000_and_is_no_instance_rejection() -> None:
+    """An identifier that cannot be answered is a gateway error refused with 0xC000, not a
+    rejected instance (nothing was stored or refused as an instance)."""
     with pytest.raises(QueryError) as caught:
         retrieve_filter("study", identifier("PATIENT", PatientID="SYN1"))
-    assert isinstance(caught.value, RejectedInstance)
+    assert isinstance(caught.value, GatewayError)
+    assert not isinstance(caught.value, RejectedInstance)
     assert caught.value.status == 0xC000
 
 
