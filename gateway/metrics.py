@@ -51,7 +51,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from gateway import __version__
 from gateway.config import MetricsSettings
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, StoreError
 from gateway.store.store import Store
 
 __all__ = [
@@ -409,15 +409,14 @@ class Probe:
         else:
             try:
                 free = self.store.free_bytes(max_age=0)
+                body["disk_free_bytes"] = free
+                self.store.check_free()  # the guard instances pass, on the figure just read
             except OSError as exc:
-                free, reason = 0, f"cannot read the free disk space: {exc.strerror}"
-            body["disk_free_bytes"] = free
+                body["disk_free_bytes"] = 0
+                reason = f"cannot read the free disk space: {exc.strerror}"
+            except StoreError as exc:
+                reason = str(exc)
             body["min_free_bytes"] = self.store.min_free_bytes
-            if reason is None and self.store.min_free_bytes and free < self.store.min_free_bytes:
-                reason = (
-                    f"low disk: {free // 2**20} MB free, below the"
-                    f" {self.store.min_free_bytes // 2**20} MB the store keeps (node.min_free_mb)"
-                )
             if reason is None:
                 try:
                     self.on_loop(lambda: self.store.read(_ping), min(self.timeout, 2.0))

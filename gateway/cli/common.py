@@ -29,10 +29,17 @@ def settings(args: argparse.Namespace) -> Settings:
     return load_settings(config_path(args))
 
 
-def call(args: argparse.Namespace, method: str, params: dict[str, Any] | None = None) -> Any:
-    """The result of one control method on the running gateway (raises `ControlError`, or
-    `GatewayError` when the socket cannot be reached: exit status 1)."""
+def call(
+    args: argparse.Namespace,
+    method: str,
+    params: dict[str, Any] | None = None,
+    *,
+    timeout: float = 120.0,
+) -> Any:
+    """The result of one control method on the running gateway, waited for at most *timeout*
+    s (raises `ControlError`, or `GatewayError` when the socket cannot be reached or does not
+    answer in time: exit status 1)."""
     from gateway.control.client import ControlClient
 
-    with ControlClient(settings(args).control_socket) as client:
+    with ControlClient(settings(args).control_socket, timeout=timeout) as client:
         return client.call(method, params)

@@ -8,8 +8,8 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from gateway.cli.common import call, settings
-from gateway.cli.output import human_bytes
+from gateway.cli.common import call
+from gateway.cli.output import human_bytes, print_result
 
 if TYPE_CHECKING:
     from gateway.cli.parser import AddCommand, Subcommands
@@ -32,10 +32,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     Prints "healthy" (with --json `{"healthy": true|false}`); the reason goes to stderr.
     """
-    from gateway.control.client import ControlClient
-
-    with ControlClient(settings(args).control_socket, timeout=_HEALTH_TIMEOUT) as client:
-        result = client.call("status")
+    result = call(args, "status", timeout=_HEALTH_TIMEOUT)
     if args.json:
         print(json.dumps({"healthy": bool(result["accepting_instances"])}))
     if not result["accepting_instances"]:
@@ -54,8 +51,6 @@ def cmd_echo(args: argparse.Namespace) -> int:
     """C-ECHO a `[[peers]]` entry from the running gateway; print "PEER: status 0xNNNN in S s"
     (or --json). Exit status 0, 1 when the peer does not answer or is unknown."""
     result = call(args, "echo", {"peer": args.peer})
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"{result['peer']}: status 0x{result['status']:04X} in {result['seconds']:.3f} s")
+    text = f"{result['peer']}: status 0x{result['status']:04X} in {result['seconds']:.3f} s"
+    print_result(args, result, text)
     return 0

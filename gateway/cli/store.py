@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.cli.common import call, settings
-from gateway.cli.output import cell_text, human_bytes, print_listing, print_table
+from gateway.cli.output import cell_text, human_bytes, print_listing, print_result, print_table
 
 if TYPE_CHECKING:
     from gateway.cli.parser import AddCommand, Subcommands
@@ -229,10 +229,8 @@ def cmd_studies_delete(args: argparse.Namespace) -> int:
     """Remove a study from the store; print "deleted study UID (N instances)" (or --json).
     Exit status 0, 1 when there is no such study."""
     result = call(args, "studies.delete", {"study_uid": args.study_uid})
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"deleted study {result['study_uid']} ({result['instances_removed']} instances)")
+    text = f"deleted study {result['study_uid']} ({result['instances_removed']} instances)"
+    print_result(args, result, text)
     return 0
 
 
@@ -240,8 +238,6 @@ def cmd_studies_force_complete(args: argparse.Namespace) -> int:
     """Complete a study's pending rule waits now; print how many (or --json). Exit status 0,
     1 when the gateway refuses or cannot be reached."""
     result = call(args, "studies.force_complete", {"study_uid": args.study_uid})
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"study {result['study_uid']}: {result['completed']} pending rule wait(s) completed")
+    text = f"study {result['study_uid']}: {result['completed']} pending rule wait(s) completed"
+    print_result(args, result, text)
     return 0

@@ -162,7 +162,7 @@ def register_core_methods(
             "disk_free_bytes": figures.disk_free,
             "disk_total_bytes": figures.disk_total,
             "min_free_bytes": store.min_free_bytes,
-            "accepting_instances": figures.disk_free >= store.min_free_bytes,
+            "accepting_instances": not store.below_floor(figures.disk_free),
             "metrics": _metrics(sources, figures),
         }
 

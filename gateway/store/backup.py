@@ -44,7 +44,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
 from gateway.errors import GatewayError
-from gateway.store.files import ensure_dirs, fsync_dir
+from gateway.store.files import ensure_dirs, fsync_dir, replace_durably
 from gateway.store.schema import connect
 from gateway.store.store import RUNNING_KEY, prune_empty
 
@@ -223,11 +223,8 @@ def _run(data_dir: Path, dest: Path, report: BackupReport, made: list[Path], wor
             copy.close()
     finally:
         live.close()
-    with partial.open("rb") as f:
-        os.fsync(f.fileno())
-        report.index_bytes = os.fstat(f.fileno()).st_size
-    os.replace(partial, dest / INDEX_NAME)
-    fsync_dir(dest)
+    report.index_bytes = partial.stat().st_size
+    replace_durably(partial, dest / INDEX_NAME)
 
 
 class _Copier:

@@ -40,7 +40,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
 from gateway.store.store import Store, StoredInstance
@@ -349,25 +349,21 @@ class JobQueue:
             taken: builtins.list[Job] = []
             for job in claimed:
                 token = f"{self._owner}/{secrets.token_hex(4)}"
-                fields = {"state": "running", "updated_at": now, "lease_owner": token,
-                          "lease_until": now + lease}  # fmt: skip
+                attempts, error = job.attempts, job.last_error
                 if job.state == "running":  # its lease expired: the attempt it held failed
-                    fields["attempts"] = job.attempts + 1
-                    fields["last_error"] = (
-                        f"lease expired: {job.lease_owner} acknowledged nothing for {lease:g} s"
-                    )
-                    conn.execute(
-                        "UPDATE jobs SET attempts = ?, last_error = ? WHERE id = ?",
-                        (fields["attempts"], fields["last_error"], job.id),
-                    )
-                else:
-                    conn.execute("UPDATE jobs SET rerun = 0 WHERE id = ?", (job.id,))
+                    attempts += 1
+                    error = f"lease expired: {job.lease_owner} acknowledged nothing for {lease:g} s"
+                # A queued job starts a fresh run (rerun cleared); a reclaimed one keeps its own.
                 conn.execute(
-                    "UPDATE jobs SET state = 'running', lease_owner = ?, lease_until = ?,"
-                    " updated_at = ? WHERE id = ?",
-                    (token, now + lease, now, job.id),
+                    "UPDATE jobs SET rerun = CASE state WHEN 'queued' THEN 0 ELSE rerun END,"
+                    " state = 'running', attempts = ?, last_error = ?, lease_owner = ?,"
+                    " lease_until = ?, updated_at = ? WHERE id = ?",
+                    (attempts, error, token, now + lease, now, job.id),
                 )
-                taken.append(Job(**{**_fields(job), **fields}))
+                taken.append(
+                    replace(job, state="running", attempts=attempts, last_error=error,
+                            lease_owner=token, lease_until=now + lease, updated_at=now)
+                )  # fmt: skip
             return taken
 
         return await self.store.write(claim)
@@ -675,7 +671,3 @@ def _study_of(conn: sqlite3.Connection, scope: Scope, uid: str) -> str:
         (uid,),
     ).fetchone()
     return "" if row is None else str(row[0])
-
-
-def _fields(job: Job) -> dict[str, Any]:
-    return {name: getattr(job, name) for name in Job.__slots__}

@@ -163,14 +163,17 @@ class Store:
             self._free_checked_at = now
         return self._free_bytes
 
+    def below_floor(self, free: int) -> bool:
+        """Whether *free* bytes are less than the store keeps (`node.min_free_mb`; 0: no
+        floor): instances are refused then, and the node is not healthy."""
+        return bool(self.min_free_bytes) and free < self.min_free_bytes
+
     def check_free(self, adding: int = 0) -> None:
         """Raise `StoreError` when, with *adding* more bytes written, the store's disk would have
         less free than `node.min_free_mb` (the guard received instances and device uploads pass).
         """
-        if not self.min_free_bytes:
-            return
         free = self.free_bytes()
-        if free - adding < self.min_free_bytes:
+        if self.below_floor(free - adding):
             raise StoreError(
                 f"low disk: {free // 2**20} MB free in {self.files.root}"
                 + (f", {adding // 2**20} MB more asked" if adding >= 2**20 else "")
