@@ -44,9 +44,10 @@ from gateway.scp.bridge import LoopBridge
 from gateway.scp.node import DicomNode
 from gateway.scu.dispatch import Dispatcher
 from gateway.store.completions import CompletionStore
-from gateway.store.jobs import Backoff, JobQueue
+from gateway.store.jobs import JobQueue
 from gateway.store.retention import Retention
 from gateway.store.store import Store
+from gateway.work import Backoff
 
 __all__ = ["Gateway", "register_control_methods", "run"]
 
@@ -211,13 +212,14 @@ async def run(
     jobs = JobQueue(store, lease_seconds=settings.dispatch.lease_seconds)
     await jobs.ensure_schema()
     await CompletionStore(store).ensure_schema()
-    retrievals = RetrievalQueue(store)
+    retrievals = RetrievalQueue(store, lease_seconds=settings.retrieve.lease_seconds)
     await retrievals.ensure_schema()
     registry = Registry(store)
     await registry.ensure_schema()
     uploads = Uploads(store, registry, settings.control.upload_idle_timeout)
     await uploads.ensure_schema()
     await jobs.recover_running()
+    await retrievals.recover()
     metrics = Metrics()
     metrics.declare_targets(_dispatch_targets(settings))
     dispatch = settings.dispatch

@@ -266,6 +266,9 @@ class RetrieveSettings(_Section):
     max_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
     retry_base_seconds: Annotated[float, Field(ge=0)] = 10.0
     retry_max_seconds: Annotated[float, Field(ge=0)] = 600.0
+    # A request being worked whose worker reports nothing (no step, no progress, no wait it
+    # chose) for this long is claimed again (another attempt), without a restart.
+    lease_seconds: Seconds = 300.0
 
     @field_validator("timezone")
     @classmethod

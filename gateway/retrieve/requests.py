@@ -12,7 +12,10 @@ SeriesInstanceUID) and a priority 1-5 (5 the most urgent). Its `status` is FLIP'
 
 Its `step` is where it is: `query` (primary archive), `query_secondary`, `compare`, `move`,
 `verify`, `forward`, `done`. A restart resumes every request at its step: each step is
-idempotent (what it needs is re-derived from the archive and the store). `retrieval_instances`
+idempotent (what it needs is re-derived from the archive and the store). A request being worked
+carries its worker's lease (`gateway.work`): `claim_due` takes it, every write of the worker is
+fenced by the lease token (`LeaseLost` otherwise), and a request whose lease ran out is claimed
+again as another attempt. `retrieval_instances`
 lists what the archive holds for the request (written by `compare`, checked by `verify`);
 `retrieval_jobs` the dispatch jobs of its `forward` step. docs/retrieve.md describes it all.
 """
@@ -23,13 +26,22 @@ import builtins
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
 from gateway.store.instance import is_valid_uid
 from gateway.store.jobs import JobSpec, enqueue_job
 from gateway.store.store import Store
+from gateway.work import (
+    DEFAULT_LEASE_SECONDS,
+    FENCE,
+    LEASE_RELEASED,
+    LeaseLost,
+    lease_token,
+    release_leases,
+    renew_leases,
+)
 
 __all__ = [
     "RETRIEVE_SCHEMA",
@@ -72,7 +84,9 @@ RETRIEVE_SCHEMA: Final = (
         timings         TEXT NOT NULL DEFAULT '{}',
         created_at      REAL NOT NULL,
         updated_at      REAL NOT NULL,
-        finished_at     REAL
+        finished_at     REAL,
+        lease_owner     TEXT,
+        lease_until     REAL
     )""",
     "CREATE INDEX IF NOT EXISTS retrievals_due ON retrievals (status, next_attempt_at)",
     "CREATE INDEX IF NOT EXISTS retrievals_project ON retrievals (project, id)",
@@ -95,8 +109,10 @@ RETRIEVE_SCHEMA: Final = (
 
 _COLUMNS: Final = (
     "id, project, mrn, accession, study_uid, series_uid, priority, status, step, reason, archive,"
-    " studies, attempts, next_attempt_at, moved, timings, created_at, updated_at, finished_at"
+    " studies, attempts, next_attempt_at, moved, timings, created_at, updated_at, finished_at,"
+    " lease_owner, lease_until"
 )
+_OPEN: Final = "status IN ('Queued', 'Processing')"
 _MAX_ID_LENGTH: Final = 64
 # How the reason of a request a permanent peer error failed ends (`RetrievalQueue.retry_blocked`).
 NOT_RETRIED: Final = " (not retried: it lasts until the configuration changes)"
@@ -125,6 +141,8 @@ class Request:
     created_at: float
     updated_at: float
     finished_at: float | None
+    lease_owner: str | None = None  # who works it: "host:pid/claim"; None unless claimed
+    lease_until: float | None = None  # s since the epoch; renewed while its worker progresses
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -147,6 +165,8 @@ class Request:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "finished_at": self.finished_at,
+            "lease_owner": self.lease_owner,
+            "lease_until": self.lease_until,
         }
 
 
@@ -226,8 +246,9 @@ def validate(
 class RetrievalQueue:
     """The retrieval tables of a `Store`, behind async methods."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         self.store = store
+        self.lease_seconds = lease_seconds
 
     async def ensure_schema(self) -> None:
         def create(conn: sqlite3.Connection) -> None:
@@ -328,8 +349,8 @@ class RetrievalQueue:
             ]
             conn.execute(
                 "UPDATE retrievals SET status = 'Failed', reason = 'cancelled by an operator',"
-                " updated_at = ?, finished_at = ? WHERE project = ?"
-                " AND status IN ('Queued', 'Processing')",
+                f" updated_at = ?, finished_at = ?, {LEASE_RELEASED} WHERE project = ?"
+                f" AND {_OPEN}",
                 (at, at, project),
             )
             return ids
@@ -338,54 +359,91 @@ class RetrievalQueue:
 
     # -- the worker's bookkeeping -------------------------------------------------------------
 
-    async def update(self, request_id: int, **changes: Any) -> None:
-        """Set columns of an open request (a cancelled one is left as it is)."""
-        if not changes:
-            return
+    async def claim_due(self, now: float, limit: int) -> builtins.list[Request]:
+        """Claim up to *limit* requests, most urgent first: open ones due by *now* that nobody
+        holds, and those whose lease ran out (another attempt: their worker died or hangs).
+
+        Each is `Processing` under a new lease (`lease_owner`, `lease_until` = *now* +
+        `lease_seconds`); the returned `Request` keeps the status it had before the claim
+        (`Queued`: a new or resumed request).
+        """
+        lease = self.lease_seconds
+
+        def claim(conn: sqlite3.Connection) -> builtins.list[Request]:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM retrievals WHERE {_OPEN} AND ("
+                "(lease_owner IS NULL AND next_attempt_at <= ?) OR lease_until < ?)"
+                " ORDER BY priority DESC, next_attempt_at, id LIMIT ?",
+                (now, now, limit),
+            ).fetchall()
+            claimed: builtins.list[Request] = []
+            for row in rows:
+                request = _request(row)
+                attempts, reason = request.attempts, request.reason
+                if request.lease_owner is not None:  # the attempt it held failed
+                    attempts += 1
+                    reason = (
+                        f"lease expired: {request.lease_owner} reported no progress for"
+                        f" {lease:g} s (step {request.step})"
+                    )
+                token = lease_token()
+                conn.execute(
+                    "UPDATE retrievals SET status = 'Processing', attempts = ?, reason = ?,"
+                    " lease_owner = ?, lease_until = ?, updated_at = ? WHERE id = ?",
+                    (attempts, reason, token, now + lease, now, request.id),
+                )
+                claimed.append(
+                    replace(request, attempts=attempts, reason=reason, lease_owner=token,
+                            lease_until=now + lease, updated_at=now)
+                )  # fmt: skip
+            return claimed
+
+        return await self.store.write(claim)
+
+    async def next_due_at(self) -> float | None:
+        """When the earliest unclaimed open request is due, or the earliest lease runs out."""
+
+        def earliest(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT min(CASE WHEN lease_owner IS NULL THEN next_attempt_at"
+                f" ELSE lease_until END) FROM retrievals WHERE {_OPEN}"
+            ).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self.store.read(earliest)
+
+    async def renew(self, tokens: Collection[str], until: float) -> int:
+        """Move the leases of *tokens* to *until*; return how many are still held."""
+        return await self.store.write(lambda conn: renew_leases(conn, "retrievals", tokens, until))
+
+    async def recover(self) -> int:
+        """At start-up: free the leases of the process before (its requests are due again at
+        their own times; a claimed request was due when it was claimed)."""
+        return await self.store.write(lambda conn: release_leases(conn, "retrievals"))
+
+    async def update(self, request: Request, *, release: bool = False, **changes: Any) -> None:
+        """Set columns of a request its worker holds (*request*'s lease token), and end the
+        lease with *release* (the attempt ends: paused, failed or finished).
+
+        Raises `LeaseLost` when the request is no longer the worker's: its lease passed to
+        another worker, or an operator cancelled it meanwhile.
+        """
         if "studies" in changes:
             changes["studies"] = json.dumps(list(changes["studies"]))
         if "timings" in changes:
             changes["timings"] = json.dumps(changes["timings"])
         changes.setdefault("updated_at", time.time())
         columns = ", ".join(f"{key} = ?" for key in changes)
+        if release:
+            columns += f", {LEASE_RELEASED}"
         await self.store.write(
-            lambda conn: conn.execute(
-                f"UPDATE retrievals SET {columns} WHERE id = ?"
-                " AND status IN ('Queued', 'Processing')",
-                (*changes.values(), request_id),
+            lambda conn: _fenced(
+                conn,
+                request,
+                f"UPDATE retrievals SET {columns} WHERE id = ? AND {_OPEN} AND {FENCE}",
+                (*changes.values(), request.id, request.lease_owner),
             )
         )
-
-    async def due(self, now: float, limit: int, exclude: Iterable[int]) -> builtins.list[Request]:
-        """Open requests due by *now*, most urgent first, not in *exclude* (running)."""
-        skip = builtins.list(exclude)
-        marks = ",".join("?" * len(skip))
-
-        def select(conn: sqlite3.Connection) -> builtins.list[Request]:
-            rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM retrievals WHERE status IN ('Queued', 'Processing')"
-                " AND next_attempt_at <= ?"
-                + (f" AND id NOT IN ({marks})" if skip else "")
-                + " ORDER BY priority DESC, next_attempt_at, id LIMIT ?",
-                (now, *skip, limit),
-            ).fetchall()
-            return [_request(row) for row in rows]
-
-        return await self.store.read(select)
-
-    async def next_due_at(self, exclude: Iterable[int]) -> float | None:
-        skip = builtins.list(exclude)
-        marks = ",".join("?" * len(skip))
-
-        def earliest(conn: sqlite3.Connection) -> float | None:
-            row = conn.execute(
-                "SELECT min(next_attempt_at) FROM retrievals WHERE status IN"
-                " ('Queued', 'Processing')" + (f" AND id NOT IN ({marks})" if skip else ""),
-                tuple(skip),
-            ).fetchone()
-            return None if row is None or row[0] is None else float(row[0])
-
-        return await self.store.read(earliest)
 
     async def get(self, request_id: int) -> Request | None:
         def one(conn: sqlite3.Connection) -> Request | None:
@@ -396,16 +454,18 @@ class RetrievalQueue:
 
         return await self.store.read(one)
 
-    async def set_instances(self, request_id: int, instances: Iterable[ArchiveInstance]) -> None:
+    async def set_instances(self, request: Request, instances: Iterable[ArchiveInstance]) -> None:
+        """Record what the archive lists for *request* (held by its worker: `update`)."""
         rows = [
-            (request_id, i.sop_uid, i.series_uid, i.study_uid, i.sop_class_uid) for i in instances
+            (request.id, i.sop_uid, i.series_uid, i.study_uid, i.sop_class_uid) for i in instances
         ]
 
-        def replace(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM retrieval_instances WHERE request_id = ?", (request_id,))
+        def put(conn: sqlite3.Connection) -> None:
+            _fenced(conn, request)
+            conn.execute("DELETE FROM retrieval_instances WHERE request_id = ?", (request.id,))
             conn.executemany("INSERT OR IGNORE INTO retrieval_instances VALUES (?,?,?,?,?)", rows)
 
-        await self.store.write(replace)
+        await self.store.write(put)
 
     async def missing(self, request_id: int) -> builtins.list[ArchiveInstance]:
         """The archive's instances for the request that the store does not hold."""
@@ -431,16 +491,18 @@ class RetrievalQueue:
             )
         )
 
-    async def forward(self, request_id: int, jobs: Sequence[JobSpec]) -> list[int]:
+    async def forward(self, request: Request, jobs: Sequence[JobSpec]) -> list[int]:
         """Queue the request's forwarding *jobs* and link them to it, in one transaction (a
-        kill leaves both or neither); return the job ids."""
+        kill leaves both or neither), if its worker still holds it (`update`); return the job
+        ids."""
 
         def put(conn: sqlite3.Connection) -> list[int]:
+            _fenced(conn, request)
             now = time.time()
             ids = [enqueue_job(conn, job, now) for job in jobs]
             conn.executemany(
                 "INSERT OR IGNORE INTO retrieval_jobs VALUES (?, ?)",
-                [(request_id, job_id) for job_id in ids],
+                [(request.id, job_id) for job_id in ids],
             )
             return ids
 
@@ -497,3 +559,20 @@ class RetrievalQueue:
             return {"project": project, "counts": counts, "requests": requests}
 
         return await self.store.read(select)
+
+
+def _fenced(
+    conn: sqlite3.Connection,
+    request: Request,
+    sql: str = f"UPDATE retrievals SET id = id WHERE id = ? AND {_OPEN} AND {FENCE}",
+    params: Sequence[Any] | None = None,
+) -> None:
+    """Run *sql* (by default, a no-op on the request's row) and raise `LeaseLost` unless it
+    changed the row: the request is open and held by *request*'s lease token."""
+    values = (request.id, request.lease_owner) if params is None else params
+    if conn.execute(sql, values).rowcount == 0:
+        row = conn.execute(
+            "SELECT status, lease_owner FROM retrievals WHERE id = ?", (request.id,)
+        ).fetchone()
+        state = "gone" if row is None else f"{row[0]}, held by {row[1] or 'nobody'}"
+        raise LeaseLost(f"retrieval {request.id} is no longer {request.lease_owner}'s ({state})")

@@ -33,7 +33,6 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 import structlog
-from anyio.abc import TaskGroup
 from pydicom.dataset import Dataset
 
 from gateway.config import PeerSettings, Settings
@@ -55,8 +54,9 @@ from gateway.scu.query import (
     c_move,
     identifier,
 )
-from gateway.store.jobs import Backoff, JobQueue, JobSpec
+from gateway.store.jobs import JobQueue, JobSpec
 from gateway.store.store import Store
+from gateway.work import Backoff, WorkLoop
 
 __all__ = ["Retriever", "dispatch_priority"]
 
@@ -112,29 +112,35 @@ class Retriever:
         self.queue = queue
         self.jobs = jobs
         self.wake_dispatcher = wake_dispatcher
-        self.poll_seconds = poll_seconds
         self._random = random or _random.Random()
-        self._wake = anyio.Event()
-        self._stopping = False
-        self._running: set[int] = set()
-        self._held_back: dict[int, float] = {}  # request id -> monotonic time it may run again
-        self._progress: set[Progress] = set()
+        self._retrieves: set[Progress] = set()  # the C-MOVEs and C-GETs in flight
         self._limits: dict[str, ArchiveLimits] = {}
-        self._task_group: TaskGroup | None = None
+        self._loop: WorkLoop[Request] = WorkLoop(
+            "retriever",
+            claim=self._claim,
+            next_due=self._next_due,
+            work=self._advance,
+            token=_token,
+            renew=queue.renew,
+            lease_seconds=queue.lease_seconds,
+            poll_seconds=poll_seconds,
+        )
 
     # -- control ------------------------------------------------------------------------------
 
     def wake(self) -> None:
-        self._wake.set()
+        self._loop.wake()
 
     def stop(self) -> None:
         """End `run()`; retrieves in flight are aborted and resume at the next start."""
-        self._stopping = True
-        for progress in list(self._progress):
+        for progress in list(self._retrieves):
             progress.stop()
-        self._wake.set()
-        if self._task_group is not None:
-            self._task_group.cancel_scope.cancel()
+        self._loop.stop()
+
+    @property
+    def running(self) -> list[Request]:
+        """The requests this retriever is working on now."""
+        return self._loop.running
 
     def limits(self, peer: PeerSettings) -> ArchiveLimits:
         limits = self._limits.get(peer.name)
@@ -151,48 +157,39 @@ class Retriever:
 
     async def run(self) -> None:
         log.info("retriever_started", concurrency=self.settings.retrieve.concurrency)
-        try:
-            async with anyio.create_task_group() as tg:
-                self._task_group = tg
-                while not self._stopping:
-                    self._wake = anyio.Event()
-                    timeout = await self._start_due(tg)
-                    if timeout > 0:
-                        with anyio.move_on_after(timeout):
-                            await self._wake.wait()
-        finally:
-            self._task_group = None
-            log.info("retriever_stopped", interrupted=len(self._running))
+        await self._loop.run()
 
-    async def _start_due(self, tg: TaskGroup) -> float:
-        free = self.settings.retrieve.concurrency - len(self._running)
-        now = time.monotonic()
-        self._held_back = {k: v for k, v in self._held_back.items() if v > now}
-        skip = self._running | set(self._held_back)
-        try:
-            if free > 0:
-                for request in await self.queue.due(time.time(), free, skip):
-                    self._running.add(request.id)
-                    tg.start_soon(self._work, request, name=f"retrieval-{request.id}")
-            due = await self.queue.next_due_at(skip)
-        except GatewayError as exc:
-            log.error("retrieval_claim_failed", error=str(exc))
-            return self.poll_seconds
-        if len(self._running) >= self.settings.retrieve.concurrency:
-            return self.poll_seconds  # full: a finishing request wakes the loop
-        if due is None:
-            return self.poll_seconds
-        return min(self.poll_seconds, max(0.0, due - time.time()))
+    def _free(self) -> int:
+        """Slots for more requests: a request whose worker reported nothing for its lease
+        holds none (it is claimed again)."""
+        live = [r for r in self._loop.running if not self._loop.stale(_token(r))]
+        return self.settings.retrieve.concurrency - len(live)
 
-    async def _work(self, request: Request) -> None:
-        try:
-            await self._advance(request)
-        except Exception as exc:  # the index could not be written: leave it alone for a while
-            log.error("retrieval_bookkeeping_failed", request=request.id, error=str(exc))
-            self._held_back[request.id] = time.monotonic() + self.poll_seconds
-        finally:
-            self._running.discard(request.id)
-            self._wake.set()
+    async def _claim(self, now: float) -> list[Request]:
+        free = self._free()
+        return await self.queue.claim_due(now, free) if free > 0 else []
+
+    async def _next_due(self) -> float | None:
+        # Full: a request that ends wakes the loop.
+        return await self.queue.next_due_at() if self._free() > 0 else None
+
+    def _progressed(self, request: Request) -> None:
+        """The worker of *request* is making progress (any thread): its lease is renewed."""
+        self._loop.progressed(_token(request))
+
+    async def _waiting(self, request: Request, wait: Callable[[], Awaitable[object]]) -> None:
+        """Await *wait* (a rate token, a move slot), the request's lease renewed meanwhile:
+        waiting on purpose is not hanging."""
+        async with anyio.create_task_group() as tg:
+
+            async def beat() -> None:
+                while True:
+                    self._progressed(request)
+                    await anyio.sleep(self._loop.lease_seconds / 8)
+
+            tg.start_soon(beat)
+            await wait()
+            tg.cancel_scope.cancel()
 
     async def _advance(self, request: Request) -> None:
         steps: dict[str, Callable[[Request], Awaitable[Step]]] = {
@@ -202,13 +199,21 @@ class Retriever:
             "move": self._move,
             "verify": self._verify,
         }
-        resumed = request.status == "Queued"
-        if request.status == "Queued":
-            await self.queue.update(request.id, status="Processing")
+        resumed = request.status == "Queued"  # new, or resumed by an operator or a window
+        log.info(
+            "retrieval_claimed",
+            request=request.id,
+            project=request.project,
+            step=request.step,
+            attempt=request.attempts + 1,
+            lease=request.lease_owner,
+            previous_error=request.reason,  # "lease expired: ..." when another worker hung
+        )
         step: Step = request.step
         timings = dict(request.timings)
         while step != "done":
             started = time.monotonic()
+            self._progressed(request)
             try:
                 if step == "forward":
                     following = await self._forward(request, resumed=resumed)
@@ -216,7 +221,8 @@ class Retriever:
                     following = await steps[step](request)
             except _Pause as pause:
                 await self.queue.update(
-                    request.id,
+                    request,
+                    release=True,
                     status=pause.status,
                     reason=str(pause),
                     next_attempt_at=pause.at,
@@ -245,11 +251,10 @@ class Retriever:
                 return
             _add(timings, step, started)
             step = following
-            current = await self.queue.get(request.id)
-            if current is None or current.status not in ("Queued", "Processing"):
-                return  # cancelled meanwhile
+            await self.queue.update(request, step=step, timings=timings)  # LeaseLost: stop
+            current = await self.queue.get(request.id)  # what the step recorded
+            assert current is not None  # the update found it
             request = current
-            await self.queue.update(request.id, step=step, timings=timings)
         await self._end(request, "Successful", None, timings, "done", None)
 
     async def _end(
@@ -265,7 +270,8 @@ class Retriever:
             _add(timings, step, started)
         now = time.time()
         await self.queue.update(
-            request.id,
+            request,
+            release=True,
             status=status,
             reason=reason,
             step="done" if status == "Successful" else step,
@@ -282,7 +288,8 @@ class Retriever:
         backoff = self.backoff
         if attempts >= backoff.max_attempts:
             await self.queue.update(
-                request.id,
+                request,
+                release=True,
                 status="Failed",
                 reason=f"{reason} (after {attempts} attempts)",
                 attempts=attempts,
@@ -294,7 +301,8 @@ class Retriever:
             return
         due = time.time() + backoff.delay(attempts, self._random)
         await self.queue.update(
-            request.id,
+            request,
+            release=True,
             status="Processing",
             reason=reason,
             attempts=attempts,
@@ -313,10 +321,12 @@ class Retriever:
             raise _Final(f"the {role} archive {name!r} is not a configured peer")
         return peer
 
-    async def _find(self, peer: PeerSettings, query: Dataset) -> list[Dataset]:
-        await self.limits(peer).queries.acquire()
+    async def _find(self, request: Request, peer: PeerSettings, query: Dataset) -> list[Dataset]:
+        await self._waiting(request, self.limits(peer).queries.acquire)
         node = self.settings.node
-        return await anyio.to_thread.run_sync(c_find, node, peer, query)
+        answers = await anyio.to_thread.run_sync(c_find, node, peer, query)
+        self._progressed(request)
+        return answers
 
     # -- the steps ----------------------------------------------------------------------------
 
@@ -331,7 +341,7 @@ class Retriever:
         )
 
     async def _found_studies(self, peer: PeerSettings, request: Request) -> list[str]:
-        answers = await self._find(peer, self._study_query(request))
+        answers = await self._find(request, peer, self._study_query(request))
         uids = [str(a.get("StudyInstanceUID", "")) for a in answers]
         return list(dict.fromkeys(uid for uid in uids if uid))
 
@@ -339,7 +349,7 @@ class Retriever:
         primary = self._peer(self.settings.retrieve.primary, "primary")
         studies = await self._found_studies(primary, request)
         if studies:
-            await self.queue.update(request.id, archive=primary.name, studies=studies)
+            await self.queue.update(request, archive=primary.name, studies=studies)
             return "compare"
         if self.settings.retrieve.secondary:
             return "query_secondary"
@@ -355,7 +365,7 @@ class Retriever:
                          status="Queued")  # fmt: skip
         studies = await self._found_studies(secondary, request)
         if studies:
-            await self.queue.update(request.id, archive=secondary.name, studies=studies)
+            await self.queue.update(request, archive=secondary.name, studies=studies)
             return "compare"
         raise _Final(f"not found in {retrieve.primary} or {secondary.name}")
 
@@ -371,13 +381,13 @@ class Retriever:
             listed: list[ArchiveInstance] = []
             with FindSession(self.settings.node, peer) as session:
                 for study in request.studies:
-                    portal.run(limits.queries.acquire)
+                    portal.run(self._waiting, request, limits.queries.acquire)
                     query = identifier(
                         "SERIES", StudyInstanceUID=study, SeriesInstanceUID=series_uid
                     )
                     series = [str(a.get("SeriesInstanceUID", "")) for a in session.find(query)]
                     for uid in dict.fromkeys(s for s in series if s):
-                        portal.run(limits.queries.acquire)
+                        portal.run(self._waiting, request, limits.queries.acquire)
                         image_query = identifier(
                             "IMAGE",
                             StudyInstanceUID=study,
@@ -385,7 +395,9 @@ class Retriever:
                             SOPInstanceUID="",
                             SOPClassUID="",
                         )
-                        for answer in session.find(image_query):
+                        answers = session.find(image_query)
+                        self._progressed(request)
+                        for answer in answers:
                             sop = str(answer.get("SOPInstanceUID", ""))
                             sop_class = str(answer.get("SOPClassUID", ""))
                             if sop:
@@ -397,7 +409,7 @@ class Retriever:
             what = f"series {request.series_uid}" if request.series_uid else "any instance"
             studies = ", ".join(request.studies)
             raise _Final(f"{peer.name} lists no instance of {what} in study(ies) {studies}")
-        await self.queue.set_instances(request.id, listed)
+        await self.queue.set_instances(request, listed)
         return "move"
 
     async def _move(self, request: Request) -> Step:
@@ -433,7 +445,7 @@ class Retriever:
             for query in queries:
                 result = await self._retrieve(request, peer, query, classes)
                 moved += result.completed + result.warning
-                await self.queue.update(request.id, moved=moved)
+                await self.queue.update(request, moved=moved)
                 if result.failed:
                     raise _Attempt(
                         f"{peer.name}: {result.failed} of the retrieve's sub-operations failed"
@@ -444,10 +456,11 @@ class Retriever:
         self, request: Request, peer: PeerSettings, query: Dataset, classes: list[str]
     ) -> RetrieveResult:
         limits = self.limits(peer)
-        await limits.moves.acquire()
-        async with limits.concurrent:
+        await self._waiting(request, limits.moves.acquire)
+        await self._waiting(request, limits.concurrent.acquire)
+        try:
             progress = Progress()
-            self._progress.add(progress)
+            self._retrieves.add(progress)
             node = self.settings.node
             stall = self.settings.retrieve.stall_seconds
             what = "C-GET" if peer.retrieve == "get" else "C-MOVE"
@@ -461,6 +474,7 @@ class Retriever:
                         held = await self.queue.held(request.id)
                         last = time.monotonic()
                         while True:
+                            self._progressed(request)  # alive, and watching for a stall
                             await anyio.sleep(min(1.0, stall / 4))
                             now_held = await self.queue.held(request.id)
                             if now_held != held:
@@ -485,7 +499,7 @@ class Retriever:
                     finally:
                         tg.cancel_scope.cancel()
             finally:
-                self._progress.discard(progress)
+                self._retrieves.discard(progress)
             if isinstance(outcome, BaseException):
                 if stalled:
                     reason = f"timeout: no progress for {stall:g} s during the {what}"
@@ -493,6 +507,8 @@ class Retriever:
                 raise outcome
             assert outcome is not None
             result = outcome
+        finally:
+            limits.concurrent.release()
         log.info(
             "retrieve_answered",
             request=request.id,
@@ -513,6 +529,7 @@ class Retriever:
             held = await self.queue.held(request.id)
             if held >= expected:
                 return "forward"
+            self._progressed(request)  # alive: a stall fails the attempt below
             if held != seen:
                 seen, last = held, time.monotonic()
             elif time.monotonic() - last > stall:
@@ -549,7 +566,7 @@ class Retriever:
             else:
                 waiting.append(error or state or "queued")
         if jobs:
-            await self.queue.forward(request.id, jobs)
+            await self.queue.forward(request, jobs)
             self.wake_dispatcher()
         if not waiting:
             return "done"
@@ -558,6 +575,11 @@ class Retriever:
             errors[0] if errors else f"{len(waiting)} job(s) open"
         )
         raise _Pause(time.time() + _FORWARD_POLL, reason)
+
+
+def _token(request: Request) -> str:
+    """The claim a request being worked is known by: its lease token."""
+    return request.lease_owner or str(request.id)
 
 
 def _add(timings: dict[str, float], step: str, started: float) -> dict[str, float]:

@@ -11,7 +11,6 @@ recorded as they come, group-committed by `_Ledger`. docs/dispatch.md describes 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random as _random
 import shutil
@@ -26,18 +25,17 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 import structlog
-from anyio.abc import TaskGroup
 
 from gateway.audit import AuditLog
 from gateway.config import FolderSettings, PeerSettings, Settings, WebhookSettings
-from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.scu.notify import NotifyError, post_json, summary
 from gateway.scu.sender import Delivery, send_instances
 from gateway.store.files import write_atomically
 from gateway.store.instance import is_valid_uid
-from gateway.store.jobs import Backoff, Job, JobQueue
+from gateway.store.jobs import Job, JobQueue
 from gateway.store.store import Store, StoredInstance
+from gateway.work import Backoff, WorkLoop
 
 __all__ = ["Dispatcher", "folder_path"]
 
@@ -93,8 +91,7 @@ class _Ledger:
     ) -> None:
         self._queue = queue
         self._job_id = job.id
-        self._lease = job.lease_owner  # each commit renews the job's lease
-        self._progress = progress  # told of each acknowledgement
+        self._progress = progress  # told of each acknowledgement (renews the job's lease)
         self._lock = threading.RLock()  # the sender's thread and the writer's callbacks
         self._waiting: list[StoredInstance] = []
         self._in_flight: Future[int] | None = None
@@ -112,7 +109,7 @@ class _Ledger:
     def _submit(self) -> None:
         """Commit what waits (holding the lock)."""
         batch, self._waiting = self._waiting, []
-        future = self._queue.record_delivered_nowait(self._job_id, batch, lease=self._lease)
+        future = self._queue.record_delivered_nowait(self._job_id, batch)
         self._in_flight = future
         future.add_done_callback(self._committed)  # at once, re-entrantly, if already done
 
@@ -166,20 +163,25 @@ class Dispatcher:
         self.audit: AuditLog | None = None  # set by the application
         self.metrics = metrics or Metrics()
         self.per_target_concurrency = per_target_concurrency
-        self.poll_seconds = poll_seconds
         self.claim_limit = claim_limit
         self._random = random or _random.Random()
-        self._wake = asyncio.Event()
         self._stopping = threading.Event()  # read by sender threads
-        self._running: dict[str, Job] = {}  # by lease token: a job claimed again is another
-        self._progress: dict[str, float] = {}  # lease token -> last acknowledgement (time.time)
-        self._task_group: TaskGroup | None = None
+        self._loop: WorkLoop[Job] = WorkLoop(
+            "dispatcher",
+            claim=self._claim,
+            next_due=self._next_due,
+            work=self._execute,
+            token=_token,
+            renew=queue.renew,
+            lease_seconds=queue.lease_seconds,
+            poll_seconds=poll_seconds,
+        )
 
     # -- control ------------------------------------------------------------------------------
 
     def wake(self) -> None:
         """Look for due jobs now (call on the event loop's thread after an enqueue or retry)."""
-        self._wake.set()
+        self._loop.wake()
 
     def stop(self) -> None:
         """End `run()`: senders stop after the instance in flight, tasks are cancelled.
@@ -188,14 +190,12 @@ class Dispatcher:
         start queues them again, and what they delivered is not sent twice.
         """
         self._stopping.set()
-        self._wake.set()
-        if self._task_group is not None:
-            self._task_group.cancel_scope.cancel()
+        self._loop.stop()
 
     @property
     def running_jobs(self) -> list[Job]:
         """The jobs this dispatcher is running now."""
-        return list(self._running.values())
+        return self._loop.running
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -203,11 +203,9 @@ class Dispatcher:
         """Targets with no free slot, and the free slots of each target with running jobs. A
         job whose worker made no progress for its lease holds no slot: it is claimed again."""
         counts: dict[str, int] = {}
-        stale = time.time() - self.queue.lease_seconds
-        for token, job in self._running.items():
-            if self._progress.get(token, 0.0) < stale:
-                continue
-            counts[job.target] = counts.get(job.target, 0) + 1
+        for job in self._loop.running:
+            if not self._loop.stale(_token(job)):
+                counts[job.target] = counts.get(job.target, 0) + 1
         free = {t: self.per_target_concurrency - n for t, n in counts.items()}
         return {t for t, n in free.items() if n <= 0}, free
 
@@ -217,63 +215,23 @@ class Dispatcher:
         A dispatcher runs once: after `stop()` (even one called before `run()`), `run()` returns.
         """
         log.info("dispatcher_started", per_target_concurrency=self.per_target_concurrency)
-        try:
-            async with anyio.create_task_group() as tg:
-                self._task_group = tg
-                while not self._stopping.is_set():
-                    self._wake.clear()
-                    timeout = await self._dispatch_once(tg)
-                    if timeout > 0:
-                        with anyio.move_on_after(timeout):
-                            await self._wake.wait()
-        finally:
-            self._task_group = None
-            log.info("dispatcher_stopped", interrupted=len(self._running))
-            self._running.clear()
+        await self._loop.run()
 
-    async def _dispatch_once(self, tg: TaskGroup) -> float:
-        """Start what is due; return how long to sleep before looking again."""
-        now = time.time()
-        try:
-            busy, free = self._busy()
-            jobs = await self.queue.claim_due(
-                now,
-                self.claim_limit,
-                busy,
-                free_slots=free,
-                slots_per_target=self.per_target_concurrency,
-            )
-            for job in jobs:
-                self._running[_token(job)] = job
-                self._progress[_token(job)] = time.time()
-                tg.start_soon(self._run_job, job, name=f"job-{job.id}")
-            if len(jobs) >= self.claim_limit:
-                return 0.0
-            busy, _ = self._busy()
-            due = await self.queue.next_due_at(busy)
-        except GatewayError as exc:
-            log.error("dispatch_claim_failed", error=str(exc))
-            return self.poll_seconds
-        if due is None:
-            return self.poll_seconds
-        return min(self.poll_seconds, max(0.0, due - time.time()))
+    async def _claim(self, now: float) -> list[Job]:
+        busy, free = self._busy()
+        return await self.queue.claim_due(
+            now,
+            self.claim_limit,
+            busy,
+            free_slots=free,
+            slots_per_target=self.per_target_concurrency,
+        )
+
+    async def _next_due(self) -> float | None:
+        busy, _ = self._busy()
+        return await self.queue.next_due_at(busy)
 
     # -- one job ------------------------------------------------------------------------------
-
-    def _progressed(self, job: Job) -> None:
-        """An acknowledgement for *job* (from its sender thread)."""
-        self._progress[_token(job)] = time.time()
-
-    async def _run_job(self, job: Job) -> None:
-        try:
-            await self._execute(job)
-        except Exception as exc:
-            # The queue could not be updated: the job's lease runs out, and it is claimed again.
-            log.error("job_bookkeeping_failed", job=job.id, target=job.target, error=str(exc))
-        finally:
-            self._running.pop(_token(job), None)
-            self._progress.pop(_token(job), None)
-            self._wake.set()
 
     async def _execute(self, job: Job) -> None:
         started = time.monotonic()
@@ -388,7 +346,7 @@ class Dispatcher:
     ) -> tuple[int, str | None, bool]:
         """C-STORE *pending* to *peer*: (delivered, the first error or None, whether that error
         is permanent)."""
-        ledger = _Ledger(self.queue, job, lambda: self._progressed(job))
+        ledger = _Ledger(self.queue, job, lambda: self._loop.progressed(_token(job)))
         by_uid = {instance.sop_instance_uid: instance for instance in pending}
         errors: list[str] = []
         delivered = 0
@@ -432,7 +390,7 @@ class Dispatcher:
             return {row[0]: (row[1], row[2]) for row in rows}
 
         location = await self.store.read(uids)
-        ledger = _Ledger(self.queue, job, lambda: self._progressed(job))
+        ledger = _Ledger(self.queue, job, lambda: self._loop.progressed(_token(job)))
 
         def copy_all() -> tuple[int, str | None]:
             try:

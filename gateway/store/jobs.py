@@ -14,12 +14,13 @@ States::
     failed | cancelled -> queued (retry)
     running (lease expired) -> running (claimed again: another attempt)
 
-A claimed job carries a lease: its worker's token (`lease_owner`) and a deadline
-(`lease_until`) that each acknowledged instance moves `lease_seconds` ahead. A worker that dies
-or hangs stops renewing it; once the deadline passes the job is claimed again, as another
-attempt, without waiting for a restart. Every transition a worker makes is fenced by its token:
-the worker that lost its lease finds its `finish` or `fail_attempt` refused (None), and only
-its acknowledgements, which are facts about the target, still reach the ledger.
+A claimed job carries a lease (`gateway.work`): its worker's token (`lease_owner`) and a
+deadline (`lease_until`) that the dispatcher moves `lease_seconds` ahead while the worker
+acknowledges instances. A worker that dies or hangs stops renewing it; once the deadline
+passes the job is claimed again, as another attempt, without waiting for a restart. Every
+transition a worker makes is fenced by its token: the worker that lost its lease finds its
+`finish` or `fail_attempt` refused (None), and only its acknowledgements, which are facts
+about the target, still reach the ledger.
 
 At most one *open* job (queued or running) exists per (scope, uid, target): a partial UNIQUE
 index enforces it, and `enqueue` returns the open job instead of adding another. `deliveries` is
@@ -32,10 +33,7 @@ each sees the ledger the other left.
 from __future__ import annotations
 
 import builtins
-import os
 import random as _random
-import secrets
-import socket
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -44,12 +42,18 @@ from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
 from gateway.store.store import Store, StoredInstance
+from gateway.work import (
+    DEFAULT_LEASE_SECONDS,
+    LEASE_RELEASED,
+    Backoff,
+    lease_token,
+    release_leases,
+    renew_leases,
+)
 
 __all__ = [
-    "DEFAULT_LEASE_SECONDS",
     "JOBS_SCHEMA",
     "PRIORITIES",
-    "Backoff",
     "Job",
     "JobQueue",
     "JobSpec",
@@ -113,8 +117,6 @@ _COLUMNS: Final = (
     "id, scope, uid, study_uid, target, rule, priority, state, attempts, next_attempt_at,"
     " last_error, delivered, created_at, updated_at, lease_owner, lease_until"
 )
-# How long a claimed job is its worker's without progress (`[dispatch] lease_seconds`).
-DEFAULT_LEASE_SECONDS: Final = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,30 +165,6 @@ class Job:
 
 def _job(row: tuple[Any, ...]) -> Job:
     return Job(*row)
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Exponential backoff with full jitter between attempts of a job.
-
-    The delay before attempt *n + 1* (after *n* failed attempts) is uniform in
-    ``[0, min(max_seconds, base_seconds * 2 ** (n - 1))]``. After *max_attempts* failed
-    attempts the job is `failed` (until `retry`).
-    """
-
-    base_seconds: float = 5.0
-    max_seconds: float = 600.0
-    max_attempts: int = 10
-
-    def __post_init__(self) -> None:
-        if self.base_seconds < 0 or self.max_seconds < 0 or self.max_attempts < 1:
-            raise ValueError("backoff needs base, max >= 0 and max_attempts >= 1")
-
-    def delay(self, attempt: int, random: _random.Random | None = None) -> float:
-        """Seconds to wait after failed attempt number *attempt* (1-based)."""
-        exponent = min(max(attempt, 1) - 1, 62)
-        ceiling = min(self.max_seconds, self.base_seconds * (2.0**exponent))
-        return (random or _random).uniform(0.0, ceiling)
 
 
 def _priority(value: int | str) -> int:
@@ -264,7 +242,6 @@ class JobQueue:
         self.store = store
         self._random = random or _random.Random()
         self.lease_seconds = lease_seconds
-        self._owner = f"{socket.gethostname()}:{os.getpid()}"
 
     async def ensure_schema(self) -> None:
         """Create the tables and indexes (idempotent); call once after `Store.open`."""
@@ -348,7 +325,7 @@ class JobQueue:
                 sending.add((job.target, job.study_uid))
             taken: builtins.list[Job] = []
             for job in claimed:
-                token = f"{self._owner}/{secrets.token_hex(4)}"
+                token = lease_token()
                 attempts, error = job.attempts, job.last_error
                 if job.state == "running":  # its lease expired: the attempt it held failed
                     attempts += 1
@@ -373,25 +350,22 @@ class JobQueue:
         job_id: int,
         instances: Iterable[StoredInstance | str],
         now: float | None = None,
-        lease: str | None = None,
     ) -> int:
-        """Record instances the job's target acknowledged (durably, before returning), and
-        renew the job's lease when *lease* (its worker's token) still holds it.
+        """Record instances the job's target acknowledged (durably, before returning).
 
         An `StoredInstance` is recorded with the checksum it was sent with; a SOP Instance UID
         with the checksum stored now. Returns how many were not in the ledger yet.
         """
-        return await self.store.write(_recorder(job_id, instances, now, lease, self.lease_seconds))
+        return await self.store.write(_recorder(job_id, instances, now))
 
     def record_delivered_nowait(
         self,
         job_id: int,
         instances: Iterable[StoredInstance | str],
         now: float | None = None,
-        lease: str | None = None,
     ) -> Future[int]:
         """`record_delivered` without waiting: the commit's future (for a sender thread)."""
-        return self.store.write_nowait(_recorder(job_id, instances, now, lease, self.lease_seconds))
+        return self.store.write_nowait(_recorder(job_id, instances, now))
 
     async def finish(
         self, job_id: int, now: float | None = None, lease: str | None = None
@@ -411,7 +385,7 @@ class JobQueue:
             state: JobState = "queued" if row[1] else "done"
             conn.execute(
                 "UPDATE jobs SET state = ?, rerun = 0, last_error = NULL, next_attempt_at = ?,"
-                " updated_at = ?, lease_owner = NULL, lease_until = NULL WHERE id = ?",
+                f" updated_at = ?, {LEASE_RELEASED} WHERE id = ?",
                 (state, at, at, job_id),
             )
             return state
@@ -450,7 +424,7 @@ class JobQueue:
                 state, due = "queued", at + backoff.delay(attempts, self._random)
             conn.execute(
                 "UPDATE jobs SET state = ?, attempts = ?, next_attempt_at = ?, last_error = ?,"
-                " rerun = 0, updated_at = ?, lease_owner = NULL, lease_until = NULL WHERE id = ?",
+                f" rerun = 0, updated_at = ?, {LEASE_RELEASED} WHERE id = ?",
                 (state, attempts, due, error, at, job_id),
             )
             return state
@@ -514,8 +488,7 @@ class JobQueue:
 
         def stop(conn: sqlite3.Connection) -> int:
             return conn.execute(
-                "UPDATE jobs SET state = 'cancelled', rerun = 0, updated_at = ?,"
-                " lease_owner = NULL, lease_until = NULL"
+                f"UPDATE jobs SET state = 'cancelled', rerun = 0, updated_at = ?, {LEASE_RELEASED}"
                 f" WHERE state IN ('queued', 'running') AND id IN ({_placeholders(ids)})",
                 (at, *ids),
             ).rowcount
@@ -523,17 +496,25 @@ class JobQueue:
         return await self.store.write(stop)
 
     async def recover_running(self, now: float | None = None) -> int:
-        """At start-up: jobs left running by an earlier process are queued again, due now."""
+        """At start-up: jobs left running by an earlier process are queued again, due now
+        (their leases freed: `release_leases`)."""
         at = time.time() if now is None else now
-        return await self.store.write(
-            lambda conn: (
-                conn.execute(
-                    "UPDATE jobs SET state = 'queued', next_attempt_at = ?, updated_at = ?,"
-                    " lease_owner = NULL, lease_until = NULL WHERE state = 'running'",
-                    (at, at),
-                ).rowcount
-            )
-        )
+
+        def requeue(conn: sqlite3.Connection) -> int:
+            count = conn.execute(
+                "UPDATE jobs SET state = 'queued', next_attempt_at = ?, updated_at = ?"
+                " WHERE state = 'running'",
+                (at, at),
+            ).rowcount
+            release_leases(conn, "jobs")
+            return count
+
+        return await self.store.write(requeue)
+
+    async def renew(self, tokens: Collection[str], until: float) -> int:
+        """Move the leases of *tokens* (running jobs whose workers made progress) to *until*;
+        return how many are still held."""
+        return await self.store.write(lambda conn: renew_leases(conn, "jobs", tokens, until))
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -615,19 +596,11 @@ def _recorder(
     job_id: int,
     instances: Iterable[StoredInstance | str],
     now: float | None,
-    lease: str | None = None,
-    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> Callable[[sqlite3.Connection], int]:
     at = time.time() if now is None else now
     items = builtins.list(instances)
 
     def record(conn: sqlite3.Connection) -> int:
-        if lease is not None:  # progress: the worker keeps the job a while longer
-            conn.execute(
-                "UPDATE jobs SET lease_until = ? WHERE id = ? AND state = 'running'"
-                " AND lease_owner = ?",
-                (time.time() + lease_seconds, job_id, lease),
-            )
         row = conn.execute("SELECT target FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None or not items:
             return 0

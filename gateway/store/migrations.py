@@ -20,6 +20,8 @@ the upgrade (docs/operations.md#upgrades).
    `delivered`; `state`, `last_seen`; `file`) and the per-job delivery list of the first
    dispatch build (`job_deliveries`, turned into the `deliveries` ledger) are brought in here,
    so that no part changes tables on its own.
+3. Retrieval requests carry a lease too (`retrievals.lease_owner`, `lease_until`): a request
+   is claimed like a dispatch job (`gateway.work`) instead of being marked running in memory.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from gateway.store.schema import PatientReader, rebuild_patients, split_merged_p
 
 __all__ = ["SCHEMA_VERSION", "migrate_data", "migrate_structure", "version"]
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 
 def version(conn: sqlite3.Connection) -> int:
@@ -81,10 +83,27 @@ _V2_COLUMNS: Final = (
 )
 
 
+# Columns migration 3 adds.
+_V3_COLUMNS: Final = (
+    ("retrievals", "lease_owner", "TEXT"),
+    ("retrievals", "lease_until", "REAL"),
+)
+
+
 def _v2_columns(conn: sqlite3.Connection) -> None:
+    _add_columns(conn, _V2_COLUMNS)
+
+
+def _v3_columns(conn: sqlite3.Connection) -> None:
+    _add_columns(conn, _V3_COLUMNS)
+
+
+def _add_columns(conn: sqlite3.Connection, columns: tuple[tuple[str, str, str], ...]) -> None:
+    """Add each missing (table, column, definition) of a table that exists, in one
+    transaction."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for table, column, definition in _V2_COLUMNS:
+        for table, column, definition in columns:
             if not _table_exists(conn, table) or column in _columns(conn, table):
                 continue
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
@@ -128,4 +147,5 @@ def _ledger_from_job_deliveries(conn: sqlite3.Connection) -> None:
 _STRUCTURE: Final[tuple[tuple[int, Callable[[sqlite3.Connection], Any]], ...]] = (
     (1, rebuild_patients),
     (2, _v2_columns),
+    (3, _v3_columns),
 )

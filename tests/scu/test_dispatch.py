@@ -21,8 +21,10 @@ from pynetdicom import _config
 from gateway.config import FolderSettings, PeerSettings, Settings
 from gateway.scu.dispatch import Dispatcher, copy_atomically, folder_path
 from gateway.store.index import Provenance
-from gateway.store.jobs import Backoff, JobQueue
+from gateway.store.jobs import JobQueue
+from gateway.store.migrations import SCHEMA_VERSION
 from gateway.store.store import Store
+from gateway.work import Backoff
 from tests.conftest import HOST, TEST_FILES, dataset_bytes, free_port, write_variant
 from tests.scu.test_sender import NODE, Recorder
 
@@ -337,7 +339,7 @@ async def test_a_version_0_1_queue_is_migrated(store: Store, tmp_path: Path) -> 
     pending, held = await queue.pending(job)
     assert held == 1 and [i.sop_instance_uid for i in pending] == made[SERIES_A][1:]
     with sqlite3.connect(store.db_path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         assert not conn.execute(
             "SELECT name FROM sqlite_master WHERE name = 'job_deliveries'"
         ).fetchall()

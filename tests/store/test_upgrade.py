@@ -9,10 +9,12 @@ task (the facts are listed in that script's docstring):
 - `data/previous-index.tar.gz`, by the code of commit 42e6ab0 (`de3d6ad^`): schema version 0,
   which merged the two patients sharing a PatientID (migration 1 splits them);
 - `data/index-v1.tar.gz`, by the code of commit d3163ed: schema version 1, whose jobs have no
-  lease (migration 2 adds `lease_owner`, `lease_until`).
+  lease (migration 2 adds `lease_owner`, `lease_until`);
+- `data/index-v2.tar.gz`, by the code of commit 6af9dc9: schema version 2, whose retrieval
+  requests have no lease (migration 3 adds the same two columns to `retrievals`).
 
-The same checks run on both; version 1's also show that its first open adds the lease columns
-and changes nothing else.
+The same checks run on all three; versions 1 and 2 also show that their first open adds the
+lease columns and changes nothing else.
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ StudyRootFind = StudyRootQueryRetrieveInformationModelFind
 PatientRootFind = PatientRootQueryRetrieveInformationModelFind
 
 DATA = Path(__file__).parent / "data"
-TARBALLS = {0: DATA / "previous-index.tar.gz", 1: DATA / "index-v1.tar.gz"}  # by schema version
+TARBALLS = {  # by schema version
+    0: DATA / "previous-index.tar.gz",
+    1: DATA / "index-v1.tar.gz",
+    2: DATA / "index-v2.tar.gz",
+}
 ROOT = "1.2.826.0.1.3680043.8.498.7070"
 STUDY_CT, STUDY_MR, STUDY_POE = f"{ROOT}.1", f"{ROOT}.2", f"{ROOT}.3"
 # Each study's series and their instances, as the generator sent them.
@@ -69,7 +75,9 @@ STABLE_TABLES = (
     "deliveries", "completions", "series_rules", "devices", "sequences", "tasks",
 )  # fmt: skip
 REPAIRS = ("temp_files_removed", "orphans_indexed", "orphans_removed", "scanned")
-LEASE_COLUMNS = ["lease_owner", "lease_until"]  # what migration 2 adds to jobs
+LEASE_COLUMNS = ["lease_owner", "lease_until"]  # what migrations 2 and 3 add
+# Schema version: its tables without the lease columns (migration 2: jobs; 3: retrievals).
+UNLEASED = {0: ("jobs", "retrievals"), 1: ("jobs", "retrievals"), 2: ("retrievals",)}
 # Tables the gateway's work in this test writes to (jobs run, rules re-see arrivals, the
 # retrieval is tried, every open moves the durable mark); no other table's rows may change.
 WORKED_TABLES = ("jobs", "deliveries", "completions", "series_rules", "retrievals", "meta")
@@ -302,26 +310,33 @@ def test_an_index_made_by_the_previous_release_is_upgraded_in_place(
     # Merged by version 0; one row per identity from version 1 on.
     assert old["patients_of_upg0"] == (1 if release == 0 else 2)
     job_columns = old_tables["jobs"][0]
-    assert not set(LEASE_COLUMNS) & set(job_columns)
+    for table, (columns, _) in old_tables.items():
+        assert bool(set(LEASE_COLUMNS) & set(columns)) == (
+            table in ("jobs", "retrievals") and table not in UNLEASED[release]
+        ), table
     job_id, state, old_attempts, last_error, created_at = old["ct_job"]
     assert state == "queued" and old_attempts >= 1 and last_error
     files = file_digests(data_dir)
     assert len(files) == len(old["instances"]) == 6
 
-    if release == 1:
-        # Migration 2 alone (the store opened and closed, no part or worker running): the
-        # lease columns are added, empty, and nothing else changes.
+    if release >= 1:
+        # Migrations 2 and 3 alone (the store opened and closed, no part or worker running):
+        # the lease columns are added, empty, and nothing else changes.
         assert open_store(data_dir) == ReconcileReport()
         migrated = read_index(db, tables, immutable=False)
         assert read_index(db, lambda c: c.execute("PRAGMA user_version").fetchone()[0],
-                          immutable=False) == SCHEMA_VERSION == 2  # fmt: skip
-        columns, rows = migrated.pop("jobs")
-        assert columns == job_columns + LEASE_COLUMNS
-        assert [row[: len(job_columns)] for row in rows] == old_tables["jobs"][1]
-        assert [row[len(job_columns) :] for row in rows] == [(None, None)] * len(rows)
+                          immutable=False) == SCHEMA_VERSION == 3  # fmt: skip
+        for table in UNLEASED[release]:
+            columns, rows = migrated.pop(table)
+            old_columns, old_rows = old_tables[table]
+            assert columns == old_columns + LEASE_COLUMNS, table
+            assert [row[: len(old_columns)] for row in rows] == old_rows, table
+            assert [row[len(old_columns) :] for row in rows] == [(None, None)] * len(rows)
         assert without_mark(migrated.pop("meta")) == without_mark(old_tables["meta"])
         assert migrated == {
-            table: content for table, content in old_tables.items() if table not in ("jobs", "meta")
+            table: content
+            for table, content in old_tables.items()
+            if table not in (*UNLEASED[release], "meta")
         }
         assert file_digests(data_dir) == files
 
@@ -423,6 +438,7 @@ def test_an_index_made_by_the_previous_release_is_upgraded_in_place(
         (request,) = gw.call("retrieve.status", {"project": "cohort"})["requests"]
         assert request["study_uid"] == f"{ROOT}.9" and request["attempts"] >= 1
         assert request["status"] in ("Queued", "Processing")
+        assert (request["lease_owner"], request["lease_until"]) == (None, None)  # not due
 
         # The queued job resumes, its attempts counted on from where they were.
         def jobs() -> dict[int, dict[str, Any]]:
@@ -484,8 +500,8 @@ def test_an_index_made_by_the_previous_release_is_upgraded_in_place(
         now = read_index(db, tables, immutable=False)
         # No job but the queued one changed; every job carries the lease columns, emptied.
         columns, rows = now["jobs"]
-        assert columns == job_columns + LEASE_COLUMNS
-        assert all(row[len(job_columns) :] == (None, None) for row in rows)
+        assert columns == job_columns + (LEASE_COLUMNS if "jobs" in UNLEASED[release] else [])
+        assert all(row[-2:] == (None, None) for row in rows)
         old_jobs = {row[0]: row for row in old_tables["jobs"][1]}
         kept = {row[0]: row[: len(job_columns)] for row in rows if row[0] in old_jobs}
         assert kept.pop(job_id) != old_jobs.pop(job_id)
@@ -493,7 +509,7 @@ def test_an_index_made_by_the_previous_release_is_upgraded_in_place(
         # The ledger only grew, by what the queued job delivered.
         assert set(old_tables["deliveries"][1]) <= set(now["deliveries"][1])
         assert len(now["deliveries"][1]) == len(old_tables["deliveries"][1]) + len(ct)
-        if release == 1:  # no migration but 2: the tables the work leaves alone are as they were
+        if release >= 1:  # no data migration: the tables the work leaves alone are as they were
             assert {t: c for t, c in now.items() if t not in WORKED_TABLES} == {
                 t: c for t, c in old_tables.items() if t not in WORKED_TABLES
             }

@@ -10,7 +10,11 @@ Each schema version's migration is tested from a database made by the release be
 - `--release 1`: commit d3163ed52886ffb3c7b2c8d82bdadeaa37efa219 (the last before migration 2:
   "README: say what the ingest re-run shows...") makes `index-v1.tar.gz`: a schema version 1
   index, with one patients row per identity, and dispatch jobs without a lease (no
-  `lease_owner`, `lease_until` columns; the test of migration 2).
+  `lease_owner`, `lease_until` columns; the test of migration 2);
+- `--release 2`: commit 6af9dc921a7a6b390367c86ceadb02afa31ee1b7 (the last before migration 3:
+  "README: ingest re-measured at the end of the session...") makes `index-v2.tar.gz`: a
+  schema version 2 index, whose jobs have a lease and whose retrieval requests have none (the
+  test of migration 3).
 
 tests/store/test_upgrade.py opens each tarball with today's gateway.
 
@@ -23,6 +27,10 @@ Run it from the repository root (DCMTK's storescu in /usr/bin; nothing is sent o
     git worktree add /tmp/prev1 d3163ed
     python3 tests/store/data/make_previous_index.py --release 1 /tmp/prev1
     git worktree remove --force /tmp/prev1
+
+    git worktree add /tmp/prev2 6af9dc9
+    python3 tests/store/data/make_previous_index.py --release 2 /tmp/prev2
+    git worktree remove --force /tmp/prev2
 
 The script refuses a worktree at another commit than the release's. It runs that worktree's
 gateway as a real process (`python3 -m gateway serve` from the worktree, which imports the old
@@ -57,10 +65,11 @@ No job is left `running`: a clean stop leaves none.
 The gateway is then stopped with SIGTERM (exit 0, a clean stop: no `running_since` in `meta`, no
 WAL left) and `data/index.sqlite` and `data/objects/` (the 6 instance files as stored) are
 packed, nothing else (about 65 KB each). The script checks what the test relies on: `PRAGMA
-user_version` (0 or 1); for release 0 the patients table with its UNIQUE (patient_id,
+user_version` (0, 1 or 2); for release 0 the patients table with its UNIQUE (patient_id,
 issuer_of_patient_id) and 2 rows, UPG-0's holding both its studies (with the attributes of the
-last one received, Roe^Richard's); for release 1 3 patients rows, one per study, and a jobs
-table without `lease_owner` and `lease_until`; for both the jobs, ledger and retrieval above.
+last one received, Roe^Richard's); for releases 1 and 2 3 patients rows, one per study; the
+tables without `lease_owner` and `lease_until` (jobs and retrievals before 2, retrievals in
+2); for all the jobs, ledger and retrieval above.
 
 As these releases left it, the rules' arrivals checkpoint (`meta` `completion_checkpoint`) lies
 5 s before the last arrivals, so at the next start (the release's as much as today's) the rules
@@ -91,7 +100,11 @@ import pydicom
 RELEASES: dict[int, tuple[str, str, str]] = {
     0: ("42e6ab0b2ecb1aa67836c9789603c1affae96471", "42e6ab0 (de3d6ad^)", "previous-index.tar.gz"),
     1: ("d3163ed52886ffb3c7b2c8d82bdadeaa37efa219", "d3163ed", "index-v1.tar.gz"),
+    2: ("6af9dc921a7a6b390367c86ceadb02afa31ee1b7", "6af9dc9", "index-v2.tar.gz"),
 }
+# Schema version: the tables of its index without the lease columns a later migration adds.
+UNLEASED: dict[int, tuple[str, ...]] = {0: ("jobs", "retrievals"), 1: ("jobs", "retrievals"),
+                                        2: ("retrievals",)}  # fmt: skip
 ROOT = "1.2.826.0.1.3680043.8.498.7070"  # pydicom's UID root, a suffix of this test's own
 HOST = "127.0.0.1"
 HERE = Path(__file__).resolve().parent
@@ -338,7 +351,10 @@ def check_index(data: Path, release: int) -> None:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
         print("jobs columns:", sorted(columns))
         assert {"study_uid", "delivered"} <= columns, columns
-        assert not columns & {"lease_owner", "lease_until"}, columns  # migration 2 adds them
+        for table in ("jobs", "retrievals"):  # migrations 2 and 3 add their leases
+            leased = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            lease = {"lease_owner", "lease_until"}
+            assert (not leased & lease) == (table in UNLEASED[release]), (table, leased)
         jobs = conn.execute(
             "SELECT id, rule, state, attempts, delivered FROM jobs ORDER BY id"
         ).fetchall()
