@@ -75,7 +75,6 @@ class Gateway:
     config_path: Path | None = None
     started_at: float = field(default_factory=time.time)
     version: str = __version__
-    reloaded_at: float | None = None
     _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     def reload(self) -> dict[str, Any]:
@@ -118,7 +117,6 @@ class Gateway:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         self.dispatcher.wake()
-        self.reloaded_at = time.time()
         if self.store.audit is not None:
             self.store.audit.record("Application Activity", what="configuration reloaded",
                                     peers_changed=changed)  # fmt: skip

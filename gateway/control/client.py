@@ -18,7 +18,6 @@ class ControlClient:
     """One connection to the control socket; `call` sends a request and waits for its answer."""
 
     def __init__(self, path: Path, timeout: float = 120.0) -> None:
-        self._path = path
         self._ids = itertools.count(1)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)

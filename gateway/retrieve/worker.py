@@ -137,11 +137,6 @@ class Retriever:
             progress.stop()
         self._loop.stop()
 
-    @property
-    def running(self) -> list[Request]:
-        """The requests this retriever is working on now."""
-        return self._loop.running
-
     def limits(self, peer: PeerSettings) -> ArchiveLimits:
         limits = self._limits.get(peer.name)
         if limits is None:

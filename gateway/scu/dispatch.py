@@ -192,11 +192,6 @@ class Dispatcher:
         self._stopping.set()
         self._loop.stop()
 
-    @property
-    def running_jobs(self) -> list[Job]:
-        """The jobs this dispatcher is running now."""
-        return self._loop.running
-
     # -- the loop -----------------------------------------------------------------------------
 
     def _busy(self) -> tuple[set[str], dict[str, int]]:

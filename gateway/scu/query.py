@@ -103,12 +103,7 @@ class RetrieveResult:
     completed: int = 0
     failed: int = 0
     warning: int = 0
-    failed_uids: list[str] = field(default_factory=list)
     stored: int = 0  # C-GET: instances the store took
-
-    @property
-    def ok(self) -> bool:
-        return self.status in (0x0000, _WARNING) and self.failed == 0
 
 
 @dataclass(eq=False)
@@ -152,7 +147,7 @@ def _collect(
     progress: Progress,
 ) -> RetrieveResult:
     result: RetrieveResult | None = None
-    for status, answer in responses:
+    for status, _ in responses:
         progress.touch()
         if progress.abort.is_set():
             break
@@ -163,9 +158,6 @@ def _collect(
         if code in _PENDING:
             continue
         result = RetrieveResult(code, completed, failed, warning)
-        if answer is not None and "FailedSOPInstanceUIDList" in answer:
-            value = answer.FailedSOPInstanceUIDList
-            result.failed_uids = [str(v) for v in (value if isinstance(value, list) else [value])]
     if progress.abort.is_set():
         raise PeerError("stopped", f"peer {peer.name}: the {what} was stopped")
     if result is None:

@@ -85,11 +85,10 @@ class IndexAttributes:
 
 @dataclass(frozen=True, slots=True)
 class CheckedInstance:
-    """A checked Part 10 file: where its dataset starts, its size, checksum and attributes."""
+    """A checked Part 10 file: its transfer syntax, dataset size, checksum and attributes."""
 
     path: Path
     transfer_syntax: str
-    dataset_offset: int
     size: int
     checksum: str
     attributes: IndexAttributes
@@ -365,7 +364,6 @@ def read_received_file(path: Path, *, checksum: str | None = None) -> CheckedIns
     return CheckedInstance(
         path=path,
         transfer_syntax=syntax,
-        dataset_offset=offset,
         size=size - offset,
         checksum=checksum,
         attributes=_attributes(raw),

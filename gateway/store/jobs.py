@@ -66,7 +66,6 @@ Scope = Literal["series", "study"]
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 
 PRIORITIES: Final[dict[str, int]] = {"urgent": 0, "normal": 1, "low": 2}
-OPEN_STATES: Final = ("queued", "running")
 
 JOBS_SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS jobs (
