@@ -1,0 +1,703 @@
+"""One DICOM association over an asyncio stream: the Upper Layer of PS3.8 and DIMSE framing.
+
+`Association.accept` (acceptor) and `Association.request` (requestor) negotiate an
+association and return it established (Sta6). One reader task per association reads PDUs
+(`gateway.net.pdu.read_pdu`, bounded), feeds each to the protocol machine
+(`gateway.net.fsm`), assembles DIMSE messages from P-DATA-TF fragments (PS3.7 section 6.3.1,
+PS3.8 Annex E) and queues them for `receive()`; `send()` fragments a message into PDUs no
+longer than the peer's maximum. A data set's fragments go, as they arrive, to the
+`DataSink` the association's user gives for that message (a C-STORE's spool file), or are
+kept in memory for small messages (queries, responses).
+
+Timers (`Timeouts`): ARTIM (`acse` seconds) bounds the wait for an A-ASSOCIATE-RQ after a
+connection is accepted and for the close after a reject, a release response or an A-ABORT;
+`acse` also bounds the wait for A-ASSOCIATE-AC/RJ and for A-RELEASE-RP; `idle` closes (A-ABORT)
+an established association the peer sent nothing on for that long, and bounds how long a
+write may wait for a peer that does not read.
+
+How it ends, for the user: `receive()` raises `Released` once the peer asked to release and
+the release response was sent (after the user's `send()`s in flight: P-DATA is still allowed
+in Sta8), or `Aborted` (an A-ABORT from the peer, an A-P-ABORT: invalid PDU, timeout, the
+connection lost). Every path closes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import socket
+import ssl
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import structlog
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.pdu import A_ASSOCIATE_AC as AcPdu
+from pynetdicom.pdu import A_ASSOCIATE_RJ as RjPdu
+from pynetdicom.pdu import A_ASSOCIATE_RQ as RqPdu
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import (
+    PresentationContext,
+    negotiate_as_acceptor,
+    negotiate_as_requestor,
+)
+
+from gateway.errors import GatewayError
+from gateway.net import pdu as P
+from gateway.net.fsm import Event, ProtocolMachine, State
+
+__all__ = [
+    "APPLICATION_CONTEXT_NAME",
+    "Aborted",
+    "Acceptance",
+    "Association",
+    "DataSink",
+    "Message",
+    "Rejected",
+    "Rejection",
+    "Released",
+    "Timeouts",
+    "encode_command",
+]
+
+log = structlog.get_logger(__name__)
+
+APPLICATION_CONTEXT_NAME: Final = UID("1.2.840.10008.3.1.1.1")  # PS3.7 Annex A.2.1
+_NO_DATA_SET: Final = 0x0101  # (0000,0800) CommandDataSetType: no data set (PS3.7 E.1)
+_UNLIMITED_FRAGMENT: Final = 1 << 20  # data per PDU when the peer sets no maximum
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Seconds: `acse` (ARTIM, and the wait for an association or release answer), `idle`
+    (an established association the peer is silent on, and a peer that does not read)."""
+
+    acse: float = 30.0
+    idle: float | None = 60.0
+
+
+class Aborted(GatewayError):
+    """The association ended by an A-ABORT (`source` 0 the peer's user, 2 a provider) or an
+    A-P-ABORT (the connection lost, an invalid PDU, a timeout: `source` None)."""
+
+    def __init__(self, reason: str, source: int | None = None, diagnostic: int = 0) -> None:
+        super().__init__(reason)
+        self.source = source
+        self.diagnostic = diagnostic
+
+
+class Released(GatewayError):
+    """The association was released (at the peer's request, or by `release()`)."""
+
+
+class Rejected(GatewayError):
+    """The acceptor answered A-ASSOCIATE-RJ: `result` (1 permanent, 2 transient), `source`
+    and `reason` as in PS3.8 Table 9-21."""
+
+    def __init__(self, result: int, source: int, reason: int) -> None:
+        super().__init__(f"association rejected (result {result}, source {source}, "
+                         f"reason {reason})")  # fmt: skip
+        self.result = result
+        self.source = source
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An acceptor's answer refusing an A-ASSOCIATE-RQ (PS3.8 Table 9-21)."""
+
+    result: int  # 1 rejected-permanent, 2 rejected-transient
+    source: int  # 1 service-user, 2 service-provider (ACSE), 3 service-provider (presentation)
+    reason: int  # e.g. source 1: 3 calling AE title, 7 called AE title not recognised
+
+
+@dataclass(frozen=True, slots=True)
+class Acceptance:
+    """An acceptor's answer taking an A-ASSOCIATE-RQ: the contexts it supports (and SCP/SCU
+    roles it grants per abstract syntax: (SCU, SCP))."""
+
+    supported: list[PresentationContext]
+    roles: dict[str, tuple[bool, bool]] = field(default_factory=dict)
+
+
+class DataSink(Protocol):
+    """Where a message's data set fragments go as they arrive."""
+
+    def write(self, data: memoryview) -> None: ...
+
+    def close(self) -> None:
+        """The last fragment arrived."""
+
+    def discard(self) -> None:
+        """The association ended before the last fragment."""
+
+
+@dataclass(slots=True)
+class Message:
+    """A received DIMSE message: the presentation context, the command set, and the data set
+    (its encoded bytes; empty when it had none or when a `DataSink` took it)."""
+
+    context_id: int
+    command: Dataset
+    data: bytes = b""
+    sink: DataSink | None = None
+
+    @property
+    def has_data(self) -> bool:
+        return int(self.command.get("CommandDataSetType", _NO_DATA_SET)) != _NO_DATA_SET
+
+
+@dataclass(slots=True)
+class _Assembly:
+    command: bytearray = field(default_factory=bytearray)
+    message: Message | None = None
+    data: bytearray | None = None
+
+
+_END: Final = object()  # queued once the association has ended
+
+
+class Association:
+    """An established association; see the module docstring."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        machine: ProtocolMachine,
+        timeouts: Timeouts,
+        max_pdu: int,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.machine = machine
+        self.timeouts = timeouts
+        self.max_pdu = max_pdu  # what this side receives: the longest P-DATA-TF body
+        self.peer_max_pdu = 0  # what the peer receives (0: no limit)
+        self.calling_ae = ""
+        self.called_ae = ""
+        self.proposal: A_ASSOCIATE | None = None  # the A-ASSOCIATE-RQ as a primitive
+        self.contexts: dict[int, PresentationContext] = {}  # accepted, by ID
+        self.sinks: Callable[[Message], DataSink | None] = lambda _: None
+        self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._assembly: dict[int, _Assembly] = {}
+        self._write_lock = asyncio.Lock()
+        self._reader_task: asyncio.Task[None] | None = None
+        self._ended: BaseException | None = None
+        self._release_answered = asyncio.Event()
+        self._sending = 0  # send() calls in flight (a release response waits for them)
+        self._sent = asyncio.Condition()
+
+    # -- establishment ------------------------------------------------------------------------
+
+    @classmethod
+    async def accept(
+        cls,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        decide: Callable[[A_ASSOCIATE], Acceptance | Rejection],
+        *,
+        timeouts: Timeouts = Timeouts(),
+        max_pdu: int = 16384,
+    ) -> Association:
+        """Serve an accepted connection up to an established association (Sta6).
+
+        *decide* sees the A-ASSOCIATE-RQ as a pynetdicom primitive (AE titles, proposed
+        contexts, user information) and accepts or rejects it. Raises `Rejected` (the
+        rejection was sent), `Aborted` (ARTIM expired, the peer aborted or closed, an invalid
+        or unexpected PDU: the connection is closed).
+        """
+        assoc = cls(reader, writer, ProtocolMachine("acceptor"), timeouts, max_pdu)
+        assoc.machine.handle(Event.TRANSPORT_INDICATION)  # AE-5: ARTIM runs
+        try:
+            pdu = await asyncio.wait_for(P.read_pdu(reader, max_pdu), timeouts.acse)
+        except TimeoutError:
+            assoc.machine.handle(Event.ARTIM_EXPIRED)  # AA-2
+            await assoc._close()
+            raise Aborted("no A-ASSOCIATE-RQ within the ARTIM timeout") from None
+        except (P.PduTooLong, asyncio.IncompleteReadError, OSError) as exc:
+            await assoc._provider_abort(Event.INVALID_PDU, P.AbortReason.INVALID_PARAMETER)
+            raise Aborted(f"before association: {exc}") from None
+        request = RqPdu()
+        acceptable = pdu.type == P.A_ASSOCIATE_RQ
+        if acceptable:
+            try:
+                request.decode(pdu.encoded())
+                acceptable = request.protocol_version == 1
+            except Exception:
+                acceptable = False
+        action = assoc.machine.handle(pdu.event, acceptable=acceptable)
+        if action.name != "AE-6":  # AA-1 / AA-2 / AA-8: not an association request
+            await assoc._after_abort_sent(action.name, "an unexpected PDU before association")
+            raise Aborted(f"PDU type 0x{pdu.type:02X} before A-ASSOCIATE-RQ", 2)
+        if assoc.machine.state == State.STA13:  # not acceptable: rejected by the provider
+            await assoc._send_rejection(Rejection(1, 2, 2), sent_by_machine=True)
+            raise Rejected(1, 2, 2)
+        primitive = request.to_primitive()
+        assoc.proposal = primitive
+        assoc.calling_ae = str(primitive.calling_ae_title).strip()
+        assoc.called_ae = str(primitive.called_ae_title).strip()
+        decision = decide(primitive)
+        if isinstance(decision, Rejection):
+            assoc.machine.handle(Event.A_ASSOCIATE_REJECT)  # AE-8
+            await assoc._send_rejection(decision, sent_by_machine=True)
+            raise Rejected(decision.result, decision.source, decision.reason)
+        await assoc._send_acceptance(primitive, decision)
+        assoc._start_reader()
+        return assoc
+
+    def _user_information(self, request: A_ASSOCIATE) -> list[Any]:
+        items: dict[type, Any] = {type(item): item for item in request.user_information}
+        peer_max = items.get(MaximumLengthNotification)
+        self.peer_max_pdu = int(peer_max.maximum_length_received or 0) if peer_max else 0
+        return list(request.user_information)
+
+    async def _send_acceptance(self, request: A_ASSOCIATE, decision: Acceptance) -> None:
+        self._user_information(request)
+        roles = {
+            str(item.sop_class_uid): (item.scu_role, item.scp_role)
+            for item in request.user_information
+            if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+        }
+        supported = list(decision.supported)
+        for context in supported:
+            granted = decision.roles.get(str(context.abstract_syntax))
+            if granted is not None:
+                context.scu_role, context.scp_role = granted
+        results, role_items = negotiate_as_acceptor(
+            request.presentation_context_definition_list,
+            supported,
+            {UID(k): v for k, v in roles.items()} if roles else None,
+        )
+        self.contexts = {c.context_id: c for c in results if c.result == 0}
+        answer = A_ASSOCIATE()
+        answer.application_context_name = APPLICATION_CONTEXT_NAME
+        answer.calling_ae_title = request.calling_ae_title
+        answer.called_ae_title = request.called_ae_title
+        answer.result = 0x00
+        answer.result_source = 0x01
+        answer.presentation_context_definition_results_list = results
+        answer.user_information = _identity(self.max_pdu) + list(role_items or [])
+        self.machine.handle(Event.A_ASSOCIATE_ACCEPT)  # AE-7
+        await self._write(AcPdu(answer).encode())
+
+    async def _send_rejection(self, rejection: Rejection, *, sent_by_machine: bool) -> None:
+        primitive = A_ASSOCIATE()
+        primitive.result = rejection.result
+        primitive.result_source = rejection.source
+        primitive.diagnostic = rejection.reason
+        with contextlib.suppress(Aborted):
+            await self._write(RjPdu(primitive).encode())
+        await self._await_close()  # Sta13: ARTIM bounds the wait for the peer's close
+
+    @classmethod
+    async def request(
+        cls,
+        host: str,
+        port: int,
+        *,
+        calling_ae: str,
+        called_ae: str,
+        contexts: list[PresentationContext],
+        roles: dict[str, tuple[bool, bool]] | None = None,
+        timeouts: Timeouts = Timeouts(),
+        max_pdu: int = 16384,
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout: float | None = None,
+    ) -> Association:
+        """Connect and negotiate as requestor; return the established association.
+
+        Raises `Rejected`, `Aborted`, or OSError / TimeoutError when the connection fails.
+        """
+        machine = ProtocolMachine("requestor")
+        machine.handle(Event.A_ASSOCIATE_REQUEST)  # AE-1
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ssl_context),
+            connect_timeout or timeouts.acse,
+        )
+        _nodelay(writer)
+        assoc = cls(reader, writer, machine, timeouts, max_pdu)
+        assoc.calling_ae, assoc.called_ae = calling_ae, called_ae
+        for number, context in enumerate(contexts):
+            context.context_id = 2 * number + 1
+        primitive = A_ASSOCIATE()
+        primitive.application_context_name = APPLICATION_CONTEXT_NAME
+        primitive.calling_ae_title = calling_ae
+        primitive.called_ae_title = called_ae
+        primitive.presentation_context_definition_list = contexts
+        items = _identity(max_pdu)
+        for uid, (scu, scp) in (roles or {}).items():
+            item = SCP_SCU_RoleSelectionNegotiation()
+            item.sop_class_uid = UID(uid)
+            item.scu_role, item.scp_role = scu, scp
+            items.append(item)
+        primitive.user_information = items
+        assoc.proposal = primitive
+        machine.handle(Event.TRANSPORT_CONNECTED)  # AE-2
+        await assoc._write(RqPdu(primitive).encode())
+        try:
+            pdu = await asyncio.wait_for(P.read_pdu(reader, max_pdu), timeouts.acse)
+        except (TimeoutError, P.PduTooLong, asyncio.IncompleteReadError, OSError) as exc:
+            await assoc._provider_abort(Event.INVALID_PDU, P.AbortReason.NOT_SPECIFIED)
+            raise Aborted(f"no answer to A-ASSOCIATE-RQ: {exc or type(exc).__name__}") from None
+        action = machine.handle(pdu.event)
+        if action.name == "AE-4":  # rejected
+            rj = RjPdu()
+            rj.decode(pdu.encoded())
+            await assoc._close()
+            raise Rejected(int(rj.result), int(rj.source), int(rj.reason_diagnostic))
+        if action.name == "AA-3":
+            await assoc._close()
+            raise Aborted("the acceptor aborted the association request", *_abort_fields(pdu))
+        if action.name != "AE-3":
+            await assoc._after_abort_sent(action.name, "an unexpected answer")
+            raise Aborted(f"unexpected PDU type 0x{pdu.type:02X} in Sta5", 2)
+        ac = AcPdu()
+        ac.decode(pdu.encoded())
+        answer = ac.to_primitive()
+        assoc._user_information(answer)
+        results = negotiate_as_requestor(
+            contexts,
+            answer.presentation_context_definition_results_list,
+            {
+                UID(item.sop_class_uid): (item.scu_role, item.scp_role)
+                for item in answer.user_information
+                if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+            },
+        )
+        assoc.contexts = {c.context_id: c for c in results if c.result == 0}
+        assoc._start_reader()
+        return assoc
+
+    # -- data transfer ------------------------------------------------------------------------
+
+    async def receive(self) -> Message:
+        """The next complete message (its data set complete too, or handed to its sink as
+        it came). Raises `Released` or `Aborted` once the association has ended."""
+        item = await self._inbox.get()
+        if item is _END:
+            self._inbox.put_nowait(_END)  # every later receive() ends too
+            assert self._ended is not None
+            raise self._ended
+        assert isinstance(item, Message)
+        return item
+
+    async def send(
+        self, context_id: int, command: Dataset, data: bytes | memoryview | None = None
+    ) -> None:
+        """Send a DIMSE message on *context_id*: the command set (encoded Implicit VR Little
+        Endian, PS3.7 6.3.1) and its data set's encoded bytes, if any, fragmented to the
+        peer's maximum PDU length. Raises `Aborted` when the association is gone."""
+        command.CommandDataSetType = _NO_DATA_SET if data is None else 0x0001
+        encoded = encode_command(command)
+        self._sending += 1
+        try:
+            await self._send_fragments(context_id, True, memoryview(encoded))
+            if data is not None:
+                await self._send_fragments(context_id, False, memoryview(data))
+        finally:
+            self._sending -= 1
+            async with self._sent:
+                self._sent.notify_all()
+
+    async def _send_fragments(self, context_id: int, command: bool, data: memoryview) -> None:
+        size = (self.peer_max_pdu - 6) if self.peer_max_pdu else _UNLIMITED_FRAGMENT
+        size = max(size, 1)
+        offset = 0
+        while True:
+            chunk = data[offset : offset + size]
+            offset += len(chunk)
+            last = offset >= len(data)
+            if self.machine.state not in (State.STA6, State.STA8):
+                raise self._ended or Aborted("the association is no longer established")
+            self.machine.handle(Event.P_DATA_REQUEST)  # DT-1 / AR-7
+            await self._write(P.p_data_tf(context_id, command, last, chunk))
+            if last:
+                return
+
+    # -- ending -------------------------------------------------------------------------------
+
+    async def release(self) -> None:
+        """Release the association (A-RELEASE-RQ, then wait for A-RELEASE-RP within the ACSE
+        timeout; a release collision is answered as PS3.8 9.2.3 says). Raises `Aborted` if it
+        does not complete."""
+        if self.machine.state != State.STA6:
+            raise self._ended or Aborted("the association is no longer established")
+        self.machine.handle(Event.A_RELEASE_REQUEST)  # AR-1
+        await self._write(P.release_rq())
+        try:
+            await asyncio.wait_for(self._release_answered.wait(), self.timeouts.acse)
+        except TimeoutError:
+            await self.abort()
+            raise Aborted("no A-RELEASE-RP within the ACSE timeout") from None
+        if self._reader_task is not None:
+            with contextlib.suppress(BaseException):
+                await self._reader_task
+
+    async def abort(self) -> None:
+        """A-ABORT (service user) and close."""
+        if self.machine.state in (State.STA1, State.STA13):
+            await self._close()
+            return
+        self.machine.handle(Event.A_ABORT_REQUEST)  # AA-1 (AA-2 in Sta4)
+        with contextlib.suppress(Aborted):
+            await self._write(P.abort_pdu(0))
+        self._end(Aborted("aborted by this side", 0))
+        await self._close()
+
+    async def wait_closed(self) -> None:
+        """Until the connection is closed (after a release response, the peer's close or
+        the ARTIM timeout)."""
+        if self._reader_task is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(self._reader_task)
+
+    @property
+    def is_established(self) -> bool:
+        return self.machine.state == State.STA6
+
+    # -- the reader ---------------------------------------------------------------------------
+
+    def _start_reader(self) -> None:
+        self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        try:
+            while self.machine.state not in (State.STA1,):
+                timeout = self._read_timeout()
+                try:
+                    pdu = await asyncio.wait_for(P.read_pdu(self._reader, self.max_pdu), timeout)
+                except TimeoutError:
+                    await self._timed_out()
+                    return
+                except P.PduTooLong as exc:  # its body is unread: nothing after it can be
+                    self._end(Aborted(str(exc), 2, P.AbortReason.INVALID_PARAMETER))
+                    await self._provider_abort(Event.INVALID_PDU, P.AbortReason.INVALID_PARAMETER)
+                    return
+                except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                    self._transport_closed()
+                    return
+                await self._on_pdu(pdu)
+        except asyncio.CancelledError:
+            self._end(Aborted("the association was closed"))
+            raise
+        finally:
+            await self._close()
+
+    def _read_timeout(self) -> float | None:
+        if self.machine.state == State.STA6:
+            return self.timeouts.idle
+        return self.timeouts.acse  # ARTIM (Sta13), or an awaited release answer
+
+    async def _timed_out(self) -> None:
+        if self.machine.state == State.STA13:
+            self.machine.handle(Event.ARTIM_EXPIRED)  # AA-2
+            return
+        await self._user_abort_on_timeout()
+
+    async def _user_abort_on_timeout(self) -> None:
+        state = self.machine.state
+        self.machine.handle(Event.A_ABORT_REQUEST)  # AA-1
+        with contextlib.suppress(Aborted):
+            await self._write(P.abort_pdu(2, P.AbortReason.NOT_SPECIFIED))
+        what = "idle" if state == State.STA6 else f"no answer in Sta{state.value}"
+        self._end(Aborted(f"timeout: {what}"))
+
+    def _transport_closed(self) -> None:
+        state = self.machine.state
+        self.machine.handle(Event.TRANSPORT_CLOSED)  # AA-4 / AR-5 / AA-5
+        if state == State.STA13:
+            return
+        self._end(Aborted("the peer closed the connection"))
+
+    async def _on_pdu(self, pdu: P.Pdu) -> None:
+        event = pdu.event
+        action = self.machine.handle(event)
+        name = action.name
+        if name in ("DT-2", "AR-6"):  # P-DATA indication
+            try:
+                self._take_p_data(pdu.body)
+            except ValueError as exc:
+                await self._provider_abort_now(P.AbortReason.INVALID_PARAMETER, str(exc))
+        elif name == "AR-2":  # the peer asks to release: answer once our sends are done
+            await self._answer_release()
+        elif name in ("AR-3", "AR-10"):  # our release answered (AR-10: collision, acceptor)
+            self._release_answered.set()
+            if name == "AR-10":
+                self.machine.handle(Event.A_RELEASE_RESPONSE)  # AR-4
+                await self._write(P.release_rp())
+            self._end(Released("released"))
+        elif name == "AR-8":  # release collision
+            if self.machine.role == "requestor":  # Sta9: answer, then await the peer's RP
+                self.machine.handle(Event.A_RELEASE_RESPONSE)  # AR-9
+                await self._write(P.release_rp())
+        elif name == "AA-3":  # A-ABORT from the peer
+            self._end(Aborted("aborted by the peer", *_abort_fields(pdu)))
+        elif name == "AA-8":  # invalid or unexpected: A-ABORT, A-P-ABORT, ARTIM
+            with contextlib.suppress(Aborted):
+                await self._write(P.abort_pdu(2, P.AbortReason.UNEXPECTED_PDU))
+            self._end(Aborted(f"unexpected PDU type 0x{pdu.type:02X}", 2,
+                              P.AbortReason.UNEXPECTED_PDU))  # fmt: skip
+        elif name == "AA-7":
+            with contextlib.suppress(Aborted):
+                await self._write(P.abort_pdu(2, P.AbortReason.UNEXPECTED_PDU))
+        # AA-6 (ignore), AA-2 (close): nothing more to do here
+
+    async def _answer_release(self) -> None:
+        async with self._sent:
+            await self._sent.wait_for(lambda: self._sending == 0)
+        self.machine.handle(Event.A_RELEASE_RESPONSE)  # AR-4: ARTIM runs
+        await self._write(P.release_rp())
+        self._end(Released("released by the peer"))
+
+    async def _provider_abort_now(self, reason: int, why: str) -> None:
+        """Abort for a malformed P-DATA-TF in Sta6/7 (as Evt19: AA-8)."""
+        self.machine.handle(Event.INVALID_PDU)  # AA-8
+        with contextlib.suppress(Aborted):
+            await self._write(P.abort_pdu(2, reason))
+        self._end(Aborted(why, 2, reason))
+
+    def _take_p_data(self, body: bytes) -> None:
+        for pdv in P.pdvs(body):
+            if pdv.context_id not in self.contexts:
+                raise ValueError(f"a fragment on presentation context {pdv.context_id}, "
+                                 "which was not accepted")  # fmt: skip
+            assembly = self._assembly.setdefault(pdv.context_id, _Assembly())
+            if pdv.command:
+                if assembly.message is not None:
+                    raise ValueError("a command fragment while a data set was expected")
+                assembly.command += pdv.data
+                if pdv.last:
+                    command = decode(io.BytesIO(bytes(assembly.command)), True, True)
+                    assembly.command.clear()
+                    message = Message(pdv.context_id, command)
+                    if not message.has_data:
+                        self._inbox.put_nowait(message)
+                        continue
+                    message.sink = self.sinks(message)
+                    assembly.message = message
+                    assembly.data = None if message.sink is not None else bytearray()
+            else:
+                pending = assembly.message
+                if pending is None:
+                    raise ValueError("a data set fragment with no command before it")
+                message = pending
+                if message.sink is not None:
+                    message.sink.write(pdv.data)
+                else:
+                    assert assembly.data is not None
+                    assembly.data += pdv.data
+                if pdv.last:
+                    if message.sink is not None:
+                        message.sink.close()
+                    else:
+                        assert assembly.data is not None
+                        message.data = bytes(assembly.data)
+                    assembly.message, assembly.data = None, None
+                    self._inbox.put_nowait(message)
+
+    # -- I/O ----------------------------------------------------------------------------------
+
+    async def _write(self, data: bytes) -> None:
+        """Write and wait until the peer takes it, at most `idle` seconds: a peer that does not
+        read, or a lost connection, ends the association (`Aborted`, the connection closed)."""
+        async with self._write_lock:
+            try:
+                self._writer.write(data)
+                await asyncio.wait_for(self._writer.drain(), self.timeouts.idle)
+            except TimeoutError:
+                reason = f"timeout: the peer read nothing for {self.timeouts.idle:g} s"
+            except (ConnectionError, OSError) as exc:
+                reason = f"the connection was lost: {exc}"
+            else:
+                return
+        self._end(Aborted(reason))
+        await self._close()
+        raise Aborted(reason)
+
+    async def _provider_abort(self, event: Event, reason: int) -> None:
+        action = self.machine.handle(event)
+        if action.name in ("AA-1", "AA-7", "AA-8"):
+            with contextlib.suppress(Aborted):
+                await self._write(P.abort_pdu(2, reason))
+        await self._close()
+
+    async def _after_abort_sent(self, action: str, why: str) -> None:
+        if action in ("AA-1", "AA-7", "AA-8"):
+            with contextlib.suppress(Aborted):
+                await self._write(P.abort_pdu(2, P.AbortReason.UNEXPECTED_PDU))
+        await self._close()
+
+    async def _await_close(self) -> None:
+        """Sta13: wait for the peer to close, at most the ARTIM timeout, then close."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._reader.read(), self.timeouts.acse)
+        await self._close()
+
+    def _end(self, reason: BaseException) -> None:
+        if self._ended is None:
+            self._ended = reason
+            self._release_answered.set()
+            for assembly in self._assembly.values():
+                if assembly.message is not None and assembly.message.sink is not None:
+                    assembly.message.sink.discard()
+            self._assembly.clear()
+            self._inbox.put_nowait(_END)
+
+    async def _close(self) -> None:
+        self._end(Aborted("the connection was closed"))
+        if self.machine.state != State.STA1:
+            self.machine.state = State.STA1
+        if not self._writer.is_closing():
+            self._writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._writer.wait_closed(), 1.0)
+        task = self._reader_task
+        if task is not None and task is not asyncio.current_task() and not task.done():
+            task.cancel()
+
+
+def _identity(max_pdu: int) -> list[Any]:
+    """The user information every A-ASSOCIATE this side sends carries (PS3.7 Annex D.3.3)."""
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_pdu
+    uid = ImplementationClassUIDNotification()
+    uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    name = ImplementationVersionNameNotification()
+    name.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+    return [length, uid, name]
+
+
+def _abort_fields(pdu: P.Pdu) -> tuple[int, int]:
+    if len(pdu.body) == 4:
+        return pdu.body[2], pdu.body[3]
+    return 2, 0
+
+
+def encode_command(command: Dataset) -> bytes:
+    """A command set's bytes: Implicit VR Little Endian with its (0000,0000) Command Group
+    Length (PS3.7 6.3.1, E.1); the set gets a CommandGroupLength element."""
+    command.CommandGroupLength = 0
+    encoded = encode(command, True, True)
+    assert encoded is not None
+    # The group length counts the bytes after its own element (8 + 4 bytes).
+    return bytes(encoded[:8]) + struct.pack("<I", len(encoded) - 12) + bytes(encoded[12:])
+
+
+def _nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -1,0 +1,413 @@
+"""The asyncio association against real peers: pynetdicom AEs, and a scripted raw-socket peer
+that drives the Upper Layer through states a well-behaved peer never shows (PS3.8 9.2)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.pdu import A_ASSOCIATE_RQ as RqPdu
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from gateway.net import pdu as P
+from gateway.net.association import (
+    Aborted,
+    Acceptance,
+    Association,
+    Message,
+    Rejected,
+    Rejection,
+    Released,
+    Timeouts,
+)
+from gateway.net.fsm import State
+from tests.conftest import HOST, TEST_FILES, free_port
+
+pytestmark = pytest.mark.asyncio
+
+FAST = Timeouts(acse=0.5, idle=5.0)
+
+
+def supported() -> list[Any]:
+    return [
+        build_context(Verification, [ImplicitVRLittleEndian, ExplicitVRLittleEndian]),
+        build_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+    ]
+
+
+@dataclass
+class Acceptor:
+    """A server on a loopback port whose connections are served by `Association.accept`:
+    it answers C-ECHO and C-STORE requests with success and keeps what it saw."""
+
+    port: int
+    timeouts: Timeouts = FAST
+    max_pdu: int = 16384
+    decide: Callable[[A_ASSOCIATE], Acceptance | Rejection] = lambda _: Acceptance(supported())
+    outcomes: list[BaseException] = field(default_factory=list)  # how each association ended
+    messages: list[Message] = field(default_factory=list)
+    associations: list[Association] = field(default_factory=list)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            assoc = await Association.accept(
+                reader, writer, self.decide, timeouts=self.timeouts, max_pdu=self.max_pdu
+            )
+        except (Aborted, Rejected) as exc:
+            self.outcomes.append(exc)
+            self.ended.set()
+            return
+        self.associations.append(assoc)
+        try:
+            while True:
+                message = await assoc.receive()
+                self.messages.append(message)
+                rsp = Dataset()
+                request = message.command
+                rsp.CommandField = int(request.CommandField) | 0x8000
+                rsp.MessageIDBeingRespondedTo = request.MessageID
+                rsp.AffectedSOPClassUID = request.AffectedSOPClassUID
+                if "AffectedSOPInstanceUID" in request:
+                    rsp.AffectedSOPInstanceUID = request.AffectedSOPInstanceUID
+                rsp.Status = 0x0000
+                await assoc.send(message.context_id, rsp)
+        except (Released, Aborted) as exc:
+            self.outcomes.append(exc)
+            self.ended.set()
+
+
+@pytest_asyncio.fixture
+async def acceptor() -> AsyncIterator[Acceptor]:
+    server_state = Acceptor(free_port())
+    server = await asyncio.start_server(server_state.serve, HOST, server_state.port)
+    yield server_state
+    server.close()
+    await server.wait_closed()
+
+
+async def ended(acceptor: Acceptor, count: int = 1) -> list[BaseException]:
+    async with asyncio.timeout(10):
+        while len(acceptor.outcomes) < count:
+            acceptor.ended.clear()
+            await acceptor.ended.wait()
+    return acceptor.outcomes
+
+
+# -- pynetdicom as requestor ---------------------------------------------------------------------
+
+
+async def test_pynetdicom_echoes_and_stores_through_the_acceptor(acceptor: Acceptor) -> None:
+    import pydicom
+
+    dataset = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+
+    def client() -> tuple[int, int]:
+        ae = AE(ae_title="PYNETDICOM")
+        ae.add_requested_context(Verification)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate(HOST, acceptor.port, ae_title="GATEWAY", max_pdu=4096)
+        assert assoc.is_established
+        echo = assoc.send_c_echo()
+        store = assoc.send_c_store(dataset)
+        assoc.release()
+        return int(echo.Status), int(store.Status)
+
+    assert await asyncio.to_thread(client) == (0, 0)
+    (outcome,) = await ended(acceptor)
+    assert isinstance(outcome, Released)
+    echo, store = acceptor.messages
+    assert (echo.command.CommandField, echo.has_data) == (0x0030, False)
+    assert store.command.CommandField == 0x0001
+    assert store.command.AffectedSOPInstanceUID == dataset.SOPInstanceUID
+    # The data set arrived whole over many fragments (the acceptor's maximum was 16384, the
+    # requestor's 4096: responses fragmented to it).
+    assert len(store.data) > 4096
+    (assoc,) = acceptor.associations
+    assert assoc.calling_ae == "PYNETDICOM" and assoc.called_ae == "GATEWAY"
+    assert assoc.peer_max_pdu == 4096
+    await assoc.wait_closed()  # Sta13 until the requestor closes
+    assert assoc.machine.state == State.STA1
+
+
+async def test_a_rejection_reaches_pynetdicom_with_its_reason(acceptor: Acceptor) -> None:
+    acceptor.decide = lambda _: Rejection(1, 1, 7)  # called AE title not recognised
+
+    def client() -> tuple[bool, int | None]:
+        ae = AE(ae_title="PYNETDICOM")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate(HOST, acceptor.port, ae_title="NOBODY")
+        return assoc.is_rejected, getattr(assoc.acceptor, "primitive", None) and int(
+            assoc.acceptor.primitive.diagnostic
+        )
+
+    assert await asyncio.to_thread(client) == (True, 7)
+    (outcome,) = await ended(acceptor)
+    assert isinstance(outcome, Rejected) and outcome.reason == 7
+
+
+# -- as requestor, against pynetdicom ----------------------------------------------------------
+
+
+async def test_the_requestor_echoes_and_releases_against_pynetdicom() -> None:
+    ae = AE(ae_title="ECHOSCP")
+    ae.add_supported_context(Verification)
+    port = free_port()
+    seen: list[str] = []
+    server = ae.start_server(
+        (HOST, port), block=False,
+        evt_handlers=[(evt.EVT_C_ECHO, lambda e: seen.append(e.assoc.requestor.ae_title) or 0)],
+    )  # fmt: skip
+    try:
+        assoc = await Association.request(
+            HOST, port, calling_ae="GATEWAY", called_ae="ECHOSCP",
+            contexts=[build_context(Verification)], timeouts=FAST,
+        )  # fmt: skip
+        (context_id,) = assoc.contexts
+        request = Dataset()
+        request.CommandField = 0x0030
+        request.MessageID = 1
+        request.AffectedSOPClassUID = Verification
+        await assoc.send(context_id, request)
+        async with asyncio.timeout(5):
+            response = await assoc.receive()
+        assert (response.command.CommandField, response.command.Status) == (0x8030, 0)
+        await assoc.release()
+        assert assoc.machine.state == State.STA1
+        assert seen == ["GATEWAY"]
+    finally:
+        server.shutdown()
+
+
+async def test_the_requestor_learns_of_a_rejection() -> None:
+    ae = AE(ae_title="ECHOSCP")
+    ae.add_supported_context(Verification)
+    ae.require_called_aet = True
+    port = free_port()
+    server = ae.start_server((HOST, port), block=False)
+    try:
+        with pytest.raises(Rejected) as rejected:
+            await Association.request(
+                HOST, port, calling_ae="GATEWAY", called_ae="WRONG",
+                contexts=[build_context(Verification)], timeouts=FAST,
+            )  # fmt: skip
+        assert (rejected.value.result, rejected.value.reason) == (1, 7)
+    finally:
+        server.shutdown()
+
+
+# -- a scripted raw-socket peer ------------------------------------------------------------------
+
+
+def association_rq(called: str = "GATEWAY", max_pdu: int = 16384) -> bytes:
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = "RAW"
+    primitive.called_ae_title = called
+    context = build_context(Verification)
+    context.context_id = 1
+    primitive.presentation_context_definition_list = [context]
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_pdu
+    primitive.user_information = [length]
+    return bytes(RqPdu(primitive).encode())
+
+
+class RawPeer:
+    """A socket that writes bytes as scripted and reads PDUs back."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=5)
+
+    def read_pdu(self) -> tuple[int, bytes]:
+        header = self._exactly(6)
+        pdu_type, length = struct.unpack(">BxI", header)
+        return pdu_type, self._exactly(length)
+
+    def _exactly(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = self.sock.recv(count - len(data))
+            if not chunk:
+                raise EOFError(f"closed after {len(data)} of {count} bytes")
+            data += chunk
+        return data
+
+    def closed(self) -> bool:
+        self.sock.settimeout(5)
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def associate(self) -> None:
+        self.sock.sendall(association_rq())
+        pdu_type, _ = self.read_pdu()
+        assert pdu_type == P.A_ASSOCIATE_AC
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def in_thread(fn: Callable[[], Any]) -> Any:
+    return await asyncio.to_thread(fn)
+
+
+async def test_artim_closes_a_connection_that_never_asks_to_associate(acceptor: Acceptor) -> None:
+    peer = RawPeer(acceptor.port)
+    try:
+        assert await in_thread(peer.closed)  # Sta2, Evt18: AA-2 closes without a PDU
+        (outcome,) = await ended(acceptor)
+        assert isinstance(outcome, Aborted) and "ARTIM" in str(outcome)
+    finally:
+        peer.close()
+
+
+async def test_data_before_association_is_aborted(acceptor: Acceptor) -> None:
+    peer = RawPeer(acceptor.port)
+    try:
+        peer.sock.sendall(P.p_data_tf(1, True, True, b"\x00" * 8))  # Sta2, Evt10: AA-1
+        pdu_type, body = await in_thread(peer.read_pdu)
+        assert pdu_type == P.A_ABORT and body[2] == 2  # source: the service provider
+        assert await in_thread(peer.closed)
+        (outcome,) = await ended(acceptor)
+        assert isinstance(outcome, Aborted)
+    finally:
+        peer.close()
+
+
+async def test_a_pdu_longer_than_negotiated_is_refused_unread(acceptor: Acceptor) -> None:
+    peer = RawPeer(acceptor.port)
+    try:
+        await in_thread(peer.associate)
+        # Announce 1 MB more than the acceptor's 16384 maximum; send only the header.
+        peer.sock.sendall(struct.pack(">BxI", P.P_DATA_TF, acceptor.max_pdu + (1 << 20)))
+        pdu_type, body = await in_thread(peer.read_pdu)
+        assert (pdu_type, body[2], body[3]) == (P.A_ABORT, 2, P.AbortReason.INVALID_PARAMETER)
+        assert await in_thread(peer.closed)
+        (outcome,) = await ended(acceptor)
+        assert isinstance(outcome, Aborted) and "exceeds 16384" in str(outcome)
+    finally:
+        peer.close()
+
+
+async def test_a_peer_that_stops_mid_pdu_ends_the_association(acceptor: Acceptor) -> None:
+    peer = RawPeer(acceptor.port)
+    try:
+        await in_thread(peer.associate)
+        pdu = P.p_data_tf(1, True, True, b"\x00" * 64)
+        peer.sock.sendall(pdu[:20])  # then nothing more: the connection is closed
+        await asyncio.sleep(0.1)
+        peer.close()
+        (outcome,) = await ended(acceptor)
+        assert isinstance(outcome, Aborted) and "closed" in str(outcome)
+        assert acceptor.associations[0].machine.state == State.STA1
+    finally:
+        peer.close()
+
+
+async def test_a_fragment_on_a_context_never_accepted_aborts(acceptor: Acceptor) -> None:
+    peer = RawPeer(acceptor.port)
+    try:
+        await in_thread(peer.associate)
+        peer.sock.sendall(P.p_data_tf(99, True, True, b"\x00" * 8))
+        pdu_type, body = await in_thread(peer.read_pdu)
+        assert (pdu_type, body[3]) == (P.A_ABORT, P.AbortReason.INVALID_PARAMETER)
+        (outcome,) = await ended(acceptor)
+        assert isinstance(outcome, Aborted) and "context 99" in str(outcome)
+    finally:
+        peer.close()
+
+
+async def test_an_abort_from_the_peer_ends_the_association_at_once(acceptor: Acceptor) -> None:
+    peer = RawPeer(acceptor.port)
+    try:
+        await in_thread(peer.associate)
+        peer.sock.sendall(P.abort_pdu(0))
+        (outcome,) = await ended(acceptor)
+        assert isinstance(outcome, Aborted) and outcome.source == 0
+        assert await in_thread(peer.closed)
+    finally:
+        peer.close()
+
+
+async def test_release_collision_as_acceptor(acceptor: Acceptor) -> None:
+    """The acceptor asks to release (Sta7) while the requestor does too (AR-8: Sta10); the
+    requestor answers first (AR-10: Sta12), then the acceptor answers (AR-4: Sta13)."""
+    acceptor_release: list[BaseException | None] = []
+
+    async def release_after_associated() -> None:
+        async with asyncio.timeout(5):
+            while not acceptor.associations:
+                await asyncio.sleep(0.01)
+        try:
+            await acceptor.associations[0].release()
+            acceptor_release.append(None)
+        except Exception as exc:
+            acceptor_release.append(exc)
+
+    peer = RawPeer(acceptor.port)
+    try:
+        releasing = asyncio.create_task(release_after_associated())
+        await in_thread(peer.associate)
+        pdu_type, _ = await in_thread(peer.read_pdu)
+        assert pdu_type == P.A_RELEASE_RQ  # the acceptor's request
+        peer.sock.sendall(P.release_rq())  # ours crosses it: a collision
+        await asyncio.sleep(0.2)
+        peer.sock.sendall(P.release_rp())  # as requestor we answer first (Sta9 -> Sta11)
+        pdu_type, _ = await in_thread(peer.read_pdu)
+        assert pdu_type == P.A_RELEASE_RP  # then the acceptor answers ours
+        peer.close()
+        await releasing
+        assert acceptor_release == [None]
+        assert acceptor.associations[0].machine.state == State.STA1
+    finally:
+        peer.close()
+
+
+async def test_a_peer_that_never_reads_is_aborted_after_the_idle_timeout() -> None:
+    """The acceptor sends 16 MB to a requestor that never reads: once the socket buffers
+    are full its write waits at most `idle` seconds, then the association is aborted."""
+    outcome: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+    timeouts = Timeouts(acse=0.5, idle=1.0)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        assoc = await Association.accept(
+            reader, writer, lambda _: Acceptance(supported()), timeouts=timeouts
+        )
+        (context_id, *_) = assoc.contexts
+        response = Dataset()
+        response.CommandField = 0x8030
+        response.MessageIDBeingRespondedTo = 1
+        response.Status = 0
+        try:
+            await assoc.send(context_id, response, bytes(16 << 20))
+        except Aborted as exc:
+            outcome.set_result(exc)
+
+    port = free_port()
+    server = await asyncio.start_server(serve, HOST, port)
+    peer = RawPeer(port)
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        await in_thread(peer.associate)
+        began = asyncio.get_running_loop().time()
+        async with asyncio.timeout(10):
+            aborted = await outcome
+        assert "the peer read nothing for 1 s" in str(aborted)
+        assert asyncio.get_running_loop().time() - began < 5
+    finally:
+        peer.close()
+        server.close()
+        await server.wait_closed()
