@@ -358,6 +358,8 @@ class OrthancProcess:
 
     *modalities* are its DicomModalities (name -> (AE title, host, port)): the nodes it may
     C-STORE to, as C-MOVE destinations. `stop()` and `start()` again keep its data and ports.
+    One that several tests of a module share is emptied for each by `reset()` (it shuts down
+    in ~3 s, its HTTP and DICOM servers polling for the stop; it starts in a fraction of that).
     """
 
     def __init__(
@@ -396,6 +398,7 @@ class OrthancProcess:
         }
         (root / "orthanc.json").write_text(json.dumps(config))
         self.log_path = root / "orthanc.log"
+        self.log_start = 0  # where `log_text` begins: the last `reset`
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -446,17 +449,56 @@ class OrthancProcess:
             for i in self.rest("/instances")
         }
 
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def set_modalities(self, modalities: dict[str, tuple[str, str, int]]) -> None:
+        """Add or change DicomModalities (name -> (AE title, host, port)) through the REST API:
+        in memory, until it stops (`start()` again reads its config's)."""
+        import json
 
-    def stop(self) -> None:
+        for name, (ae_title, host, port) in modalities.items():
+            body = json.dumps({"AET": ae_title, "Host": host, "Port": port}).encode()
+            self.rest(f"/modalities/{name}", data=body, method="PUT")
+
+    def reset(self, modalities: dict[str, tuple[str, str, int]] | None = None) -> OrthancProcess:
+        """Ready a running Orthanc that a module's tests share for the next test: every patient
+        deleted (with its studies, series and instances), *modalities* set, and `log_text`
+        from here on. (`POST /tools/reset` is no use: it restarts Orthanc, which then ignores
+        SIGTERM.)"""
+        assert self.proc is not None and self.proc.poll() is None, "a shared Orthanc is down"
+        for patient in self.rest("/patients"):
+            self.rest(f"/patients/{patient}", method="DELETE")
+        assert self.instance_count() == 0
+        self.set_modalities(modalities or {})
+        self.log_start = self.log_path.stat().st_size
+        return self
+
+    def log_text(self) -> str:
+        """Its log since the last `reset` (all of it if none)."""
+        with self.log_path.open("rb") as log:
+            log.seek(self.log_start)
+            return log.read().decode(errors="replace")
+
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM) and return at once; `stop()` waits for it."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
+
+    def stop(self) -> None:
+        self.terminate()
+        if self.proc is not None:
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def stop_orthancs(*servers: OrthancProcess | None) -> None:
+    """Stop Orthancs side by side: each takes ~3 s to shut down, mostly waiting."""
+    running = [server for server in servers if server is not None]
+    for server in running:
+        server.terminate()
+    for server in running:
+        server.stop()
 
 
 @pytest.fixture

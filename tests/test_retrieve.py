@@ -24,6 +24,7 @@ from tests.conftest import (
     OrthancProcess,
     StoreSCP,
     free_port,
+    stop_orthancs,
     write_variant,
 )
 from tests.scu.test_sender import Recorder
@@ -64,44 +65,94 @@ def make_study(directory: Path, mrn: str, accession: str, series_sizes: tuple[in
     return Study(study, mrn, accession, files, series_uids)
 
 
+@dataclass
+class Archives:
+    """A VNA, a PACS (verbose: their logs show each C-MOVE) and an anonymiser: Orthancs that
+    the tests of a module share, each test's `Site` emptying them and pointing them at its
+    own gateway."""
+
+    vna: OrthancProcess
+    pacs: OrthancProcess
+    anon: OrthancProcess
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archives]:
+    root = tmp_path_factory.mktemp("archives")
+    servers: list[OrthancProcess] = []
+    try:
+        # The gateway's port is each test's own: `Site` sets it.
+        for name, ae_title, verbose in (("vna", "VNA", True), ("pacs", "PACS", True),
+                                        ("anon", "ANON", False)):  # fmt: skip
+            servers.append(OrthancProcess(root / name, ae_title, verbose=verbose))
+        yield Archives(*servers)
+    finally:
+        stop_orthancs(*servers)
+
+
 class Site:
-    """The gateway, a VNA and a PACS (Orthancs knowing the gateway) and an anonymiser."""
+    """The gateway, a VNA and a PACS (Orthancs knowing the gateway) and an anonymiser.
+
+    With *archives* (a module's shared Orthancs) it uses those, emptied, except a VNA of its
+    own when it checks the called AE title or *own_vna* (a test that stops and starts it);
+    without, it starts its own. `stop()` stops the Orthancs it started.
+    """
 
     def __init__(
         self, gateway_factory: Any, tmp_path: Path, *,
         anonymiser: Recorder | StoreSCP | None = None,
         retrieve: dict[str, Any] | None = None, peers: dict[str, dict[str, Any]] | None = None,
-        check_called_aet: bool = False,
+        check_called_aet: bool = False, archives: Archives | None = None, own_vna: bool = False,
     ) -> None:  # fmt: skip
         self.gw: GatewayProcess = gateway_factory(start=False)
         me = {"gateway": ("GATEWAY", HOST, self.gw.port)}
-        self.vna = OrthancProcess(tmp_path / "vna", "VNA", me, verbose=True,
-                                  check_called_aet=check_called_aet)  # fmt: skip
-        self.pacs = OrthancProcess(tmp_path / "pacs", "PACS", me, verbose=True)
-        self.anon_orthanc = None if anonymiser else OrthancProcess(tmp_path / "anon", "ANON")
-        anon_port = anonymiser.port if anonymiser else self.anon_orthanc.port  # type: ignore[union-attr]
-        anon_ae = getattr(anonymiser, "ae_title", "RECORDER") if anonymiser else "ANON"
-        extra = peers or {}
-        self.sections = {
-            "peers": [
-                {"name": "vna", "ae_title": "VNA", "host": HOST, "port": self.vna.port,
-                 **extra.get("vna", {})},
-                {"name": "pacs", "ae_title": "PACS", "host": HOST, "port": self.pacs.port,
-                 **extra.get("pacs", {})},
-                {"name": "anon", "ae_title": anon_ae, "host": HOST, "port": anon_port},
-            ],
-            "retrieve": {"primary": "vna", "secondary": "pacs", "anonymiser": "anon",
-                         "stall_seconds": 5, **FAST_RETRY, **(retrieve or {})},
-            "projects": [{"name": "P1"}, {"name": "P2"}],
-            "dispatch": {"retry_base_seconds": 0.2, "retry_max_seconds": 1.0},
-        }  # fmt: skip
-        self.gw.write_config(**self.sections)
-        self.gw.start()
+        self._started: list[OrthancProcess] = []
+        try:
+            if archives is None or own_vna or check_called_aet:
+                self.vna = self._start(tmp_path / "vna", "VNA", me, verbose=True,
+                                       check_called_aet=check_called_aet)  # fmt: skip
+            else:
+                self.vna = archives.vna.reset(me)
+            if archives is None:
+                self.pacs = self._start(tmp_path / "pacs", "PACS", me, verbose=True)
+            else:
+                self.pacs = archives.pacs.reset(me)
+            self.anon_orthanc: OrthancProcess | None = None
+            if anonymiser is None:
+                self.anon_orthanc = (
+                    self._start(tmp_path / "anon", "ANON") if archives is None
+                    else archives.anon.reset()
+                )  # fmt: skip
+            anon_port = anonymiser.port if anonymiser else self.anon_orthanc.port  # type: ignore[union-attr]
+            anon_ae = getattr(anonymiser, "ae_title", "RECORDER") if anonymiser else "ANON"
+            extra = peers or {}
+            self.sections = {
+                "peers": [
+                    {"name": "vna", "ae_title": "VNA", "host": HOST, "port": self.vna.port,
+                     **extra.get("vna", {})},
+                    {"name": "pacs", "ae_title": "PACS", "host": HOST, "port": self.pacs.port,
+                     **extra.get("pacs", {})},
+                    {"name": "anon", "ae_title": anon_ae, "host": HOST, "port": anon_port},
+                ],
+                "retrieve": {"primary": "vna", "secondary": "pacs", "anonymiser": "anon",
+                             "stall_seconds": 5, **FAST_RETRY, **(retrieve or {})},
+                "projects": [{"name": "P1"}, {"name": "P2"}],
+                "dispatch": {"retry_base_seconds": 0.2, "retry_max_seconds": 1.0},
+            }  # fmt: skip
+            self.gw.write_config(**self.sections)
+            self.gw.start()
+        except BaseException:
+            self.stop()  # the gateway is gateway_factory's to stop
+            raise
+
+    def _start(self, root: Path, *args: Any, **kwargs: Any) -> OrthancProcess:
+        server = OrthancProcess(root, *args, **kwargs)
+        self._started.append(server)
+        return server
 
     def stop(self) -> None:
-        for orthanc in (self.vna, self.pacs, self.anon_orthanc):
-            if orthanc is not None:
-                orthanc.stop()
+        """Stop the Orthancs this site started (a module's shared ones stay up)."""
+        stop_orthancs(*self._started)
 
     def status(self, project: str = "P1") -> dict[str, Any]:
         result: dict[str, Any] = self.gw.call("retrieve.status", {"project": project})
@@ -121,14 +172,15 @@ class Site:
 
 
 @pytest.fixture
-def site(gateway_factory: Any, tmp_path: Path) -> Iterator[Site]:
-    s = Site(gateway_factory, tmp_path)
+def site(gateway_factory: Any, tmp_path: Path, archives: Archives) -> Iterator[Site]:
+    s = Site(gateway_factory, tmp_path, archives=archives)
     yield s
     s.stop()
 
 
 def moves_at(orthanc: OrthancProcess) -> list[float]:
-    """When *orthanc* received each C-MOVE request (its own log's clock, seconds of the day)."""
+    """When *orthanc* received each C-MOVE request since its last reset (its own log's clock,
+    seconds of the day)."""
     times = []
     for line in orthanc.log_text().splitlines():
         if "Incoming Move request" in line:
@@ -193,9 +245,11 @@ def test_only_the_missing_half_is_moved(site: Site, tmp_path: Path) -> None:
     assert site.anon_orthanc is not None and site.anon_orthanc.sop_uids() == study.sops
 
 
-def test_refusals_and_the_secondary_window(gateway_factory: Any, tmp_path: Path) -> None:
+def test_refusals_and_the_secondary_window(
+    gateway_factory: Any, tmp_path: Path, archives: Archives
+) -> None:
     tomorrow = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")[(datetime.now().weekday() + 2) % 7]
-    site = Site(gateway_factory, tmp_path, retrieve={
+    site = Site(gateway_factory, tmp_path, archives=archives, retrieve={
         "secondary_windows": [{"days": [tomorrow], "start": "01:00", "end": "02:00"}],
     })  # fmt: skip
     try:
@@ -248,28 +302,32 @@ def test_refusals_and_the_secondary_window(gateway_factory: Any, tmp_path: Path)
 
 
 def test_archive_down_stays_processing_and_completes_when_it_returns(
-    site: Site, tmp_path: Path
+    gateway_factory: Any, tmp_path: Path, archives: Archives
 ) -> None:
-    study = make_study(tmp_path / "a", "MRN1", "ACC1", (2,))
-    site.vna.upload(*study.files)
-    site.vna.stop()
-    site.gw.call("retrieve.submit", {"project": "P1", "study_uid": study.uid})
-    wait_until(lambda: site.status()["requests"][0]["attempts"] >= 2)
-    (request,) = site.status()["requests"]
-    assert request["status"] == "Processing" and request["step"] == "query"
-    assert "peer vna" in request["reason"] and "unreachable: " in request["reason"]
-    site.vna.start()
-    (request,) = site.wait_settled()["requests"]
-    assert request["status"] == "Successful" and request["archive"] == "vna"
+    site = Site(gateway_factory, tmp_path, archives=archives, own_vna=True)  # stopped, started
+    try:
+        study = make_study(tmp_path / "a", "MRN1", "ACC1", (2,))
+        site.vna.upload(*study.files)
+        site.vna.stop()
+        site.gw.call("retrieve.submit", {"project": "P1", "study_uid": study.uid})
+        wait_until(lambda: site.status()["requests"][0]["attempts"] >= 2)
+        (request,) = site.status()["requests"]
+        assert request["status"] == "Processing" and request["step"] == "query"
+        assert "peer vna" in request["reason"] and "unreachable: " in request["reason"]
+        site.vna.start()
+        (request,) = site.wait_settled()["requests"]
+        assert request["status"] == "Successful" and request["archive"] == "vna"
+    finally:
+        site.stop()
 
 
 def test_anonymiser_down_retries_only_the_forward_step(
-    gateway_factory: Any, tmp_path: Path
+    gateway_factory: Any, tmp_path: Path, archives: Archives
 ) -> None:
     port = free_port()
     anonymiser = Recorder(port=port)
     anonymiser.stop()  # down from the start; comes up later on the same port
-    site = Site(gateway_factory, tmp_path, anonymiser=anonymiser)
+    site = Site(gateway_factory, tmp_path, anonymiser=anonymiser, archives=archives)
     late: Recorder | None = None
     try:
         study = make_study(tmp_path / "a", "MRN1", "ACC1", (3,))
@@ -297,10 +355,12 @@ def test_anonymiser_down_retries_only_the_forward_step(
 _SETUP_JITTER = 0.2  # s: the most a loaded machine delays one association's arrival
 
 
-def test_cohort_of_50_rate_limited_survives_kill_9(gateway_factory: Any, tmp_path: Path) -> None:
+def test_cohort_of_50_rate_limited_survives_kill_9(
+    gateway_factory: Any, tmp_path: Path, archives: Archives
+) -> None:
     anonymiser = Recorder()
     rate = 240.0  # moves a minute: one every 0.25 s
-    site = Site(gateway_factory, tmp_path, anonymiser=anonymiser,
+    site = Site(gateway_factory, tmp_path, anonymiser=anonymiser, archives=archives,
                 peers={"vna": {"moves_per_minute": rate}})  # fmt: skip
     try:
         cohort = [make_study(tmp_path / f"s{n}", f"MRN{n}", f"ACC{n}", (2,)) for n in range(50)]
@@ -347,8 +407,8 @@ def test_cohort_of_50_rate_limited_survives_kill_9(gateway_factory: Any, tmp_pat
         site.stop()
 
 
-def test_c_get_archive(gateway_factory: Any, tmp_path: Path) -> None:
-    site = Site(gateway_factory, tmp_path, peers={"vna": {"retrieve": "get"}})
+def test_c_get_archive(gateway_factory: Any, tmp_path: Path, archives: Archives) -> None:
+    site = Site(gateway_factory, tmp_path, archives=archives, peers={"vna": {"retrieve": "get"}})
     try:
         study = make_study(tmp_path / "a", "MRN1", "ACC1", (2, 1))
         site.vna.upload(*study.files)
@@ -453,13 +513,14 @@ def test_a_move_without_progress_times_out_and_is_retried(
 
 
 def test_permanent_rejection_fails_at_once_and_a_reload_queues_it_again(
-    gateway_factory: Any, tmp_path: Path
+    gateway_factory: Any, tmp_path: Path, archives: Archives
 ) -> None:
     """The VNA (Orthanc checking the called AE title) does not know the AE title the gateway
     is configured to call: A-ASSOCIATE-RJ permanent, so the request fails on its first attempt
     with the reject's reason. Correcting the peer and reloading queues it again; it succeeds."""
+    # That VNA is its own; the PACS and the anonymiser are the module's.
     site = Site(gateway_factory, tmp_path, peers={"vna": {"ae_title": "WRONG"}},
-                check_called_aet=True)  # fmt: skip
+                check_called_aet=True, archives=archives)  # fmt: skip
     try:
         study = make_study(tmp_path / "s", "MRN1", "ACC1", (2,))
         site.vna.upload(*study.files)

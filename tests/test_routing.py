@@ -26,11 +26,13 @@ from tests.conftest import (
     require,
     write_variant,
 )
-from tests.scp.test_query_retrieve import stored_dataset
+from tests.scp.test_query_retrieve import index_rows, stored_dataset
 from tests.scu.test_notify import Webhook
 from tests.scu.test_sender import Recorder
 
 CT = TEST_FILES / "CT_small.dcm"
+# The rule waits open on a study: their scopes (from the gateway's index).
+WAITING = "SELECT scope FROM completions WHERE study_uid = ? AND state = 'waiting'"
 
 
 def storescu(gw: GatewayProcess, files: list[Path], calling: str = "CT1") -> None:
@@ -161,7 +163,8 @@ def test_operator_force_completes_a_study_from_the_cli(
     )  # fmt: skip
     study = generate_uid()
     storescu(gw, make_series(tmp_path / "in", 2, study, "AX"))
-    time.sleep(0.5)
+    # The rule waits on the study (the engine takes arrivals within 0.1 s).
+    wait_until(lambda: index_rows(gw, WAITING, (study,)) == [("study",)])
     assert recorder.received == []
     forced = gw.cli("studies", "force-complete", study)
     assert "1 pending rule wait(s) completed" in forced.stdout

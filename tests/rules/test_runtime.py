@@ -1,11 +1,16 @@
-"""The completion engine on a real store: quiet periods, required series, force, restarts."""
+"""The completion engine on a real store: quiet periods, required series, force, restarts.
+
+The engine and the store run on a clock the test moves (`Clock`): a quiet period or a force
+timeout passes when the test says so, not after a wall-clock sleep, and a check that nothing
+completed yet is made once the engine has looked at its deadlines at that time.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +21,7 @@ from pydicom.uid import generate_uid
 from gateway.config import PeerSettings, Settings
 from gateway.rules.runtime import CompletedWork, CompletionEngine
 from gateway.store.completions import ARRIVALS_SINCE, CompletionStore
-from gateway.store.index import Provenance
+from gateway.store.index import IngestResult, Provenance
 from gateway.store.jobs import JobQueue
 from gateway.store.store import Store
 from tests.conftest import TEST_FILES, write_variant
@@ -29,21 +34,70 @@ def rules(*tables: dict[str, Any]) -> Settings:
     return Settings(peers=[PEER], rules=list(tables))  # type: ignore[arg-type]
 
 
+class Clock:
+    """A wall clock the test moves, shared by the store and the engine."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SteppedEngine(CompletionEngine):
+    """The engine, for a test that moves its clock: moving it wakes nothing, so `wake()` has
+    the engine look at its deadlines again (as `force_study` does); `taken` counts the
+    arrivals it has taken (replayed ones too), `settled` the last wake-up it has settled
+    what was due after."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.taken = 0
+        self.woken = 0
+        self.settled = 0
+
+    def wake(self) -> int:
+        self.woken += 1
+        self._arrivals.put_nowait([])
+        return self.woken
+
+    async def _on_arrivals(
+        self, results: list[IngestResult], replayed: dict[str, float] | None = None
+    ) -> bool:
+        touched = await super()._on_arrivals(results, replayed)
+        self.taken += len(results)
+        return touched
+
+    async def _settle_due(self) -> None:
+        woken = self.woken  # the clock was moved before this wake-up
+        await super()._settle_due()
+        self.settled = woken
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait until *condition()* (the engine runs on this loop), 10 s at most."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"not {what} in time"
+        await asyncio.sleep(0.01)
+
+
 class Harness:
     """A store, an engine fed by the store's ingest events, and the completions it reports."""
 
-    def __init__(self, tmp: Path, settings: Settings) -> None:
+    def __init__(self, tmp: Path, settings: Settings, clock: Clock) -> None:
         self.tmp = tmp
-        self.store = Store(tmp / "data")
+        self.clock = clock
+        self.store = Store(tmp / "data", clock=clock)
         self.settings = settings
         self.completed: list[tuple[str, str, str]] = []
         self.task: asyncio.Task[None] | None = None
-        self.engine: CompletionEngine | None = None
+        self.engine: SteppedEngine | None = None
 
     async def start(self) -> Harness:
         await self.store.open()
         await JobQueue(self.store).ensure_schema()  # completions queue their jobs
-        self.engine = CompletionEngine(self.settings.rules, self.store, self._done)
+        self.engine = SteppedEngine(self.settings.rules, self.store, self._done, clock=self.clock)
         self.store.set_ingest_listener(self.engine.arrived_from_thread)
         self.task = asyncio.create_task(self.engine.run())
         return self
@@ -57,19 +111,48 @@ class Harness:
             await asyncio.gather(self.task, return_exceptions=True)
         await self.store.close()
 
-    async def send(self, **attributes: Any) -> None:
+    async def send(self, *, taken: bool = True, **attributes: Any) -> None:
+        """Store an instance; with *taken*, return once the engine has taken it (opened or
+        reset its waits at the clock's time)."""
+        assert self.engine is not None
+        engine, before = self.engine, self.engine.taken
         source = write_variant(CT, self.tmp / f"{generate_uid()}.dcm", **attributes)
         temp = self.store.files.new_temp_path()
         shutil.copyfile(source, temp)
         await self.store.ingest(temp, Provenance(calling_ae="CT1"))
+        if taken:
+            await until(lambda: engine.taken > before, "taken")
+
+    async def until_taken(self, count: int) -> None:
+        """Wait until the engine has taken *count* arrivals (a restart takes some again)."""
+        assert self.engine is not None
+        engine = self.engine
+        await until(lambda: engine.taken >= count, f"{count} taken")
+
+    async def advance(self, seconds: float) -> None:
+        """Move the clock on; return once the engine has completed what was due by then."""
+        assert self.engine is not None
+        engine = self.engine
+        self.clock.now += seconds
+        woken = engine.wake()
+        await until(lambda: engine.settled >= woken, "settled")
+
+    async def open_waits(self) -> list[tuple[str, str]]:
+        """(rule, scope) of the waits open in the index."""
+        return await self.store.read(
+            lambda c: c.execute(
+                "SELECT rule, scope FROM completions WHERE state = 'waiting' ORDER BY id"
+            ).fetchall()
+        )
 
 
 @pytest_asyncio.fixture
 async def harness(tmp_path: Path) -> AsyncIterator[Any]:
     made: list[Harness] = []
+    clock = Clock(time.time())  # one per test: a restarted harness goes on from its time
 
     async def make(settings: Settings, name: str = "h") -> Harness:
-        h = await Harness(tmp_path / name, settings).start()
+        h = await Harness(tmp_path / name, settings, clock).start()
         made.append(h)
         return h
 
@@ -90,9 +173,11 @@ async def test_series_completes_after_its_quiet_period_and_arrivals_reset_it(har
     s = series(generate_uid(), "AX")
     for _ in range(3):
         await h.send(SOPInstanceUID=generate_uid(), **s)
-        await asyncio.sleep(0.25)  # each arrival resets the 0.4 s wait
-    assert h.completed == []
-    await asyncio.sleep(0.6)
+        await h.advance(0.25)  # each arrival resets the 0.4 s wait
+    assert h.completed == []  # 0.75 s after the first arrival
+    await h.advance(0.1)
+    assert h.completed == []  # 0.35 s after the last
+    await h.advance(0.1)
     assert h.completed == [("ct", "series", s["SeriesInstanceUID"])]
 
 
@@ -104,8 +189,8 @@ async def test_rules_that_do_not_match_or_discard_open_no_wait(harness: Any) -> 
         {"name": "mr", "match": 'Modality == "MR"', "targets": ["pacs"], "quiet_seconds": 0.2},
     ))  # fmt: skip
     await h.send(SOPInstanceUID=generate_uid(), **series(generate_uid(), "AX"))
-    await asyncio.sleep(0.6)
-    assert h.completed == []
+    await h.advance(0.6)
+    assert h.completed == [] and await h.open_waits() == []
 
 
 @pytest.mark.asyncio
@@ -117,7 +202,7 @@ async def test_fallback_fires_only_when_nothing_else_did(harness: Any) -> None:
     ))  # fmt: skip
     s = series(generate_uid(), "AX")
     await h.send(SOPInstanceUID=generate_uid(), **s)
-    await asyncio.sleep(0.6)
+    await h.advance(0.6)
     assert h.completed == [("rest", "series", s["SeriesInstanceUID"])]
 
 
@@ -129,10 +214,10 @@ async def test_study_with_required_series(harness: Any) -> None:
                              "force_seconds": 30}))  # fmt: skip
     study = generate_uid()
     await h.send(SOPInstanceUID=generate_uid(), **series(study, "T1 AXIAL"))
-    await asyncio.sleep(0.8)
+    await h.advance(0.8)
     assert h.completed == []  # T1 alone is not enough, however quiet
     await h.send(SOPInstanceUID=generate_uid(), **series(study, "FLAIR"))
-    await asyncio.sleep(0.8)
+    await h.advance(0.8)
     assert h.completed == [("mr", "study", study)]
 
 
@@ -145,8 +230,11 @@ async def test_force_timeout(harness: Any, action: str, expected: int) -> None:
                              "force_action": action}))  # fmt: skip
     study = generate_uid()
     await h.send(SOPInstanceUID=generate_uid(), **series(study, "T1"))
-    await asyncio.sleep(1.0)
+    await h.advance(0.4)
+    assert h.completed == [] and await h.open_waits() == [("mr", "study")]
+    await h.advance(0.6)
     assert len(h.completed) == expected
+    assert await h.open_waits() == []  # ended either way
 
 
 @pytest.mark.asyncio
@@ -155,9 +243,8 @@ async def test_operator_forces_completion(harness: Any) -> None:
                              "targets": ["pacs"], "quiet_seconds": 60}))  # fmt: skip
     study = generate_uid()
     await h.send(SOPInstanceUID=generate_uid(), **series(study, "AX"))
-    await asyncio.sleep(0.2)
-    assert await h.engine.force_study(study) == 1
-    await asyncio.sleep(0.2)
+    assert await h.engine.force_study(study) == 1  # the clock does not move
+    await until(lambda: bool(h.completed), "completed")
     assert h.completed == [("st", "study", study)]
 
 
@@ -168,13 +255,14 @@ async def test_pending_waits_survive_a_restart(harness: Any, tmp_path: Path) -> 
     first = await harness(settings, "a")
     s = series(generate_uid(), "AX")
     await first.send(SOPInstanceUID=generate_uid(), **s)
-    await asyncio.sleep(0.1)
+    await first.advance(0.1)
     await first.stop()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     second = await harness(settings, "b")
-    await asyncio.sleep(0.3)
+    await second.until_taken(1)  # what arrived after the checkpoint, again
+    await second.advance(0.3)
     assert second.completed == []
-    await asyncio.sleep(0.8)
+    await second.advance(0.8)
     assert second.completed == [("ct", "series", s["SeriesInstanceUID"])]
 
 
@@ -195,7 +283,7 @@ async def test_a_completion_and_its_jobs_are_one_transaction(harness: Any) -> No
     h = await harness(settings)
     s = series(generate_uid(), "AX")
     await h.send(SOPInstanceUID=generate_uid(), **s)
-    await asyncio.sleep(0.6)
+    await h.advance(0.6)
     assert h.completed == [("ct", "series", s["SeriesInstanceUID"])]
     uid = s["SeriesInstanceUID"]
     assert await jobs_of(h.store) == [("series", uid, "pacs", "ct"), ("series", uid, "ris", "ct")]
@@ -219,14 +307,15 @@ async def test_a_restart_does_not_complete_again_what_completed(
     first = await harness(settings, "a")
     done, pending = series(generate_uid(), "AX"), series(generate_uid(), "COR")
     await first.send(SOPInstanceUID=generate_uid(), **done)
-    await asyncio.sleep(0.6)
+    await first.advance(0.6)
     assert first.completed == [("ct", "series", done["SeriesInstanceUID"])]
-    await first.send(SOPInstanceUID=generate_uid(), **pending)  # stopped before it completes
-    await asyncio.sleep(0.05)
+    # Stopped before it completes: before the engine even takes it (it waits 0.1 s to).
+    await first.send(SOPInstanceUID=generate_uid(), taken=False, **pending)
     await first.stop()
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     second = await harness(settings, "b")
-    await asyncio.sleep(0.8)
+    await second.until_taken(2)  # both arrived after the checkpoint: taken again
+    await second.advance(0.8)
     assert second.completed == [("ct", "series", pending["SeriesInstanceUID"])]
     assert [uid for _, uid, _, _ in await jobs_of(second.store)] == [
         done["SeriesInstanceUID"],
@@ -240,20 +329,10 @@ async def test_instances_after_completion_open_a_new_cycle(harness: Any) -> None
                              "quiet_seconds": 0.2}))  # fmt: skip
     s = series(generate_uid(), "AX")
     await h.send(SOPInstanceUID=generate_uid(), **s)
-    await asyncio.sleep(0.5)
+    await h.advance(0.5)
     await h.send(SOPInstanceUID=generate_uid(), **s)
-    await asyncio.sleep(0.5)
+    await h.advance(0.5)
     assert h.completed == [("ct", "series", s["SeriesInstanceUID"])] * 2
-
-
-class Clock:
-    """A wall clock the test moves, shared by the store and the engine."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def checkpoint(store: Store) -> float | None:
@@ -281,18 +360,14 @@ async def test_checkpoint_moves_with_every_batch_rules_or_not(
     tmp_path: Path, settings: Settings
 ) -> None:
     clock = Clock(time.time())
-    h = Harness(tmp_path, settings)
-    h.store = Store(tmp_path / "data", clock=clock)
-    await h.store.open()
-    h.engine = CompletionEngine(settings.rules, h.store, h._done, clock=clock)
-    h.store.set_ingest_listener(h.engine.arrived_from_thread)
-    h.task = asyncio.create_task(h.engine.run())
+    h = await Harness(tmp_path, settings, clock).start()
     try:
         old, new = series(generate_uid(), "OLD"), series(generate_uid(), "NEW")
-        await h.send(SOPInstanceUID=generate_uid(), **old)
+        # With no rule firing nothing is taken: the checkpoint alone moves.
+        await h.send(SOPInstanceUID=generate_uid(), taken=False, **old)
         await checkpoint_reaches(h.store, clock.now - 5.0)
         clock.now += 60
-        await h.send(SOPInstanceUID=generate_uid(), **new)
+        await h.send(SOPInstanceUID=generate_uid(), taken=False, **new)
         await checkpoint_reaches(h.store, clock.now - 5.0)
     finally:
         await h.stop()
