@@ -37,7 +37,7 @@ USER 10001:10001
 WORKDIR /data
 VOLUME ["/data"]
 # DICOM (plain), DICOM TLS (when [node] tls_port is set), metrics (when [metrics] port is set).
-EXPOSE 11112 2762 9100
+EXPOSE 11112 2762 9464
 STOPSIGNAL SIGTERM
 # The control socket answers `status` while the event loop runs; unhealthy when it does not, or
 # when the node refuses instances (disk below min_free_mb).

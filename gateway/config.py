@@ -7,6 +7,7 @@ down by constructor; nothing reads them from a module global.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -512,6 +513,19 @@ def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
+def _environment_variable(loc: tuple[int | str, ...]) -> str | None:
+    """The GATEWAY_SECTION__KEY (or GATEWAY_SECTION) variable that set the value at *loc*,
+    if one is set."""
+    names = [f"GATEWAY_{loc[0]}".upper()] if loc else []
+    if len(loc) > 1:
+        names.insert(0, f"GATEWAY_{loc[0]}__{loc[1]}".upper())
+    for name in names:
+        for variable in os.environ:
+            if variable.upper() == name:
+                return variable
+    return None
+
+
 def load_settings(path: Path | str) -> Settings:
     """Read *path* as TOML and the environment as overrides.
 
@@ -532,8 +546,17 @@ def load_settings(path: Path | str) -> Settings:
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        problems = [_describe(dict(err)) for err in exc.errors()]
-        raise ConfigError(f"{path}: " + "; ".join(problems)) from None
+        in_file: list[str] = []
+        parts: list[str] = []
+        for err in exc.errors():
+            variable = _environment_variable(err["loc"])
+            if variable is None:
+                in_file.append(_describe(dict(err)))
+            else:  # an override from the environment: the file has nothing to fix
+                parts.append(f"environment variable {variable}: {_describe(dict(err))}")
+        if in_file:
+            parts.insert(0, f"{path}: " + "; ".join(in_file))
+        raise ConfigError("; ".join(parts)) from None
     if not settings.node.data_dir.is_absolute():
         # Relative data paths are relative to the config file, not to the working directory.
         node = settings.node.model_copy(update={"data_dir": path.parent / settings.node.data_dir})

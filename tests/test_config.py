@@ -94,8 +94,20 @@ def test_bad_env_override_names_the_key(tmp_path: Path, monkeypatch: pytest.Monk
     config = tmp_path / "config.toml"
     config.write_text("[node]\n")
     monkeypatch.setenv("GATEWAY_NODE__PORT", "not-a-port")
-    with pytest.raises(ConfigError, match=r"node\.port: Input should be a valid integer"):
+    with pytest.raises(ConfigError) as caught:
         load_settings(config)
+    # Named as the environment's, not the file's: the file has nothing to fix.
+    assert str(caught.value).startswith(
+        "environment variable GATEWAY_NODE__PORT: node.port: Input should be a valid integer"
+    ), caught.value
+    assert str(config) not in str(caught.value)
+    monkeypatch.setenv("GATEWAY_NODE__PROT", "104")  # misspelt, with a bad file key too
+    config.write_text("[node]\nae_titel = 'X'\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    message = str(caught.value)
+    assert f"{config}: node.ae_titel: unknown key" in message, message
+    assert "environment variable GATEWAY_NODE__PROT: node.prot: unknown key" in message
 
 
 def test_config_check_cli_exit_status(tmp_path: Path) -> None:

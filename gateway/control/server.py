@@ -34,6 +34,7 @@ import contextlib
 import contextvars
 import json
 import os
+import socket
 import ssl
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -158,6 +159,7 @@ class ControlServer:
         self._access: dict[str, Access] = {}
         self._server: asyncio.AbstractServer | None = None
         self._tcp_server: asyncio.Server | None = None
+        self._bound_inode = -1  # the socket file this server bound (stop removes only that)
         self._clients: set[asyncio.Task[None]] = set()
         self.authenticator: Authenticator | None = None
         # A device's session: after its login (before the answer), and after it ends (unless
@@ -251,7 +253,17 @@ class ControlServer:
         return sorted(self._methods)
 
     async def start(self) -> None:
+        """Listen on the control socket (and the TCP listener if configured).
+
+        A socket file left by a process that is gone is replaced; one a running process
+        answers on is not (GatewayError): two gateways must not share a control socket.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if _answers(self.path):
+            raise GatewayError(
+                f"the control socket {self.path} is in use by a running gateway: stop it "
+                "first, or give this one its own [control] socket"
+            )
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         # Bound in a directory only this user can enter (mkdtemp: 0700), made 0600 there, then
@@ -265,6 +277,7 @@ class ControlServer:
             )
             os.chmod(bound, 0o600)
             os.rename(bound, self.path)
+            self._bound_inode = os.stat(self.path).st_ino
         finally:
             with contextlib.suppress(OSError):
                 private.rmdir()
@@ -303,7 +316,8 @@ class ControlServer:
             self._tcp_server = None
         self._server = None
         with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+            if os.stat(self.path).st_ino == self._bound_inode:  # ours, not a successor's
+                self.path.unlink()
 
     # -- connections -------------------------------------------------------------------------
 
@@ -556,3 +570,17 @@ def _error(request_id: object, code: int, message: str, data: object = None) -> 
     if data is not None:
         error["data"] = data
     return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+def _answers(path: Path) -> bool:
+    """Whether a process accepts connections on the Unix socket at *path*."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    else:
+        return True
+    finally:
+        probe.close()

@@ -50,6 +50,7 @@ from pynetdicom.sop_class import (
 
 from gateway.acquire.registry import Registry
 from gateway.config import Settings
+from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.scp.access import ServiceAccess
 from gateway.scp.bridge import LoopBridge
@@ -167,12 +168,18 @@ class DicomNode:
         if node.tls_port is not None:
             listeners.append((node.tls_port, server_context(node)))
         for port, context in listeners:
-            server = self._ae.make_server(
-                (node.host, port),
-                evt_handlers=self.services.handlers(),
-                server_class=GatewayServer,
-                ssl_context=context,
-            )
+            try:
+                server = self._ae.make_server(
+                    (node.host, port),
+                    evt_handlers=self.services.handlers(),
+                    server_class=GatewayServer,
+                    ssl_context=context,
+                )
+            except OSError as exc:
+                key = "tls_port" if context is not None else "port"
+                raise GatewayError(
+                    f"cannot listen on {node.host}:{port} ([node] {key}): {exc.strerror or exc}"
+                ) from None
             server.policy = policy
             server.on_reject = self.services.on_rejected
             server.access = self.access

@@ -10,12 +10,15 @@ Layout under `data_dir`::
     objects/YYYYMMDD/HH/      files named by a UUID alone, by hour, as earlier versions wrote
                               them (rows hold relative paths, so those files stay where they are)
     index.sqlite              the index (see `index.py`)
+    gateway.lock              held (`flock`) by the one process serving this data_dir; holds
+                              its PID
 
 No name on disk comes from a DICOM value.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import time
@@ -24,11 +27,28 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["FileStore", "ensure_dirs", "fsync_dir", "replace_durably", "write_atomically"]
+__all__ = [
+    "DataDirInUse",
+    "FileStore",
+    "ensure_dirs",
+    "fsync_dir",
+    "replace_durably",
+    "write_atomically",
+]
 
 _BUCKET_FORMAT = "%Y%m%d/%H/%M"
 _MS_DIGITS = 14  # milliseconds since the epoch, zero-padded: sortable until the year 5138
 _KNOWN_DIRS = 64  # bucket directories remembered as existing (a new one each minute)
+
+
+class DataDirInUse(OSError):
+    """Another process holds the data_dir's lock (its PID in `pid`, None if unreadable)."""
+
+    def __init__(self, root: Path, pid: int | None) -> None:
+        who = f"process {pid}" if pid else "another process"
+        super().__init__(f"{root} is in use by {who} (another gateway serving it): stop that "
+                         "one first, or give this one its own [node] data_dir")  # fmt: skip
+        self.pid = pid
 
 
 def fsync_dir(path: Path) -> None:
@@ -91,6 +111,28 @@ class FileStore:
         for path in (self.root, self.tmp_dir, self.objects_dir):
             path.mkdir(parents=True, exist_ok=True)
         fsync_dir(self.root)
+
+    def lock(self) -> int:
+        """Take the data_dir's lock for this process (an exclusive `flock` on `gateway.lock`,
+        released when the returned descriptor is closed or the process ends, however it
+        ends) and write this process's PID into it. Two gateways on one data_dir would
+        remove each other's files being received and take each other's control socket.
+
+        Raises `DataDirInUse` when another process holds it.
+        """
+        fd = os.open(self.root / "gateway.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise DataDirInUse(self.root, int(held) if held.isdigit() else None) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
 
     def new_temp_path(self) -> Path:
         """A fresh path in `tmp/` for a file being received."""

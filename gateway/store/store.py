@@ -27,7 +27,7 @@ import structlog
 
 from gateway.audit import AuditLog
 from gateway.errors import GatewayError, InstanceMismatch, InvalidInstance, StoreError
-from gateway.store.files import FileStore
+from gateway.store.files import DataDirInUse, FileStore
 from gateway.store.index import (
     MARK_KEY,
     UID_CONFLICTS_KEY,
@@ -101,6 +101,7 @@ class Store:
     ) -> None:
         """*clock* gives the wall-clock time (s since the epoch) of buckets, rows and marks."""
         self.files = FileStore(data_dir)
+        self._lock: int | None = None  # the data_dir lock's descriptor while open
         self.min_free_bytes = min_free_bytes
         self._free_checked_at = -1.0
         self._free_bytes = 0
@@ -119,10 +120,17 @@ class Store:
         new_index = not self.db_path.exists()
         try:
             await anyio.to_thread.run_sync(self.files.create_dirs)
+            self._lock = await anyio.to_thread.run_sync(self.files.lock)
+        except DataDirInUse as exc:
+            raise StoreError(str(exc)) from None
+        except OSError as exc:
+            raise StoreError(f"cannot open the store in {self.files.root}: {exc}") from exc
+        try:
             await anyio.to_thread.run_sync(self._writer.start)
             await anyio.to_thread.run_sync(self._readers.open)
             await anyio.to_thread.run_sync(self._streams.open)
         except (OSError, sqlite3.Error) as exc:
+            self._unlock()
             raise StoreError(f"cannot open the store in {self.files.root}: {exc}") from exc
         self.reconcile_report = await anyio.to_thread.run_sync(self._reconcile, new_index)
         log.info(
@@ -146,7 +154,13 @@ class Store:
         await anyio.to_thread.run_sync(self._writer.stop)
         self._readers.close()
         self._streams.close()
+        self._unlock()
         log.info("store_closed")
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def set_ingest_listener(self, listener: Callable[[list[IngestResult]], None]) -> None:
         """Called on the writer thread with each committed batch of stored instances."""
