@@ -37,6 +37,13 @@ CT = TEST_FILES / "CT_small.dcm"
 MR = TEST_FILES / "MR_small.dcm"
 
 
+def crash(store: Store) -> None:
+    """What a kill leaves of an open store: its writer gone without a clean close, and the
+    data_dir's lock released (the process that held it is gone)."""
+    store._writer.stop()
+    store._unlock()
+
+
 def stage(store: Store, source: Path) -> Path:
     """Copy a file into the store's tmp/ as the listener would have written it."""
     target = store.files.new_temp_path()
@@ -235,7 +242,7 @@ async def test_reconcile_after_crash(tmp_path: Path) -> None:
     lost = await store.ingest(stage(store, TEST_FILES / "JPEG2000.dcm"), Provenance())
     # Simulate a crash: no clean close, a partial temp file, a placed file without its row,
     # and a placed file that is garbage.
-    store._writer.stop()
+    crash(store)
     (store.files.tmp_dir / "partial.part").write_bytes(b"half an instance")
     bucket = next(store.files.objects_dir.glob("*/*"))
     shutil.copyfile(MR, bucket / "orphan.dcm")
@@ -394,7 +401,7 @@ async def test_totals_follow_every_path_that_changes_rows(tmp_path: Path) -> Non
     # Reconciliation after a crash: an orphan file adopted, a row whose file is empty dropped.
     await store.ingest(stage(store, CT), Provenance())
     lost = await store.ingest(stage(store, TEST_FILES / "JPEG2000.dcm"), Provenance())
-    store._writer.stop()
+    crash(store)
     bucket = store.files.absolute(lost.path).parent
     shutil.copyfile(MR, bucket / "orphan.dcm")
     store.files.absolute(lost.path).write_bytes(b"")
@@ -462,7 +469,7 @@ async def test_unclean_stop_scans_only_what_follows_the_durable_mark(tmp_path: P
     assert float(str(mark)) == clock.now  # the mark passed the old files
     # A crash: no clean close; a file moved in whose row never committed, and a row whose
     # file's flush never reached the disk.
-    store._writer.stop()
+    crash(store)
     shutil.copyfile(MR, bucket_of(store, clock.now) / "unindexed.dcm")
     store.files.absolute(recent[1].path).write_bytes(b"")
     clock.now += 5
@@ -489,7 +496,7 @@ async def test_an_unclean_run_without_a_mark_is_scanned_whole_with_hour_buckets(
     store = Store(tmp_path / "data", clock=clock)
     await store.open()
     first = await store.ingest(stage(store, CT), Provenance())
-    store._writer.stop()
+    crash(store)
     hour = store.files.objects_dir / time.strftime("%Y%m%d/%H", time.gmtime(clock.now))
     shutil.copyfile(MR, hour / "old-layout.dcm")  # a file of the hour layout, without a row
     (hour / "garbage.dcm").write_bytes(b"not dicom")
@@ -516,7 +523,7 @@ async def test_a_row_older_than_the_window_keeps_its_file(tmp_path: Path) -> Non
     await store.open()
     store._writer.mark_every = 0.0
     held = await store.ingest(stage(store, CT), Provenance())
-    store._writer.stop()
+    crash(store)
     with sqlite3.connect(store.db_path) as conn:  # received long before the mark says
         conn.execute("UPDATE instances SET received_at = received_at - 3600")
     reopened = Store(tmp_path / "data", clock=clock)
