@@ -293,6 +293,7 @@ class Dispatcher:
             "job_failed",
             job=job.id,
             target=job.target,
+            lease=job.lease_owner,
             attempt=job.attempts + 1,
             state=state,
             delivered=delivered,
@@ -332,9 +333,8 @@ class Dispatcher:
             self.metrics.dispatch_delivered.labels(target=job.target).inc(delivered)
             fields = {"delivered": delivered, **fields}
         duration = round(time.monotonic() - started, 3)
-        log.info(
-            "job_done", job=job.id, target=job.target, state=state, duration=duration, **fields
-        )
+        log.info("job_done", job=job.id, target=job.target, state=state, duration=duration,
+                 lease=job.lease_owner, **fields)  # fmt: skip
 
     async def _send_to_peer(
         self, job: Job, peer: PeerSettings, pending: Sequence[StoredInstance]
