@@ -299,7 +299,7 @@ async def run(
         await control.start()
         if gateway.endpoint is not None:  # before the node: a port taken stops before any DICOM
             gateway.endpoint.start()
-        node.start()
+        await node.open()
         log.info("gateway_started", version=__version__, ae_title=settings.node.ae_title)
         audit.record("Application Activity", what="started", version=__version__,
                      ae_title=settings.node.ae_title)  # fmt: skip
@@ -311,7 +311,7 @@ async def run(
     finally:
         with anyio.CancelScope(shield=True):
             gateway.probe.stopping.set()  # /healthz: 503 while open associations finish
-            await anyio.to_thread.run_sync(node.stop, settings.node.shutdown_grace)
+            await node.close(settings.node.shutdown_grace)
             for task in tasks:
                 if task.get_name() not in ("dispatcher", "retriever"):
                     task.cancel()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import io
 import socket
 import ssl
@@ -52,6 +53,7 @@ from pynetdicom.presentation import (
     PresentationContext,
     negotiate_as_acceptor,
     negotiate_as_requestor,
+    negotiate_unrestricted,
 )
 
 from gateway.errors import GatewayError
@@ -130,12 +132,15 @@ class Acceptance:
 
     supported: list[PresentationContext]
     roles: dict[str, tuple[bool, bool]] = field(default_factory=dict)
+    # Any storage SOP class proposed is accepted, private or unknown ones included, with the
+    # transfer syntaxes supported for storage (pynetdicom's `negotiate_unrestricted`).
+    unrestricted: bool = False
 
 
 class DataSink(Protocol):
     """Where a message's data set fragments go as they arrive."""
 
-    def write(self, data: memoryview) -> None: ...
+    def write(self, data: memoryview) -> object: ...
 
     def close(self) -> None:
         """The last fragment arrived."""
@@ -219,6 +224,7 @@ class Association:
         rejection was sent), `Aborted` (ARTIM expired, the peer aborted or closed, an invalid
         or unexpected PDU: the connection is closed).
         """
+        _nodelay(writer)  # small responses go at once (Nagle would hold them for an ACK)
         assoc = cls(reader, writer, ProtocolMachine("acceptor"), timeouts, max_pdu)
         assoc.machine.handle(Event.TRANSPORT_INDICATION)  # AE-5: ARTIM runs
         try:
@@ -272,11 +278,13 @@ class Association:
             if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
         }
         supported = list(decision.supported)
-        for context in supported:
+        for index, context in enumerate(supported):
             granted = decision.roles.get(str(context.abstract_syntax))
-            if granted is not None:
+            if granted is not None:  # on a copy: the supported contexts are shared
+                supported[index] = context = copy.copy(context)
                 context.scu_role, context.scp_role = granted
-        results, role_items = negotiate_as_acceptor(
+        negotiate = negotiate_unrestricted if decision.unrestricted else negotiate_as_acceptor
+        results, role_items = negotiate(
             request.presentation_context_definition_list,
             supported,
             {UID(k): v for k, v in roles.items()} if roles else None,
@@ -401,10 +409,16 @@ class Association:
         Endian, PS3.7 6.3.1) and its data set's encoded bytes, if any, fragmented to the
         peer's maximum PDU length. Raises `Aborted` when the association is gone."""
         command.CommandDataSetType = _NO_DATA_SET if data is None else 0x0001
-        encoded = encode_command(command)
+        await self.send_encoded(context_id, encode_command(command), data)
+
+    async def send_encoded(
+        self, context_id: int, command: bytes, data: bytes | memoryview | None = None
+    ) -> None:
+        """`send` with the command set already encoded (its CommandDataSetType must say
+        whether *data* follows): for responses built without a pydicom Dataset."""
         self._sending += 1
         try:
-            await self._send_fragments(context_id, True, memoryview(encoded))
+            await self._send_fragments(context_id, True, memoryview(command))
             if data is not None:
                 await self._send_fragments(context_id, False, memoryview(data))
         finally:

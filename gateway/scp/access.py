@@ -19,11 +19,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import structlog
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
+from gateway.audit import AuditLog
 from gateway.config import DEVICE_SERVICES, SERVICES, Settings
 
-__all__ = ["Grant", "ServiceAccess", "service_of"]
+__all__ = ["Grant", "ServiceAccess", "log_refusal", "service_of"]
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,3 +92,21 @@ _BY_MESSAGE = {
     "N_CREATE": "mpps",
     "N_SET": "mpps",
 }
+
+
+def log_refusal(
+    grant: Grant, service: str, calling_ae: str, address: str | None, audit: AuditLog | None
+) -> None:
+    """Log (and audit) a request refused 0x0124 because *grant* does not cover *service*."""
+    log.warning(
+        "service_refused",
+        calling_ae=calling_ae.strip(),
+        peer=address,
+        service=service,
+        status="0x0124",
+        reason=f"{grant.caller} may use {', '.join(sorted(grant.services))}",
+    )
+    if audit is not None:
+        audit.record("Security Alert", outcome="refused", what="service refused",
+                     service=service, calling_ae=calling_ae.strip(), address=address,
+                     reason=f"{grant.caller} may not use {service}")  # fmt: skip

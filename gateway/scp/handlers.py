@@ -216,31 +216,42 @@ class DicomServices:
 
     def on_rejected(self, assoc: Association, reason: str) -> None:
         address = assoc.requestor.address_info
-        calling = assoc.requestor.primitive.calling_ae_title
-        called = assoc.requestor.primitive.called_ae_title
-        self.metrics.associations_rejected.labels(reason=reason).inc()
-        log.info(
-            "association_rejected",
-            reason=reason,
-            calling_ae=calling,
-            called_ae=called,
-            peer=address.address if address else None,
+        self.rejected(
+            reason,
+            str(assoc.requestor.primitive.calling_ae_title),
+            str(assoc.requestor.primitive.called_ae_title),
+            address.address if address else None,
         )
+
+    def rejected(self, reason: str, calling: str, called: str, address: str | None) -> None:
+        """An association refused by the node's policy: counted, logged, audited."""
+        self.metrics.associations_rejected.labels(reason=reason).inc()
+        log.info("association_rejected", reason=reason, calling_ae=calling, called_ae=called,
+                 peer=address)  # fmt: skip
         if self.audit is not None:
             self.audit.record("Security Alert", outcome="refused", what="association rejected",
-                              reason=reason, calling_ae=str(calling).strip(),
-                              called_ae=str(called).strip(),
-                              address=address.address if address else None)  # fmt: skip
+                              reason=reason, calling_ae=calling.strip(),
+                              called_ae=called.strip(), address=address)  # fmt: skip
 
     def on_accepted(self, event: evt.Event) -> None:
         assoc = event.assoc
+        self._stats[id(assoc)] = self.accepted(
+            assoc.requestor.ae_title,
+            assoc.acceptor.ae_title,
+            assoc.requestor.address,
+            len(assoc.accepted_contexts),
+        )
+
+    def accepted(
+        self, calling_ae: str, called_ae: str, peer_address: str, contexts: int
+    ) -> AssociationStats:
+        """An association established: its counters, counted, logged, audited."""
         stats = AssociationStats(
             association_id=uuid.uuid4().hex[:12],
-            calling_ae=assoc.requestor.ae_title,
-            called_ae=assoc.acceptor.ae_title,
-            peer_address=assoc.requestor.address,
+            calling_ae=calling_ae,
+            called_ae=called_ae,
+            peer_address=peer_address,
         )
-        self._stats[id(assoc)] = stats
         self.metrics.associations_accepted.inc()
         if self.audit is not None:
             self.audit.record("Association Accepted", association_id=stats.association_id,
@@ -251,20 +262,25 @@ class DicomServices:
             calling_ae=stats.calling_ae,
             called_ae=stats.called_ae,
             peer=stats.peer_address,
-            contexts=len(assoc.accepted_contexts),
+            contexts=contexts,
         )
+        return stats
 
     def on_ended(self, event: evt.Event) -> None:
         stats = self._stats.pop(id(event.assoc), None)
         if stats is None:
             return
+        # requests the transport answered itself (0x0122, a SOP class off its context)
+        stats.refused += getattr(event.assoc, "refused_requests", 0)
+        self.ended(stats, released=event.event is evt.EVT_RELEASED)
+
+    def ended(self, stats: AssociationStats, *, released: bool) -> None:
+        """An association over (released, or aborted either way): audited and logged."""
         if self.audit is not None and stats.studies:
             self.audit.record("Import", studies=stats.studies, association_id=stats.association_id,
                               instances=stats.stored + stats.duplicates, **_who(stats))  # fmt: skip
-        # requests the transport answered itself (0x0122, a SOP class off its context)
-        stats.refused += getattr(event.assoc, "refused_requests", 0)
         log.info(
-            "association_released" if event.event is evt.EVT_RELEASED else "association_aborted",
+            "association_released" if released else "association_aborted",
             association_id=stats.association_id,
             calling_ae=stats.calling_ae,
             stored=stats.stored,
@@ -288,10 +304,30 @@ class DicomServices:
         return 0x0000
 
     def on_store(self, event: evt.Event) -> int:
-        """C-STORE: check, store durably and index the received dataset (`_store_one`), and
-        count the answer and the time it took."""
+        """C-STORE: check, store durably and index the received dataset (`store_instance`)."""
+        request = event.request
+        received = request._dataset_file
+        return self.store_instance(
+            self._stats_for(event.assoc),
+            str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID),
+            Path(event.dataset_path),
+            received if isinstance(received, DatasetSpool) else None,
+        )
+
+    def store_instance(
+        self,
+        stats: AssociationStats,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        path: Path,
+        spool: DatasetSpool | None,
+    ) -> int:
+        """A C-STORE request's dataset, received into *path* (a Part 10 file, through *spool*
+        when it was streamed there): check, store durably and index it; count the answer and
+        the time it took; return the status (PS3.4 Table GG.4-1). Blocks: for a thread."""
         started = time.perf_counter()
-        status, size = self._store_one(event)
+        status, size = self._store_one(stats, sop_class_uid, sop_instance_uid, path, spool)
         metrics = self.metrics
         metrics.store_seconds.observe(time.perf_counter() - started)
         if status == 0x0000:
@@ -301,23 +337,27 @@ class DicomServices:
             metrics.instances_refused.labels(status=status_text(status)).inc()
         return status
 
-    def _store_one(self, event: evt.Event) -> tuple[int, int]:
+    def _store_one(
+        self,
+        stats: AssociationStats,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        path: Path,
+        received: DatasetSpool | None,
+    ) -> tuple[int, int]:
         """(the C-STORE's status, the dataset's bytes as received)."""
-        stats = self._stats_for(event.assoc)
-        request = event.request
         provenance = Provenance(
             calling_ae=stats.calling_ae,
             called_ae=stats.called_ae,
             peer_address=stats.peer_address,
             association_id=stats.association_id,
         )
-        received = request._dataset_file
-        if isinstance(received, DatasetSpool) and received.too_large:
+        if received is not None and received.too_large:
             stats.refused += 1
             log.warning(
                 "instance_refused",
                 association_id=stats.association_id,
-                sop_instance_uid=str(request.AffectedSOPInstanceUID)[:64],
+                sop_instance_uid=sop_instance_uid[:64],
                 status="0xA700",
                 reason=f"the dataset is larger than node.max_instance_bytes ({received.max_bytes}"
                 " bytes): dropped as it arrived",
@@ -325,17 +365,17 @@ class DicomServices:
             return 0xA700, 0
         try:
             result = self._store.ingest_blocking(
-                Path(event.dataset_path),
+                path,
                 provenance,
-                expect=(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)),
-                checksum=received.dataset_digest if isinstance(received, DatasetSpool) else None,
+                expect=(sop_class_uid, sop_instance_uid),
+                checksum=received.dataset_digest if received is not None else None,
             )
         except RejectedInstance as exc:
             stats.refused += 1
             log.warning(
                 "instance_refused",
                 association_id=stats.association_id,
-                sop_instance_uid=str(request.AffectedSOPInstanceUID)[:64],
+                sop_instance_uid=sop_instance_uid[:64],
                 status=f"0x{exc.status:04X}",
                 reason=str(exc),
             )
@@ -360,7 +400,7 @@ class DicomServices:
             sop_instance_uid=result.sop_instance_uid,
             outcome=result.outcome,
         )
-        return 0x0000, received.dataset_bytes if isinstance(received, DatasetSpool) else 0
+        return 0x0000, received.dataset_bytes if received is not None else 0
 
     # -- C-FIND -------------------------------------------------------------------------------
 

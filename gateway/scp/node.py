@@ -25,12 +25,14 @@ datasets are never re-encoded, so nothing the node stores depends on that valida
 
 from __future__ import annotations
 
+import os
 import ssl
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import anyio.to_thread
 import pydicom.config
 import pynetdicom.transport
 import structlog
@@ -52,6 +54,7 @@ from gateway.acquire.registry import Registry
 from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
+from gateway.scp.acceptor import Acceptor
 from gateway.scp.access import ServiceAccess
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.handlers import DicomServices
@@ -95,6 +98,14 @@ class DicomNode:
         stations = (lambda: registry.station_aes) if registry is not None else frozenset
         self.access = ServiceAccess(settings, stations)
         self._ae = self._make_ae()
+        # Which layer accepts associations: pynetdicom's threads, or the asyncio layer
+        # (gateway.net, gateway.scp.acceptor) while it is being brought to every service
+        # (docs/network.md). Chosen by GATEWAY_NETWORK=asyncio for now.
+        self.network = os.environ.get("GATEWAY_NETWORK", "threads")
+        self._acceptor: Acceptor | None = None
+        if self.network == "asyncio":
+            self._acceptor = Acceptor(settings, self.services, self.access,
+                                      self._ae.supported_contexts, store.files.tmp_dir)  # fmt: skip
         self._listeners: list[tuple[GatewayServer, threading.Thread]] = []
         self._saved_settings: list[tuple[Any, str, Any]] = []
         self._restore_receive_path: Callable[[], None] | None = None
@@ -139,18 +150,41 @@ class DicomNode:
     @property
     def port(self) -> int:
         """The port the first listener is bound to (the plain one, unless `plain = false`)."""
+        if self._acceptor is not None:
+            return self._acceptor.port
         assert self._listeners
         return int(self._listeners[0][0].server_address[1])
 
     @property
     def listening(self) -> bool:
         """Whether the listeners are up (between `start` and `stop`)."""
+        if self._acceptor is not None:
+            return self._acceptor.listening
         return bool(self._listeners)
 
     @property
     def open_associations(self) -> int:
         """Established associations (a connection still negotiating is not counted)."""
+        if self._acceptor is not None:
+            return self._acceptor.open_associations
         return len([a for a in self._ae.active_associations if a.is_acceptor and a.is_established])
+
+    async def open(self) -> None:
+        """Start listening (on the event loop: the asyncio layer, or the threaded one)."""
+        if self._acceptor is None:
+            self.start()
+            return
+        self._apply_process_settings()  # the outbound services still use pynetdicom
+        await self._acceptor.start()
+
+    async def close(self, grace: float) -> None:
+        """Stop listening, give open associations *grace* seconds, abort the rest."""
+        if self._acceptor is None:
+            await anyio.to_thread.run_sync(self.stop, grace)
+            return
+        aborted = await self._acceptor.stop(grace)
+        log.info("dicom_node_stopped", aborted=aborted)
+        self._restore_process_settings()
 
     def start(self) -> None:
         """Bind the listener and serve associations in background threads."""

@@ -65,7 +65,9 @@ class DatasetSpool:
     association goes on), and `too_large` tells the C-STORE handler to refuse it.
     """
 
-    def __init__(self, directory: Path, max_bytes: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, max_bytes: int | None = None, *, track: bool = True
+    ) -> None:
         self.name = str(directory / f"{uuid.uuid4().hex}.part")
         self.max_bytes = max_bytes
         self.too_large = False
@@ -76,8 +78,10 @@ class DatasetSpool:
         self._written = 0
         self._queued = 0  # bytes already handed to writeback
         # Opened on the association's DUL thread; if the association ends before the dataset
-        # is complete, nothing else would close or remove it.
-        dul_resources.add(self)
+        # is complete, nothing else would close or remove it. (On the asyncio layer the
+        # association itself discards the spools of messages it did not complete: no tracking.)
+        if track:
+            dul_resources.add(self)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self._digest is not None:
@@ -123,6 +127,10 @@ class DatasetSpool:
         """The dataset is complete (pynetdicom closes it before the handler takes the file)."""
         dul_resources.discard(self)
         self._close_fd()
+
+    def discard(self) -> None:
+        """The association ended mid-dataset (`gateway.net.association.DataSink`)."""
+        self.abandon()
 
     def abandon(self) -> None:
         """The association ended mid-dataset: close and remove the partial file."""

@@ -55,7 +55,7 @@ from pynetdicom.transport import (
 from gateway.audit import AuditLog
 from gateway.config import CallerSettings
 from gateway.metrics import Metrics, status_text
-from gateway.scp.access import Grant, ServiceAccess, service_of
+from gateway.scp.access import Grant, ServiceAccess, log_refusal, service_of
 
 __all__ = [
     "MIN_PDU_LIMIT",
@@ -476,19 +476,8 @@ class _EventDrivenAssociation(Association):  # type: ignore[misc]
         if service is None or service in self._grant.services:
             return False
         self._refuse(msg, context_id, _NOT_AUTHORIZED)
-        log.warning(
-            "service_refused",
-            calling_ae=str(self.requestor.ae_title).strip(),
-            peer=self.requestor.address,
-            service=service,
-            status=f"0x{_NOT_AUTHORIZED:04X}",
-            reason=f"{self._grant.caller} may use {', '.join(sorted(self._grant.services))}",
-        )
-        if self.audit is not None:
-            self.audit.record("Security Alert", outcome="refused", what="service refused",
-                              service=service, calling_ae=str(self.requestor.ae_title).strip(),
-                              address=self.requestor.address,
-                              reason=f"{self._grant.caller} may not use {service}")  # fmt: skip
+        log_refusal(self._grant, service, str(self.requestor.ae_title), self.requestor.address,
+                    self.audit)  # fmt: skip
         return True
 
     def _refuse(self, msg: Any, context_id: int | None, status: int) -> None:

@@ -1,0 +1,291 @@
+"""The DICOM node's listener on the asyncio network layer (`gateway.net`).
+
+One asyncio server per listening port (plain, and TLS when `[node] tls_port` is set); each
+connection is served by `Association.accept` in a task of its own: the association policy
+(`AssociationPolicy`: called AE title, callers bound to hosts, the association limit) decides
+in the A-ASSOCIATE-RQ, then the association's messages are served one at a time:
+
+- C-ECHO: answered at once;
+- C-STORE: the data set is streamed, fragment by fragment as it arrives, into a
+  `DatasetSpool` in the store's `tmp/` behind its File Meta Information, hashed on the way;
+  `DicomServices.store_instance` checks, places, fsyncs and indexes it in a worker thread
+  (its index row group-committed with whatever arrived meanwhile); the C-STORE-RSP is encoded
+  without a pydicom Dataset.
+
+A request whose SOP class the caller may not use (`ServiceAccess`) is refused 0x0124 and the
+association goes on, as on the threaded layer. Other services are not on this layer yet: a
+request for one is refused 0x0211 (unrecognised operation). docs/network.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import struct
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import structlog
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.presentation import PresentationContext
+
+from gateway.config import Settings
+from gateway.net.association import (
+    Aborted,
+    Acceptance,
+    Association,
+    DataSink,
+    Message,
+    Rejected,
+    Rejection,
+    Released,
+    Timeouts,
+)
+from gateway.scp.access import ServiceAccess, log_refusal, service_of
+from gateway.scp.handlers import AssociationStats, DicomServices
+from gateway.scp.receiving import DatasetSpool, encode_file_meta
+from gateway.scp.tls import server_context
+from gateway.scp.transport import AssociationPolicy, uid_value
+
+__all__ = ["Acceptor"]
+
+log = structlog.get_logger(__name__)
+
+C_STORE_RQ = 0x0001
+C_ECHO_RQ = 0x0030
+_UNRECOGNISED_OPERATION = 0x0211
+_NOT_AUTHORISED = 0x0124
+_SOP_CLASS_NOT_SUPPORTED = 0x0122
+# Command Field -> the message type `gateway.scp.access` governs (PS3.7 E.1).
+_MESSAGE_TYPES = {0x0001: "C_STORE", 0x0030: "C_ECHO", 0x0020: "C_FIND", 0x0021: "C_MOVE",
+                  0x0010: "C_GET", 0x0140: "N_CREATE", 0x0120: "N_SET"}  # fmt: skip
+
+
+def response(command_field: int, message_id: int, status: int, sop_class: str = "",
+             sop_instance: str = "") -> bytes:  # fmt: skip
+    """A response's command set with no data set, Implicit VR Little Endian (PS3.7 E.1):
+    Affected SOP Class UID, Command Field, Message ID Being Responded To, Command Data Set Type
+    (0x0101), Status, Affected SOP Instance UID, and the Command Group Length before them."""
+    elements: list[tuple[int, bytes]] = []
+    if sop_class:
+        elements.append((0x0002, uid_value(sop_class)))
+    elements += [
+        (0x0100, struct.pack("<H", command_field)),
+        (0x0120, struct.pack("<H", message_id)),
+        (0x0800, b"\x01\x01"),
+        (0x0900, struct.pack("<H", status)),
+    ]
+    if sop_instance:
+        elements.append((0x1000, uid_value(sop_instance)))
+    body = b"".join(struct.pack("<HHI", 0, elem, len(v)) + v for elem, v in elements)
+    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
+
+
+class Acceptor:
+    """Listens and serves associations on the event loop; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        services: DicomServices,
+        access: ServiceAccess,
+        supported: list[PresentationContext],
+        tmp_dir: Path,
+    ) -> None:
+        node = settings.node
+        self._settings = settings
+        self._services = services
+        self._access = access
+        self._supported = supported
+        self._tmp_dir = tmp_dir
+        self._max_bytes = node.max_instance_bytes
+        # Storage of any SOP class proposed, private ones included (`accept_unknown_sop_classes`)
+        self._unrestricted = node.accept_unknown_sop_classes
+        self._timeouts = Timeouts(acse=node.acse_timeout, idle=node.network_timeout)
+        self._policy = AssociationPolicy(
+            ae_title=node.ae_title,
+            check_called_ae=node.check_called_ae,
+            allowed_callers=tuple(settings.security.allowed_callers),
+            max_associations=node.max_associations,
+        )
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[asyncio.Task[None]] = set()
+        self._established: set[Association] = set()
+
+    @property
+    def port(self) -> int:
+        """The port of the first listener."""
+        return int(self._servers[0].sockets[0].getsockname()[1])
+
+    @property
+    def listening(self) -> bool:
+        return bool(self._servers)
+
+    @property
+    def open_associations(self) -> int:
+        return len(self._established)
+
+    async def start(self) -> None:
+        node = self._settings.node
+        listeners: list[tuple[int, ssl.SSLContext | None]] = []
+        if node.plain:
+            listeners.append((node.port, None))
+        if node.tls_port is not None:
+            listeners.append((node.tls_port, server_context(node)))
+        for port, context in listeners:
+            tls: dict[str, Any] = {}
+            if context is not None:
+                tls = {"ssl": context, "ssl_handshake_timeout": node.acse_timeout}
+            try:
+                server = await asyncio.start_server(
+                    self._connected, node.host, port, limit=1 << 20, backlog=128, **tls
+                )
+            except OSError as exc:
+                from gateway.errors import GatewayError
+
+                key = "tls_port" if context is not None else "port"
+                raise GatewayError(
+                    f"cannot listen on {node.host}:{port} ([node] {key}): {exc.strerror or exc}"
+                ) from None
+            self._servers.append(server)
+            log.info("dicom_node_listening", ae_title=node.ae_title, host=node.host,
+                     port=int(server.sockets[0].getsockname()[1]), tls=context is not None,
+                     network="asyncio")  # fmt: skip
+
+    async def stop(self, grace: float) -> int:
+        """Stop accepting; let open associations end within *grace* seconds; abort the rest
+        (A-ABORT); return how many were aborted."""
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+        if not self._connections:
+            return 0
+        _, pending = await asyncio.wait(set(self._connections), timeout=grace)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return len(pending)
+
+    # -- one connection -----------------------------------------------------------------------
+
+    def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if peer else ""
+        decided: list[str] = []
+
+        def decide(request: A_ASSOCIATE) -> Acceptance | Rejection:
+            calling = str(request.calling_ae_title)
+            called = str(request.called_ae_title)
+            refusal = self._policy.rejection(calling, called, host, len(self._established) + 1)
+            if refusal is not None:
+                reason, result, source, diagnostic = refusal
+                self._services.rejected(reason, calling, called, host)
+                decided.append(reason)
+                return Rejection(result, source, diagnostic)
+            return Acceptance(self._supported, unrestricted=self._unrestricted)
+
+        try:
+            assoc = await Association.accept(
+                reader, writer, decide, timeouts=self._timeouts,
+                max_pdu=self._settings.node.max_pdu_size,
+            )  # fmt: skip
+        except (Aborted, Rejected) as exc:
+            if not decided:
+                log.info("association_not_established", peer=host, reason=str(exc))
+            return
+        stats = self._services.accepted(assoc.calling_ae, assoc.called_ae, host,
+                                        len(assoc.contexts))  # fmt: skip
+        assoc.sinks = lambda message: self._sink(assoc, message)
+        self._established.add(assoc)
+        released = False
+        try:
+            while True:
+                message = await assoc.receive()
+                await self._answer(assoc, stats, message)
+        except Released:
+            released = True
+        except Aborted:
+            pass
+        finally:
+            self._established.discard(assoc)
+            if not released:
+                await assoc.abort()
+            await assoc.wait_closed()
+            self._services.ended(stats, released=released)
+
+    def _sink(self, assoc: Association, message: Message) -> DataSink | None:
+        """A C-STORE's data set goes to a spool file behind its File Meta Information."""
+        command = message.command
+        if int(command.CommandField) != C_STORE_RQ:
+            return None
+        context = assoc.contexts[message.context_id]
+        spool = DatasetSpool(self._tmp_dir, self._max_bytes, track=False)
+        spool.write(b"\x00" * 128 + b"DICM")  # the Part 10 preamble and prefix (PS3.10 7.1)
+        spool.write(encode_file_meta(str(command.AffectedSOPClassUID),
+                                     str(command.AffectedSOPInstanceUID),
+                                     str(context.transfer_syntax[0])))  # fmt: skip
+        spool.begin_dataset()
+        return spool
+
+    async def _answer(self, assoc: Association, stats: AssociationStats, message: Message) -> None:
+        command = message.command
+        field = int(command.CommandField)
+        message_id = int(command.MessageID)
+        sop_class = str(command.get("AffectedSOPClassUID", ""))
+        sop_instance = str(command.get("AffectedSOPInstanceUID", ""))
+        spool = message.sink if isinstance(message.sink, DatasetSpool) else None
+        status = self._refusal(assoc, stats, message, field, sop_class)
+        if status is not None:
+            if spool is not None:
+                spool.abandon()
+            stats.refused += 1
+        elif field == C_ECHO_RQ:
+            self._services._count("echo")
+            status = 0x0000
+        elif field == C_STORE_RQ and spool is not None:
+            status = await anyio.to_thread.run_sync(
+                self._services.store_instance, stats, sop_class, sop_instance,
+                Path(spool.name), spool,
+            )  # fmt: skip
+        else:
+            if spool is not None:
+                spool.abandon()
+            status = _UNRECOGNISED_OPERATION
+        await assoc.send_encoded(
+            message.context_id, response(field | 0x8000, message_id, status, sop_class,
+                                         sop_instance)
+        )  # fmt: skip
+
+    def _refusal(
+        self,
+        assoc: Association,
+        stats: AssociationStats,
+        message: Message,
+        field: int,
+        sop_class: str,
+    ) -> int | None:
+        """0x0122 for a SOP class other than its presentation context's, 0x0124 for a service
+        the caller may not use (the association goes on); None when the request may be
+        served."""
+        context = assoc.contexts[message.context_id]
+        if sop_class and sop_class != str(context.abstract_syntax):
+            log.warning("dimse_request_refused", peer=stats.peer_address,
+                        message=_MESSAGE_TYPES.get(field, f"0x{field:04X}").replace("_", "-"),
+                        status="0x0122", reason=f"SOP Class {sop_class[:64]} on presentation "
+                        f"context {message.context_id}, which was negotiated for "
+                        f"{context.abstract_syntax}")  # fmt: skip
+            return _SOP_CLASS_NOT_SUPPORTED
+        service = service_of(_MESSAGE_TYPES.get(field, ""), sop_class)
+        if service is None:
+            return None
+        grant = self._access.grant(stats.calling_ae)
+        if service in grant.services:
+            return None
+        log_refusal(grant, service, stats.calling_ae, stats.peer_address, self._services.audit)
+        return _NOT_AUTHORISED

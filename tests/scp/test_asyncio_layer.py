@@ -1,0 +1,54 @@
+"""The node on the asyncio network layer (`GATEWAY_NETWORK=asyncio`, docs/network.md).
+
+The tests of what that layer serves so far (association policy, SIGTERM grace, C-ECHO,
+C-STORE with its refusals, streaming of a 500 MB instance, kill -9 during a four-association
+ingest), unchanged, run again with every gateway they start on the new layer. Tests of the
+services still on pynetdicom's threads (C-FIND, C-MOVE, C-GET, worklist, MPPS) join this list
+as they move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.scp.test_durability import (  # noqa: F401
+    raw_files,
+    test_500_mb_instance_stays_within_100_mb_of_idle,
+    test_kill_9_during_four_association_ingest,
+)
+from tests.scp.test_policy import (  # noqa: F401
+    test_allowlist_entry_bound_to_a_host,
+    test_association_limit_is_a_transient_rejection,
+    test_called_ae_check_can_be_off,
+    test_called_ae_title_checked,
+    test_calling_ae_allowlist,
+    test_sigterm_aborts_what_outlives_the_grace,
+    test_sigterm_lets_open_associations_finish,
+)
+from tests.scp.test_receive import (  # noqa: F401
+    raw_sender,
+    test_a_dataset_past_max_instance_bytes_is_dropped_and_the_association_goes_on,
+    test_a_sender_that_states_its_roles_can_store,
+    test_an_instance_on_an_inappropriate_context_is_refused_and_the_association_goes_on,
+    test_bad_identifiers_refused,
+    test_bytes_are_stored_as_received,
+    test_dataset_uid_differs_from_request,
+    test_disk_failure_is_out_of_resources,
+    test_duplicate_policy_over_dicom,
+    test_echo,
+    test_extended_negotiation_items_are_not_claimed_and_never_refuse,
+    test_one_uid_in_another_series_is_refused_and_the_association_goes_on,
+    test_private_sop_class_only_when_configured,
+    test_real_file_whose_meta_and_dataset_disagree,
+    test_truncated_dataset_refused,
+    test_verification_from_pynetdicom_sets_nodelay_on_both_ends,
+)
+
+
+@pytest.fixture(autouse=True)
+def asyncio_layer(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every gateway process these tests start takes the asyncio layer."""
+    monkeypatch.setenv("GATEWAY_NETWORK", "asyncio")
+    yield
