@@ -137,7 +137,10 @@ class Site:
                 "retrieve": {"primary": "vna", "secondary": "pacs", "anonymiser": "anon",
                              "stall_seconds": 5, **FAST_RETRY, **(retrieve or {})},
                 "projects": [{"name": "P1"}, {"name": "P2"}],
-                "dispatch": {"retry_base_seconds": 0.2, "retry_max_seconds": 1.0},
+                # Forward jobs retry for as long as a test keeps the anonymiser down, however
+                # slow the machine (10 attempts at these delays can pass in ~5 s).
+                "dispatch": {"retry_base_seconds": 0.2, "retry_max_seconds": 1.0,
+                             "max_attempts": 200},
             }  # fmt: skip
             self.gw.write_config(**self.sections)
             self.gw.start()
