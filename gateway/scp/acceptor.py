@@ -249,10 +249,14 @@ class Acceptor:
             self._services._count("echo")
             status = 0x0000
         elif field == C_STORE_RQ and spool is not None:
-            status = await anyio.to_thread.run_sync(
-                self._services.store_instance, stats, sop_class, sop_instance,
-                Path(spool.name), spool,
-            )  # fmt: skip
+            received = Path(spool.name)
+            try:
+                status = await anyio.to_thread.run_sync(
+                    self._services.store_instance, stats, sop_class, sop_instance,
+                    received, spool,
+                )  # fmt: skip
+            finally:  # stored: moved in already; refused or failed: nothing of it stays
+                received.unlink(missing_ok=True)
         else:
             if spool is not None:
                 spool.abandon()

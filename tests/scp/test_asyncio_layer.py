@@ -9,7 +9,9 @@ as they move.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -48,7 +50,11 @@ from tests.scp.test_receive import (  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
-def asyncio_layer(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every gateway process these tests start takes the asyncio layer."""
+def asyncio_layer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Every gateway process these tests start takes the asyncio layer; none leaves a
+    received file behind in its tmp/ (refused, duplicate or stored: each is removed or moved
+    in), a kill -9 excepted (start-up clears those)."""
     monkeypatch.setenv("GATEWAY_NETWORK", "asyncio")
     yield
+    left = [p for p in tmp_path.rglob("tmp/*.part") if p.is_file()]
+    assert left == [] or "kill_9" in os.environ.get("PYTEST_CURRENT_TEST", ""), left
