@@ -98,11 +98,13 @@ def status_text(status: int) -> str:
     return f"0x{status & 0xFFFF:04X}"
 
 
-def query_level(event: Any) -> str:
-    """The Query/Retrieve Level of a C-FIND / C-MOVE / C-GET request (a pynetdicom event) as a
-    label value: patient, study, series, image, or other (missing, unknown, undecodable)."""
+def query_level(request: Any) -> str:
+    """The Query/Retrieve Level of a C-FIND / C-MOVE / C-GET request (its identifier, or a
+    pynetdicom event) as a label value: patient, study, series, image, or other (missing,
+    unknown, undecodable)."""
     try:
-        level = str(event.identifier.get("QueryRetrieveLevel", "")).strip().upper()
+        identifier = getattr(request, "identifier", request)
+        level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
     except Exception:  # a malformed identifier: its handler answers it; the label is "other"
         return "other"
     return _QR_LEVELS.get(level, "other")

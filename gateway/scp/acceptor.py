@@ -12,6 +12,11 @@ in the A-ASSOCIATE-RQ, then the association's messages are served one at a time:
   (its index row group-committed with whatever arrived meanwhile); the C-STORE-RSP is encoded
   without a pydicom Dataset.
 
+- C-FIND (Patient Root, Study Root, Modality Worklist): `DicomServices.find`, the threaded
+  node's code, reads the answers in a worker thread and hands them over as they come (64
+  ahead at most); each is sent as a pending response. A request runs in a task of its own
+  while the association's next messages are read, so a C-CANCEL stops it (0xFE00).
+
 A request whose SOP class the caller may not use (`ServiceAccess`) is refused 0x0124 and the
 association goes on, as on the threaded layer. Other services are not on this layer yet: a
 request for one is refused 0x0211 (unrecognised operation). docs/network.md.
@@ -20,13 +25,20 @@ request for one is refused 0x0211 (unrecognised operation). docs/network.md.
 from __future__ import annotations
 
 import asyncio
+import io
 import ssl
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.from_thread
 import anyio.to_thread
 import structlog
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 
@@ -53,7 +65,9 @@ __all__ = ["Acceptor"]
 log = structlog.get_logger(__name__)
 
 C_STORE_RQ = 0x0001
+C_FIND_RQ = 0x0020
 C_ECHO_RQ = 0x0030
+C_CANCEL_RQ = 0x0FFF
 _UNRECOGNISED_OPERATION = 0x0211
 _NOT_AUTHORISED = 0x0124
 _SOP_CLASS_NOT_SUPPORTED = 0x0122
@@ -63,17 +77,18 @@ _MESSAGE_TYPES = {0x0001: "C_STORE", 0x0030: "C_ECHO", 0x0020: "C_FIND", 0x0021:
 
 
 def response(command_field: int, message_id: int, status: int, sop_class: str = "",
-             sop_instance: str = "") -> bytes:  # fmt: skip
-    """A response's command set with no data set, Implicit VR Little Endian (PS3.7 E.1):
-    Affected SOP Class UID, Command Field, Message ID Being Responded To, Command Data Set Type
-    (0x0101), Status, Affected SOP Instance UID, and the Command Group Length before them."""
+             sop_instance: str = "", *, has_data: bool = False) -> bytes:  # fmt: skip
+    """A response's command set, Implicit VR Little Endian (PS3.7 E.1): Affected SOP Class
+    UID, Command Field, Message ID Being Responded To, Command Data Set Type (0x0101: none;
+    0x0001 with *has_data*), Status, Affected SOP Instance UID, and the Command Group Length
+    before them."""
     elements: list[tuple[int, bytes]] = []
     if sop_class:
         elements.append((0x0002, uid_value(sop_class)))
     elements += [
         (0x0100, struct.pack("<H", command_field)),
         (0x0120, struct.pack("<H", message_id)),
-        (0x0800, b"\x01\x01"),
+        (0x0800, b"\x01\x00" if has_data else b"\x01\x01"),
         (0x0900, struct.pack("<H", status)),
     ]
     if sop_instance:
@@ -204,15 +219,35 @@ class Acceptor:
         assoc.sinks = lambda message: self._sink(assoc, message)
         self._established.add(assoc)
         released = False
+        # One request at a time (no asynchronous operations window is negotiated, PS3.7
+        # D.3.3.3), answered in a task of its own so that a C-CANCEL can reach it meanwhile.
+        active: asyncio.Task[None] | None = None
+        active_id = -1
+        cancel = threading.Event()
         try:
             while True:
                 message = await assoc.receive()
-                await self._answer(assoc, stats, message)
+                command = message.command
+                if int(command.CommandField) == C_CANCEL_RQ:
+                    if int(command.get("MessageIDBeingRespondedTo", -2)) == active_id:
+                        cancel.set()
+                    continue
+                if active is not None:
+                    await active  # a requestor that did not wait for the answer
+                cancel = threading.Event()
+                active_id = int(command.get("MessageID", -1))
+                active = asyncio.get_running_loop().create_task(
+                    self._answer(assoc, stats, message, cancel)
+                )
         except Released:
             released = True
         except Aborted:
             pass
         finally:
+            if active is not None:
+                if not released:
+                    active.cancel()
+                await asyncio.gather(active, return_exceptions=True)
             self._established.discard(assoc)
             if not released:
                 await assoc.abort()
@@ -233,7 +268,13 @@ class Acceptor:
         spool.begin_dataset()
         return spool
 
-    async def _answer(self, assoc: Association, stats: AssociationStats, message: Message) -> None:
+    async def _answer(
+        self,
+        assoc: Association,
+        stats: AssociationStats,
+        message: Message,
+        cancel: threading.Event,
+    ) -> None:
         command = message.command
         field = int(command.CommandField)
         message_id = int(command.MessageID)
@@ -248,6 +289,8 @@ class Acceptor:
         elif field == C_ECHO_RQ:
             self._services._count("echo")
             status = 0x0000
+        elif field == C_FIND_RQ:
+            status = await self._find(assoc, stats, message, sop_class, cancel)
         elif field == C_STORE_RQ and spool is not None:
             received = Path(spool.name)
             try:
@@ -265,6 +308,49 @@ class Acceptor:
             message.context_id, response(field | 0x8000, message_id, status, sop_class,
                                          sop_instance)
         )  # fmt: skip
+
+    async def _find(
+        self,
+        assoc: Association,
+        stats: AssociationStats,
+        message: Message,
+        sop_class: str,
+        cancel: threading.Event,
+    ) -> int:
+        """C-FIND (Patient Root, Study Root, Modality Worklist): `DicomServices.find` runs in
+        a worker thread and hands each answer over as it is read (at most 64 ahead of the
+        network); each is sent as a pending response; returns the final status."""
+        context = assoc.contexts[message.context_id]
+        syntax = UID(str(context.transfer_syntax[0]))
+        try:
+            identifier = decode(io.BytesIO(message.data), syntax.is_implicit_VR,
+                                syntax.is_little_endian, syntax.is_deflated)  # fmt: skip
+        except Exception as exc:
+            log.warning("query_refused", association_id=stats.association_id,
+                        reason=f"undecodable identifier: {exc}")  # fmt: skip
+            return 0xC000
+        send, receive = anyio.create_memory_object_stream[tuple[int, Dataset | None]](64)
+        final = 0x0000
+
+        def produce() -> None:
+            with send:
+                for answer in self._services.find(stats, sop_class, identifier, cancel.is_set):
+                    anyio.from_thread.run(send.send, answer)
+
+        message_id = int(message.command.MessageID)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, produce)
+            async with receive:
+                async for status, answer in receive:
+                    if status not in (0xFF00, 0xFF01) or answer is None:
+                        final = status
+                        continue
+                    encoded = encode(answer, syntax.is_implicit_VR, syntax.is_little_endian,
+                                     syntax.is_deflated)  # fmt: skip
+                    await assoc.send_encoded(message.context_id, response(
+                        C_FIND_RQ | 0x8000, message_id, status, sop_class, has_data=True,
+                    ), encoded)  # fmt: skip
+        return final
 
     def _refusal(
         self,

@@ -421,20 +421,35 @@ class DicomServices:
         which is what Orthanc does when `LimitFindResults` cuts a query. The Modality Worklist
         is answered by `AcquisitionServices` from its own tables and is not capped.
         """
-        stats = self._stats_for(event.assoc)
+        yield from self.find(
+            self._stats_for(event.assoc),
+            str(event.request.AffectedSOPClassUID),
+            event.identifier,
+            cancel_check(event),
+        )
+
+    def find(
+        self,
+        stats: AssociationStats,
+        sop_class_uid: str,
+        identifier: Dataset,
+        cancelled: Callable[[], bool],
+    ) -> Iterator[tuple[int, Dataset | None]]:
+        """`on_find` on plain values: the association, the request's SOP class, its decoded
+        identifier and a check that says once it was cancelled (C-CANCEL). Blocks between
+        answers (reads the index): for a thread."""
         stats.queries += 1
-        if str(event.request.AffectedSOPClassUID) == ModalityWorklistInformationFind:
+        if sop_class_uid == ModalityWorklistInformationFind:
             self._count("worklist")
             if self._acquisition is None:
                 yield 0xC000, None
                 return
-            yield from self._acquisition.on_worklist_find(event)
+            yield from self._acquisition.worklist_find(identifier, stats.calling_ae, cancelled)
             return
-        self._count("find", event)
-        model = _model(event)
+        self._count("find", identifier)
+        model: QueryModel = "patient" if sop_class_uid in _PATIENT_ROOT else "study"
         cap = self._settings.node.max_find_results
         if self.audit is not None:
-            identifier = event.identifier
             keys = sorted(
                 elem.keyword or str(elem.tag)
                 for elem in identifier
@@ -445,10 +460,9 @@ class DicomServices:
             self.audit.record("Query", association_id=stats.association_id, model=model,
                               level=str(identifier.get("QueryRetrieveLevel", "")), keys=keys,
                               **_who(stats))  # fmt: skip
-        cancelled = cancel_check(event)
         sent = 0
         try:
-            found = stream_capped(self._store, model, event.identifier, cap, cancelled=cancelled)
+            found = stream_capped(self._store, model, identifier, cap, cancelled=cancelled)
             for match in found:
                 if cancelled():
                     break

@@ -21,7 +21,7 @@ associations.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
@@ -149,7 +149,15 @@ class AcquisitionServices:
         self._bridge = bridge
 
     def on_worklist_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
-        identifier = event.identifier
+        yield from self.worklist_find(
+            event.identifier, event.assoc.requestor.ae_title, cancel_check(event)
+        )
+
+    def worklist_find(
+        self, identifier: Dataset, calling_ae: str, cancelled: Callable[[], bool]
+    ) -> Iterator[tuple[int, Dataset | None]]:
+        """A Modality Worklist C-FIND (PS3.4 K.6.1.2): one pending answer per task matching
+        *identifier*, from the registry; blocks (a thread)."""
         try:
             where, params = _where(identifier)
             tasks = self._bridge.call(self._registry.worklist, where, params)
@@ -161,8 +169,7 @@ class AcquisitionServices:
             log.error("worklist_query_failed", reason=str(exc))
             yield 0xA700, None
             return
-        log.info("worklist_queried", items=len(tasks), calling_ae=event.assoc.requestor.ae_title)
-        cancelled = cancel_check(event)
+        log.info("worklist_queried", items=len(tasks), calling_ae=calling_ae)
         for task in tasks:
             if cancelled():
                 yield 0xFE00, None

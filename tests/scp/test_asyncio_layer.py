@@ -2,9 +2,10 @@
 
 The tests of what that layer serves so far (association policy, SIGTERM grace, C-ECHO,
 C-STORE with its refusals, streaming of a 500 MB instance, kill -9 during a four-association
-ingest), unchanged, run again with every gateway they start on the new layer. Tests of the
-services still on pynetdicom's threads (C-FIND, C-MOVE, C-GET, worklist, MPPS) join this list
-as they move.
+ingest, C-FIND at every level and model with its cap, character sets and C-CANCEL, the
+Modality Worklist), unchanged, run again with every gateway they start on the new layer.
+Tests of the services still on pynetdicom's threads (C-MOVE, C-GET, MPPS) join this list as
+they move.
 """
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ from tests.scp.test_policy import (  # noqa: F401
     test_sigterm_aborts_what_outlives_the_grace,
     test_sigterm_lets_open_associations_finish,
 )
+from tests.scp.test_query_retrieve import (  # noqa: F401
+    archive,
+    test_find_answers_capped_with_findscu,
+    test_find_bad_identifier_fails,
+    test_find_image_level,
+    test_find_japanese_name_with_pynetdicom,
+    test_find_patient_root_patient_level,
+    test_find_romanised_name_returns_the_name_in_utf8,
+    test_find_series_level,
+    test_find_study_level_matching,
+    test_find_study_root_universal_match_and_computed_keys,
+    test_pathological_wildcard_answers_at_once,
+)
 from tests.scp.test_receive import (  # noqa: F401
     raw_sender,
     test_a_dataset_past_max_instance_bytes_is_dropped_and_the_association_goes_on,
@@ -47,14 +61,25 @@ from tests.scp.test_receive import (  # noqa: F401
     test_truncated_dataset_refused,
     test_verification_from_pynetdicom_sets_nodelay_on_both_ends,
 )
+from tests.test_acquisition import (  # noqa: F401
+    test_findscu_sees_the_worklist_and_each_key_narrows_it,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def asyncio_layer() -> Iterator[None]:
+    """Every gateway process these tests start takes the asyncio layer (module-wide: the
+    module-scoped gateways of the imported tests too)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GATEWAY_NETWORK", "asyncio")
+        yield
 
 
 @pytest.fixture(autouse=True)
-def asyncio_layer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """Every gateway process these tests start takes the asyncio layer; none leaves a
-    received file behind in its tmp/ (refused, duplicate or stored: each is removed or moved
-    in), a kill -9 excepted (start-up clears those)."""
-    monkeypatch.setenv("GATEWAY_NETWORK", "asyncio")
+def nothing_left_in_tmp(tmp_path: Path) -> Iterator[None]:
+    """No gateway a test starts leaves a received file behind in its tmp/ (refused,
+    duplicate or stored: each is removed or moved in), a kill -9 excepted (start-up clears
+    those)."""
     yield
     left = [p for p in tmp_path.rglob("tmp/*.part") if p.is_file()]
     assert left == [] or "kill_9" in os.environ.get("PYTEST_CURRENT_TEST", ""), left
