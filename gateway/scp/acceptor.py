@@ -12,6 +12,8 @@ in the A-ASSOCIATE-RQ, then the association's messages are served one at a time:
   (its index row group-committed with whatever arrived meanwhile); the C-STORE-RSP is encoded
   without a pydicom Dataset.
 
+- MPPS N-CREATE and N-SET: the threaded node's code (`DicomServices.n_create` / `n_set`) in
+  a worker thread; the response names the SOP Instance the gateway created;
 - C-FIND (Patient Root, Study Root, Modality Worklist): `DicomServices.find`, the threaded
   node's code, reads the answers in a worker thread and hands them over as they come (64
   ahead at most); each is sent as a pending response. A request runs in a task of its own
@@ -19,7 +21,7 @@ in the A-ASSOCIATE-RQ, then the association's messages are served one at a time:
 
 A request whose SOP class the caller may not use (`ServiceAccess`) is refused 0x0124 and the
 association goes on, as on the threaded layer. Other services are not on this layer yet: a
-request for one is refused 0x0211 (unrecognised operation). docs/network.md.
+request for one (C-MOVE, C-GET) is refused 0x0211 (unrecognised operation). docs/network.md.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ C_STORE_RQ = 0x0001
 C_FIND_RQ = 0x0020
 C_ECHO_RQ = 0x0030
 C_CANCEL_RQ = 0x0FFF
+N_SET_RQ = 0x0120
+N_CREATE_RQ = 0x0140
 _UNRECOGNISED_OPERATION = 0x0211
 _NOT_AUTHORISED = 0x0124
 _SOP_CLASS_NOT_SUPPORTED = 0x0122
@@ -278,8 +282,12 @@ class Acceptor:
         command = message.command
         field = int(command.CommandField)
         message_id = int(command.MessageID)
-        sop_class = str(command.get("AffectedSOPClassUID", ""))
-        sop_instance = str(command.get("AffectedSOPInstanceUID", ""))
+        # N-SET names its object as Requested, the others as Affected (PS3.7 10.1.1.1).
+        sop_class = str(
+            command.get("AffectedSOPClassUID", "") or command.get("RequestedSOPClassUID", "")
+        )
+        sop_instance = str(command.get("AffectedSOPInstanceUID", "")
+                           or command.get("RequestedSOPInstanceUID", ""))  # fmt: skip
         spool = message.sink if isinstance(message.sink, DatasetSpool) else None
         status = self._refusal(assoc, stats, message, field, sop_class)
         if status is not None:
@@ -291,6 +299,8 @@ class Acceptor:
             status = 0x0000
         elif field == C_FIND_RQ:
             status = await self._find(assoc, stats, message, sop_class, cancel)
+        elif field in (N_CREATE_RQ, N_SET_RQ):
+            status, sop_instance = await self._mpps(assoc, stats, message, field, sop_instance)
         elif field == C_STORE_RQ and spool is not None:
             received = Path(spool.name)
             try:
@@ -309,6 +319,39 @@ class Acceptor:
                                          sop_instance)
         )  # fmt: skip
 
+    async def _mpps(
+        self, assoc: Association, stats: AssociationStats, message: Message, field: int,
+        sop_instance: str,
+    ) -> tuple[int, str]:  # fmt: skip
+        """MPPS N-CREATE / N-SET (PS3.4 F.7): `DicomServices.n_create` / `n_set`, the threaded
+        node's code, in a worker thread; (status, the SOP Instance UID the response names: one
+        the gateway assigned when the N-CREATE named none)."""
+        dataset = self._decoded(assoc, message, stats)
+        if dataset is None:
+            return 0x0106, sop_instance  # invalid attribute value: not decodable
+        if field == N_SET_RQ:
+            status = await anyio.to_thread.run_sync(self._services.n_set, dataset, sop_instance)
+            return status, sop_instance
+        status, created = await anyio.to_thread.run_sync(
+            self._services.n_create, dataset, sop_instance or None, stats.calling_ae
+        )
+        return status, created or sop_instance
+
+    def _decoded(
+        self, assoc: Association, message: Message, stats: AssociationStats
+    ) -> Dataset | None:
+        """A request's data set decoded in its context's transfer syntax (None, logged, when it
+        cannot be)."""
+        syntax = UID(str(assoc.contexts[message.context_id].transfer_syntax[0]))
+        try:
+            decoded: Dataset = decode(io.BytesIO(message.data), syntax.is_implicit_VR,
+                                      syntax.is_little_endian, syntax.is_deflated)  # fmt: skip
+            return decoded
+        except Exception as exc:
+            log.warning("request_undecodable", association_id=stats.association_id,
+                        reason=str(exc))  # fmt: skip
+            return None
+
     async def _find(
         self,
         assoc: Association,
@@ -320,14 +363,9 @@ class Acceptor:
         """C-FIND (Patient Root, Study Root, Modality Worklist): `DicomServices.find` runs in
         a worker thread and hands each answer over as it is read (at most 64 ahead of the
         network); each is sent as a pending response; returns the final status."""
-        context = assoc.contexts[message.context_id]
-        syntax = UID(str(context.transfer_syntax[0]))
-        try:
-            identifier = decode(io.BytesIO(message.data), syntax.is_implicit_VR,
-                                syntax.is_little_endian, syntax.is_deflated)  # fmt: skip
-        except Exception as exc:
-            log.warning("query_refused", association_id=stats.association_id,
-                        reason=f"undecodable identifier: {exc}")  # fmt: skip
+        syntax = UID(str(assoc.contexts[message.context_id].transfer_syntax[0]))
+        identifier = self._decoded(assoc, message, stats)
+        if identifier is None:
             return 0xC000
         send, receive = anyio.create_memory_object_stream[tuple[int, Dataset | None]](64)
         final = 0x0000

@@ -202,6 +202,23 @@ class DicomServices:
             return 0x0110, None
         return self._acquisition.on_n_set(event)
 
+    def n_create(
+        self, attributes: Dataset, requested: str | None, calling_ae: str
+    ) -> tuple[int, str | None]:
+        """MPPS N-CREATE on plain values (`AcquisitionServices.mpps_create`): (status, the
+        SOP Instance UID created). Blocks."""
+        self._count("mpps")
+        if self._acquisition is None:
+            return 0x0110, None
+        return self._acquisition.mpps_create(attributes, requested, calling_ae)
+
+    def n_set(self, changes: Dataset, sop_uid: str) -> int:
+        """MPPS N-SET on plain values (`AcquisitionServices.mpps_set`): the status. Blocks."""
+        self._count("mpps")
+        if self._acquisition is None:
+            return 0x0110
+        return self._acquisition.mpps_set(changes, sop_uid)
+
     @property
     def open_associations(self) -> int:
         return len(self._stats)

@@ -181,13 +181,28 @@ class AcquisitionServices:
         gateway assigns one and returns it in the response (PS3.7 10.1.5.1.4); the N-SETs that
         follow name it. A success carries no Attribute List, so nothing can fail between the
         task's change and the response that reports it."""
-        attributes = event.attribute_list
         requested = event.request.AffectedSOPInstanceUID
-        sop_uid = str(requested) if requested else generate_uid()
+        status, sop_uid = self.mpps_create(
+            event.attribute_list, str(requested) if requested else None,
+            str(event.assoc.requestor.ae_title),
+        )  # fmt: skip
+        if status != 0x0000:
+            return status, None
+        reply = Dataset()
+        if not requested:
+            reply.AffectedSOPInstanceUID = sop_uid  # pynetdicom moves it into the response
+        return 0x0000, reply
+
+    def mpps_create(
+        self, attributes: Dataset, requested: str | None, calling_ae: str
+    ) -> tuple[int, str]:
+        """`on_n_create` on plain values: (status, the SOP Instance UID created, assigned here
+        when *requested* is None). Blocks (a thread)."""
+        sop_uid = requested or generate_uid()
         status = _text(attributes, "PerformedProcedureStepStatus")
         if status != "IN PROGRESS":
             log.warning("mpps_refused", reason=f"N-CREATE with status {status!r}")
-            return 0x0106, None  # invalid attribute value
+            return 0x0106, sop_uid  # invalid attribute value
         steps = attributes.get("ScheduledStepAttributesSequence") or [None]
         keys = {
             "sps_id": _text(steps[0], "ScheduledProcedureStepID"),
@@ -200,26 +215,27 @@ class AcquisitionServices:
                 sop_uid,
                 keys,
                 _as_json(attributes),
-                str(event.assoc.requestor.ae_title),
+                calling_ae,
             )
         except AcquisitionError as exc:
             log.warning("mpps_refused", sop_instance_uid=sop_uid, reason=str(exc))
-            return 0x0111, None  # duplicate SOP instance
+            return 0x0111, sop_uid  # duplicate SOP instance
         except GatewayError as exc:
             log.error("mpps_failed", reason=str(exc))
-            return 0x0110, None
+            return 0x0110, sop_uid
         log.info("mpps_created", sop_instance_uid=sop_uid, task=task_id, assigned=not requested)
-        reply = Dataset()
-        if not requested:
-            reply.AffectedSOPInstanceUID = sop_uid  # pynetdicom moves it into the response
-        return 0x0000, reply
+        return 0x0000, sop_uid
 
     def on_n_set(self, event: evt.Event) -> tuple[int, Dataset | None]:
-        changes = event.modification_list
-        sop_uid = str(event.request.RequestedSOPInstanceUID)
+        status = self.mpps_set(event.modification_list, str(event.request.RequestedSOPInstanceUID))
+        # No Attribute List on success: nothing to fail after the change.
+        return status, (Dataset() if status == 0x0000 else None)
+
+    def mpps_set(self, changes: Dataset, sop_uid: str) -> int:
+        """`on_n_set` on plain values: the status. Blocks (a thread)."""
         status = _text(changes, "PerformedProcedureStepStatus") or "IN PROGRESS"
         if status not in ("IN PROGRESS", "COMPLETED", "DISCONTINUED"):
-            return 0x0106, None
+            return 0x0106
         reason = None
         if status == "DISCONTINUED":
             codes = changes.get("PerformedProcedureStepDiscontinuationReasonCodeSequence")
@@ -231,9 +247,9 @@ class AcquisitionServices:
             )
         except AcquisitionError as exc:
             log.warning("mpps_set_refused", sop_instance_uid=sop_uid, reason=str(exc))
-            return (0x0112 if exc.kind == "not_found" else 0x0110), None
+            return 0x0112 if exc.kind == "not_found" else 0x0110
         except GatewayError as exc:
             log.error("mpps_failed", reason=str(exc))
-            return 0x0110, None
+            return 0x0110
         log.info("mpps_set", sop_instance_uid=sop_uid, status=status, task=task_id)
-        return 0x0000, Dataset()  # no Attribute List: nothing to fail after the change
+        return 0x0000

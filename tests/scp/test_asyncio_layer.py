@@ -3,8 +3,8 @@
 The tests of what that layer serves so far (association policy, SIGTERM grace, C-ECHO,
 C-STORE with its refusals, streaming of a 500 MB instance, kill -9 during a four-association
 ingest, C-FIND at every level and model with its cap, character sets and C-CANCEL, the
-Modality Worklist), unchanged, run again with every gateway they start on the new layer.
-Tests of the services still on pynetdicom's threads (C-MOVE, C-GET, MPPS) join this list as
+Modality Worklist, MPPS), unchanged, run again with every gateway they start on the new
+layer. Tests of the services still on pynetdicom's threads (C-MOVE, C-GET) join this list as
 they move.
 """
 
@@ -63,6 +63,8 @@ from tests.scp.test_receive import (  # noqa: F401
 )
 from tests.test_acquisition import (  # noqa: F401
     test_findscu_sees_the_worklist_and_each_key_narrows_it,
+    test_mpps_moves_tasks_through_their_states,
+    test_mpps_n_create_without_an_instance_uid_gets_one,
 )
 
 
