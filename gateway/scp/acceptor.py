@@ -27,12 +27,13 @@ request for one (C-MOVE, C-GET) is refused 0x0211 (unrecognised operation). docs
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import io
 import ssl
 import struct
 import threading
 from pathlib import Path
-from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -59,7 +60,7 @@ from gateway.net.association import (
 from gateway.scp.access import ServiceAccess, log_refusal, service_of
 from gateway.scp.handlers import AssociationStats, DicomServices
 from gateway.scp.receiving import DatasetSpool, encode_file_meta
-from gateway.scp.tls import server_context
+from gateway.scp.tls import handshake_failed, server_context
 from gateway.scp.transport import AssociationPolicy, uid_value
 
 __all__ = ["Acceptor"]
@@ -153,13 +154,13 @@ class Acceptor:
         if node.tls_port is not None:
             listeners.append((node.tls_port, server_context(node)))
         for port, context in listeners:
-            tls: dict[str, Any] = {}
-            if context is not None:
-                tls = {"ssl": context, "ssl_handshake_timeout": node.acse_timeout}
+            # TLS is started per connection in its task (`_serve`), so that a handshake that
+            # fails is logged, counted and audited as on the threaded layer.
             try:
                 server = await asyncio.start_server(
-                    self._connected, node.host, port, limit=1 << 20, backlog=128, **tls
-                )
+                    functools.partial(self._connected, tls=context),
+                    node.host, port, limit=1 << 20, backlog=128,
+                )  # fmt: skip
             except OSError as exc:
                 from gateway.errors import GatewayError
 
@@ -188,14 +189,34 @@ class Acceptor:
 
     # -- one connection -----------------------------------------------------------------------
 
-    def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+    def _connected(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        tls: ssl.SSLContext | None,
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer, tls))
         self._connections.add(task)
         task.add_done_callback(self._connections.discard)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        tls: ssl.SSLContext | None,
+    ) -> None:
         peer = writer.get_extra_info("peername")
         host = str(peer[0]) if peer else ""
+        if tls is not None:
+            try:
+                await writer.start_tls(tls, ssl_handshake_timeout=self._timeouts.acse)
+            except (OSError, ValueError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+                handshake_failed(host, str(exc) or type(exc).__name__,
+                                 self._services.metrics, self._services.audit)  # fmt: skip
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+                return
         decided: list[str] = []
 
         def decide(request: A_ASSOCIATE) -> Acceptance | Rejection:

@@ -11,9 +11,29 @@ from __future__ import annotations
 
 import ssl
 
-from gateway.config import NodeSettings, PeerSettings
+import structlog
 
-__all__ = ["client_context", "server_context"]
+from gateway.audit import AuditLog
+from gateway.config import NodeSettings, PeerSettings
+from gateway.metrics import Metrics
+
+__all__ = ["client_context", "handshake_failed", "server_context"]
+
+log = structlog.get_logger(__name__)
+
+
+def handshake_failed(
+    address: str, reason: str, metrics: Metrics | None, audit: AuditLog | None
+) -> None:
+    """A TLS client that did not complete the handshake (no or an untrusted certificate,
+    plain DICOM on the TLS port, silence past the ACSE timeout): logged, counted as a
+    rejected association, audited."""
+    log.warning("tls_handshake_failed", peer=address, reason=reason[:200])
+    if metrics is not None:
+        metrics.associations_rejected.labels(reason="tls_handshake_failed").inc()
+    if audit is not None:
+        audit.record("Security Alert", outcome="refused", what="TLS handshake failed",
+                     address=address, reason=reason[:200])  # fmt: skip
 
 
 def _base(purpose: ssl.Purpose) -> ssl.SSLContext:

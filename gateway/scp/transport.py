@@ -56,6 +56,7 @@ from gateway.audit import AuditLog
 from gateway.config import CallerSettings
 from gateway.metrics import Metrics, status_text
 from gateway.scp.access import Grant, ServiceAccess, log_refusal, service_of
+from gateway.scp.tls import handshake_failed
 
 __all__ = [
     "MIN_PDU_LIMIT",
@@ -592,16 +593,8 @@ class _RequestHandler(RequestHandler):  # type: ignore[misc]
             try:
                 sock.do_handshake()
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                log.warning("tls_handshake_failed", peer=self.client_address[0],
-                            reason=str(exc)[:200])  # fmt: skip
-                if self.server.metrics is not None:
-                    reason = "tls_handshake_failed"
-                    self.server.metrics.associations_rejected.labels(reason=reason).inc()
-                if self.server.audit is not None:
-                    self.server.audit.record("Security Alert", outcome="refused",
-                                             what="TLS handshake failed",
-                                             address=self.client_address[0],
-                                             reason=str(exc)[:200])  # fmt: skip
+                handshake_failed(self.client_address[0], str(exc), self.server.metrics,
+                                 self.server.audit)  # fmt: skip
                 with contextlib.suppress(OSError):
                     sock.close()
                 return

@@ -1,6 +1,7 @@
 """The node on the asyncio network layer (`GATEWAY_NETWORK=asyncio`, docs/network.md).
 
-The tests of what that layer serves so far (association policy, SIGTERM grace, C-ECHO,
+The tests of what that layer serves so far (association policy, DICOM TLS with client
+certificates and its refusals, SIGTERM grace, C-ECHO,
 C-STORE with its refusals, streaming of a 500 MB instance, kill -9 during a four-association
 ingest, C-FIND at every level and model with its cap, character sets and C-CANCEL, the
 Modality Worklist, MPPS), unchanged, run again with every gateway they start on the new
@@ -60,6 +61,10 @@ from tests.scp.test_receive import (  # noqa: F401
     test_real_file_whose_meta_and_dataset_disagree,
     test_truncated_dataset_refused,
     test_verification_from_pynetdicom_sets_nodelay_on_both_ends,
+)
+from tests.scp.test_tls import (  # noqa: F401
+    pki,
+    test_tls_listener_with_client_certificates,
 )
 from tests.test_acquisition import (  # noqa: F401
     test_findscu_sees_the_worklist_and_each_key_narrows_it,
