@@ -506,3 +506,21 @@ def orthanc(tmp_path: Path) -> Iterator[OrthancProcess]:
     server = OrthancProcess(tmp_path / "orthanc")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def wildcard_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """2,000 instances of 2,000 patients named 63 A's and one letter (made once per run, for
+    the wildcard tests of every layer)."""
+    from pydicom.uid import generate_uid
+
+    directory = tmp_path_factory.mktemp("wildcards")
+    return [
+        write_variant(
+            TEST_FILES / "CT_small.dcm", directory / f"p{n:04}.dcm",
+            PatientName="A" * 63 + chr(65 + n % 26), PatientID=f"WILD{n:04}",
+            StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid(),
+            SOPInstanceUID=generate_uid(),
+        )
+        for n in range(2000)
+    ]  # fmt: skip

@@ -1,17 +1,19 @@
 """Months of uptime: nothing is left behind by an association or a connection, however it ends.
 
 One gateway process serves a mixed load of thousands of associations and hundreds of control
-connections, twice. Inbound: C-ECHO (pynetdicom and DCMTK), C-STORE, C-FIND, C-MOVE (with its
-sub-association to a peer), C-GET, rejected associations, a dataset aborted half-way, peers that
-vanish mid-association or mid-request, associations and bare connections left idle until the
-node's timeouts end them. Outbound: C-ECHO of a peer, dispatch jobs, webhooks, retrieval from an
-Orthanc archive by C-FIND then C-MOVE, and by C-GET. Control: Unix socket requests, TCP requests
-refused before login, operator and device logins, TLS, device sessions with an upload. Metrics:
-scrapes of /metrics and /healthz.
+connections: a full round, then a half one (~2,300 associations and connections in all).
+Inbound: C-ECHO (pynetdicom and DCMTK), C-STORE, C-FIND, C-MOVE (with its sub-association to a
+peer), C-GET, rejected associations, a dataset aborted half-way, peers that vanish
+mid-association or mid-request, associations and bare connections left idle until the node's
+timeouts end them. Outbound: C-ECHO of a peer, dispatch jobs, webhooks, retrieval from an
+Orthanc archive by C-FIND then C-MOVE, and by C-GET. Control: Unix socket requests, TCP
+requests refused before login, operator and device logins, TLS, device sessions with an
+upload. Metrics: scrapes of /metrics and /healthz.
 
 The gateway's open descriptors, threads and RSS are read from /proc: after a warm-up round (which
-loads every code path once), a first and a second round of the same load must leave descriptors
-and threads where they started and RSS within a small margin. Then it still answers, and SIGTERM
+loads every code path once), a first round and a second (half as long, C-GET instead of C-MOVE
+for the retrieval) must leave descriptors and threads where they started and RSS within a
+small margin. Then it still answers, and SIGTERM
 with an association open stops it within its grace period.
 """
 
@@ -436,7 +438,7 @@ ROUND: list[tuple[Kind, int]] = [
 
 
 def run_round(site: Site, scale: float, studies: list[Any]) -> int:
-    """One round of every kind (*scale* times the counts), four at a time; return how many
+    """One round of every kind (*scale* times the counts), eight at a time; return how many
     associations and connections it made."""
     made = 0
     for kind, count in ROUND:
@@ -444,7 +446,7 @@ def run_round(site: Site, scale: float, studies: list[Any]) -> int:
         began = time.monotonic()
         # One device has one session at a time (a login ends its previous one), and its
         # uploads belong to it: its sessions go one at a time.
-        with ThreadPoolExecutor(1 if kind in (upload, device_session) else 4) as pool:
+        with ThreadPoolExecutor(1 if kind in (upload, device_session) else 8) as pool:
             list(pool.map(lambda n, k=kind: k(site, n), range(runs)))  # type: ignore[misc]
         print(f"{kind.__name__} x{runs}: {time.monotonic() - began:.1f} s; {usage(site.gw.pid)}")
         made += runs
@@ -503,14 +505,14 @@ def test_thousands_of_associations_leave_nothing_behind(site: Site) -> None:
     site.gw.write_config(**_sections(site.recorder, site.webhook, site.vna, retrieve="get",
                                      metrics_port=site.metrics_port))  # fmt: skip
     site.gw.call("rules.reload")
-    second_made = run_round(site, 1.0, make_studies(site, "two", 8))
+    second_made = run_round(site, 0.5, make_studies(site, "two", 4))
     second = settled_usage(pid, start)
     report = (
         f"start {start}; after warm-up ({made}) {warm}; after round 1 ({first_made}) {first};"
         f" after round 2 ({second_made}) {second}"
     )
     print(report)
-    assert first_made + second_made > 3000
+    assert first_made + second_made > 2000
     # Descriptors and threads back where they were before any association; RSS steady.
     for after in (first, second):
         assert after.fds <= start.fds and after.threads <= start.threads, report

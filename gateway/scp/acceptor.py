@@ -262,7 +262,7 @@ class Acceptor:
                 cancel = threading.Event()
                 active_id = int(command.get("MessageID", -1))
                 active = asyncio.get_running_loop().create_task(
-                    self._answer(assoc, stats, message, cancel)
+                    self._answer_or_abort(assoc, stats, message, cancel)
                 )
         except Released:
             released = True
@@ -278,6 +278,24 @@ class Acceptor:
                 await assoc.abort()
             await assoc.wait_closed()
             self._services.ended(stats, released=released)
+
+    async def _answer_or_abort(
+        self,
+        assoc: Association,
+        stats: AssociationStats,
+        message: Message,
+        cancel: threading.Event,
+    ) -> None:
+        """`_answer`; a request that fails unforeseen (a bug) aborts its association at once,
+        logged with its traceback, instead of leaving the requestor waiting for an answer."""
+        try:
+            await self._answer(assoc, stats, message, cancel)
+        except Aborted:
+            raise
+        except Exception:
+            log.exception("request_failed", association_id=stats.association_id,
+                          command=f"0x{int(message.command.CommandField):04X}")  # fmt: skip
+            await assoc.abort()
 
     def _sink(self, assoc: Association, message: Message) -> DataSink | None:
         """A C-STORE's data set goes to a spool file behind its File Meta Information."""

@@ -53,7 +53,6 @@ from tests.scp.test_receive import (  # noqa: F401
     test_bytes_are_stored_as_received,
     test_dataset_uid_differs_from_request,
     test_disk_failure_is_out_of_resources,
-    test_duplicate_policy_over_dicom,
     test_echo,
     test_extended_negotiation_items_are_not_claimed_and_never_refuse,
     test_one_uid_in_another_series_is_refused_and_the_association_goes_on,

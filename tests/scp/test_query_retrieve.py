@@ -773,19 +773,15 @@ def test_move_to_a_destination_that_refuses_a_sop_class(
 # -- wildcards that cannot stall the node --------------------------------------------------------
 
 
-def test_pathological_wildcard_answers_at_once(gateway_factory: Any, tmp_path: Path) -> None:
+def test_pathological_wildcard_answers_at_once(
+    gateway_factory: Any, tmp_path: Path, wildcard_files: list[Path]
+) -> None:
     """2,000 patients whose names are 64 characters (the PN maximum) of one letter; a
     PatientName query of many ``*`` would backtrack for hours in Python's `re`, once per
     patient. RE2 matches in time linear in the name: findscu has the 77 answers (the names
     ending in B) in well under a second, and another pattern finds the names ending in Z."""
     gw = gateway_factory("wildcards")
-    files = [
-        write_variant(CT, tmp_path / f"p{n:04}.dcm", PatientName="A" * 63 + chr(65 + n % 26),
-                      PatientID=f"WILD{n:04}", StudyInstanceUID=generate_uid(),
-                      SeriesInstanceUID=generate_uid(), SOPInstanceUID=generate_uid())
-        for n in range(2000)
-    ]  # fmt: skip
-    sent = storescu(gw, *files)
+    sent = storescu(gw, *wildcard_files)
     assert sent.returncode == 0 and "Failed" not in sent.stderr, sent.stderr
     assert gw.call("status")["patients"] == 2000
     started = time.monotonic()
