@@ -30,7 +30,7 @@ import io
 import socket
 import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -70,6 +70,7 @@ __all__ = [
     "Rejected",
     "Rejection",
     "Released",
+    "Responses",
     "Timeouts",
     "encode_command",
 ]
@@ -174,6 +175,29 @@ class _Assembly:
 _END: Final = object()  # queued once the association has ended
 
 
+class Responses:
+    """The responses to one request of this side (`Association.awaiting`)."""
+
+    def __init__(self, assoc: Association, queue: asyncio.Queue[Any]) -> None:
+        self._assoc = assoc
+        self._queue = queue
+
+    async def next(self, timeout: float | None) -> Message:
+        """The next response. Raises `Aborted` when the association ends first, and aborts
+        it (A-ABORT) when none comes within *timeout* seconds (the DIMSE timeout)."""
+        try:
+            item = await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            await self._assoc.abort()
+            raise Aborted(f"timeout: no response within {timeout:g} s") from None
+        if item is _END:
+            self._queue.put_nowait(_END)
+            ended = self._assoc._ended
+            raise ended if isinstance(ended, Aborted) else Aborted(str(ended))
+        assert isinstance(item, Message)
+        return item
+
+
 class Association:
     """An established association; see the module docstring."""
 
@@ -204,6 +228,9 @@ class Association:
         self._release_answered = asyncio.Event()
         self._sending = 0  # send() calls in flight (a release response waits for them)
         self._sent = asyncio.Condition()
+        self._message_id = 0
+        # Responses awaited by this side's requests, by Message ID Being Responded To.
+        self._awaited: dict[int, asyncio.Queue[Any]] = {}
 
     # -- establishment ------------------------------------------------------------------------
 
@@ -412,34 +439,68 @@ class Association:
         await self.send_encoded(context_id, encode_command(command), data)
 
     async def send_encoded(
-        self, context_id: int, command: bytes, data: bytes | memoryview | None = None
+        self,
+        context_id: int,
+        command: bytes,
+        data: bytes | memoryview | AsyncIterator[bytes] | None = None,
     ) -> None:
         """`send` with the command set already encoded (its CommandDataSetType must say
-        whether *data* follows): for responses built without a pydicom Dataset."""
+        whether *data* follows): for messages built without a pydicom Dataset. *data* may come
+        in chunks (a stored file read piece by piece): each is fragmented as it comes."""
         self._sending += 1
         try:
-            await self._send_fragments(context_id, True, memoryview(command))
-            if data is not None:
-                await self._send_fragments(context_id, False, memoryview(data))
+            await self._send_fragments(context_id, True, memoryview(command), last=True)
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                await self._send_fragments(context_id, False, memoryview(data), last=True)
+            elif data is not None:
+                await self._send_chunks(context_id, data)
         finally:
             self._sending -= 1
             async with self._sent:
                 self._sent.notify_all()
 
-    async def _send_fragments(self, context_id: int, command: bool, data: memoryview) -> None:
+    async def _send_chunks(self, context_id: int, chunks: AsyncIterator[bytes]) -> None:
+        held: bytes | None = None  # one chunk behind, to know which is the last
+        async for chunk in chunks:
+            if held is not None:
+                await self._send_fragments(context_id, False, memoryview(held), last=False)
+            held = chunk
+        await self._send_fragments(context_id, False, memoryview(held or b""), last=True)
+
+    async def _send_fragments(
+        self, context_id: int, command: bool, data: memoryview, *, last: bool
+    ) -> None:
         size = (self.peer_max_pdu - 6) if self.peer_max_pdu else _UNLIMITED_FRAGMENT
         size = max(size, 1)
         offset = 0
         while True:
             chunk = data[offset : offset + size]
             offset += len(chunk)
-            last = offset >= len(data)
+            final = offset >= len(data)
             if self.machine.state not in (State.STA6, State.STA8):
                 raise self._ended or Aborted("the association is no longer established")
             self.machine.handle(Event.P_DATA_REQUEST)  # DT-1 / AR-7
-            await self._write(P.p_data_tf(context_id, command, last, chunk))
-            if last:
+            await self._write(P.p_data_tf(context_id, command, final and last, chunk))
+            if final:
                 return
+
+    def next_message_id(self) -> int:
+        """A Message ID for this side's next request (1-65535, then round again)."""
+        self._message_id = self._message_id % 0xFFFF + 1
+        return self._message_id
+
+    @contextlib.contextmanager
+    def awaiting(self, message_id: int) -> Iterator[Responses]:
+        """Route the responses to *message_id* to the `Responses` yielded, from before its
+        request is sent until the block ends (the responses then go nowhere)."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        if self._ended is not None:
+            queue.put_nowait(_END)
+        self._awaited[message_id] = queue
+        try:
+            yield Responses(self, queue)
+        finally:
+            self._awaited.pop(message_id, None)
 
     # -- ending -------------------------------------------------------------------------------
 
@@ -531,6 +592,8 @@ class Association:
 
     def _transport_closed(self) -> None:
         state = self.machine.state
+        if state == State.STA1:  # this side closed it (an abort) while the read was under way
+            return
         self.machine.handle(Event.TRANSPORT_CLOSED)  # AA-4 / AR-5 / AA-5
         if state == State.STA13:
             return
@@ -598,7 +661,7 @@ class Association:
                     assembly.command.clear()
                     message = Message(pdv.context_id, command)
                     if not message.has_data:
-                        self._inbox.put_nowait(message)
+                        self._deliver(message)
                         continue
                     message.sink = self.sinks(message)
                     assembly.message = message
@@ -620,7 +683,21 @@ class Association:
                         assert assembly.data is not None
                         message.data = bytes(assembly.data)
                     assembly.message, assembly.data = None, None
-                    self._inbox.put_nowait(message)
+                    self._deliver(message)
+
+    def _deliver(self, message: Message) -> None:
+        """A request (or C-CANCEL) to `receive()`; a response to the request awaiting it
+        (`responses`); a response nothing awaits (after its request timed out) is dropped."""
+        command = message.command
+        if not int(command.CommandField) & 0x8000:
+            self._inbox.put_nowait(message)
+            return
+        awaiting = self._awaited.get(int(command.get("MessageIDBeingRespondedTo", -1)))
+        if awaiting is not None:
+            awaiting.put_nowait(message)
+            return
+        log.info("dimse_response_unexpected", command=f"0x{int(command.CommandField):04X}",
+                 message_id=command.get("MessageIDBeingRespondedTo"))  # fmt: skip
 
     # -- I/O ----------------------------------------------------------------------------------
 
@@ -669,6 +746,8 @@ class Association:
                     assembly.message.sink.discard()
             self._assembly.clear()
             self._inbox.put_nowait(_END)
+            for awaiting in self._awaited.values():
+                awaiting.put_nowait(_END)
 
     async def _close(self) -> None:
         self._end(Aborted("the connection was closed"))

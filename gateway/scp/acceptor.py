@@ -19,9 +19,14 @@ in the A-ASSOCIATE-RQ, then the association's messages are served one at a time:
   ahead at most); each is sent as a pending response. A request runs in a task of its own
   while the association's next messages are read, so a C-CANCEL stops it (0xFE00).
 
+- C-MOVE and C-GET: the instances the identifier names are sent as C-STORE sub-operations
+  (`gateway.scu.requestor.store_instance`), to the Move Destination on an association of
+  their own, or on this association in the SCU role the C-GET requestor granted; a pending
+  response with the counts after each, and the final status of PS3.4 C.4.2.1.5 / C.4.3.1.5.
+
 A request whose SOP class the caller may not use (`ServiceAccess`) is refused 0x0124 and the
-association goes on, as on the threaded layer. Other services are not on this layer yet: a
-request for one (C-MOVE, C-GET) is refused 0x0211 (unrecognised operation). docs/network.md.
+association goes on, as on the threaded layer; an operation the node does not offer is
+refused 0x0211 (unrecognised operation). docs/network.md.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ import contextlib
 import functools
 import io
 import ssl
-import struct
 import threading
 from pathlib import Path
 
@@ -43,9 +47,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.presentation import PresentationContext
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification
 
-from gateway.config import Settings
+from gateway.config import PeerSettings, Settings
+from gateway.errors import GatewayError, PeerError
 from gateway.net.association import (
     Aborted,
     Acceptance,
@@ -57,49 +63,37 @@ from gateway.net.association import (
     Released,
     Timeouts,
 )
+from gateway.net.dimse import (
+    C_CANCEL_RQ,
+    C_ECHO_RQ,
+    C_FIND_RQ,
+    C_GET_RQ,
+    C_MOVE_RQ,
+    C_STORE_RQ,
+    N_CREATE_RQ,
+    N_SET_RQ,
+    SubOperations,
+    response,
+)
 from gateway.scp.access import ServiceAccess, log_refusal, service_of
 from gateway.scp.handlers import AssociationStats, DicomServices
 from gateway.scp.receiving import DatasetSpool, encode_file_meta
 from gateway.scp.tls import handshake_failed, server_context
-from gateway.scp.transport import AssociationPolicy, uid_value
+from gateway.scp.transport import AssociationPolicy
+from gateway.scu.requestor import open_association, store_instance
+from gateway.scu.syntaxes import MAX_CONTEXTS, storage_contexts
+from gateway.store.query import QueryError
 
 __all__ = ["Acceptor"]
 
 log = structlog.get_logger(__name__)
 
-C_STORE_RQ = 0x0001
-C_FIND_RQ = 0x0020
-C_ECHO_RQ = 0x0030
-C_CANCEL_RQ = 0x0FFF
-N_SET_RQ = 0x0120
-N_CREATE_RQ = 0x0140
 _UNRECOGNISED_OPERATION = 0x0211
 _NOT_AUTHORISED = 0x0124
 _SOP_CLASS_NOT_SUPPORTED = 0x0122
 # Command Field -> the message type `gateway.scp.access` governs (PS3.7 E.1).
 _MESSAGE_TYPES = {0x0001: "C_STORE", 0x0030: "C_ECHO", 0x0020: "C_FIND", 0x0021: "C_MOVE",
                   0x0010: "C_GET", 0x0140: "N_CREATE", 0x0120: "N_SET"}  # fmt: skip
-
-
-def response(command_field: int, message_id: int, status: int, sop_class: str = "",
-             sop_instance: str = "", *, has_data: bool = False) -> bytes:  # fmt: skip
-    """A response's command set, Implicit VR Little Endian (PS3.7 E.1): Affected SOP Class
-    UID, Command Field, Message ID Being Responded To, Command Data Set Type (0x0101: none;
-    0x0001 with *has_data*), Status, Affected SOP Instance UID, and the Command Group Length
-    before them."""
-    elements: list[tuple[int, bytes]] = []
-    if sop_class:
-        elements.append((0x0002, uid_value(sop_class)))
-    elements += [
-        (0x0100, struct.pack("<H", command_field)),
-        (0x0120, struct.pack("<H", message_id)),
-        (0x0800, b"\x01\x00" if has_data else b"\x01\x01"),
-        (0x0900, struct.pack("<H", status)),
-    ]
-    if sop_instance:
-        elements.append((0x1000, uid_value(sop_instance)))
-    body = b"".join(struct.pack("<HHI", 0, elem, len(v)) + v for elem, v in elements)
-    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
 
 
 class Acceptor:
@@ -338,6 +332,9 @@ class Acceptor:
             status = 0x0000
         elif field == C_FIND_RQ:
             status = await self._find(assoc, stats, message, sop_class, cancel)
+        elif field in (C_MOVE_RQ, C_GET_RQ):
+            await self._retrieve(assoc, stats, message, field, sop_class, cancel)
+            return  # its responses are sent
         elif field in (N_CREATE_RQ, N_SET_RQ):
             status, sop_instance = await self._mpps(assoc, stats, message, field, sop_instance)
         elif field == C_STORE_RQ and spool is not None:
@@ -357,6 +354,139 @@ class Acceptor:
             message.context_id, response(field | 0x8000, message_id, status, sop_class,
                                          sop_instance)
         )  # fmt: skip
+
+    async def _retrieve(
+        self,
+        assoc: Association,
+        stats: AssociationStats,
+        message: Message,
+        field: int,
+        sop_class: str,
+        cancel: threading.Event,
+    ) -> None:
+        """C-MOVE (PS3.4 C.4.2) and C-GET (C.4.3): the instances the identifier names are
+        sent as C-STORE sub-operations, to the Move Destination on an association of their
+        own, or on this association in the SCU role the requestor granted; a pending response
+        with the counts after each; the final response says Success, 0xB000 (some failed or
+        had a warning: the Failed SOP Instance UID List names the failed), 0xA702 (all
+        failed) or 0xFE00 (cancelled, with what remained)."""
+        kind = "move" if field == C_MOVE_RQ else "get"
+        services = self._services
+        message_id = int(message.command.MessageID)
+        syntax = UID(str(assoc.contexts[message.context_id].transfer_syntax[0]))
+
+        async def answer(
+            status: int,
+            counts: SubOperations | None = None,
+            failed: list[str] | None = None,
+            *,
+            final: bool = True,
+        ) -> None:
+            identifier = None
+            if failed:
+                listed = Dataset()
+                listed.FailedSOPInstanceUIDList = failed
+                identifier = encode(listed, syntax.is_implicit_VR, syntax.is_little_endian,
+                                    syntax.is_deflated)  # fmt: skip
+            command = response(field | 0x8000, message_id, status, sop_class,
+                               has_data=identifier is not None, counts=counts,
+                               remaining=not final or status == 0xFE00)  # fmt: skip
+            await assoc.send_encoded(message.context_id, command, identifier)
+
+        identifier = self._decoded(assoc, message, stats)
+        services._count(kind, identifier)
+        if identifier is None:
+            await answer(0xC000)  # unable to process
+            return
+        peer: PeerSettings | None = None
+        if field == C_MOVE_RQ:
+            destination = str(message.command.get("MoveDestination", "")).strip()
+            peer = services.move_destination(stats, destination)
+            if peer is None:
+                await answer(0xA801)  # Move Destination unknown
+                return
+        try:
+            instances = await anyio.to_thread.run_sync(
+                services.retrieve, stats, kind, sop_class, identifier
+            )
+        except QueryError as exc:
+            await answer(exc.status, SubOperations(0))
+            return
+        except GatewayError:  # out of resources: unable to calculate the matches
+            await answer(0xA701, SubOperations(0))
+            return
+        counts = SubOperations(len(instances))
+        if not instances:
+            await answer(0x0000, counts)
+            return
+        if len(instances) > 0xFFFF:  # the counts are US values (PS3.4 C.4.2.1.5)
+            reason = f"{len(instances)} instances: more than 65535 sub-operations"
+            log.warning(f"{kind}_refused", association_id=stats.association_id, reason=reason)
+            await answer(0xA701)
+            return
+        node = self._settings.node
+        if peer is not None:
+            pairs = sorted({(i.sop_class_uid, i.transfer_syntax) for i in instances})
+            contexts = storage_contexts(pairs, transcode=peer.transcode, limit=MAX_CONTEXTS - 1)
+            # Verification too: a destination that accepts none of the others still
+            # associates, and each instance fails as a sub-operation (never 0xA801).
+            contexts.append(build_context(Verification))
+            try:
+                target = await open_association(node, peer, contexts)
+            except PeerError as exc:
+                log.warning("move_destination_unreachable", association_id=stats.association_id,
+                            destination=peer.name, reason=str(exc))  # fmt: skip
+                await answer(0xA801)
+                return
+            transcode, name = peer.transcode, peer.name
+            originator: tuple[str, int] | None = (stats.calling_ae, message_id)
+        else:
+            target = assoc
+            transcode, name = services.get_transcode(stats.calling_ae), stats.calling_ae
+            originator = None
+        await anyio.to_thread.run_sync(services.transferred, stats, instances, kind, name)
+        failed: list[str] = []
+        try:
+            for instance in instances:
+                if cancel.is_set():
+                    log.info(f"{kind}_cancelled", association_id=stats.association_id)
+                    await answer(0xFE00, counts, failed)
+                    return
+                stats.sent += 1
+                try:
+                    status: int | None = await store_instance(
+                        target, instance, transcode=transcode, peer=name,
+                        dimse_timeout=node.dimse_timeout, move_originator=originator,
+                    )  # fmt: skip
+                except PeerError as exc:
+                    log.warning("sub_operation_not_sent", peer=name, reason=str(exc))
+                    status = None
+                counts.remaining -= 1
+                if status == 0x0000:
+                    counts.completed += 1
+                elif status is not None and (0xB000 <= status <= 0xBFFF or status == 0x0001):
+                    counts.warning += 1
+                else:
+                    counts.failed += 1
+                    failed.append(instance.sop_instance_uid)
+                await answer(0xFF00, counts, final=False)
+        finally:
+            if target is not assoc and target.is_established:
+                with contextlib.suppress(Aborted):
+                    await target.release()
+            elif target is not assoc:
+                await target.abort()
+        log.info(f"{kind}_done", association_id=stats.association_id, instances=len(instances))
+        if not counts.failed and not counts.warning:
+            await answer(0x0000, counts)
+        elif counts.failed == len(instances):
+            if kind == "move":
+                log.warning("move_failed", association_id=stats.association_id,
+                            destination=name, reason="the destination stored none of the "
+                            f"{len(instances)} instances")  # fmt: skip
+            await answer(0xA702, counts, failed)
+        else:
+            await answer(0xB000, counts, failed)
 
     async def _mpps(
         self, assoc: Association, stats: AssociationStats, message: Message, field: int,

@@ -52,11 +52,6 @@ _PATIENT_ROOT = {
 }
 
 
-def _model(event: evt.Event) -> QueryModel:
-    """The Q/R information model of a C-FIND / C-MOVE / C-GET request."""
-    return "patient" if str(event.request.AffectedSOPClassUID) in _PATIENT_ROOT else "study"
-
-
 class _SubOperations:
     """The C-STORE responses of a C-MOVE's destination association that completed (success or
     warning), counted as they arrive on the thread that sends the sub-operations."""
@@ -514,35 +509,21 @@ class DicomServices:
         """The Study Instance UIDs of *instances*, for the audit record of a transfer."""
         return self._bridge.call(self._store.study_uids_of, [i.pk for i in instances])
 
-    def _instances(self, event: evt.Event) -> list[StoredInstance]:
-        model = _model(event)
-        where, params = retrieve_filter(model, event.identifier)
-        return self._bridge.call(self._store.instance_files, where, params)
-
     def on_move(self, event: evt.Event) -> Iterator[Any]:
         stats = self._stats_for(event.assoc)
         self._count("move", event)
         destination = str(event.move_destination).strip()
-        peer = self._settings.peer_by_ae_title(destination)
+        peer = self.move_destination(stats, destination)
         if peer is None:
-            log.warning(
-                "move_destination_unknown",
-                association_id=stats.association_id,
-                destination=destination,
-            )
             yield None, None
             return
         # pynetdicom connects to the destination as soon as it has a sub-operation count, and
         # answers 0 with Success: a request that fails raises instead of yielding a count, which
         # pynetdicom answers with 0xC513 (Unable to process) without connecting to anyone.
         try:
-            instances = self._instances(event)
-        except QueryError as exc:
-            log.warning("move_refused", association_id=stats.association_id, reason=str(exc))
-            yield peer.host, peer.port, self._move_kwargs([], peer)
-            raise
-        except GatewayError as exc:
-            log.error("move_failed", association_id=stats.association_id, reason=str(exc))
+            instances = self.retrieve(stats, "move", str(event.request.AffectedSOPClassUID),
+                                      event.identifier)  # fmt: skip
+        except GatewayError:  # QueryError included; logged
             yield peer.host, peer.port, self._move_kwargs([], peer)
             raise
         tally = _SubOperations()
@@ -566,24 +547,74 @@ class DicomServices:
         stats = self._stats_for(event.assoc)
         self._count("get", event)
         try:
-            instances = self._instances(event)
+            instances = self.retrieve(stats, "get", str(event.request.AffectedSOPClassUID),
+                                      event.identifier)  # fmt: skip
         except QueryError as exc:
-            log.warning("get_refused", association_id=stats.association_id, reason=str(exc))
             yield 1  # pynetdicom answers 0 sub-operations with Success, whatever follows
             yield exc.status, None
             return
-        except GatewayError as exc:
-            log.error("get_failed", association_id=stats.association_id, reason=str(exc))
+        except GatewayError:
             yield 1
             yield 0xA701, None
             return
         _send_stored_files(event.assoc)  # the sub-operations go over this association
         requestor = str(event.assoc.requestor.ae_title).strip()
-        peer = self._settings.peer_by_ae_title(requestor)  # transcode = false where configured
-        transcode = peer.transcode if peer is not None else True
+        transcode = self.get_transcode(requestor)
         yield from self._send(
             cancel_check(event), stats, instances, "get", transcode=transcode, peer=requestor
         )
+
+    def retrieve(
+        self, stats: AssociationStats, kind: str, sop_class_uid: str, identifier: Dataset
+    ) -> list[StoredInstance]:
+        """The stored instances a C-MOVE or C-GET (*kind* "move" / "get") identifier names,
+        on plain values. Blocks (reads the index): for a thread.
+
+        Raises
+        ------
+        QueryError
+            The identifier cannot be answered (logged as ``move_refused`` / ``get_refused``).
+        GatewayError
+            The index could not be read (logged as ``move_failed`` / ``get_failed``).
+        """
+        model: QueryModel = "patient" if sop_class_uid in _PATIENT_ROOT else "study"
+        try:
+            where, params = retrieve_filter(model, identifier)
+            instances: list[StoredInstance] = self._bridge.call(
+                self._store.instance_files, where, params
+            )
+        except QueryError as exc:
+            log.warning(f"{kind}_refused", association_id=stats.association_id, reason=str(exc))
+            raise
+        except GatewayError as exc:
+            log.error(f"{kind}_failed", association_id=stats.association_id, reason=str(exc))
+            raise
+        return instances
+
+    def move_destination(self, stats: AssociationStats, title: str) -> PeerSettings | None:
+        """The peer a C-MOVE's Move Destination names (its AE title); None, logged, when no
+        `[[peers]]` entry has it."""
+        peer = self._settings.peer_by_ae_title(title)
+        if peer is None:
+            log.warning("move_destination_unknown", association_id=stats.association_id,
+                        destination=title)  # fmt: skip
+        return peer
+
+    def get_transcode(self, calling_ae: str) -> bool:
+        """Whether a C-GET requestor may be sent re-encoded data sets: unless it is a peer
+        configured with ``transcode = false``."""
+        peer = self._settings.peer_by_ae_title(calling_ae)
+        return peer.transcode if peer is not None else True
+
+    def transferred(
+        self, stats: AssociationStats, instances: list[StoredInstance], kind: str, peer: str
+    ) -> None:
+        """Audit the instances a C-MOVE or C-GET is about to send. Blocks: for a thread."""
+        if self.audit is not None and instances:
+            self.audit.record("DICOM Instances Transferred", studies=self._studies_of(instances),
+                              association_id=stats.association_id, service=kind,
+                              destination=peer, instances=len(instances),
+                              **_who(stats))  # fmt: skip
 
     def _send(
         self,
@@ -595,11 +626,7 @@ class DicomServices:
         transcode: bool,
         peer: str,
     ) -> Iterator[Any]:
-        if self.audit is not None and instances:
-            self.audit.record("DICOM Instances Transferred", studies=self._studies_of(instances),
-                              association_id=stats.association_id, service=kind,
-                              destination=peer, instances=len(instances),
-                              **_who(stats))  # fmt: skip
+        self.transferred(stats, instances, kind, peer)
         yield len(instances)
         for instance in instances:
             if cancelled():

@@ -33,7 +33,8 @@ from pynetdicom import (
     dimse_messages,
 )
 
-from gateway.scp.transport import dul_resources, uid_value
+from gateway.net.dimse import uid_value
+from gateway.scp.transport import dul_resources
 
 __all__ = ["DatasetSpool", "encode_file_meta", "install_receive_path"]
 

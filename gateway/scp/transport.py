@@ -32,7 +32,6 @@ import queue
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +54,7 @@ from pynetdicom.transport import (
 from gateway.audit import AuditLog
 from gateway.config import CallerSettings
 from gateway.metrics import Metrics, status_text
+from gateway.net.dimse import response
 from gateway.scp.access import Grant, ServiceAccess, log_refusal, service_of
 from gateway.scp.tls import handshake_failed
 
@@ -302,25 +302,13 @@ def encode_c_store_rsp(primitive: C_STORE) -> bytes | None:
     response carries optional elements (Error Comment, Offending Element) left to pynetdicom."""
     if primitive.ErrorComment is not None or primitive.OffendingElement is not None:
         return None
-    elements: list[tuple[int, bytes]] = []
-    if primitive.AffectedSOPClassUID:
-        elements.append((0x0002, uid_value(primitive.AffectedSOPClassUID)))
-    elements += [
-        (0x0100, b"\x01\x80"),  # CommandField: C-STORE-RSP (0x8001)
-        (0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
-        (0x0800, b"\x01\x01"),  # CommandDataSetType: no dataset (0x0101)
-        (0x0900, struct.pack("<H", primitive.Status)),
-    ]
-    if primitive.AffectedSOPInstanceUID:
-        elements.append((0x1000, uid_value(primitive.AffectedSOPInstanceUID)))
-    body = b"".join(struct.pack("<HHI", 0, elem, len(v)) + v for elem, v in elements)
-    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
-
-
-def uid_value(uid: str) -> bytes:
-    """A UI value as encoded: ASCII, padded with NUL to an even length."""
-    value = str(uid).encode("ascii")
-    return value + b"\x00" if len(value) % 2 else value
+    return response(
+        0x8001,  # C-STORE-RSP
+        int(primitive.MessageIDBeingRespondedTo),
+        int(primitive.Status),
+        str(primitive.AffectedSOPClassUID or ""),
+        str(primitive.AffectedSOPInstanceUID or ""),
+    )
 
 
 class _FastResponseDIMSE(DIMSEServiceProvider):  # type: ignore[misc]

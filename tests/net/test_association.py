@@ -177,11 +177,11 @@ async def test_the_requestor_echoes_and_releases_against_pynetdicom() -> None:
         (context_id,) = assoc.contexts
         request = Dataset()
         request.CommandField = 0x0030
-        request.MessageID = 1
+        request.MessageID = assoc.next_message_id()
         request.AffectedSOPClassUID = Verification
-        await assoc.send(context_id, request)
-        async with asyncio.timeout(5):
-            response = await assoc.receive()
+        with assoc.awaiting(request.MessageID) as responses:
+            await assoc.send(context_id, request)
+            response = await responses.next(5.0)
         assert (response.command.CommandField, response.command.Status) == (0x8030, 0)
         await assoc.release()
         assert assoc.machine.state == State.STA1

