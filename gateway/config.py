@@ -85,6 +85,10 @@ class NodeSettings(_Section):
     dimse_timeout: Seconds = 60.0
     network_timeout: Seconds = 60.0
     connection_timeout: Seconds = 10.0
+    # An association the node opened stays open this long after its last use, for the next
+    # job or query to the same peer (as Orthanc's DicomAssociationCloseDelay); 0: released at
+    # once.
+    association_close_delay: Annotated[float, Field(ge=0, le=600)] = 5.0
     shutdown_grace: Annotated[float, Field(ge=0)] = 30.0
     duplicate_policy: Literal["keep_first", "overwrite", "reject"] = "keep_first"
     accept_unknown_sop_classes: bool = False

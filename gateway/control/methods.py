@@ -233,7 +233,7 @@ def register_core_methods(
             known = ", ".join(p.name for p in running.peers) or "none configured"
             raise ControlError(INVALID_PARAMS, f"unknown peer {name!r} (peers: {known})")
         try:
-            result = await anyio.to_thread.run_sync(echo_peer, running.node, peer)
+            result = await echo_peer(running.node, peer)
         except PeerError as exc:
             raise ControlError(PEER_ERROR, str(exc)) from exc
         return {"peer": name, "status": result.status, "seconds": round(result.seconds, 4)}

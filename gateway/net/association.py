@@ -532,6 +532,20 @@ class Association:
         self._end(Aborted("aborted by this side", 0))
         await self._close()
 
+    def abort_nowait(self) -> None:
+        """A-ABORT (service user) and close, from code that cannot wait (a stop request): the
+        A-ABORT PDU is written without waiting for the peer to take it."""
+        if self.machine.state not in (State.STA1, State.STA13):
+            self.machine.handle(Event.A_ABORT_REQUEST)  # AA-1
+            with contextlib.suppress(Exception):
+                self._writer.write(P.abort_pdu(0))
+        self._end(Aborted("aborted by this side", 0))
+        self.machine.state = State.STA1
+        if not self._writer.is_closing():
+            self._writer.close()
+        if self._reader_task is not None and not self._reader_task.done():
+            self._reader_task.cancel()
+
     async def wait_closed(self) -> None:
         """Until the connection is closed (after a release response, the peer's close or
         the ARTIM timeout)."""

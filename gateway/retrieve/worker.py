@@ -30,8 +30,6 @@ from datetime import datetime
 from typing import TypeVar
 
 import anyio
-import anyio.from_thread
-import anyio.to_thread
 import structlog
 from pydicom.dataset import Dataset
 
@@ -54,6 +52,7 @@ from gateway.scu.query import (
     c_move,
     identifier,
 )
+from gateway.scu.requestor import IdleAssociations
 from gateway.store.jobs import JobQueue, JobSpec
 from gateway.store.store import Store
 from gateway.work import Backoff, WorkLoop
@@ -114,6 +113,8 @@ class Retriever:
         self.wake_dispatcher = wake_dispatcher
         self._random = random or _random.Random()
         self._retrieves: set[Progress] = set()  # the C-MOVEs and C-GETs in flight
+        # Archives' associations kept for the next C-FIND ([node] association_close_delay).
+        self._idle = IdleAssociations(settings.node.association_close_delay)
         self._limits: dict[str, ArchiveLimits] = {}
         self._loop: WorkLoop[Request] = WorkLoop(
             "retriever",
@@ -152,7 +153,10 @@ class Retriever:
 
     async def run(self) -> None:
         log.info("retriever_started", concurrency=self.settings.retrieve.concurrency)
-        await self._loop.run()
+        try:
+            await self._loop.run()
+        finally:
+            await self._idle.close()
 
     def _free(self) -> int:
         """Slots for more requests: a request whose worker reported nothing for its lease
@@ -308,7 +312,7 @@ class Retriever:
         log.info("retrieval_attempt_failed", request=request.id, step=step, reason=reason,
                  attempt=attempts)  # fmt: skip
 
-    # -- DICOM, rate-limited, in worker threads -----------------------------------------------
+    # -- DICOM, rate-limited ---------------------------------------------------------------------
 
     def _peer(self, name: str | None, role: str) -> PeerSettings:
         peer = self.settings.peer(name) if name else None
@@ -319,7 +323,7 @@ class Retriever:
     async def _find(self, request: Request, peer: PeerSettings, query: Dataset) -> list[Dataset]:
         await self._waiting(request, self.limits(peer).queries.acquire)
         node = self.settings.node
-        answers = await anyio.to_thread.run_sync(c_find, node, peer, query)
+        answers = await c_find(node, peer, query, self._idle)
         self._progressed(request)
         return answers
 
@@ -367,39 +371,31 @@ class Retriever:
     async def _compare(self, request: Request) -> Step:
         peer = self._peer(request.archive, "chosen")
         limits = self.limits(peer)
-        portal = anyio.from_thread
         series_uid = request.series_uid
-
-        def list_instances() -> list[ArchiveInstance]:
-            # One association for the study's series and each series' instances; every C-FIND
-            # still takes a query token (acquired on the event loop).
-            listed: list[ArchiveInstance] = []
-            with FindSession(self.settings.node, peer) as session:
-                for study in request.studies:
-                    portal.run(self._waiting, request, limits.queries.acquire)
-                    query = identifier(
-                        "SERIES", StudyInstanceUID=study, SeriesInstanceUID=series_uid
+        # One association for the study's series and each series' instances (the one the
+        # study query used, where it is still open); every C-FIND takes a query token.
+        listed: list[ArchiveInstance] = []
+        async with FindSession(self.settings.node, peer, self._idle) as session:
+            for study in request.studies:
+                await self._waiting(request, limits.queries.acquire)
+                query = identifier("SERIES", StudyInstanceUID=study, SeriesInstanceUID=series_uid)
+                series = [str(a.get("SeriesInstanceUID", "")) for a in await session.find(query)]
+                for uid in dict.fromkeys(s for s in series if s):
+                    await self._waiting(request, limits.queries.acquire)
+                    image_query = identifier(
+                        "IMAGE",
+                        StudyInstanceUID=study,
+                        SeriesInstanceUID=uid,
+                        SOPInstanceUID="",
+                        SOPClassUID="",
                     )
-                    series = [str(a.get("SeriesInstanceUID", "")) for a in session.find(query)]
-                    for uid in dict.fromkeys(s for s in series if s):
-                        portal.run(self._waiting, request, limits.queries.acquire)
-                        image_query = identifier(
-                            "IMAGE",
-                            StudyInstanceUID=study,
-                            SeriesInstanceUID=uid,
-                            SOPInstanceUID="",
-                            SOPClassUID="",
-                        )
-                        answers = session.find(image_query)
-                        self._progressed(request)
-                        for answer in answers:
-                            sop = str(answer.get("SOPInstanceUID", ""))
-                            sop_class = str(answer.get("SOPClassUID", ""))
-                            if sop:
-                                listed.append(ArchiveInstance(sop, uid, study, sop_class))
-            return listed
-
-        listed = await anyio.to_thread.run_sync(list_instances)
+                    answers = await session.find(image_query)
+                    self._progressed(request)
+                    for answer in answers:
+                        sop = str(answer.get("SOPInstanceUID", ""))
+                        sop_class = str(answer.get("SOPClassUID", ""))
+                        if sop:
+                            listed.append(ArchiveInstance(sop, uid, study, sop_class))
         if not listed:
             what = f"series {request.series_uid}" if request.series_uid else "any instance"
             studies = ", ".join(request.studies)
@@ -451,8 +447,14 @@ class Retriever:
         self, request: Request, peer: PeerSettings, query: Dataset, classes: list[str]
     ) -> RetrieveResult:
         limits = self.limits(peer)
-        await self._waiting(request, limits.moves.acquire)
+        # The slot first, then the rate token, then the request at once: a token taken before
+        # waiting for a slot would let two requests that waited reach the archive together.
         await self._waiting(request, limits.concurrent.acquire)
+        try:
+            await self._waiting(request, limits.moves.acquire)
+        except BaseException:
+            limits.concurrent.release()
+            raise
         try:
             progress = Progress()
             self._retrieves.add(progress)
@@ -482,13 +484,9 @@ class Retriever:
                     tg.start_soon(watch)
                     try:
                         if peer.retrieve == "get":
-                            outcome = await anyio.to_thread.run_sync(
-                                lambda: c_get(node, peer, query, classes, self.store, progress)
-                            )
+                            outcome = await c_get(node, peer, query, classes, self.store, progress)
                         else:
-                            outcome = await anyio.to_thread.run_sync(
-                                lambda: c_move(node, peer, query, progress)
-                            )
+                            outcome = await c_move(node, peer, query, progress)
                     except (PeerError, GatewayError) as exc:
                         outcome = exc  # raised below, outside the task group (not in a group)
                     finally:

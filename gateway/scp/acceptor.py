@@ -77,7 +77,7 @@ from gateway.net.dimse import (
 )
 from gateway.scp.access import ServiceAccess, log_refusal, service_of
 from gateway.scp.handlers import AssociationStats, DicomServices
-from gateway.scp.receiving import DatasetSpool, encode_file_meta
+from gateway.scp.receiving import DatasetSpool, part10_spool
 from gateway.scp.tls import handshake_failed, server_context
 from gateway.scp.transport import AssociationPolicy
 from gateway.scu.requestor import open_association, store_instance
@@ -297,13 +297,10 @@ class Acceptor:
         if int(command.CommandField) != C_STORE_RQ:
             return None
         context = assoc.contexts[message.context_id]
-        spool = DatasetSpool(self._tmp_dir, self._max_bytes, track=False)
-        spool.write(b"\x00" * 128 + b"DICM")  # the Part 10 preamble and prefix (PS3.10 7.1)
-        spool.write(encode_file_meta(str(command.AffectedSOPClassUID),
-                                     str(command.AffectedSOPInstanceUID),
-                                     str(context.transfer_syntax[0])))  # fmt: skip
-        spool.begin_dataset()
-        return spool
+        return part10_spool(
+            str(command.AffectedSOPClassUID), str(command.AffectedSOPInstanceUID),
+            str(context.transfer_syntax[0]), self._tmp_dir, self._max_bytes,
+        )  # fmt: skip
 
     async def _answer(
         self,

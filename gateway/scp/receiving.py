@@ -146,6 +146,24 @@ class DatasetSpool:
             self._fd = -1
 
 
+def part10_spool(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax: str,
+    directory: Path,
+    max_bytes: int | None,
+) -> DatasetSpool:
+    """A `DatasetSpool` for a C-STORE's data set, behind the Part 10 preamble, prefix (PS3.10
+    7.1) and File Meta Information the request announces: the file is a DICOM file once the
+    data set has arrived. Not tracked (the asyncio association discards what it did not
+    complete)."""
+    spool = DatasetSpool(directory, max_bytes, track=False)
+    spool.write(b"\x00" * 128 + b"DICM")
+    spool.write(encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax))
+    spool.begin_dataset()
+    return spool
+
+
 def encode_file_meta(
     sop_class_uid: str,
     sop_instance_uid: str,

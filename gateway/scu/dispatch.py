@@ -5,7 +5,8 @@ One asyncio service. Its loop claims due jobs (most urgent first, at most
 is due, the earliest lease runs out, or `wake()` is called (an enqueue, a retry, a job that
 finished). A job selects its instances from the index, skips
 those its target already holds (the `deliveries` ledger), and sends the rest: C-STORE to a peer
-(`send_instances` in a worker thread), or an atomic copy into a folder. Acknowledgements are
+(`send_instances`, on the event loop over the asyncio network layer), or an atomic copy into
+a folder (in a worker thread). Acknowledgements are
 recorded as they come, group-committed by `_Ledger`. docs/dispatch.md describes the model.
 """
 
@@ -30,6 +31,7 @@ from gateway.audit import AuditLog
 from gateway.config import FolderSettings, PeerSettings, Settings, WebhookSettings
 from gateway.metrics import Metrics
 from gateway.scu.notify import NotifyError, post_json, summary
+from gateway.scu.requestor import IdleAssociations
 from gateway.scu.sender import Delivery, send_instances
 from gateway.store.files import write_atomically
 from gateway.store.instance import is_valid_uid
@@ -43,7 +45,8 @@ log = structlog.get_logger(__name__)
 
 
 class _Stopping(Exception):
-    """Raised in a sender thread to end a send early (the dispatcher is stopping)."""
+    """Raised by a sender's acknowledgement callback to end a send early (the dispatcher is
+    stopping)."""
 
 
 def _token(job: Job) -> str:
@@ -75,7 +78,7 @@ def copy_atomically(source: Path, target: Path) -> None:
 
 
 class _Ledger:
-    """Records a job's acknowledged instances from its sender thread, group-committed.
+    """Records a job's acknowledged instances as its sender reports them, group-committed.
 
     One ledger transaction is in flight at a time; acknowledgements that arrive while it
     commits go into the next one, which starts as soon as it has committed (from the writer
@@ -92,7 +95,7 @@ class _Ledger:
         self._queue = queue
         self._job_id = job.id
         self._progress = progress  # told of each acknowledgement (renews the job's lease)
-        self._lock = threading.RLock()  # the sender's thread and the writer's callbacks
+        self._lock = threading.RLock()  # the sender (loop or copy thread), the writer's callbacks
         self._waiting: list[StoredInstance] = []
         self._in_flight: Future[int] | None = None
         self._failed: BaseException | None = None
@@ -165,7 +168,9 @@ class Dispatcher:
         self.per_target_concurrency = per_target_concurrency
         self.claim_limit = claim_limit
         self._random = random or _random.Random()
-        self._stopping = threading.Event()  # read by sender threads
+        self._stopping = threading.Event()  # read by senders (the folder copy's thread too)
+        # Peers' associations kept between jobs ([node] association_close_delay).
+        self._idle = IdleAssociations(settings.node.association_close_delay)
         self._loop: WorkLoop[Job] = WorkLoop(
             "dispatcher",
             claim=self._claim,
@@ -210,7 +215,10 @@ class Dispatcher:
         A dispatcher runs once: after `stop()` (even one called before `run()`), `run()` returns.
         """
         log.info("dispatcher_started", per_target_concurrency=self.per_target_concurrency)
-        await self._loop.run()
+        try:
+            await self._loop.run()
+        finally:
+            await self._idle.close()
 
     async def _claim(self, now: float) -> list[Job]:
         busy, free = self._busy()
@@ -358,13 +366,11 @@ class Dispatcher:
             if self._stopping.is_set():
                 raise _Stopping
 
-        def send() -> None:
-            try:
-                send_instances(self.settings.node, peer, pending, on_result=on_result)
-            finally:
-                ledger.close()
-
-        await anyio.to_thread.run_sync(send)
+        try:
+            await send_instances(self.settings.node, peer, pending, on_result=on_result,
+                                 idle=self._idle)  # fmt: skip
+        finally:
+            await anyio.to_thread.run_sync(ledger.close)
         if self.audit is not None and delivered:
             self.audit.record("DICOM Instances Transferred", studies=[job.study_uid],
                               outcome="success" if not errors else "partial",

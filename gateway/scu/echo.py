@@ -1,43 +1,55 @@
-"""C-ECHO of a configured peer."""
+"""C-ECHO of a configured peer (PS3.7 9.1.5), on the asyncio network layer."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
+from pydicom.dataset import Dataset
+from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
 from gateway.config import NodeSettings, PeerSettings
-from gateway.scu.association import associate, client_ae, no_answer
+from gateway.errors import PeerError
+from gateway.net.association import Aborted
+from gateway.scu.requestor import end_association, open_association
 
 __all__ = ["EchoResult", "echo_peer"]
 
 
 @dataclass(frozen=True, slots=True)
 class EchoResult:
-    """A successful C-ECHO: the status the peer answered and the round trip."""
+    """A C-ECHO answered: the status the peer answered and the round trip (seconds, the
+    association included)."""
 
     status: int
     seconds: float
 
 
-def echo_peer(node: NodeSettings, peer: PeerSettings) -> EchoResult:
-    """Associate with *peer*, send C-ECHO, release. Blocking: run it in a worker thread.
+async def echo_peer(node: NodeSettings, peer: PeerSettings) -> EchoResult:
+    """Associate with *peer*, send C-ECHO, release.
 
     Raises
     ------
     PeerError
-        The peer could not be reached, refused the association or did not answer.
+        The peer could not be reached, refused the association or did not answer within the
+        DIMSE timeout.
     """
-    ae = client_ae(node)
-    ae.add_requested_context(Verification)
     started = time.monotonic()
-    assoc = associate(ae, node, peer)
+    assoc = await open_association(node, peer, [build_context(Verification)])
     try:
-        status = assoc.send_c_echo()
+        (context_id,) = assoc.contexts
+        command = Dataset()
+        command.AffectedSOPClassUID = Verification
+        command.CommandField = 0x0030
+        command.MessageID = assoc.next_message_id()
+        with assoc.awaiting(command.MessageID) as responses:
+            await assoc.send(context_id, command)
+            answer = await responses.next(node.dimse_timeout)
+    except Aborted as exc:
+        raise PeerError(
+            "aborted", f"peer {peer.name} did not answer the C-ECHO: the association ended ({exc})"
+        ) from None
     finally:
-        if assoc.is_established:
-            assoc.release()
-    if "Status" not in status:
-        raise no_answer(peer, "C-ECHO", node.dimse_timeout)
-    return EchoResult(int(status.Status), time.monotonic() - started)
+        await end_association(assoc)
+    return EchoResult(int(answer.command.Status), time.monotonic() - started)

@@ -1,24 +1,31 @@
-"""C-FIND SCU, C-MOVE SCU and C-GET SCU against an archive (Study Root).
+"""C-FIND SCU, C-MOVE SCU and C-GET SCU against an archive (Study Root), on the asyncio layer.
 
-Blocking functions for worker threads, used by retrieval (`gateway/retrieve/`). Each opens its
-own association (`gateway.scu.association`), so a failure is always a `PeerError` naming the
+Used by retrieval (`gateway/retrieve/`), on the event loop. Associations are opened by
+`gateway.scu.requestor.open_association`, so a failure is always a `PeerError` naming the
 peer: could not be reached, rejected the association, did not answer, or answered a failure
-status. C-MOVE asks the archive to send to the gateway's own AE title (the archive must know it
-as a DICOM modality); C-GET receives on the same association, each instance ingested into the
-store as the C-STORE sub-operation arrives.
+status. C-FINDs share associations: a `FindSession` takes an idle one with the archive from
+`IdleAssociations` and gives it back, so one association carries a retrieval's queries (the
+study, then its series, then each series' instances) and the next retrieval's within
+`[node] association_close_delay`. C-MOVE asks the archive to send to the gateway's own AE title
+(the archive must know it as a DICOM modality); C-GET receives on the same association, each
+instance streamed into the store's `tmp/` as its fragments arrive and ingested before its
+C-STORE-RSP is sent (PS3.4 C.4.3).
 """
 
 from __future__ import annotations
 
-import threading
+import io
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import anyio.to_thread
+import structlog
 from pydicom.dataset import Dataset
-from pynetdicom import ALL_TRANSFER_SYNTAXES, build_context, build_role, evt
-from pynetdicom.association import Association
+from pydicom.uid import UID
+from pynetdicom import ALL_TRANSFER_SYNTAXES, build_context
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -27,16 +34,34 @@ from pynetdicom.sop_class import (
 
 from gateway.config import NodeSettings, PeerSettings
 from gateway.errors import GatewayError, PeerError, RejectedInstance
-from gateway.scp.receiving import DatasetSpool, encode_file_meta
-from gateway.scu.association import associate, client_ae, no_answer
+from gateway.net.association import Aborted, Association, Message
+from gateway.net.dimse import C_STORE_RQ, response
+from gateway.scp.receiving import DatasetSpool, part10_spool
+from gateway.scu.requestor import (
+    IdleAssociations,
+    end_association,
+    open_association,
+    proposal_of,
+)
 from gateway.store.index import Provenance
 from gateway.store.store import Store
 
-__all__ = ["FindSession", "RetrieveResult", "c_find", "c_get", "c_move", "identifier"]
+__all__ = [
+    "FindSession",
+    "Progress",
+    "RetrieveResult",
+    "c_find",
+    "c_get",
+    "c_move",
+    "identifier",
+]
+
+log = structlog.get_logger(__name__)
 
 _PENDING = frozenset({0xFF00, 0xFF01})
 _WARNING = 0xB000
 MAX_GET_STORAGE_CONTEXTS = 127  # one context of 128 is the C-GET model's
+_FIND = StudyRootQueryRetrieveInformationModelFind
 
 
 def identifier(level: str, **keys: str | list[str]) -> Dataset:
@@ -48,51 +73,109 @@ def identifier(level: str, **keys: str | list[str]) -> Dataset:
     return ds
 
 
+def _request(field: int, message_id: int, sop_class: str, **elements: object) -> Dataset:
+    command = Dataset()
+    command.AffectedSOPClassUID = sop_class
+    command.CommandField = field
+    command.MessageID = message_id
+    command.Priority = 0x0000  # medium
+    for keyword, value in elements.items():
+        setattr(command, keyword, value)
+    return command
+
+
+def _encoded(assoc: Association, context_id: int, dataset: Dataset) -> bytes:
+    syntax = UID(str(assoc.contexts[context_id].transfer_syntax[0]))
+    data = encode(dataset, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+    assert data is not None
+    return bytes(data)
+
+
+def _context(assoc: Association, sop_class: str) -> int:
+    return next(cid for cid, cx in assoc.contexts.items() if cx.abstract_syntax == sop_class)
+
+
+def _no_answer(peer: PeerSettings, what: str, exc: Aborted) -> PeerError:
+    return PeerError(
+        "aborted", f"peer {peer.name} did not answer the {what}: the association ended ({exc})"
+    )
+
+
 class FindSession:
-    """One association for several C-FINDs (a study's series, then each series' instances).
+    """C-FINDs on one association with *peer* (`async with`): one kept by *idle* when there
+    is one, given back to it at the end (else released)."""
 
-    Blocking; use it as a context manager in a worker thread.
-    """
-
-    def __init__(self, node: NodeSettings, peer: PeerSettings) -> None:
+    def __init__(
+        self, node: NodeSettings, peer: PeerSettings, idle: IdleAssociations | None = None
+    ) -> None:
+        self.node = node
         self.peer = peer
-        ae = client_ae(node)
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        self._assoc = associate(ae, node, peer)
+        self._idle = idle
+        self._contexts = [build_context(_FIND)]
+        self._assoc: Association | None = None
 
-    def __enter__(self) -> FindSession:
+    async def __aenter__(self) -> FindSession:
+        proposal = proposal_of(self._contexts)
+        kept = self._idle.take(self.peer, proposal) if self._idle is not None else None
+        self._assoc = kept or await open_association(self.node, self.peer, self._contexts)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    async def __aexit__(self, *exc: object) -> None:
+        assoc, self._assoc = self._assoc, None
+        if assoc is None:
+            return
+        if self._idle is not None:
+            await self._idle.give(self.peer, assoc, proposal_of(self._contexts))
+        else:
+            await end_association(assoc)
 
-    def close(self) -> None:
-        if self._assoc.is_established:
-            self._assoc.release()
+    async def find(self, query: Dataset) -> list[Dataset]:
+        """Every match the peer answers for *query* (Study Root). An idle association the
+        peer ended meanwhile is replaced once, before anything was answered on it."""
+        assert self._assoc is not None, "use FindSession as an async context manager"
+        if not self._assoc.is_established:
+            await self._assoc.abort()
+            self._assoc = await open_association(self.node, self.peer, self._contexts)
+        return await self._find(self._assoc, query)
 
-    def find(self, query: Dataset) -> list[Dataset]:
-        """Every match the peer answers for *query* (Study Root)."""
-        model = StudyRootQueryRetrieveInformationModelFind
+    async def _find(self, assoc: Association, query: Dataset) -> list[Dataset]:
+        context_id = _context(assoc, _FIND)
+        syntax = UID(str(assoc.contexts[context_id].transfer_syntax[0]))
+        message_id = assoc.next_message_id()
+        command = _request(0x0020, message_id, _FIND)
         matches: list[Dataset] = []
-        for status, answer in self._assoc.send_c_find(query, model):
-            if "Status" not in status:
-                raise no_answer(self.peer, "C-FIND", self._assoc.dimse_timeout)
-            code = int(status.Status)
-            if code in _PENDING:
-                if answer is not None:
-                    matches.append(answer)
-                continue
-            if code != 0x0000:
-                raise PeerError(
-                    "status", f"peer {self.peer.name} answered C-FIND with 0x{code:04X}"
-                )
-        return matches
+        try:
+            with assoc.awaiting(message_id) as responses:
+                await assoc.send(context_id, command, _encoded(assoc, context_id, query))
+                while True:
+                    answer = await responses.next(self.node.dimse_timeout)
+                    code = int(answer.command.Status)
+                    if code in _PENDING:
+                        if answer.data:
+                            matches.append(_decoded(answer.data, syntax))
+                        continue
+                    if code != 0x0000:
+                        raise PeerError(
+                            "status", f"peer {self.peer.name} answered C-FIND with 0x{code:04X}"
+                        )
+                    return matches
+        except Aborted as exc:
+            raise _no_answer(self.peer, "C-FIND", exc) from None
 
 
-def c_find(node: NodeSettings, peer: PeerSettings, query: Dataset) -> list[Dataset]:
-    """Every match *peer* answers for *query* (Study Root), on an association of its own."""
-    with FindSession(node, peer) as session:
-        return session.find(query)
+def _decoded(data: bytes, syntax: UID) -> Dataset:
+    decoded: Dataset = decode(
+        io.BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
+    )
+    return decoded
+
+
+async def c_find(
+    node: NodeSettings, peer: PeerSettings, query: Dataset, idle: IdleAssociations | None = None
+) -> list[Dataset]:
+    """Every match *peer* answers for *query* (Study Root)."""
+    async with FindSession(node, peer, idle) as session:
+        return await session.find(query)
 
 
 @dataclass
@@ -113,19 +196,15 @@ class Progress:
 
     last: float = field(default_factory=time.monotonic)
     assoc: Association | None = None
-    abort: threading.Event = field(default_factory=threading.Event)
+    stopped: bool = False
 
     def touch(self) -> None:
         self.last = time.monotonic()
 
     def stop(self) -> None:
-        self.abort.set()
-        assoc = self.assoc
-        if assoc is not None:
-            if assoc.is_alive():
-                assoc.abort()
-            # With no DIMSE timeout the requestor waits on its message queue forever: wake it.
-            assoc.dimse.msg_queue.put((None, None))
+        self.stopped = True
+        if self.assoc is not None:
+            self.assoc.abort_nowait()
 
 
 def _counts(status: Dataset) -> tuple[int, int, int]:
@@ -140,28 +219,33 @@ def _counts(status: Dataset) -> tuple[int, int, int]:
     )
 
 
-def _collect(
-    responses: Iterable[tuple[Dataset, Dataset | None]],
+async def _retrieve(
+    assoc: Association,
+    command: Dataset,
+    query: Dataset,
     peer: PeerSettings,
     what: str,
     progress: Progress,
 ) -> RetrieveResult:
-    result: RetrieveResult | None = None
-    for status, _ in responses:
-        progress.touch()
-        if progress.abort.is_set():
-            break
-        if "Status" not in status:
-            raise no_answer(peer, what)
-        code = int(status.Status)
-        completed, failed, warning = _counts(status)
-        if code in _PENDING:
-            continue
-        result = RetrieveResult(code, completed, failed, warning)
-    if progress.abort.is_set():
-        raise PeerError("stopped", f"peer {peer.name}: the {what} was stopped")
-    if result is None:
-        raise no_answer(peer, what)
+    """Send a C-MOVE / C-GET request and collect its responses to the final one (no DIMSE
+    timeout: a long retrieve answers only per sub-operation; the watcher stops a stalled one)."""
+    context_id = _context(assoc, str(command.AffectedSOPClassUID))
+    message_id = int(command.MessageID)
+    try:
+        with assoc.awaiting(message_id) as responses:
+            await assoc.send(context_id, command, _encoded(assoc, context_id, query))
+            while True:
+                answer = (await responses.next(None)).command
+                progress.touch()
+                code = int(answer.Status)
+                if code in _PENDING:
+                    continue
+                result = RetrieveResult(code, *_counts(answer))
+                break
+    except Aborted as exc:
+        if progress.stopped:
+            raise PeerError("stopped", f"peer {peer.name}: the {what} was stopped") from None
+        raise _no_answer(peer, what, exc) from None
     if result.status not in (0x0000, _WARNING):
         raise PeerError(
             "status",
@@ -171,7 +255,7 @@ def _collect(
     return result
 
 
-def c_move(
+async def c_move(
     node: NodeSettings,
     peer: PeerSettings,
     query: Dataset,
@@ -179,22 +263,17 @@ def c_move(
 ) -> RetrieveResult:
     """Ask *peer* to C-STORE what *query* selects to the gateway's own AE title."""
     progress = progress or Progress()
-    ae = client_ae(node)
-    ae.dimse_timeout = None  # a long move answers pending only per sub-operation: the watcher
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = associate(ae, node, peer)
+    model = StudyRootQueryRetrieveInformationModelMove
+    assoc = await open_association(node, peer, [build_context(model)])
     progress.assoc = assoc
     try:
-        responses = assoc.send_c_move(
-            query, node.ae_title, StudyRootQueryRetrieveInformationModelMove
-        )
-        return _collect(responses, peer, "C-MOVE", progress)
+        command = _request(0x0021, assoc.next_message_id(), model, MoveDestination=node.ae_title)
+        return await _retrieve(assoc, command, query, peer, "C-MOVE", progress)
     finally:
-        if assoc.is_established:
-            assoc.release()
+        await end_association(assoc)
 
 
-def c_get(
+async def c_get(
     node: NodeSettings,
     peer: PeerSettings,
     query: Dataset,
@@ -205,8 +284,9 @@ def c_get(
 ) -> RetrieveResult:
     """C-GET what *query* selects; each instance is ingested into *store* as it arrives.
 
-    *sop_classes* are the storage SOP classes to accept (the IMAGE-level answers' SOPClassUID);
-    at most 127 fit next to the C-GET context.
+    *sop_classes* are the storage SOP classes to accept (the IMAGE-level answers' SOPClassUID),
+    in the SCP role (SCP/SCU Role Selection, PS3.7 D.3.3.4); at most 127 fit next to the C-GET
+    context.
     """
     progress = progress or Progress()
     classes = list(dict.fromkeys(sop_classes))
@@ -215,73 +295,102 @@ def c_get(
             f"C-GET of {len(classes)} SOP classes: at most {MAX_GET_STORAGE_CONTEXTS} fit on one"
             " association"
         )
-    ae = client_ae(node)
-    ae.dimse_timeout = None
-    contexts = [build_context(StudyRootQueryRetrieveInformationModelGet)]
+    model = StudyRootQueryRetrieveInformationModelGet
+    contexts = [build_context(model)]
     contexts += [build_context(uid, ALL_TRANSFER_SYNTAXES) for uid in classes]
-    roles = [build_role(uid, scp_role=True) for uid in classes]
-    stored = 0
+    assoc = await open_association(
+        node, peer, contexts, roles={uid: (False, True) for uid in classes}
+    )
+    progress.assoc = assoc
     provenance = Provenance(
         calling_ae=peer.ae_title, called_ae=node.ae_title, peer_address=f"{peer.host}:{peer.port}"
     )
+    tmp_dir = store.files.tmp_dir
+    assoc.sinks = lambda message: _spool(assoc, message, tmp_dir, node.max_instance_bytes)
+    stored = 0
 
-    def on_store(event: evt.Event) -> int:
+    async def take(message: Message) -> None:
         nonlocal stored
-        progress.touch()
-        request = event.request
-        checksum: str | None = None
-        try:  # the node's receive path streamed it to a file in the store's tmp/ already
-            temp = Path(event.dataset_path)
-            received = getattr(request, "_dataset_file", None)
-            if isinstance(received, DatasetSpool):
-                checksum = received.dataset_digest
-        except AttributeError:  # received in memory (no node running in this process)
-            temp = store.files.new_temp_path()
-        try:
-            if not temp.exists():
-                _write_part10(temp, event)
-            result = store.ingest_blocking(
-                temp,
-                provenance,
-                expect=(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)),
-                checksum=checksum,
-            )
-        except RejectedInstance as exc:
-            temp.unlink(missing_ok=True)
-            return exc.status
-        except (GatewayError, OSError):
-            temp.unlink(missing_ok=True)
-            return 0xA700
-        stored += 1
-        if on_stored is not None:
-            on_stored(result.sop_instance_uid)
-        return 0x0000
+        command = message.command
+        sop_class = str(command.AffectedSOPClassUID)
+        sop_instance = str(command.AffectedSOPInstanceUID)
+        spool = message.sink
+        status = 0xA700
+        if isinstance(spool, DatasetSpool):
+            received = Path(spool.name)
+            try:
+                status, uid = await anyio.to_thread.run_sync(
+                    _ingest, store, received, provenance, sop_class, sop_instance, spool
+                )
+            finally:
+                received.unlink(missing_ok=True)
+            if status == 0x0000:
+                stored += 1
+                if on_stored is not None:
+                    on_stored(uid)
+        else:  # not a storage SOP class proposed: refused
+            status = 0x0122
+        await assoc.send_encoded(message.context_id, response(
+            C_STORE_RQ | 0x8000, int(command.MessageID), status, sop_class, sop_instance
+        ))  # fmt: skip
 
-    assoc = associate(
-        ae, node, peer, contexts=contexts, ext_neg=roles,
-        evt_handlers=[(evt.EVT_C_STORE, on_store)],
-    )  # fmt: skip
-    progress.assoc = assoc
+    async def serve() -> None:
+        """The C-STORE sub-operations on this association, one at a time."""
+        while True:
+            try:
+                message = await assoc.receive()
+            except (Aborted, GatewayError):
+                return
+            progress.touch()
+            if int(message.command.CommandField) == C_STORE_RQ:
+                await take(message)
+
     try:
-        responses = assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
-        result = _collect(responses, peer, "C-GET", progress)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve)
+            try:
+                command = _request(0x0010, assoc.next_message_id(), model)
+                result = await _retrieve(assoc, command, query, peer, "C-GET", progress)
+            finally:
+                tg.cancel_scope.cancel()
     finally:
-        if assoc.is_established:
-            assoc.release()
+        await end_association(assoc)
     result.stored = stored
     return result
 
 
-def _write_part10(path: Path, event: evt.Event) -> None:
-    """The received dataset as a Part 10 file: File Meta, then the bytes as they came."""
-    context = event.context
-    request = event.request
-    meta = encode_file_meta(
-        str(request.AffectedSOPClassUID),
-        str(request.AffectedSOPInstanceUID),
-        str(context.transfer_syntax),
-    )
-    with path.open("xb") as out:
-        out.write(b"\x00" * 128 + b"DICM")
-        out.write(meta)
-        out.write(request.DataSet.getvalue())
+def _spool(
+    assoc: Association, message: Message, tmp_dir: Path, max_bytes: int
+) -> DatasetSpool | None:
+    """A C-STORE sub-operation's data set goes to a Part 10 spool file in the store's tmp/."""
+    command = message.command
+    if int(command.CommandField) != C_STORE_RQ:
+        return None
+    return part10_spool(str(command.AffectedSOPClassUID), str(command.AffectedSOPInstanceUID),
+                        str(assoc.contexts[message.context_id].transfer_syntax[0]), tmp_dir,
+                        max_bytes)  # fmt: skip
+
+
+def _ingest(
+    store: Store,
+    received: Path,
+    provenance: Provenance,
+    sop_class: str,
+    sop_instance: str,
+    spool: DatasetSpool,
+) -> tuple[int, str]:
+    """In a worker thread: check, place, fsync and index one received instance; (the C-STORE
+    status, its SOP Instance UID)."""
+    if spool.too_large:
+        return 0xA700, sop_instance
+    try:
+        result = store.ingest_blocking(received, provenance, expect=(sop_class, sop_instance),
+                                       checksum=spool.dataset_digest)  # fmt: skip
+    except RejectedInstance as exc:
+        log.warning("instance_refused", sop_instance_uid=sop_instance[:64],
+                    status=f"0x{exc.status:04X}", reason=str(exc))  # fmt: skip
+        return exc.status, sop_instance
+    except (GatewayError, OSError) as exc:
+        log.error("instance_not_stored", status="0xA700", reason=str(exc))
+        return 0xA700, sop_instance
+    return 0x0000, result.sop_instance_uid

@@ -13,7 +13,10 @@ granted by SCP/SCU Role Selection).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import os
 import struct
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -32,7 +35,16 @@ from gateway.scp.tls import client_context
 from gateway.scu.syntaxes import named, outgoing
 from gateway.store.store import StoredInstance
 
-__all__ = ["dataset_offset", "open_association", "store_instance", "stored_dataset"]
+__all__ = [
+    "IdleAssociations",
+    "Proposal",
+    "dataset_offset",
+    "end_association",
+    "open_association",
+    "proposal_of",
+    "store_instance",
+    "stored_dataset",
+]
 
 # Read size of a stored file being sent: large enough that a small instance is one read (one
 # worker-thread hop), small enough that a 500 MB instance costs a few MB of memory.
@@ -40,6 +52,86 @@ _READ_SIZE = 4 << 20
 
 # A-ASSOCIATE-RJ (result, source, reason) that retrying cannot change (PS3.8 9.3.4).
 _PERMANENT_REJECTIONS = frozenset({(1, 1, 2), (1, 1, 3), (1, 1, 7)})
+
+
+Proposal = frozenset[tuple[str, tuple[str, ...]]]
+
+
+def proposal_of(contexts: Sequence[PresentationContext]) -> Proposal:
+    """The presentation contexts proposed, as (abstract syntax, transfer syntaxes) pairs."""
+    return frozenset((str(cx.abstract_syntax), tuple(cx.transfer_syntax)) for cx in contexts)
+
+
+def _peer_key(peer: PeerSettings) -> tuple[object, ...]:
+    """What makes two peers the same association partner (a reload may change any of it)."""
+    return (peer.name, peer.ae_title, peer.host, peer.port, peer.tls, peer.tls_check_hostname)
+
+
+class IdleAssociations:
+    """Established associations with peers, each kept *delay* seconds after its last use (then
+    released, A-RELEASE; `[node] association_close_delay`, as Orthanc's
+    DicomAssociationCloseDelay); `close()` releases them all. An idle association is used
+    again only for a use that proposes no context it was not proposed, so what is sent in which
+    syntax is what a new association would give; one the peer released or aborted meanwhile is
+    dropped. At most one is kept per peer (the latest): each holds one of the peer's
+    association slots (Orthanc serves `DicomThreadsCount` associations at once, 4 by default),
+    and idle ones must not keep the peer from taking new ones. Event-loop only."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self._idle: dict[tuple[object, ...], tuple[Association, Proposal, asyncio.Task[None]]] = {}
+
+    def take(self, peer: PeerSettings, proposal: Proposal) -> Association | None:
+        """The idle association with *peer*, now in use, if it was proposed at least
+        *proposal* and is still established."""
+        key = _peer_key(peer)
+        kept = self._idle.get(key)
+        if kept is None:
+            return None
+        assoc, proposed, expiry = kept
+        if assoc.is_established and not proposal <= proposed:
+            return None
+        del self._idle[key]
+        expiry.cancel()
+        return assoc if assoc.is_established else None
+
+    async def give(self, peer: PeerSettings, assoc: Association, proposal: Proposal) -> None:
+        """*assoc* is free again: kept for the next use (the one kept before it is released),
+        or released now (no delay, or it is not established any more)."""
+        if self.delay <= 0 or not assoc.is_established:
+            await end_association(assoc)
+            return
+        key = _peer_key(peer)
+        previous = self._idle.pop(key, None)
+        expiry = asyncio.get_running_loop().create_task(self._expire(key, assoc))
+        self._idle[key] = (assoc, proposal, expiry)
+        if previous is not None:
+            previous[2].cancel()
+            await end_association(previous[0])
+
+    async def _expire(self, key: tuple[object, ...], assoc: Association) -> None:
+        await asyncio.sleep(self.delay)
+        kept = self._idle.get(key)
+        if kept is not None and kept[0] is assoc:
+            del self._idle[key]
+        await end_association(assoc)
+
+    async def close(self) -> None:
+        """Release every idle association."""
+        idle = list(self._idle.values())
+        self._idle.clear()
+        for _, _, expiry in idle:
+            expiry.cancel()
+        await asyncio.gather(*(end_association(a) for a, _, _ in idle), return_exceptions=True)
+
+
+async def end_association(assoc: Association) -> None:
+    """Release *assoc* if it is established, else close it (A-ABORT where still open)."""
+    if assoc.is_established:
+        with contextlib.suppress(Aborted):
+            await assoc.release()
+    else:
+        await assoc.abort()
 
 
 async def open_association(
@@ -144,8 +236,8 @@ def _prepare(
     payload = outgoing(instance, accepted, transcode=transcode, peer=peer)
     if isinstance(payload, Path):
         offset = dataset_offset(payload)
-        if instance.size - offset <= _READ_SIZE:
-            with payload.open("rb") as fp:
+        with payload.open("rb") as fp:
+            if os.fstat(fp.fileno()).st_size - offset <= _READ_SIZE:
                 fp.seek(offset)
                 return instance.transfer_syntax, fp.read()
         return instance.transfer_syntax, stored_dataset(payload, offset)

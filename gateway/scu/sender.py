@@ -15,15 +15,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import structlog
-from pydicom.dataset import Dataset
-from pynetdicom import _config
 
 from gateway.config import NodeSettings, PeerSettings
 from gateway.errors import PeerError
-from gateway.scu.association import associate, client_ae, no_answer
+from gateway.net.association import Association
+from gateway.scu.requestor import (
+    IdleAssociations,
+    Proposal,
+    end_association,
+    open_association,
+    proposal_of,
+    store_instance,
+)
 from gateway.scu.syntaxes import MAX_CONTEXTS, context_count, outgoing, storage_contexts
 from gateway.store.store import StoredInstance
 
@@ -65,19 +70,21 @@ def context_batches(
         yield batch
 
 
-def send_instances(
+async def send_instances(
     node: NodeSettings,
     peer: PeerSettings,
     instances: Sequence[StoredInstance],
     *,
     on_result: Callable[[Delivery], None] | None = None,
+    idle: IdleAssociations | None = None,
 ) -> list[Delivery]:
     """C-STORE *instances* to *peer*; one `Delivery` per instance, in order.
 
     *on_result* is called as each instance's outcome is known (a caller records deliveries
-    durably as they happen, so a retry sends only what the peer has not acknowledged).
+    durably as they happen, so a retry sends only what the peer has not acknowledged); what it
+    raises stops the sending (the association is released) and propagates. With *idle*, an
+    association kept from an earlier send is used where it fits, and this one is kept.
     """
-    _config.STORE_SEND_CHUNKED_DATASET = True  # a file goes out as its stored bytes
     results: list[Delivery] = []
 
     def record(delivery: Delivery) -> None:
@@ -86,21 +93,33 @@ def send_instances(
             on_result(delivery)
 
     for batch in context_batches(instances, transcode=peer.transcode):
-        _send_batch(node, peer, batch, record)
+        await _send_batch(node, peer, batch, record, idle)
     return results
 
 
-def _send_batch(
+async def _send_batch(
     node: NodeSettings,
     peer: PeerSettings,
     batch: list[StoredInstance],
     record: Callable[[Delivery], None],
+    idle: IdleAssociations | None,
 ) -> None:
     pairs = [(i.sop_class_uid, i.transfer_syntax) for i in batch]
     contexts = storage_contexts(pairs, transcode=peer.transcode)
+    proposal = proposal_of(contexts)
     started = time.monotonic()
+    kept = idle.take(peer, proposal) if idle is not None else None
+    if kept is not None:
+        # A peer may end an idle association at any moment: the first instance that finds it
+        # gone (before it was sent, or with no answer) is sent again on a new association.
+        delivery = await _store(kept, batch[0], node, peer)
+        if delivery is not None and (delivery.status is not None or kept.is_established):
+            record(delivery)
+            await _send_rest(kept, batch[1:], node, peer, record, idle, proposal, started, 1)
+            return
+        await kept.abort()
     try:
-        assoc = associate(client_ae(node), node, peer, contexts=contexts)
+        assoc = await open_association(node, peer, contexts)
     except PeerError as exc:
         for instance in batch:
             error = exc
@@ -111,55 +130,66 @@ def _send_batch(
                     error = own
             record(Delivery(instance.sop_instance_uid, None, str(error), error.permanent))
         return
-    accepted = assoc.accepted_contexts
-    sent = warned = failed = 0
+    await _send_rest(assoc, batch, node, peer, record, idle, proposal, started, 0)
+
+
+async def _send_rest(
+    assoc: Association,
+    batch: list[StoredInstance],
+    node: NodeSettings,
+    peer: PeerSettings,
+    record: Callable[[Delivery], None],
+    idle: IdleAssociations | None,
+    proposal: Proposal,
+    started: float,
+    done: int,
+) -> None:
+    """Send *batch* on *assoc* (*done* instances were sent on it already), then give it back
+    to *idle* or release it."""
+    deliveries: list[Delivery] = []
     try:
         for instance in batch:
-            if not assoc.is_established:
-                record(
-                    Delivery(
-                        instance.sop_instance_uid,
-                        None,
-                        f"aborted: peer {peer.name}: the association ended before this instance",
-                    )
-                )
-                failed += 1
-                continue
-            try:
-                payload = outgoing(instance, accepted, transcode=peer.transcode, peer=peer.name)
-            except PeerError as exc:
-                log.warning("store_not_sent", peer=peer.name, reason=str(exc))
-                record(Delivery(instance.sop_instance_uid, None, str(exc), exc.permanent))
-                failed += 1
-                continue
-            delivery = _store_one(assoc, instance.sop_instance_uid, payload, peer)
+            delivery = await _store(assoc, instance, node, peer)
+            if delivery is None:
+                delivery = Delivery(instance.sop_instance_uid, None, f"aborted: peer {peer.name}:"
+                                    " the association ended before this instance")  # fmt: skip
+            deliveries.append(delivery)
             record(delivery)
-            if delivery.delivered:
-                sent += 1
-                warned += delivery.status in _WARNINGS
-            else:
-                failed += 1
     finally:
-        if assoc.is_established:
-            assoc.release()
+        if idle is not None:
+            await idle.give(peer, assoc, proposal)
+        else:
+            await end_association(assoc)
+        sent = sum(d.delivered for d in deliveries)
         log.info(
             "instances_sent",
             peer=peer.name,
-            delivered=sent,
-            warnings=warned,
-            failed=failed,
+            delivered=sent + done,
+            warnings=sum(d.status in _WARNINGS for d in deliveries),
+            failed=len(deliveries) - sent,
             duration=round(time.monotonic() - started, 3),
         )
 
 
-def _store_one(assoc: object, uid: str, payload: Path | Dataset, peer: PeerSettings) -> Delivery:
+async def _store(
+    assoc: Association, instance: StoredInstance, node: NodeSettings, peer: PeerSettings
+) -> Delivery | None:
+    """One instance's C-STORE and its outcome; None when the association had ended before
+    it was sent."""
+    uid = instance.sop_instance_uid
+    if not assoc.is_established:
+        return None
     try:
-        status = assoc.send_c_store(payload)  # type: ignore[attr-defined]
-    except (OSError, ValueError, AttributeError, RuntimeError) as exc:
-        return Delivery(uid, None, f"aborted: could not send: {exc}")
-    if "Status" not in status:
-        return Delivery(uid, None, str(no_answer(peer, "C-STORE", assoc.dimse_timeout)))  # type: ignore[attr-defined]
-    code = int(status.Status)
+        status = await store_instance(assoc, instance, transcode=peer.transcode, peer=peer.name,
+                                      dimse_timeout=node.dimse_timeout)  # fmt: skip
+    except PeerError as exc:
+        if exc.kind != "aborted":
+            log.warning("store_not_sent", peer=peer.name, reason=str(exc))
+        return Delivery(uid, None, str(exc), exc.permanent)
+    return _delivery(uid, status, peer)
+
+
+def _delivery(uid: str, code: int, peer: PeerSettings) -> Delivery:
     if code in _WARNINGS:
         log.warning("store_warning", peer=peer.name, status=f"0x{code:04X}")
         return Delivery(uid, code)

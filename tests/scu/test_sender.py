@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
 from gateway.config import NodeSettings, PeerSettings
-from gateway.scu.sender import MAX_CONTEXTS, Delivery, context_batches, send_instances
+from gateway.scu import sender
+from gateway.scu.requestor import IdleAssociations
+from gateway.scu.sender import MAX_CONTEXTS, Delivery, context_batches
 from gateway.store.store import StoredInstance
 from tests.conftest import HOST, TEST_FILES, dataset_bytes, free_port
 
@@ -37,9 +40,13 @@ class Recorder:
         for cx in AllStoragePresentationContexts:
             self.ae.add_supported_context(cx.abstract_syntax, syntaxes or ALL_TRANSFER_SYNTAXES)
         self.port = port or free_port()
+        self.associations: list[str] = []  # how each association ended: released / aborted
         self.server = self.ae.start_server(
-            (HOST, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
-        )
+            (HOST, self.port), block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store),
+                          (evt.EVT_RELEASED, lambda _: self.associations.append("released")),
+                          (evt.EVT_ABORTED, lambda _: self.associations.append("aborted"))],
+        )  # fmt: skip
         self.nodelay: list[int] = []
 
     def _on_store(self, event: Any) -> int:
@@ -69,11 +76,11 @@ def recorder() -> Iterator[Recorder]:
     r.stop()
 
 
-@pytest.fixture(autouse=True)
-def _restore_send_mode() -> Iterator[None]:
-    previous = _config.STORE_SEND_CHUNKED_DATASET
-    yield
-    _config.STORE_SEND_CHUNKED_DATASET = previous
+def send_instances(
+    node: NodeSettings, peer: PeerSettings, instances: list[StoredInstance], **kwargs: Any
+) -> list[Delivery]:
+    """`gateway.scu.sender.send_instances` on an event loop of its own."""
+    return asyncio.run(sender.send_instances(node, peer, instances, **kwargs))
 
 
 def instance(path: Path) -> StoredInstance:
@@ -307,3 +314,65 @@ def test_context_batches_hold_at_most_128_contexts() -> None:
             pairs = {(i.sop_class_uid, i.transfer_syntax) for i in batch}
             assert context_count(pairs, transcode=transcode) <= MAX_CONTEXTS
         assert len(batches) == count
+
+
+def test_an_idle_association_serves_the_next_send_and_is_released_after_the_delay(
+    recorder: Recorder,
+) -> None:
+    """Three sends within the delay: CT, CT again (the same proposal: the kept association),
+    then MR, whose context the kept one was not proposed (a new association, kept in place of
+    the CT one, which is released: one idle association per peer). After the delay the MR one
+    is released too, A-RELEASE."""
+    ct, mr = instance(TEST_FILES / "CT_small.dcm"), instance(TEST_FILES / "MR_small.dcm")
+
+    async def sends() -> list[list[Delivery]]:
+        idle = IdleAssociations(0.5)
+        results = [
+            await sender.send_instances(NODE, recorder.peer, [each], idle=idle)
+            for each in (ct, ct, mr)
+        ]
+        await asyncio.sleep(0.2)
+        assert recorder.associations == ["released"]  # the CT one, when the MR one was kept
+        assert len(recorder.ae.active_associations) == 1
+        await asyncio.sleep(1.0)
+        return results
+
+    results = asyncio.run(sends())
+    assert [d.delivered for batch in results for d in batch] == [True, True, True]
+    assert [uid for uid, _, _ in recorder.received] == [
+        ct.sop_instance_uid, ct.sop_instance_uid, mr.sop_instance_uid
+    ]  # fmt: skip
+    _until(lambda: recorder.associations == ["released", "released"])
+
+
+def test_an_idle_association_the_peer_ended_is_replaced_without_a_failure() -> None:
+    """The receiver aborts associations idle for 0.3 s; the gateway keeps them 5 s. The
+    second send finds the kept association gone and delivers on a new one."""
+    recorder = Recorder()
+    recorder.ae.network_timeout = 0.3
+    try:
+        ct = instance(TEST_FILES / "CT_small.dcm")
+
+        async def sends() -> list[Delivery]:
+            idle = IdleAssociations(5.0)
+            try:
+                first = await sender.send_instances(NODE, recorder.peer, [ct], idle=idle)
+                await asyncio.sleep(1.0)  # the receiver's idle timeout passes
+                second = await sender.send_instances(NODE, recorder.peer, [ct], idle=idle)
+            finally:
+                await idle.close()
+            return first + second
+
+        deliveries = asyncio.run(sends())
+        assert [d.delivered for d in deliveries] == [True, True], deliveries
+        assert len(recorder.received) == 2
+        _until(lambda: sorted(recorder.associations) == ["aborted", "released"])
+    finally:
+        recorder.stop()
+
+
+def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)

@@ -354,7 +354,10 @@ def test_an_index_made_by_the_previous_release_is_upgraded_in_place(
             {"name": "poe-to-export", "match": 'PatientID == "UPG-3"', "level": "study",
              "targets": ["export"], "quiet_seconds": 1},
         ],
-        dispatch={"retry_base_seconds": 0.3, "retry_max_seconds": 0.3, "max_attempts": 20},
+        # An attempt against the stopped archive fails in milliseconds: enough attempts that
+        # the job is still retrying, not failed, however long a loaded machine takes to get to
+        # the check below.
+        dispatch={"retry_base_seconds": 0.3, "retry_max_seconds": 0.3, "max_attempts": 500},
         retrieve={"primary": "vna", "anonymiser": "archive", "max_attempts": 20,
                   "retry_base_seconds": 3600, "retry_max_seconds": 3600},
         projects=[{"name": "cohort"}],
