@@ -4,10 +4,10 @@
 gateway's own (never prometheus_client's global one: a process may run several gateways). It is
 passed down by constructor to the parts where each event happens, and each event is counted in
 one place: the DICOM handlers (`gateway.scp.handlers`: instances, associations, requests), the
-transport (`gateway.scp.transport`: requests refused before a handler, TLS handshakes that
-failed), the dispatcher (deliveries and failed attempts) and the control server (requests and
-errors). prometheus_client's counters are thread-safe; association handlers run on
-pynetdicom's threads.
+acceptor (`gateway.scp.acceptor`: requests refused before a handler; `gateway.scp.tls`: TLS
+handshakes that failed), the dispatcher (deliveries and failed attempts) and the control server
+(requests and errors). prometheus_client's counters are thread-safe; handlers run in worker
+threads.
 
 What the index holds (jobs, retrieval requests, completion waits, devices, the store's running
 totals) is read when it is asked for, never written per instance: `Probe.figures` reads it on
@@ -100,7 +100,7 @@ def status_text(status: int) -> str:
 
 def query_level(request: Any) -> str:
     """The Query/Retrieve Level of a C-FIND / C-MOVE / C-GET request (its identifier, or a
-    pynetdicom event) as a label value: patient, study, series, image, or other (missing,
+    the request) as a label value: patient, study, series, image, or other (missing,
     unknown, undecodable)."""
     try:
         identifier = getattr(request, "identifier", request)

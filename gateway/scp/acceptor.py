@@ -1,4 +1,4 @@
-"""The DICOM node's listener on the asyncio network layer (`gateway.net`).
+"""The DICOM node's listener, on the asyncio network layer (`gateway.net`).
 
 One asyncio server per listening port (plain, and TLS when `[node] tls_port` is set); each
 connection is served by `Association.accept` in a task of its own: the association policy
@@ -9,24 +9,22 @@ in the A-ASSOCIATE-RQ, then the association's messages are served one at a time:
 - C-STORE: the data set is streamed, fragment by fragment as it arrives, into a
   `DatasetSpool` in the store's `tmp/` behind its File Meta Information, hashed on the way;
   `DicomServices.store_instance` checks, places, fsyncs and indexes it in a worker thread
-  (its index row group-committed with whatever arrived meanwhile); the C-STORE-RSP is encoded
-  without a pydicom Dataset.
-
-- MPPS N-CREATE and N-SET: the threaded node's code (`DicomServices.n_create` / `n_set`) in
-  a worker thread; the response names the SOP Instance the gateway created;
-- C-FIND (Patient Root, Study Root, Modality Worklist): `DicomServices.find`, the threaded
-  node's code, reads the answers in a worker thread and hands them over as they come (64
-  ahead at most); each is sent as a pending response. A request runs in a task of its own
-  while the association's next messages are read, so a C-CANCEL stops it (0xFE00).
-
+  (its index row group-committed with whatever arrived meanwhile); the C-STORE-RSP is packed
+  without a pydicom Dataset (`gateway.net.dimse`);
+- C-FIND (Patient Root, Study Root, Modality Worklist): `DicomServices.find` reads the answers
+  in a worker thread and hands them over as they come (64 ahead at most); each is sent as a
+  pending response. A request runs in a task of its own while the association's next
+  messages are read, so a C-CANCEL stops it (0xFE00);
 - C-MOVE and C-GET: the instances the identifier names are sent as C-STORE sub-operations
   (`gateway.scu.requestor.store_instance`), to the Move Destination on an association of
   their own, or on this association in the SCU role the C-GET requestor granted; a pending
-  response with the counts after each, and the final status of PS3.4 C.4.2.1.5 / C.4.3.1.5.
+  response with the counts after each, and the final status of PS3.4 C.4.2.1.5 / C.4.3.1.5;
+- MPPS N-CREATE and N-SET: `DicomServices.n_create` / `n_set` in a worker thread; the
+  response names the SOP Instance the gateway created.
 
-A request whose SOP class the caller may not use (`ServiceAccess`) is refused 0x0124 and the
-association goes on, as on the threaded layer; an operation the node does not offer is
-refused 0x0211 (unrecognised operation). docs/network.md.
+A request whose SOP class is not its presentation context's is refused 0x0122, one the caller
+may not use (`ServiceAccess`) 0x0124, and the association goes on; an operation the node does
+not offer is refused 0x0211 (unrecognised operation). docs/network.md.
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ import asyncio
 import contextlib
 import functools
 import io
+import os
 import ssl
 import threading
 from pathlib import Path
@@ -52,6 +51,7 @@ from pynetdicom.sop_class import Verification
 
 from gateway.config import PeerSettings, Settings
 from gateway.errors import GatewayError, PeerError
+from gateway.metrics import status_text
 from gateway.net.association import (
     Aborted,
     Acceptance,
@@ -77,9 +77,9 @@ from gateway.net.dimse import (
 )
 from gateway.scp.access import ServiceAccess, log_refusal, service_of
 from gateway.scp.handlers import AssociationStats, DicomServices
+from gateway.scp.policy import AssociationPolicy
 from gateway.scp.receiving import DatasetSpool, part10_spool
 from gateway.scp.tls import handshake_failed, server_context
-from gateway.scp.transport import AssociationPolicy
 from gateway.scu.requestor import open_association, store_instance
 from gateway.scu.syntaxes import MAX_CONTEXTS, storage_contexts
 from gateway.store.query import QueryError
@@ -149,7 +149,7 @@ class Acceptor:
             listeners.append((node.tls_port, server_context(node)))
         for port, context in listeners:
             # TLS is started per connection in its task (`_serve`), so that a handshake that
-            # fails is logged, counted and audited as on the threaded layer.
+            # fails is logged, counted and audited, and holds up no other connection.
             try:
                 server = await asyncio.start_server(
                     functools.partial(self._connected, tls=context),
@@ -159,13 +159,16 @@ class Acceptor:
                 from gateway.errors import GatewayError
 
                 key = "tls_port" if context is not None else "port"
+                # asyncio words it "error while attempting to bind on address ...": the errno's
+                # own text says it plainly.
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
                 raise GatewayError(
-                    f"cannot listen on {node.host}:{port} ([node] {key}): {exc.strerror or exc}"
+                    f"cannot listen on {node.host}:{port} ([node] {key}): {reason}"
                 ) from None
             self._servers.append(server)
             log.info("dicom_node_listening", ae_title=node.ae_title, host=node.host,
-                     port=int(server.sockets[0].getsockname()[1]), tls=context is not None,
-                     network="asyncio")  # fmt: skip
+                     port=int(server.sockets[0].getsockname()[1]),
+                     tls=context is not None)  # fmt: skip
 
     async def stop(self, grace: float) -> int:
         """Stop accepting; let open associations end within *grace* seconds; abort the rest
@@ -324,8 +327,14 @@ class Acceptor:
             if spool is not None:
                 spool.abandon()
             stats.refused += 1
+            metrics = self._services.metrics
+            if field == C_STORE_RQ:
+                metrics.instances_refused.labels(status=status_text(status)).inc()
+            else:
+                service = service_of(_MESSAGE_TYPES.get(field, ""), sop_class) or "other"
+                metrics.dimse_refused.labels(service=service, status=status_text(status)).inc()
         elif field == C_ECHO_RQ:
-            self._services._count("echo")
+            self._services.count("echo")
             status = 0x0000
         elif field == C_FIND_RQ:
             status = await self._find(assoc, stats, message, sop_class, cancel)
@@ -391,7 +400,7 @@ class Acceptor:
             await assoc.send_encoded(message.context_id, command, identifier)
 
         identifier = self._decoded(assoc, message, stats)
-        services._count(kind, identifier)
+        services.count(kind, identifier)
         if identifier is None:
             await answer(0xC000)  # unable to process
             return
@@ -489,8 +498,8 @@ class Acceptor:
         self, assoc: Association, stats: AssociationStats, message: Message, field: int,
         sop_instance: str,
     ) -> tuple[int, str]:  # fmt: skip
-        """MPPS N-CREATE / N-SET (PS3.4 F.7): `DicomServices.n_create` / `n_set`, the threaded
-        node's code, in a worker thread; (status, the SOP Instance UID the response names: one
+        """MPPS N-CREATE / N-SET (PS3.4 F.7): `DicomServices.n_create` / `n_set` in a worker
+        thread; (status, the SOP Instance UID the response names: one
         the gateway assigned when the N-CREATE named none)."""
         dataset = self._decoded(assoc, message, stats)
         if dataset is None:

@@ -1,11 +1,12 @@
-"""The one way association threads reach the event loop.
+"""The one way worker threads reach the event loop.
 
-pynetdicom runs every association in threads of its own. A handler that needs async work (a
-query on the index, a control-plane notification) calls `LoopBridge.call`, which runs the
+The node's handlers that block (a C-FIND reading answers, a C-MOVE listing its instances,
+MPPS) run in worker threads. One that needs async work (a query on the index, a control-plane
+notification) calls `LoopBridge.call`, which runs the
 coroutine on the gateway's loop and blocks the calling thread, never the loop, until it is done
 or `timeout` seconds have passed: a call stuck on the loop fails the one request it serves
 (`BridgeTimeout`, a `GatewayError`, which handlers answer with a failure status) and is
-cancelled, instead of holding an association's thread for ever.
+cancelled, instead of holding a worker thread for ever.
 structlog's context variables do not follow into threads; `call` carries the caller's bound
 context over to the coroutine.
 """

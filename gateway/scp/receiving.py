@@ -1,17 +1,17 @@
 """How a received dataset reaches its file: streamed, hashed and flushed while it arrives.
 
-pynetdicom's chunked receive (`STORE_RECV_CHUNKED_DATASET`) creates a temp file with
-`NamedTemporaryFile`, writes a File Meta through pydicom's `create_file_meta` and
-`write_file_meta_info`, then appends each P-DATA fragment of the dataset. It looks those three up
-as module-global names of `pynetdicom.dimse_messages`; `install_receive_path` replaces them there:
+A C-STORE's data set (received by the node, or by a C-GET of retrieval) goes, fragment by
+fragment as the association assembles it (`gateway.net.association.DataSink`), into a
+`DatasetSpool` in the store's `tmp/` behind its preamble and File Meta Information
+(`part10_spool`):
 
-- the temp file is a `DatasetSpool` in the store's `tmp/`, which hashes the dataset bytes as they
-  are written (the check after the last fragment then need not read them again) and asks the
-  kernel to start writing every 256 KB back as soon as it is written (`sync_file_range`), so
-  the fsync before the reply finds little left to write. Measured on 512 KB instances received
-  in four PDUs each: the handler's time fell from ~1.9 ms to ~1.1 ms;
+- the spool hashes the dataset bytes as they are written (the check after the last fragment
+  then need not read them again) and asks the kernel to start writing every 256 KB back as soon
+  as it is written (`sync_file_range`), so the fsync before the reply finds little left to
+  write. Measured on 512 KB instances received in four PDUs each: the handler's time fell from
+  ~1.9 ms to ~1.1 ms;
 - the File Meta is encoded directly (`encode_file_meta`, bytes identical to pydicom's): through
-  pydicom Datasets it cost ~0.3 ms of each instance, ~0.8 ms under the association's threads.
+  pydicom Datasets it cost ~0.3 ms of each instance.
 """
 
 from __future__ import annotations
@@ -30,13 +30,11 @@ from typing import Any
 from pynetdicom import (
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
-    dimse_messages,
 )
 
 from gateway.net.dimse import uid_value
-from gateway.scp.transport import dul_resources
 
-__all__ = ["DatasetSpool", "encode_file_meta", "install_receive_path"]
+__all__ = ["DatasetSpool", "encode_file_meta", "part10_spool"]
 
 _WRITEBACK_BYTES = 256 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
@@ -58,31 +56,23 @@ _sync_file_range = _load_sync_file_range()
 
 
 class DatasetSpool:
-    """The file a received dataset is streamed into: the subset of a `NamedTemporaryFile` that
-    pynetdicom uses (`name`, `write`, `file.flush`, `close`), plus the dataset's digest.
+    """The file a received dataset is streamed into (a `DataSink`: `write`, `close`,
+    `discard`), at `name`, with the dataset's digest.
 
     A dataset that grows past *max_bytes* is not kept: the file is removed at once, the rest of
     the dataset is counted and dropped as it arrives (the sender still gets its answer and the
     association goes on), and `too_large` tells the C-STORE handler to refuse it.
     """
 
-    def __init__(
-        self, directory: Path, max_bytes: int | None = None, *, track: bool = True
-    ) -> None:
+    def __init__(self, directory: Path, max_bytes: int | None = None) -> None:
         self.name = str(directory / f"{uuid.uuid4().hex}.part")
         self.max_bytes = max_bytes
         self.too_large = False
         self._dataset_bytes = 0
         self._fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self.file = self  # pynetdicom calls `.file.flush()`
         self._digest: Any = None
         self._written = 0
         self._queued = 0  # bytes already handed to writeback
-        # Opened on the association's DUL thread; if the association ends before the dataset
-        # is complete, nothing else would close or remove it. (On the asyncio layer the
-        # association itself discards the spools of messages it did not complete: no tracking.)
-        if track:
-            dul_resources.add(self)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self._digest is not None:
@@ -121,12 +111,8 @@ class DatasetSpool:
         """SHA-256 (hex) of the dataset bytes written so far."""
         return None if self._digest is None else str(self._digest.hexdigest())
 
-    def flush(self) -> None:
-        """Writes go straight to the file: nothing is buffered."""
-
     def close(self) -> None:
-        """The dataset is complete (pynetdicom closes it before the handler takes the file)."""
-        dul_resources.discard(self)
+        """The dataset is complete (before the handler takes the file)."""
         self._close_fd()
 
     def discard(self) -> None:
@@ -155,9 +141,8 @@ def part10_spool(
 ) -> DatasetSpool:
     """A `DatasetSpool` for a C-STORE's data set, behind the Part 10 preamble, prefix (PS3.10
     7.1) and File Meta Information the request announces: the file is a DICOM file once the
-    data set has arrived. Not tracked (the asyncio association discards what it did not
-    complete)."""
-    spool = DatasetSpool(directory, max_bytes, track=False)
+    data set has arrived; the association discards it if it ends before that."""
+    spool = DatasetSpool(directory, max_bytes)
     spool.write(b"\x00" * 128 + b"DICM")
     spool.write(encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax))
     spool.begin_dataset()
@@ -191,33 +176,3 @@ def encode_file_meta(
         )
     )
     return element(0x0000, b"UL", struct.pack("<I", len(body))) + body
-
-
-def install_receive_path(tmp_dir: Path, max_bytes: int | None = None) -> Callable[[], None]:
-    """Replace pynetdicom's three names (module docstring); return a function that undoes it.
-    A received dataset longer than *max_bytes* is dropped (`DatasetSpool`)."""
-    saved = {
-        name: getattr(dimse_messages, name)
-        for name in ("NamedTemporaryFile", "create_file_meta", "write_file_meta_info")
-    }
-
-    def temp_file(**kwargs: Any) -> DatasetSpool:
-        return DatasetSpool(tmp_dir, max_bytes)
-
-    def create(**kwargs: Any) -> bytes:
-        return encode_file_meta(**kwargs)
-
-    def write(fp: Any, file_meta: bytes, enforce_standard: bool = True) -> None:
-        fp.write(file_meta)
-        if isinstance(fp, DatasetSpool):
-            fp.begin_dataset()
-
-    dimse_messages.NamedTemporaryFile = temp_file
-    dimse_messages.create_file_meta = create
-    dimse_messages.write_file_meta_info = write
-
-    def restore() -> None:
-        for name, value in saved.items():
-            setattr(dimse_messages, name, value)
-
-    return restore

@@ -3,21 +3,16 @@
 Every Storage SOP Class of the Storage Service Class in the DICOM registry, retired ones
 included: older ultrasound and nuclear medicine equipment still sends the retired classes
 (Ultrasound Image Storage 1.2.840.10008.5.1.4.1.1.6, Nuclear Medicine Image Storage ...1.5) and
-archives hold them. pynetdicom knows the current ones; the retired ones are registered with its
-Storage Service Class through its public `register_uid`, so that a C-STORE of one is served by
-the node and by every outbound association that receives (C-GET), instead of aborting the
-association. Private and unknown classes are `[node] accept_unknown_sop_classes`.
+archives hold them. pynetdicom's tables list the current ones; the retired ones are listed here
+and accepted like the others by the node and by a C-GET of retrieval. Private and unknown
+classes are `[node] accept_unknown_sop_classes`.
 """
 
 from __future__ import annotations
 
-import threading
+from pynetdicom import AllStoragePresentationContexts
 
-from pynetdicom import AllStoragePresentationContexts, register_uid
-from pynetdicom.service_class import ServiceClass, StorageServiceClass
-from pynetdicom.sop_class import uid_to_service_class
-
-__all__ = ["RETIRED_STORAGE_CLASSES", "STORAGE_SOP_CLASSES", "register_storage_classes"]
+__all__ = ["RETIRED_STORAGE_CLASSES", "STORAGE_SOP_CLASSES"]
 
 # Retired Storage SOP Classes of PS3.6 Table A-1 that pynetdicom does not know: (UID, keyword).
 RETIRED_STORAGE_CLASSES: tuple[tuple[str, str], ...] = (
@@ -50,14 +45,3 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = tuple(
         + [uid for uid, _ in RETIRED_STORAGE_CLASSES]
     )
 )
-
-_lock = threading.Lock()
-
-
-def register_storage_classes() -> None:
-    """Register the retired classes pynetdicom lacks with its Storage Service Class (once per
-    process; a later call does nothing)."""
-    with _lock:
-        for uid, keyword in RETIRED_STORAGE_CLASSES:
-            if uid_to_service_class(uid) is ServiceClass:  # not known to pynetdicom yet
-                register_uid(uid, keyword, StorageServiceClass)

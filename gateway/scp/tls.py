@@ -68,10 +68,3 @@ def client_context(node: NodeSettings, peer: PeerSettings) -> ssl.SSLContext:
     if node.tls_cert is not None and node.tls_key is not None:
         context.load_cert_chain(node.tls_cert, node.tls_key)
     return context
-
-
-def tls_args(node: NodeSettings, peer: PeerSettings) -> tuple[ssl.SSLContext, str | None] | None:
-    """pynetdicom's `tls_args` for an association with *peer*: None when it is plain DICOM."""
-    if not peer.tls:
-        return None
-    return client_context(node, peer), peer.host if peer.tls_check_hostname else None

@@ -30,12 +30,10 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
-from pynetdicom import evt
 
 from gateway.acquire.registry import AcquisitionError, Registry
 from gateway.errors import GatewayError
 from gateway.scp.bridge import LoopBridge
-from gateway.scp.transport import cancel_check
 from gateway.store.query import QueryError, match_term
 
 __all__ = ["AcquisitionServices"]
@@ -148,11 +146,6 @@ class AcquisitionServices:
         self._registry = registry
         self._bridge = bridge
 
-    def on_worklist_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
-        yield from self.worklist_find(
-            event.identifier, event.assoc.requestor.ae_title, cancel_check(event)
-        )
-
     def worklist_find(
         self, identifier: Dataset, calling_ae: str, cancelled: Callable[[], bool]
     ) -> Iterator[tuple[int, Dataset | None]]:
@@ -175,23 +168,6 @@ class AcquisitionServices:
                 yield 0xFE00, None
                 return
             yield 0xFF00, _item(task, identifier)
-
-    def on_n_create(self, event: evt.Event) -> tuple[int, Dataset | None]:
-        """MPPS N-CREATE (PS3.4 F.7.2.1). Without an Affected SOP Instance UID in the request the
-        gateway assigns one and returns it in the response (PS3.7 10.1.5.1.4); the N-SETs that
-        follow name it. A success carries no Attribute List, so nothing can fail between the
-        task's change and the response that reports it."""
-        requested = event.request.AffectedSOPInstanceUID
-        status, sop_uid = self.mpps_create(
-            event.attribute_list, str(requested) if requested else None,
-            str(event.assoc.requestor.ae_title),
-        )  # fmt: skip
-        if status != 0x0000:
-            return status, None
-        reply = Dataset()
-        if not requested:
-            reply.AffectedSOPInstanceUID = sop_uid  # pynetdicom moves it into the response
-        return 0x0000, reply
 
     def mpps_create(
         self, attributes: Dataset, requested: str | None, calling_ae: str
@@ -225,11 +201,6 @@ class AcquisitionServices:
             return 0x0110, sop_uid
         log.info("mpps_created", sop_instance_uid=sop_uid, task=task_id, assigned=not requested)
         return 0x0000, sop_uid
-
-    def on_n_set(self, event: evt.Event) -> tuple[int, Dataset | None]:
-        status = self.mpps_set(event.modification_list, str(event.request.RequestedSOPInstanceUID))
-        # No Attribute List on success: nothing to fail after the change.
-        return status, (Dataset() if status == 0x0000 else None)
 
     def mpps_set(self, changes: Dataset, sop_uid: str) -> int:
         """`on_n_set` on plain values: the status. Blocks (a thread)."""

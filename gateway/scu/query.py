@@ -1,4 +1,4 @@
-"""C-FIND SCU, C-MOVE SCU and C-GET SCU against an archive (Study Root), on the asyncio layer.
+"""C-FIND SCU, C-MOVE SCU and C-GET SCU against an archive (Study Root).
 
 Used by retrieval (`gateway/retrieve/`), on the event loop. Associations are opened by
 `gateway.scu.requestor.open_association`, so a failure is always a `PeerError` naming the

@@ -1,14 +1,15 @@
 """Outbound DICOM on the asyncio network layer (`gateway.net`): associations and C-STORE.
 
 `open_association` requests an association with a configured peer (the node's AE title,
-timeouts, maximum PDU length, DICOM TLS where the peer has ``tls = true``) and fails with the
-`PeerError`s the threaded requestor (`gateway.scu.association.associate`) raises, in the same
-words. `store_instance` sends one stored instance as a C-STORE on an established association:
-its file's data set bytes as stored, read in pieces (never the whole file in memory) where the
-peer accepted its stored syntax, else re-encoded (`gateway.scu.syntaxes.outgoing`) in a worker
-thread; it waits for the C-STORE-RSP within the DIMSE timeout. The same call serves a C-MOVE's
-sub-association and a C-GET's own association (the acceptor's, in the SCU role the requestor
-granted by SCP/SCU Role Selection).
+timeouts, maximum PDU length, DICOM TLS where the peer has ``tls = true``) and fails with a
+`PeerError` of the kind each failure is (unreachable, rejected, no_context, aborted), which
+dispatch and retrieval record and retry by. `store_instance` sends one stored instance as a
+C-STORE on an established association: its file's data set bytes as stored, read in pieces
+(never the whole file in memory) where the peer accepted its stored syntax, else re-encoded
+(`gateway.scu.syntaxes.outgoing`) in a worker thread; it waits for the C-STORE-RSP within the
+DIMSE timeout. The same call serves dispatch, a C-MOVE's sub-association and a C-GET's own
+association (the acceptor's, in the SCU role the requestor granted by SCP/SCU Role
+Selection). `IdleAssociations` keeps associations open between uses.
 """
 
 from __future__ import annotations

@@ -1,25 +1,38 @@
-"""The node in-process: TCP_NODELAY on the sockets it accepts and opens."""
+"""The node in-process: TCP_NODELAY on the sockets it accepts and opens, and nothing
+process-wide changed by starting and stopping it."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from pathlib import Path
-from typing import Any
 
+import pydicom.config
 import pytest
-from pynetdicom import AE
+from pynetdicom import AE, _config
+from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
 from gateway.config import NodeSettings, PeerSettings, Settings
+from gateway.net.association import Association
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.node import DicomNode
+from gateway.scu.requestor import end_association, open_association
 from gateway.store.store import Store
 from tests.conftest import HOST
 
 
-def _nodelay(sock: socket.socket) -> int:
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+def _nodelay(assoc: Association) -> int:
+    sock = assoc._writer.get_extra_info("socket")
+    return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+def _process_settings() -> list[object]:
+    return [_config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET,
+            _config.UNRESTRICTED_STORAGE_SERVICE, _config.LOG_HANDLER_LEVEL,
+            pydicom.config.settings.writing_validation_mode,
+            pydicom.config.settings.reading_validation_mode]  # fmt: skip
 
 
 @pytest.mark.asyncio
@@ -27,46 +40,45 @@ async def test_accepted_and_opened_sockets_have_nodelay(tmp_path: Path) -> None:
     settings = Settings(node=NodeSettings(host=HOST, port=0, data_dir=tmp_path / "data"))
     store = Store(settings.node.data_dir)
     await store.open()
+    before = _process_settings()
     node = DicomNode(settings, store, LoopBridge(asyncio.get_running_loop()))
-    node.start()
+    await node.open()
     try:
+        # A pynetdicom requestor (which leaves Nagle on at its end): the node's socket has it
+        # off. The association stays open until the node's side was looked at.
+        checked = threading.Event()
 
-        def associate_and_inspect() -> tuple[int, int]:
+        def associate() -> int:
             ae = AE(ae_title="PROBE")
             ae.add_requested_context(Verification)
             assoc = ae.associate(HOST, node.port, ae_title="GATEWAY")
             assert assoc.is_established
             try:
-                (acceptor,) = [a for a in node._ae.active_associations if a.is_acceptor]
-                return _nodelay(acceptor.dul.socket.socket), _nodelay(assoc.dul.socket.socket)
+                checked.wait(10)
+                return int(assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP,
+                                                              socket.TCP_NODELAY))  # fmt: skip
             finally:
                 assoc.release()
 
-        accepted, requestor = await asyncio.to_thread(associate_and_inspect)
-        assert accepted != 0
-        assert requestor == 0  # pynetdicom's own requestor leaves Nagle on: the test sees a change
+        async def accepted() -> list[Association]:
+            while not node._acceptor._established:
+                await asyncio.sleep(0.01)
+            return list(node._acceptor._established)
 
-        # Sockets the node opens (C-MOVE destinations, echo) get it from the EVT_CONN_OPEN
-        # handler bound on their associations.
-        class Event:
-            def __init__(self, sock: socket.socket) -> None:
-                self.assoc: Any = type("A", (), {})()
-                self.assoc.dul = type("D", (), {})()
-                self.assoc.dul.socket = type("S", (), {"socket": sock})()
-
-        with socket.create_server((HOST, 0)) as server:
-            client = socket.create_connection(server.getsockname())
-            peer, _ = server.accept()
-            with client, peer:
-                assert _nodelay(client) == 0
-                node.services.on_conn_open(Event(client))  # type: ignore[arg-type]
-                assert _nodelay(client) != 0
-        destination = PeerSettings(name="dest", ae_title="DEST", host=HOST, port=104)
-        kwargs = node.services._move_kwargs([], destination)
-        assert (
-            next(h for e, h in kwargs["evt_handlers"] if e.name == "EVT_CONN_OPEN")
-            == node.services.on_conn_open
-        )
+        requestor = asyncio.create_task(asyncio.to_thread(associate))
+        (inbound,) = await asyncio.wait_for(accepted(), 5)
+        assert _nodelay(inbound) != 0
+        checked.set()
+        assert await requestor == 0  # pynetdicom's own side: the test sees a change
+        # A socket the node opens (dispatch, C-MOVE destinations, echo, retrieval).
+        peer = PeerSettings(name="self", ae_title="GATEWAY", host=HOST, port=node.port)
+        outbound = await open_association(settings.node, peer, [build_context(Verification)])
+        try:
+            assert _nodelay(outbound) != 0
+        finally:
+            await end_association(outbound)
+        assert _process_settings() == before
     finally:
-        await asyncio.to_thread(node.stop, 1.0)
+        await node.close(1.0)
         await store.close()
+    assert _process_settings() == before

@@ -1,4 +1,5 @@
-"""The listener's fast paths produce exactly what pynetdicom and pydicom would."""
+"""The command sets and File Meta the gateway packs itself are byte for byte what pynetdicom
+and pydicom encode; the association policy; descriptors above 1024."""
 
 from __future__ import annotations
 
@@ -7,17 +8,19 @@ import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import generate_uid
-from pynetdicom.dimse_messages import C_STORE_RSP
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import create_file_meta, encode
 
 from gateway.config import CallerSettings
+from gateway.net.dimse import SubOperations, c_store_rq, response
+from gateway.scp.policy import AssociationPolicy
 from gateway.scp.receiving import encode_file_meta
-from gateway.scp.transport import AssociationPolicy, encode_c_store_rsp
 from tests.conftest import (
     HOST,
     TEST_FILES,
@@ -47,15 +50,47 @@ def test_c_store_response_matches_pynetdicom(
         rsp.AffectedSOPInstanceUID = sop_instance
     message = C_STORE_RSP()
     message.primitive_to_message(rsp)
-    assert encode_c_store_rsp(rsp) == encode(message.command_set, True, True)
+    packed = response(0x8001, 7, status, sop_class or "", sop_instance or "")
+    assert packed == encode(message.command_set, True, True)
 
 
-def test_c_store_response_with_error_comment_left_to_pynetdicom() -> None:
-    rsp = C_STORE()
-    rsp.MessageIDBeingRespondedTo = 1
-    rsp.Status = 0xC000
-    rsp.ErrorComment = "no"
-    assert encode_c_store_rsp(rsp) is None
+@pytest.mark.parametrize("originator", [None, ("MOVER", 3), ("ODD", 65535)])
+def test_c_store_request_matches_pynetdicom(originator: tuple[str, int] | None) -> None:
+    rq = C_STORE()
+    rq.MessageID = 9
+    rq.AffectedSOPClassUID = CT
+    rq.AffectedSOPInstanceUID = "1.2.3.4.5.6.7"
+    rq.Priority = 0
+    if originator is not None:
+        rq.MoveOriginatorApplicationEntityTitle, rq.MoveOriginatorMessageID = originator
+    message = C_STORE_RQ()
+    message.primitive_to_message(rq)
+    message.command_set.CommandDataSetType = 0x0001
+    packed = c_store_rq(9, CT, "1.2.3.4.5.6.7", move_originator=originator)
+    assert packed == encode(message.command_set, True, True)
+
+
+@pytest.mark.parametrize("kind", [(C_MOVE, C_MOVE_RSP, 0x8021), (C_GET, C_GET_RSP, 0x8010)])
+@pytest.mark.parametrize(("status", "final"), [(0xFF00, False), (0xFE00, True), (0xB000, True)])
+def test_retrieve_responses_match_pynetdicom(kind: tuple[Any, Any, int], status: int,
+                                             final: bool) -> None:  # fmt: skip
+    primitive_type, message_type, field = kind
+    rsp = primitive_type()
+    rsp.MessageIDBeingRespondedTo = 5
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.2"
+    rsp.Status = status
+    counts = SubOperations(4)
+    counts.completed, counts.failed, counts.warning = 3, 2, 1
+    if not final or status == 0xFE00:
+        rsp.NumberOfRemainingSuboperations = 4
+    rsp.NumberOfCompletedSuboperations = 3
+    rsp.NumberOfFailedSuboperations = 2
+    rsp.NumberOfWarningSuboperations = 1
+    message = message_type()
+    message.primitive_to_message(rsp)
+    packed = response(field, 5, status, "1.2.840.10008.5.1.4.1.2.2.2", counts=counts,
+                      remaining=not final or status == 0xFE00)  # fmt: skip
+    assert packed == encode(message.command_set, True, True)
 
 
 @pytest.mark.parametrize(
