@@ -4,6 +4,7 @@ that drives the Upper Layer through states a well-behaved peer never shows (PS3.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
@@ -143,6 +144,9 @@ async def test_pynetdicom_echoes_and_stores_through_the_acceptor(acceptor: Accep
 
 async def test_a_rejection_reaches_pynetdicom_with_its_reason(acceptor: Acceptor) -> None:
     acceptor.decide = lambda _: Rejection(1, 1, 7)  # called AE title not recognised
+    # ARTIM bounds how long the rejection waits for pynetdicom to close: a loaded machine may
+    # keep pynetdicom's reader from the A-ASSOCIATE-RJ for longer than the usual 0.5 s.
+    acceptor.timeouts = Timeouts(acse=5.0, idle=5.0)
 
     def client() -> tuple[bool, int | None]:
         ae = AE(ae_title="PYNETDICOM")
@@ -411,3 +415,209 @@ async def test_a_peer_that_never_reads_is_aborted_after_the_idle_timeout() -> No
         peer.close()
         server.close()
         await server.wait_closed()
+
+
+# -- the requestor against a scripted raw-socket acceptor -----------------------------------------
+
+
+class RawAcceptor(RawPeer):
+    """A listening socket whose one connection is served by a script in a thread: it reads
+    the A-ASSOCIATE-RQ, then does what the test says."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server((HOST, 0))
+        self.port = int(self.server.getsockname()[1])
+
+    async def serve(self, script: Callable[[RawAcceptor], Any]) -> asyncio.Future[Any]:
+        def run() -> Any:
+            self.server.settimeout(5)
+            self.sock, _ = self.server.accept()
+            self.sock.settimeout(5)
+            pdu_type, _ = self.read_pdu()
+            assert pdu_type == P.A_ASSOCIATE_RQ
+            return script(self)
+
+        return asyncio.ensure_future(asyncio.to_thread(run))
+
+    def accept(self) -> None:
+        """Answer with an A-ASSOCIATE-AC accepting context 1 (Verification, Implicit VR)."""
+        from pynetdicom.pdu import A_ASSOCIATE_AC as AcPdu
+        from pynetdicom.presentation import PresentationContext
+
+        answer = A_ASSOCIATE()
+        answer.application_context_name = "1.2.840.10008.3.1.1.1"
+        answer.calling_ae_title = "GATEWAY"
+        answer.called_ae_title = "RAW"
+        answer.result, answer.result_source = 0x00, 0x01
+        context = PresentationContext()
+        context.context_id, context.result = 1, 0
+        context.transfer_syntax = [ImplicitVRLittleEndian]
+        answer.presentation_context_definition_results_list = [context]
+        length = MaximumLengthNotification()
+        length.maximum_length_received = 16384
+        answer.user_information = [length]
+        self.sock.sendall(bytes(AcPdu(answer).encode()))
+
+    def close(self) -> None:
+        with contextlib.suppress(AttributeError):
+            self.sock.close()
+        self.server.close()
+
+
+async def _request(port: int, timeouts: Timeouts = FAST) -> Association:
+    return await Association.request(
+        HOST, port, calling_ae="GATEWAY", called_ae="RAW",
+        contexts=[build_context(Verification)], timeouts=timeouts,
+    )  # fmt: skip
+
+
+def _echo_rq(assoc: Association) -> Dataset:
+    command = Dataset()
+    command.CommandField = 0x0030
+    command.MessageID = assoc.next_message_id()
+    command.AffectedSOPClassUID = Verification
+    return command
+
+
+async def test_an_abort_answering_the_request_is_the_requestors_aborted() -> None:
+    raw = RawAcceptor()
+    try:
+        done = await raw.serve(lambda r: r.sock.sendall(P.abort_pdu(0)))  # Sta5, Evt16: AA-3
+        with pytest.raises(Aborted) as aborted:
+            await _request(raw.port)
+        assert "aborted the association request" in str(aborted.value)
+        await done
+    finally:
+        raw.close()
+
+
+async def test_a_silent_acceptor_is_aborted_after_the_acse_timeout() -> None:
+    raw = RawAcceptor()
+    try:
+        done = await raw.serve(lambda r: (r.read_pdu(), r.closed()))  # says nothing
+        with pytest.raises(Aborted) as aborted:
+            await _request(raw.port)
+        assert "no answer to A-ASSOCIATE-RQ" in str(aborted.value)
+        (pdu_type, body), closed = await done
+        assert (pdu_type, body[2]) == (P.A_ABORT, 2) and closed
+    finally:
+        raw.close()
+
+
+async def test_a_pdu_out_of_place_while_awaiting_the_answer_aborts() -> None:
+    raw = RawAcceptor()
+    try:
+        done = await raw.serve(lambda r: (r.sock.sendall(P.release_rp()), r.read_pdu())[1])
+        with pytest.raises(Aborted):  # Sta5, Evt14: AA-8
+            await _request(raw.port)
+        pdu_type, body = await done
+        assert (pdu_type, body[2], body[3]) == (P.A_ABORT, 2, P.AbortReason.UNEXPECTED_PDU)
+    finally:
+        raw.close()
+
+
+async def test_an_abort_while_a_response_is_awaited_ends_the_wait() -> None:
+    raw = RawAcceptor()
+    try:
+
+        def script(r: RawAcceptor) -> int:
+            r.accept()
+            pdu_type, _ = r.read_pdu()  # the C-ECHO-RQ
+            r.sock.sendall(P.abort_pdu(0))
+            return pdu_type
+
+        done = await raw.serve(script)
+        assoc = await _request(raw.port)
+        command = _echo_rq(assoc)
+        with assoc.awaiting(command.MessageID) as responses:
+            await assoc.send(1, command)
+            with pytest.raises(Aborted) as aborted:
+                await responses.next(5.0)
+        assert "aborted by the peer" in str(aborted.value)
+        assert await done == P.P_DATA_TF
+        assert assoc.machine.state == State.STA1
+    finally:
+        raw.close()
+
+
+async def test_release_collision_as_requestor() -> None:
+    """The requestor asks to release (Sta7); the acceptor's A-RELEASE-RQ crosses it (AR-8:
+    Sta9); the requestor answers it (AR-9: Sta11) and then gets the answer to its own (AR-3)."""
+    raw = RawAcceptor()
+    try:
+
+        def script(r: RawAcceptor) -> list[int]:
+            r.accept()
+            seen = [r.read_pdu()[0]]  # the requestor's A-RELEASE-RQ
+            r.sock.sendall(P.release_rq())  # ours crosses it
+            seen.append(r.read_pdu()[0])  # the requestor answers first
+            r.sock.sendall(P.release_rp())
+            return seen
+
+        done = await raw.serve(script)
+        assoc = await _request(raw.port)
+        await assoc.release()
+        assert await done == [P.A_RELEASE_RQ, P.A_RELEASE_RP]
+        assert assoc.machine.state == State.STA1
+    finally:
+        raw.close()
+
+
+async def test_no_release_answer_aborts_after_the_acse_timeout() -> None:
+    raw = RawAcceptor()
+    try:
+
+        def script(r: RawAcceptor) -> tuple[int, int]:
+            r.accept()
+            first = r.read_pdu()[0]  # the A-RELEASE-RQ, not answered
+            return first, r.read_pdu()[0]
+
+        done = await raw.serve(script)
+        assoc = await _request(raw.port)
+        with pytest.raises(Aborted) as aborted:
+            await assoc.release()
+        assert "no A-RELEASE-RP" in str(aborted.value)
+        assert await done == (P.A_RELEASE_RQ, P.A_ABORT)
+    finally:
+        raw.close()
+
+
+async def test_a_pdu_longer_than_negotiated_from_the_acceptor_is_refused_unread() -> None:
+    raw = RawAcceptor()
+    try:
+
+        def script(r: RawAcceptor) -> tuple[int, bytes]:
+            r.accept()
+            r.sock.sendall(struct.pack(">BxI", P.P_DATA_TF, 16384 + (1 << 20)))
+            return r.read_pdu()
+
+        done = await raw.serve(script)
+        assoc = await _request(raw.port)
+        pdu_type, body = await done
+        assert (pdu_type, body[2], body[3]) == (P.A_ABORT, 2, P.AbortReason.INVALID_PARAMETER)
+        await assoc.wait_closed()
+        assert assoc.machine.state == State.STA1
+    finally:
+        raw.close()
+
+
+async def test_an_acceptor_that_stops_mid_pdu_ends_the_association() -> None:
+    raw = RawAcceptor()
+    try:
+
+        def script(r: RawAcceptor) -> None:
+            r.accept()
+            r.sock.sendall(struct.pack(">BxI", P.P_DATA_TF, 100) + b"\x00" * 10)
+            r.sock.close()
+
+        done = await raw.serve(script)
+        assoc = await _request(raw.port)
+        await done
+        command = _echo_rq(assoc)
+        with assoc.awaiting(command.MessageID) as responses, pytest.raises(Aborted):
+            await assoc.send(1, command)
+            await responses.next(5.0)
+        await assoc.wait_closed()
+        assert assoc.machine.state == State.STA1
+    finally:
+        raw.close()
