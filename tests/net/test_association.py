@@ -621,3 +621,50 @@ async def test_an_acceptor_that_stops_mid_pdu_ends_the_association() -> None:
         assert assoc.machine.state == State.STA1
     finally:
         raw.close()
+
+
+async def test_fragments_interleaved_across_contexts_are_assembled_per_context(
+    acceptor: Acceptor,
+) -> None:
+    """A C-STORE on context 3 whose data set comes in two fragments, with a whole C-ECHO on
+    context 1 sent between them (PS3.8 Annex E allows PDVs of different contexts in any
+    order): both messages arrive whole, the echo first, the data set byte for byte."""
+    from gateway.net.association import encode_command
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = "RAW", "GATEWAY"
+    echo_cx, store_cx = build_context(Verification), build_context(CTImageStorage)
+    echo_cx.context_id, store_cx.context_id = 1, 3
+    primitive.presentation_context_definition_list = [echo_cx, store_cx]
+    length = MaximumLengthNotification()
+    length.maximum_length_received = 16384
+    primitive.user_information = [length]
+    store, echo = Dataset(), Dataset()
+    store.CommandField, store.MessageID, store.AffectedSOPClassUID = 0x0001, 1, CTImageStorage
+    store.AffectedSOPInstanceUID, store.Priority, store.CommandDataSetType = "1.2.3", 0, 1
+    echo.CommandField, echo.MessageID, echo.AffectedSOPClassUID = 0x0030, 2, Verification
+    echo.CommandDataSetType = 0x0101
+    data = bytes(range(256)) * 40
+    peer = RawPeer(acceptor.port)
+    try:
+        peer.sock.sendall(bytes(RqPdu(primitive).encode()))
+        assert (await in_thread(peer.read_pdu))[0] == P.A_ASSOCIATE_AC
+        peer.sock.sendall(
+            P.p_data_tf(3, True, True, encode_command(store))
+            + P.p_data_tf(3, False, False, data[:4000])
+            + P.p_data_tf(1, True, True, encode_command(echo))
+            + P.p_data_tf(3, False, True, data[4000:])
+        )
+        for _ in range(2):  # the two responses
+            assert (await in_thread(peer.read_pdu))[0] == P.P_DATA_TF
+        peer.sock.sendall(P.release_rq())
+        assert (await in_thread(peer.read_pdu))[0] == P.A_RELEASE_RP
+        (outcome,) = await ended(acceptor)
+        assert isinstance(outcome, Released)
+        first, second = acceptor.messages
+        assert (first.context_id, int(first.command.CommandField)) == (1, 0x0030)
+        assert (second.context_id, int(second.command.CommandField)) == (3, 0x0001)
+        assert second.data == data
+    finally:
+        peer.close()
