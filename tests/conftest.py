@@ -537,3 +537,14 @@ def nothing_left_in_tmp(tmp_path: Path) -> Iterator[None]:
         return
     left = [p for p in tmp_path.rglob("tmp/*.part") if p.is_file()]
     assert left == [], left
+
+
+@pytest.fixture
+def recorder() -> Iterator[Any]:
+    """A pynetdicom storage SCP on a free loopback port recording every C-STORE
+    (`tests.scu.test_sender.Recorder`), stopped after the test."""
+    from tests.scu.test_sender import Recorder
+
+    r = Recorder()
+    yield r
+    r.stop()

@@ -418,6 +418,26 @@ class Association:
 
     # -- data transfer ------------------------------------------------------------------------
 
+    def transfer_syntax(self, context_id: int) -> UID:
+        """The transfer syntax accepted for presentation context *context_id*."""
+        return UID(str(self.contexts[context_id].transfer_syntax[0]))
+
+    def encode_dataset(self, context_id: int, dataset: Dataset) -> bytes:
+        """*dataset* encoded in *context_id*'s transfer syntax (an identifier, an answer)."""
+        syntax = self.transfer_syntax(context_id)
+        data = encode(dataset, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+        if data is None:
+            raise ValueError(f"cannot encode the data set in {syntax.name}")
+        return bytes(data)
+
+    def decode_dataset(self, message: Message) -> Dataset:
+        """*message*'s data set (kept in memory) decoded in its context's transfer syntax.
+        Raises what pydicom raises for bytes that are not a data set in it."""
+        syntax = self.transfer_syntax(message.context_id)
+        decoded: Dataset = decode(io.BytesIO(message.data), syntax.is_implicit_VR,
+                                  syntax.is_little_endian, syntax.is_deflated)  # fmt: skip
+        return decoded
+
     async def receive(self) -> Message:
         """The next complete message (its data set complete too, or handed to its sink as
         it came). Raises `Released` or `Aborted` once the association has ended."""

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import io
 import os
 import ssl
 import threading
@@ -43,8 +42,6 @@ import anyio.from_thread
 import anyio.to_thread
 import structlog
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
-from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
@@ -56,7 +53,6 @@ from gateway.net.association import (
     Aborted,
     Acceptance,
     Association,
-    DataSink,
     Message,
     Rejected,
     Rejection,
@@ -78,7 +74,7 @@ from gateway.net.dimse import (
 from gateway.scp.access import ServiceAccess, log_refusal, service_of
 from gateway.scp.handlers import AssociationStats, DicomServices
 from gateway.scp.policy import AssociationPolicy
-from gateway.scp.receiving import DatasetSpool, part10_spool
+from gateway.scp.receiving import DatasetSpool, c_store_sink
 from gateway.scp.tls import handshake_failed, server_context
 from gateway.scu.requestor import open_association, store_instance
 from gateway.scu.syntaxes import MAX_CONTEXTS, storage_contexts
@@ -238,7 +234,8 @@ class Acceptor:
             return
         stats = self._services.accepted(assoc.calling_ae, assoc.called_ae, host,
                                         len(assoc.contexts))  # fmt: skip
-        assoc.sinks = lambda message: self._sink(assoc, message)
+        assoc.sinks = functools.partial(c_store_sink, assoc, directory=self._tmp_dir,
+                                        max_bytes=self._max_bytes)  # fmt: skip
         self._established.add(assoc)
         released = False
         # One request at a time (no asynchronous operations window is negotiated, PS3.7
@@ -293,17 +290,6 @@ class Acceptor:
             log.exception("request_failed", association_id=stats.association_id,
                           command=f"0x{int(message.command.CommandField):04X}")  # fmt: skip
             await assoc.abort()
-
-    def _sink(self, assoc: Association, message: Message) -> DataSink | None:
-        """A C-STORE's data set goes to a spool file behind its File Meta Information."""
-        command = message.command
-        if int(command.CommandField) != C_STORE_RQ:
-            return None
-        context = assoc.contexts[message.context_id]
-        return part10_spool(
-            str(command.AffectedSOPClassUID), str(command.AffectedSOPInstanceUID),
-            str(context.transfer_syntax[0]), self._tmp_dir, self._max_bytes,
-        )  # fmt: skip
 
     async def _answer(
         self,
@@ -379,7 +365,6 @@ class Acceptor:
         kind = "move" if field == C_MOVE_RQ else "get"
         services = self._services
         message_id = int(message.command.MessageID)
-        syntax = UID(str(assoc.contexts[message.context_id].transfer_syntax[0]))
 
         async def answer(
             status: int,
@@ -392,8 +377,7 @@ class Acceptor:
             if failed:
                 listed = Dataset()
                 listed.FailedSOPInstanceUIDList = failed
-                identifier = encode(listed, syntax.is_implicit_VR, syntax.is_little_endian,
-                                    syntax.is_deflated)  # fmt: skip
+                identifier = assoc.encode_dataset(message.context_id, listed)
             command = response(field | 0x8000, message_id, status, sop_class,
                                has_data=identifier is not None, counts=counts,
                                remaining=not final or status == 0xFE00)  # fmt: skip
@@ -517,11 +501,8 @@ class Acceptor:
     ) -> Dataset | None:
         """A request's data set decoded in its context's transfer syntax (None, logged, when it
         cannot be)."""
-        syntax = UID(str(assoc.contexts[message.context_id].transfer_syntax[0]))
         try:
-            decoded: Dataset = decode(io.BytesIO(message.data), syntax.is_implicit_VR,
-                                      syntax.is_little_endian, syntax.is_deflated)  # fmt: skip
-            return decoded
+            return assoc.decode_dataset(message)
         except Exception as exc:
             log.warning("request_undecodable", association_id=stats.association_id,
                         reason=str(exc))  # fmt: skip
@@ -538,7 +519,6 @@ class Acceptor:
         """C-FIND (Patient Root, Study Root, Modality Worklist): `DicomServices.find` runs in
         a worker thread and hands each answer over as it is read (at most 64 ahead of the
         network); each is sent as a pending response; returns the final status."""
-        syntax = UID(str(assoc.contexts[message.context_id].transfer_syntax[0]))
         identifier = self._decoded(assoc, message, stats)
         if identifier is None:
             return 0xC000
@@ -558,8 +538,7 @@ class Acceptor:
                     if status not in (0xFF00, 0xFF01) or answer is None:
                         final = status
                         continue
-                    encoded = encode(answer, syntax.is_implicit_VR, syntax.is_little_endian,
-                                     syntax.is_deflated)  # fmt: skip
+                    encoded = assoc.encode_dataset(message.context_id, answer)
                     await assoc.send_encoded(message.context_id, response(
                         C_FIND_RQ | 0x8000, message_id, status, sop_class, has_data=True,
                     ), encoded)  # fmt: skip

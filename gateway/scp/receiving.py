@@ -3,7 +3,7 @@
 A C-STORE's data set (received by the node, or by a C-GET of retrieval) goes, fragment by
 fragment as the association assembles it (`gateway.net.association.DataSink`), into a
 `DatasetSpool` in the store's `tmp/` behind its preamble and File Meta Information
-(`part10_spool`):
+(`c_store_sink`):
 
 - the spool hashes the dataset bytes as they are written (the check after the last fragment
   then need not read them again) and asks the kernel to start writing every 256 KB back as soon
@@ -32,9 +32,10 @@ from pynetdicom import (
     PYNETDICOM_IMPLEMENTATION_VERSION,
 )
 
-from gateway.net.dimse import uid_value
+from gateway.net.association import Association, Message
+from gateway.net.dimse import C_STORE_RQ, uid_value
 
-__all__ = ["DatasetSpool", "encode_file_meta", "part10_spool"]
+__all__ = ["DatasetSpool", "c_store_sink", "encode_file_meta"]
 
 _WRITEBACK_BYTES = 256 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
@@ -132,19 +133,22 @@ class DatasetSpool:
             self._fd = -1
 
 
-def part10_spool(
-    sop_class_uid: str,
-    sop_instance_uid: str,
-    transfer_syntax: str,
-    directory: Path,
-    max_bytes: int | None,
-) -> DatasetSpool:
-    """A `DatasetSpool` for a C-STORE's data set, behind the Part 10 preamble, prefix (PS3.10
-    7.1) and File Meta Information the request announces: the file is a DICOM file once the
-    data set has arrived; the association discards it if it ends before that."""
+def c_store_sink(
+    assoc: Association, message: Message, directory: Path, max_bytes: int | None
+) -> DatasetSpool | None:
+    """Where *message*'s data set goes (`Association.sinks`): a C-STORE's into a
+    `DatasetSpool` in *directory*, behind the Part 10 preamble, prefix (PS3.10 7.1) and the
+    File Meta Information the request announces, so the file is a DICOM file once the data set
+    has arrived (the association discards it if it ends before that); any other message's
+    stays in memory (None)."""
+    command = message.command
+    if int(command.CommandField) != C_STORE_RQ:
+        return None
     spool = DatasetSpool(directory, max_bytes)
     spool.write(b"\x00" * 128 + b"DICM")
-    spool.write(encode_file_meta(sop_class_uid, sop_instance_uid, transfer_syntax))
+    spool.write(encode_file_meta(str(command.AffectedSOPClassUID),
+                                 str(command.AffectedSOPInstanceUID),
+                                 str(assoc.transfer_syntax(message.context_id))))  # fmt: skip
     spool.begin_dataset()
     return spool
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from pydicom.dataset import Dataset
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
 from gateway.config import NodeSettings, PeerSettings
-from gateway.errors import PeerError
 from gateway.net.association import Aborted
-from gateway.scu.requestor import end_association, open_association
+from gateway.scu.requestor import end_association, no_answer, open_association, request_command
 
 __all__ = ["EchoResult", "echo_peer"]
 
@@ -39,17 +37,12 @@ async def echo_peer(node: NodeSettings, peer: PeerSettings) -> EchoResult:
     assoc = await open_association(node, peer, [build_context(Verification)])
     try:
         (context_id,) = assoc.contexts
-        command = Dataset()
-        command.AffectedSOPClassUID = Verification
-        command.CommandField = 0x0030
-        command.MessageID = assoc.next_message_id()
+        command = request_command(0x0030, assoc.next_message_id(), Verification)
         with assoc.awaiting(command.MessageID) as responses:
             await assoc.send(context_id, command)
             answer = await responses.next(node.dimse_timeout)
     except Aborted as exc:
-        raise PeerError(
-            "aborted", f"peer {peer.name} did not answer the C-ECHO: the association ended ({exc})"
-        ) from None
+        raise no_answer(peer.name, "C-ECHO", exc) from None
     finally:
         await end_association(assoc)
     return EchoResult(int(answer.command.Status), time.monotonic() - started)

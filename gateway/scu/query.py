@@ -14,7 +14,7 @@ C-STORE-RSP is sent (PS3.4 C.4.3).
 
 from __future__ import annotations
 
-import io
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,9 +23,7 @@ from pathlib import Path
 import anyio.to_thread
 import structlog
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 from pynetdicom import ALL_TRANSFER_SYNTAXES, build_context
-from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -36,12 +34,14 @@ from gateway.config import NodeSettings, PeerSettings
 from gateway.errors import GatewayError, PeerError, RejectedInstance
 from gateway.net.association import Aborted, Association, Message
 from gateway.net.dimse import C_STORE_RQ, response
-from gateway.scp.receiving import DatasetSpool, part10_spool
+from gateway.scp.receiving import DatasetSpool, c_store_sink
 from gateway.scu.requestor import (
     IdleAssociations,
     end_association,
+    no_answer,
     open_association,
     proposal_of,
+    request_command,
 )
 from gateway.store.index import Provenance
 from gateway.store.store import Store
@@ -73,32 +73,8 @@ def identifier(level: str, **keys: str | list[str]) -> Dataset:
     return ds
 
 
-def _request(field: int, message_id: int, sop_class: str, **elements: object) -> Dataset:
-    command = Dataset()
-    command.AffectedSOPClassUID = sop_class
-    command.CommandField = field
-    command.MessageID = message_id
-    command.Priority = 0x0000  # medium
-    for keyword, value in elements.items():
-        setattr(command, keyword, value)
-    return command
-
-
-def _encoded(assoc: Association, context_id: int, dataset: Dataset) -> bytes:
-    syntax = UID(str(assoc.contexts[context_id].transfer_syntax[0]))
-    data = encode(dataset, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
-    assert data is not None
-    return bytes(data)
-
-
 def _context(assoc: Association, sop_class: str) -> int:
     return next(cid for cid, cx in assoc.contexts.items() if cx.abstract_syntax == sop_class)
-
-
-def _no_answer(peer: PeerSettings, what: str, exc: Aborted) -> PeerError:
-    return PeerError(
-        "aborted", f"peer {peer.name} did not answer the {what}: the association ended ({exc})"
-    )
 
 
 class FindSession:
@@ -140,19 +116,18 @@ class FindSession:
 
     async def _find(self, assoc: Association, query: Dataset) -> list[Dataset]:
         context_id = _context(assoc, _FIND)
-        syntax = UID(str(assoc.contexts[context_id].transfer_syntax[0]))
         message_id = assoc.next_message_id()
-        command = _request(0x0020, message_id, _FIND)
+        command = request_command(0x0020, message_id, _FIND)
         matches: list[Dataset] = []
         try:
             with assoc.awaiting(message_id) as responses:
-                await assoc.send(context_id, command, _encoded(assoc, context_id, query))
+                await assoc.send(context_id, command, assoc.encode_dataset(context_id, query))
                 while True:
                     answer = await responses.next(self.node.dimse_timeout)
                     code = int(answer.command.Status)
                     if code in _PENDING:
                         if answer.data:
-                            matches.append(_decoded(answer.data, syntax))
+                            matches.append(assoc.decode_dataset(answer))
                         continue
                     if code != 0x0000:
                         raise PeerError(
@@ -160,14 +135,7 @@ class FindSession:
                         )
                     return matches
         except Aborted as exc:
-            raise _no_answer(self.peer, "C-FIND", exc) from None
-
-
-def _decoded(data: bytes, syntax: UID) -> Dataset:
-    decoded: Dataset = decode(
-        io.BytesIO(data), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated
-    )
-    return decoded
+            raise no_answer(self.peer.name, "C-FIND", exc) from None
 
 
 async def c_find(
@@ -233,7 +201,7 @@ async def _retrieve(
     message_id = int(command.MessageID)
     try:
         with assoc.awaiting(message_id) as responses:
-            await assoc.send(context_id, command, _encoded(assoc, context_id, query))
+            await assoc.send(context_id, command, assoc.encode_dataset(context_id, query))
             while True:
                 answer = (await responses.next(None)).command
                 progress.touch()
@@ -245,7 +213,7 @@ async def _retrieve(
     except Aborted as exc:
         if progress.stopped:
             raise PeerError("stopped", f"peer {peer.name}: the {what} was stopped") from None
-        raise _no_answer(peer, what, exc) from None
+        raise no_answer(peer.name, what, exc) from None
     if result.status not in (0x0000, _WARNING):
         raise PeerError(
             "status",
@@ -267,7 +235,9 @@ async def c_move(
     assoc = await open_association(node, peer, [build_context(model)])
     progress.assoc = assoc
     try:
-        command = _request(0x0021, assoc.next_message_id(), model, MoveDestination=node.ae_title)
+        command = request_command(
+            0x0021, assoc.next_message_id(), model, MoveDestination=node.ae_title
+        )
         return await _retrieve(assoc, command, query, peer, "C-MOVE", progress)
     finally:
         await end_association(assoc)
@@ -305,8 +275,8 @@ async def c_get(
     provenance = Provenance(
         calling_ae=peer.ae_title, called_ae=node.ae_title, peer_address=f"{peer.host}:{peer.port}"
     )
-    tmp_dir = store.files.tmp_dir
-    assoc.sinks = lambda message: _spool(assoc, message, tmp_dir, node.max_instance_bytes)
+    assoc.sinks = functools.partial(c_store_sink, assoc, directory=store.files.tmp_dir,
+                                    max_bytes=node.max_instance_bytes)  # fmt: skip
     stored = 0
 
     async def take(message: Message) -> None:
@@ -349,7 +319,7 @@ async def c_get(
         async with anyio.create_task_group() as tg:
             tg.start_soon(serve)
             try:
-                command = _request(0x0010, assoc.next_message_id(), model)
+                command = request_command(0x0010, assoc.next_message_id(), model)
                 result = await _retrieve(assoc, command, query, peer, "C-GET", progress)
             finally:
                 tg.cancel_scope.cancel()
@@ -357,18 +327,6 @@ async def c_get(
         await end_association(assoc)
     result.stored = stored
     return result
-
-
-def _spool(
-    assoc: Association, message: Message, tmp_dir: Path, max_bytes: int
-) -> DatasetSpool | None:
-    """A C-STORE sub-operation's data set goes to a Part 10 spool file in the store's tmp/."""
-    command = message.command
-    if int(command.CommandField) != C_STORE_RQ:
-        return None
-    return part10_spool(str(command.AffectedSOPClassUID), str(command.AffectedSOPInstanceUID),
-                        str(assoc.contexts[message.context_id].transfer_syntax[0]), tmp_dir,
-                        max_bytes)  # fmt: skip
 
 
 def _ingest(

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import anyio.to_thread
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom.dsutils import encode, split_dataset
 from pynetdicom.pdu_primitives import A_ASSOCIATE
@@ -41,8 +42,10 @@ __all__ = [
     "Proposal",
     "dataset_offset",
     "end_association",
+    "no_answer",
     "open_association",
     "proposal_of",
+    "request_command",
     "store_instance",
     "stored_dataset",
 ]
@@ -124,6 +127,28 @@ class IdleAssociations:
         for _, _, expiry in idle:
             expiry.cancel()
         await asyncio.gather(*(end_association(a) for a, _, _ in idle), return_exceptions=True)
+
+
+def no_answer(peer: str, what: str, exc: Aborted) -> PeerError:
+    """The `PeerError` (``aborted``) of a request of this side that *peer* (its name) did not
+    answer: the association ended first, or no answer came within the DIMSE timeout."""
+    return PeerError(
+        "aborted", f"peer {peer} did not answer the {what}: the association ended ({exc})"
+    )
+
+
+def request_command(field: int, message_id: int, sop_class: str, **elements: object) -> Dataset:
+    """The command set of a request sent rarely (C-ECHO, C-FIND, C-MOVE, C-GET: PS3.7 9.3) as a
+    pydicom Dataset, medium priority where the request has one; *elements* by keyword."""
+    command = Dataset()
+    command.AffectedSOPClassUID = sop_class
+    command.CommandField = field
+    command.MessageID = message_id
+    if field != 0x0030:  # C-ECHO-RQ has no Priority (PS3.7 9.3.5.1)
+        command.Priority = 0x0000
+    for keyword, value in elements.items():
+        setattr(command, keyword, value)
+    return command
 
 
 async def end_association(assoc: Association) -> None:
@@ -209,8 +234,12 @@ def dataset_offset(path: Path) -> int:
     """Where the data set starts in the DICOM file at *path*: after its File Meta Information
     (PS3.10 7.1), read from its group length where it leads the group as PS3.10 requires."""
     with path.open("rb") as fp:
-        head = fp.read(144)
-    if len(head) == 144 and head[128:132] == b"DICM" and head[132:138] == b"\x02\x00\x00\x00UL":
+        return _offset(fp.read(144), path)
+
+
+def _offset(head: bytes, path: Path) -> int:
+    """`dataset_offset` from the file's first bytes (*head*, 144 or more)."""
+    if len(head) >= 144 and head[128:132] == b"DICM" and head[132:138] == b"\x02\x00\x00\x00UL":
         (length,) = struct.unpack("<I", head[140:144])
         return 144 + int(length)
     return int(split_dataset(path)[1])
@@ -236,11 +265,11 @@ def _prepare(
     stored (whole when it is small, else in pieces as it is sent) or re-encoded."""
     payload = outgoing(instance, accepted, transcode=transcode, peer=peer)
     if isinstance(payload, Path):
-        offset = dataset_offset(payload)
-        with payload.open("rb") as fp:
-            if os.fstat(fp.fileno()).st_size - offset <= _READ_SIZE:
-                fp.seek(offset)
-                return instance.transfer_syntax, fp.read()
+        with payload.open("rb") as fp:  # one open and, for a small file, one read
+            if os.fstat(fp.fileno()).st_size <= _READ_SIZE:
+                whole = fp.read()
+                return instance.transfer_syntax, whole[_offset(whole, payload) :]
+            offset = _offset(fp.read(144), payload)
         return instance.transfer_syntax, stored_dataset(payload, offset)
     syntax = UID(str(payload.file_meta.TransferSyntaxUID))
     encoded = encode(payload, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
@@ -285,7 +314,5 @@ async def store_instance(
             await assoc.send_encoded(context_id, command, data)
             answer = await responses.next(dimse_timeout)
     except Aborted as exc:
-        raise PeerError(
-            "aborted", f"peer {peer} did not answer the C-STORE: the association ended ({exc})"
-        ) from None
+        raise no_answer(peer, "C-STORE", exc) from None
     return int(answer.command.Status)

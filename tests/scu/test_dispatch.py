@@ -60,13 +60,6 @@ async def queue(store: Store) -> JobQueue:
     return q
 
 
-@pytest.fixture
-def recorder() -> Iterator[Recorder]:
-    r = Recorder()
-    yield r
-    r.stop()
-
-
 async def ingest(store: Store, source: Path) -> str:
     temp = store.files.new_temp_path()
     shutil.copyfile(source, temp)

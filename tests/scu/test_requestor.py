@@ -5,7 +5,6 @@ DIMSE timeout, and the `PeerError` of each way an association can fail."""
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,21 +17,22 @@ from pynetdicom.sop_class import CTImageStorage
 
 from gateway.config import PeerSettings
 from gateway.errors import PeerError
-from gateway.net.association import Aborted
+from gateway.net.association import Aborted, Association
 from gateway.scu import requestor
 from gateway.scu.requestor import dataset_offset, open_association, store_instance
 from gateway.scu.syntaxes import storage_contexts
+from gateway.store.store import StoredInstance
 from tests.conftest import HOST, TEST_FILES, dataset_bytes, free_port
 from tests.scu.test_sender import IMPLICIT, NODE, Recorder, instance
 
 CT = TEST_FILES / "CT_small.dcm"
 
 
-@pytest.fixture
-def recorder() -> Iterator[Recorder]:
-    r = Recorder()
-    yield r
-    r.stop()
+async def _associated(recorder: Recorder, stored: StoredInstance, *, transcode: bool = True
+                      ) -> Association:  # fmt: skip
+    """An association with *recorder* proposing what is proposed for *stored*."""
+    pairs = [(stored.sop_class_uid, stored.transfer_syntax)]
+    return await open_association(NODE, recorder.peer, storage_contexts(pairs, transcode=transcode))
 
 
 def _large_ct(path: Path, frames: int) -> Path:
@@ -55,8 +55,7 @@ async def test_a_file_larger_than_one_read_goes_out_in_pieces_unchanged(
     monkeypatch.setattr(requestor, "_READ_SIZE", 1 << 20)
     stored = instance(_large_ct(tmp_path / "large.dcm", 24))
     small = instance(CT)
-    pairs = [(stored.sop_class_uid, stored.transfer_syntax)]
-    assoc = await open_association(NODE, recorder.peer, storage_contexts(pairs, transcode=True))
+    assoc = await _associated(recorder, stored)
     try:
         for each in (stored, small):
             status = await store_instance(assoc, each, transcode=True, peer="recorder",
@@ -79,9 +78,7 @@ async def test_a_peer_that_takes_implicit_only_gets_the_data_set_re_encoded(
     recorder = Recorder(syntaxes=[IMPLICIT])
     try:
         stored = instance(CT)
-        pairs = [(stored.sop_class_uid, stored.transfer_syntax)]
-        contexts = storage_contexts(pairs, transcode=True)
-        assoc = await open_association(NODE, recorder.peer, contexts)
+        assoc = await _associated(recorder, stored)
         try:
             status = await store_instance(assoc, stored, transcode=True, peer="recorder",
                                           dimse_timeout=10)  # fmt: skip
@@ -93,7 +90,7 @@ async def test_a_peer_that_takes_implicit_only_gets_the_data_set_re_encoded(
         received = decode(io.BytesIO(data), True, True)  # Implicit VR Little Endian
         assert received.PixelData == pydicom.dcmread(CT).PixelData
         with pytest.raises(PeerError) as refused:
-            await open_association(NODE, recorder.peer, storage_contexts(pairs, transcode=False))
+            await _associated(recorder, stored, transcode=False)
         assert refused.value.kind == "no_context"
         assert "CT Image Storage" in str(refused.value)
     finally:
@@ -105,9 +102,7 @@ async def test_a_failure_status_is_returned_as_answered() -> None:
     recorder = Recorder(answer=0xA700)
     try:
         stored = instance(CT)
-        contexts = storage_contexts([(stored.sop_class_uid, stored.transfer_syntax)],
-                                    transcode=True)  # fmt: skip
-        assoc = await open_association(NODE, recorder.peer, contexts)
+        assoc = await _associated(recorder, stored)
         try:
             assert await store_instance(assoc, stored, transcode=True, peer="recorder",
                                         dimse_timeout=10) == 0xA700  # fmt: skip
@@ -124,9 +119,7 @@ async def test_no_response_within_the_dimse_timeout_aborts() -> None:
     recorder = Recorder(delay=2.0)
     try:
         stored = instance(CT)
-        contexts = storage_contexts([(stored.sop_class_uid, stored.transfer_syntax)],
-                                    transcode=True)  # fmt: skip
-        assoc = await open_association(NODE, recorder.peer, contexts)
+        assoc = await _associated(recorder, stored)
         with pytest.raises(PeerError) as failed:
             await store_instance(assoc, stored, transcode=True, peer="recorder",
                                  dimse_timeout=0.5)  # fmt: skip
