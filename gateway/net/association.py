@@ -58,6 +58,7 @@ from pynetdicom.presentation import (
 
 from gateway.errors import GatewayError
 from gateway.net import pdu as P
+from gateway.net.dimse import Command, decode_command
 from gateway.net.fsm import Event, ProtocolMachine, State
 
 __all__ = [
@@ -156,7 +157,7 @@ class Message:
     (its encoded bytes; empty when it had none or when a `DataSink` took it)."""
 
     context_id: int
-    command: Dataset
+    command: Command
     data: bytes = b""
     sink: DataSink | None = None
 
@@ -186,7 +187,13 @@ class Responses:
         """The next response. Raises `Aborted` when the association ends first, and aborts
         it (A-ABORT) when none comes within *timeout* seconds (the DIMSE timeout)."""
         try:
-            item = await asyncio.wait_for(self._queue.get(), timeout)
+            item = self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            item = None
+        try:
+            if item is None:
+                async with asyncio.timeout(timeout):
+                    item = await self._queue.get()
         except TimeoutError:
             await self._assoc.abort()
             raise Aborted(f"timeout: no response within {timeout:g} s") from None
@@ -219,11 +226,15 @@ class Association:
         self.called_ae = ""
         self.proposal: A_ASSOCIATE | None = None  # the A-ASSOCIATE-RQ as a primitive
         self.contexts: dict[int, PresentationContext] = {}  # accepted, by ID
+        self._syntaxes: dict[int, UID] = {}  # their transfer syntaxes, as asked for
         self.sinks: Callable[[Message], DataSink | None] = lambda _: None
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
         self._assembly: dict[int, _Assembly] = {}
         self._write_lock = asyncio.Lock()
         self._reader_task: asyncio.Task[None] | None = None
+        self._read_deadline: float | None = None  # loop time the awaited PDU is due by
+        self._read_expired = False  # the watchdog cancelled the read
+        self._watchdog: asyncio.TimerHandle | None = None
         self._ended: BaseException | None = None
         self._release_answered = asyncio.Event()
         self._sending = 0  # send() calls in flight (a release response waits for them)
@@ -420,7 +431,11 @@ class Association:
 
     def transfer_syntax(self, context_id: int) -> UID:
         """The transfer syntax accepted for presentation context *context_id*."""
-        return UID(str(self.contexts[context_id].transfer_syntax[0]))
+        syntax = self._syntaxes.get(context_id)
+        if syntax is None:
+            syntax = UID(str(self.contexts[context_id].transfer_syntax[0]))
+            self._syntaxes[context_id] = syntax
+        return syntax
 
     def encode_dataset(self, context_id: int, dataset: Dataset) -> bytes:
         """*dataset* encoded in *context_id*'s transfer syntax (an identifier, an answer)."""
@@ -583,12 +598,20 @@ class Association:
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
 
     async def _read_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self.machine.state not in (State.STA1,):
-                timeout = self._read_timeout()
+                self._expect_pdu(loop, self._read_timeout())
                 try:
-                    pdu = await asyncio.wait_for(P.read_pdu(self._reader, self.max_pdu), timeout)
-                except TimeoutError:
+                    try:
+                        pdu = await P.read_pdu(self._reader, self.max_pdu)
+                    finally:
+                        self._read_deadline = None
+                except asyncio.CancelledError:
+                    task = self._reader_task
+                    if not self._read_expired or task is None or task.cancelling() > 1:
+                        raise
+                    task.uncancel()  # the watchdog's, not the user's: the read timed out
                     await self._timed_out()
                     return
                 except P.PduTooLong as exc:  # its body is unread: nothing after it can be
@@ -603,7 +626,41 @@ class Association:
             self._end(Aborted("the association was closed"))
             raise
         finally:
+            self._stop_watchdog()
             await self._close()
+
+    def _expect_pdu(self, loop: asyncio.AbstractEventLoop, timeout: float | None) -> None:
+        """The next PDU must arrive within *timeout* seconds (None: no limit). One timer per
+        association, the watchdog, enforces it: it is moved only when the deadline comes
+        earlier, and when it fires before the deadline it sleeps until it (a timer per read, or
+        `asyncio.wait_for`'s task per read, cost ~10 % of the event loop's time)."""
+        if timeout is None:
+            self._read_deadline = None
+            return
+        deadline = loop.time() + timeout
+        self._read_deadline = deadline
+        watchdog = self._watchdog
+        if watchdog is None or watchdog.when() > deadline:
+            if watchdog is not None:
+                watchdog.cancel()
+            self._watchdog = loop.call_at(deadline, self._watch, loop)
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._watchdog = None
+        deadline, task = self._read_deadline, self._reader_task
+        if deadline is None or task is None or task.done():
+            return
+        if loop.time() < deadline:
+            self._watchdog = loop.call_at(deadline, self._watch, loop)
+            return
+        self._read_expired = True
+        task.cancel()
+
+    def _stop_watchdog(self) -> None:
+        self._read_deadline = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
     def _read_timeout(self) -> float | None:
         if self.machine.state == State.STA6:
@@ -691,7 +748,7 @@ class Association:
                     raise ValueError("a command fragment while a data set was expected")
                 assembly.command += pdv.data
                 if pdv.last:
-                    command = decode(io.BytesIO(bytes(assembly.command)), True, True)
+                    command = decode_command(assembly.command)
                     assembly.command.clear()
                     message = Message(pdv.context_id, command)
                     if not message.has_data:
@@ -741,7 +798,11 @@ class Association:
         async with self._write_lock:
             try:
                 self._writer.write(data)
-                await asyncio.wait_for(self._writer.drain(), self.timeouts.idle)
+                if self._writer.transport.get_write_buffer_size():
+                    async with asyncio.timeout(self.timeouts.idle):
+                        await self._writer.drain()
+                else:  # all taken: drain returns at once, or raises for a lost connection
+                    await self._writer.drain()
             except TimeoutError:
                 reason = f"timeout: the peer read nothing for {self.timeouts.idle:g} s"
             except (ConnectionError, OSError) as exc:

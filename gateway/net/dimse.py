@@ -1,4 +1,4 @@
-"""DIMSE command sets encoded without a pydicom Dataset (PS3.7 section 9.3, 10.3, Annex E).
+"""DIMSE command sets coded without a pydicom Dataset (PS3.7 section 9.3, 10.3, Annex E).
 
 A command set is always Implicit VR Little Endian, its elements in ascending tag order behind
 (0000,0000) Command Group Length. The few commands the gateway sends on every instance (the
@@ -7,12 +7,18 @@ plain values: measured on this project's machine, building and encoding an eight
 C-STORE-RQ as a pydicom Dataset takes ~300 us, packing it ~4 us. Requests sent rarely
 (C-FIND, C-MOVE, C-GET, C-ECHO as requestor) use `gateway.net.association.encode_command` on
 a pydicom Dataset instead.
+
+Every command set received is decoded here (`decode_command`) into a `Command`: decoding one
+through pydicom and reading its elements as Dataset attributes was a third of the event
+loop's time while four associations sent small instances (profile in docs/performance.md).
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Final
+from typing import Any, Final
+
+from pydicom.datadict import dictionary_has_tag, dictionary_keyword, dictionary_VR
 
 __all__ = [
     "C_CANCEL_RQ",
@@ -23,8 +29,10 @@ __all__ = [
     "C_STORE_RQ",
     "N_CREATE_RQ",
     "N_SET_RQ",
+    "Command",
     "SubOperations",
     "c_store_rq",
+    "decode_command",
     "response",
     "uid_value",
 ]
@@ -133,3 +141,97 @@ def c_store_rq(
         title, originator_id = move_originator
         elements += [(0x1030, _ae_value(title)), (0x1031, _us(originator_id))]
     return _command(elements)
+
+
+# Group 0000 of the data dictionary (PS3.7 E.1, E.2 for the retired), as met: element ->
+# (keyword, VR), or None outside the dictionary.
+_COMMAND_ELEMENTS: dict[int, tuple[str, str] | None] = {}
+_HEADER = struct.Struct("<HHI")
+_NUMBERS: Final = {"US": "H", "UL": "I", "SS": "h", "SL": "i"}
+
+
+class Command:
+    """A received command set (PS3.7 E.1): each element by its keyword, as an attribute or
+    with `get`: US and UL values as int, UI / AE / LO and the other text as str (padding
+    removed), AT as an int (group << 16 | element) or a list of them for VM > 1, an empty
+    value as None, an element outside the dictionary as its bytes under ``"(0000,eeee)"``.
+    A keyword the command set does not carry raises AttributeError."""
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = values
+
+    def __getattr__(self, keyword: str) -> Any:
+        try:
+            return self._values[keyword]
+        except KeyError:
+            raise AttributeError(f"the command set has no {keyword}") from None
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        return self._values.get(keyword, default)
+
+    def __contains__(self, keyword: object) -> bool:
+        return keyword in self._values
+
+    def __repr__(self) -> str:
+        return f"Command({self._values!r})"
+
+
+def decode_command(data: bytes | bytearray) -> Command:
+    """The command set in *data* (Implicit VR Little Endian, group 0000 only). Raises
+    ValueError for an element that runs past the end, an undefined length or an element
+    outside group 0000."""
+    values: dict[str, Any] = {}
+    view = memoryview(data)
+    end = len(view)
+    pos = 0
+    while pos < end:
+        if end - pos < 8:
+            raise ValueError("a command set ends inside an element header")
+        group, elem, length = _HEADER.unpack_from(view, pos)
+        pos += 8
+        if group != 0:
+            raise ValueError(f"a command set element ({group:04X},{elem:04X}) outside group 0000")
+        if length > end - pos:  # an undefined length (0xFFFFFFFF) included
+            raise ValueError(f"command element (0000,{elem:04X}) runs past the command set")
+        raw = bytes(view[pos : pos + length])
+        pos += length
+        try:
+            known = _COMMAND_ELEMENTS[elem]
+        except KeyError:
+            known = _COMMAND_ELEMENTS[elem] = _dictionary_entry(elem)
+        if known is None:
+            values[f"(0000,{elem:04X})"] = raw
+            continue
+        keyword, vr = known
+        values[keyword] = _value(raw, vr)
+    return Command(values)
+
+
+def _dictionary_entry(elem: int) -> tuple[str, str] | None:
+    if not dictionary_has_tag(elem):
+        return None
+    return dictionary_keyword(elem), dictionary_VR(elem)
+
+
+def _value(raw: bytes, vr: str) -> Any:
+    if not raw:
+        return None
+    number = _NUMBERS.get(vr)
+    if number is not None:
+        size = struct.calcsize(number)
+        if len(raw) % size:
+            raise ValueError(f"a {vr} value of {len(raw)} bytes")
+        numbers = struct.unpack(f"<{len(raw) // size}{number}", raw)
+        return numbers[0] if len(numbers) == 1 else list(numbers)
+    if vr == "AT":
+        if len(raw) % 4:
+            raise ValueError(f"an AT value of {len(raw)} bytes")
+        pairs = struct.unpack(f"<{len(raw) // 2}H", raw)
+        tags = [pairs[n] << 16 | pairs[n + 1] for n in range(0, len(pairs), 2)]
+        return tags[0] if len(tags) == 1 else tags
+    text = raw.decode("latin-1").rstrip("\x00 ")
+    if vr == "UI":
+        return text
+    return text.strip() if vr == "AE" else text

@@ -8,7 +8,7 @@ in the A-ASSOCIATE-RQ, then the association's messages are served one at a time:
 - C-ECHO: answered at once;
 - C-STORE: the data set is streamed, fragment by fragment as it arrives, into a
   `DatasetSpool` in the store's `tmp/` behind its File Meta Information, hashed on the way;
-  `DicomServices.store_instance` checks, places, fsyncs and indexes it in a worker thread
+  `DicomServices.store_instance` checks, places, fsyncs and indexes it on a placing thread
   (its index row group-committed with whatever arrived meanwhile); the C-STORE-RSP is packed
   without a pydicom Dataset (`gateway.net.dimse`);
 - C-FIND (Patient Root, Study Root, Modality Worklist): `DicomServices.find` reads the answers
@@ -332,10 +332,9 @@ class Acceptor:
         elif field == C_STORE_RQ and spool is not None:
             received = Path(spool.name)
             try:
-                status = await anyio.to_thread.run_sync(
-                    self._services.store_instance, stats, sop_class, sop_instance,
-                    received, spool,
-                )  # fmt: skip
+                status = await self._services.store_received(
+                    stats, sop_class, sop_instance, received, spool
+                )
             finally:  # stored: moved in already; refused or failed: nothing of it stays
                 received.unlink(missing_ok=True)
         else:

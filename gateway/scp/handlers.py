@@ -167,6 +167,19 @@ class DicomServices:
             duration=round(time.monotonic() - stats.started, 3),
         )
 
+    async def store_received(
+        self,
+        stats: AssociationStats,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        path: Path,
+        spool: DatasetSpool | None,
+    ) -> int:
+        """`store_instance` on one of the store's placing threads (`Store.placing`)."""
+        return await self._store.placing(
+            self.store_instance, stats, sop_class_uid, sop_instance_uid, path, spool
+        )
+
     def store_instance(
         self,
         stats: AssociationStats,

@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (
 from gateway.config import NodeSettings, PeerSettings
 from gateway.errors import GatewayError, PeerError, RejectedInstance
 from gateway.net.association import Aborted, Association, Message
-from gateway.net.dimse import C_STORE_RQ, response
+from gateway.net.dimse import C_STORE_RQ, Command, response
 from gateway.scp.receiving import DatasetSpool, c_store_sink
 from gateway.scu.requestor import (
     IdleAssociations,
@@ -175,10 +175,10 @@ class Progress:
             self.assoc.abort_nowait()
 
 
-def _counts(status: Dataset) -> tuple[int, int, int]:
+def _counts(status: Command) -> tuple[int, int, int]:
     def value(keyword: str) -> int:
         raw = status.get(keyword)
-        return int(raw) if raw is not None and raw != "" else 0
+        return int(raw) if raw is not None else 0
 
     return (
         value("NumberOfCompletedSuboperations"),
@@ -289,7 +289,7 @@ async def c_get(
         if isinstance(spool, DatasetSpool):
             received = Path(spool.name)
             try:
-                status, uid = await anyio.to_thread.run_sync(
+                status, uid = await store.placing(
                     _ingest, store, received, provenance, sop_class, sop_instance, spool
                 )
             finally:

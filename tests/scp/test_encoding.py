@@ -1,5 +1,6 @@
 """The command sets and File Meta the gateway packs itself are byte for byte what pynetdicom
-and pydicom encode; the association policy; descriptors above 1024."""
+and pydicom encode, and the command sets it decodes itself read as pydicom reads them; the
+association policy; descriptors above 1024."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import generate_uid
 from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
-from pynetdicom.dsutils import create_file_meta, encode
+from pynetdicom.dsutils import create_file_meta, decode, encode
 
 from gateway.config import CallerSettings
-from gateway.net.dimse import SubOperations, c_store_rq, response
+from gateway.net.association import encode_command
+from gateway.net.dimse import SubOperations, c_store_rq, decode_command, response
 from gateway.scp.policy import AssociationPolicy
 from gateway.scp.receiving import encode_file_meta
 from tests.conftest import (
@@ -108,6 +111,63 @@ def test_file_meta_matches_pydicom(uids: tuple[str, str, str]) -> None:
         create_file_meta(sop_class_uid=uids[0], sop_instance_uid=uids[1], transfer_syntax=uids[2]),
     )
     assert encode_file_meta(*uids) == expected.getvalue()
+
+
+def _command(**elements: Any) -> Dataset:
+    command = Dataset()
+    for keyword, value in elements.items():
+        setattr(command, keyword, value)
+    return command
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        _command(AffectedSOPClassUID=CT, CommandField=0x0001, MessageID=65535, Priority=2,
+                 CommandDataSetType=0x0000, AffectedSOPInstanceUID="1.2.3.4.55",
+                 MoveOriginatorApplicationEntityTitle=" ODD", MoveOriginatorMessageID=3),
+        _command(AffectedSOPClassUID=CT, CommandField=0x0021, MessageID=1,
+                 MoveDestination="GATEWAY", Priority=0, CommandDataSetType=0x0001),
+        _command(CommandField=0x8020, MessageIDBeingRespondedTo=4, CommandDataSetType=0x0101,
+                 Status=0xC000, OffendingElement=[0x00100010, 0x00080052],
+                 ErrorComment="bad key  "),
+        _command(CommandField=0x8021, MessageIDBeingRespondedTo=4, CommandDataSetType=0x0101,
+                 Status=0xFF00, NumberOfRemainingSuboperations=0,
+                 NumberOfCompletedSuboperations=65535, NumberOfFailedSuboperations=1,
+                 NumberOfWarningSuboperations=0, OffendingElement=0x00100020),
+        _command(RequestedSOPClassUID="1.2.840.10008.3.1.2.3.3", CommandField=0x0120,
+                 MessageID=2, CommandDataSetType=0x0001, RequestedSOPInstanceUID="1.2.3"),
+        _command(CommandField=0x0FFF, MessageIDBeingRespondedTo=6, CommandDataSetType=0x0101),
+    ],
+    ids=["c-store-rq", "c-move-rq", "c-find-rsp-error", "c-move-rsp", "n-set-rq", "c-cancel"],
+)  # fmt: skip
+def test_decoded_command_reads_as_pydicom_reads_it(command: Dataset) -> None:
+    encoded = encode_command(command)
+    ours = decode_command(encoded)
+    theirs = decode(io.BytesIO(encoded), True, True)
+    for element in theirs:
+        value = element.value
+        expected = [int(v) for v in value] if element.VR == "AT" and element.VM > 1 else value
+        assert getattr(ours, element.keyword) == expected, element.keyword
+    assert len(ours._values) == len(theirs)
+    assert "Status" in ours or not hasattr(theirs, "Status")
+    with pytest.raises(AttributeError):
+        _ = ours.NoSuchKeyword
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        b"\x00\x00\x00\x01\x04\x00\x00\x00\x01\x00",  # runs past the end
+        b"\x00\x00\x00\x01\xff\xff\xff\xff",  # undefined length
+        b"\x08\x00\x18\x00\x02\x00\x00\x00\x31\x00",  # outside group 0000
+        b"\x00\x00\x00\x01\x02\x00",  # a partial header
+        b"\x00\x00\x00\x01\x03\x00\x00\x00\x01\x00\x00",  # a US of 3 bytes
+    ],
+)
+def test_malformed_command_sets_are_refused(encoded: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_command(encoded)
 
 
 def test_policy_decisions() -> None:
