@@ -330,13 +330,7 @@ class Acceptor:
         elif field in (N_CREATE_RQ, N_SET_RQ):
             status, sop_instance = await self._mpps(assoc, stats, message, field, sop_instance)
         elif field == C_STORE_RQ and spool is not None:
-            received = Path(spool.name)
-            try:
-                status = await self._services.store_received(
-                    stats, sop_class, sop_instance, received, spool
-                )
-            finally:  # stored: moved in already; refused or failed: nothing of it stays
-                received.unlink(missing_ok=True)
+            status = await self._services.store_received(stats, sop_class, sop_instance, spool)
         else:
             if spool is not None:
                 spool.abandon()

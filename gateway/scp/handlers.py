@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import structlog
 from pydicom.dataset import Dataset
@@ -30,7 +29,7 @@ from gateway.config import PeerSettings, Settings
 from gateway.errors import GatewayError, RejectedInstance, StoreError
 from gateway.metrics import Metrics, query_level, status_text
 from gateway.scp.bridge import LoopBridge
-from gateway.scp.receiving import DatasetSpool
+from gateway.scp.receiving import DatasetSpool, place_received
 from gateway.scp.worklist import AcquisitionServices
 from gateway.store.index import Provenance
 from gateway.store.query import QueryError, QueryModel, retrieve_filter, stream_capped
@@ -172,12 +171,11 @@ class DicomServices:
         stats: AssociationStats,
         sop_class_uid: str,
         sop_instance_uid: str,
-        path: Path,
-        spool: DatasetSpool | None,
+        spool: DatasetSpool,
     ) -> int:
         """`store_instance` on one of the store's placing threads (`Store.placing`)."""
         return await self._store.placing(
-            self.store_instance, stats, sop_class_uid, sop_instance_uid, path, spool
+            self.store_instance, stats, sop_class_uid, sop_instance_uid, spool
         )
 
     def store_instance(
@@ -185,14 +183,13 @@ class DicomServices:
         stats: AssociationStats,
         sop_class_uid: str,
         sop_instance_uid: str,
-        path: Path,
-        spool: DatasetSpool | None,
+        spool: DatasetSpool,
     ) -> int:
-        """A C-STORE request's dataset, received into *path* (a Part 10 file, through *spool*
-        when it was streamed there): check, store durably and index it; count the answer and
-        the time it took; return the status (PS3.4 Table GG.4-1). Blocks: for a thread."""
+        """A C-STORE request's dataset, received into *spool*: check, store durably and index
+        it (`place_received`); count the answer and the time it took; return the status
+        (PS3.4 Table GG.4-1). Blocks: for a placing thread."""
         started = time.perf_counter()
-        status, size = self._store_one(stats, sop_class_uid, sop_instance_uid, path, spool)
+        status, size = self._store_one(stats, sop_class_uid, sop_instance_uid, spool)
         metrics = self.metrics
         metrics.store_seconds.observe(time.perf_counter() - started)
         if status == 0x0000:
@@ -207,8 +204,7 @@ class DicomServices:
         stats: AssociationStats,
         sop_class_uid: str,
         sop_instance_uid: str,
-        path: Path,
-        received: DatasetSpool | None,
+        received: DatasetSpool,
     ) -> tuple[int, int]:
         """(the C-STORE's status, the dataset's bytes as received)."""
         provenance = Provenance(
@@ -217,7 +213,8 @@ class DicomServices:
             peer_address=stats.peer_address,
             association_id=stats.association_id,
         )
-        if received is not None and received.too_large:
+        if received.too_large:
+            received.abandon()
             stats.refused += 1
             log.warning(
                 "instance_refused",
@@ -229,11 +226,8 @@ class DicomServices:
             )
             return 0xA700, 0
         try:
-            result = self._store.ingest_blocking(
-                path,
-                provenance,
-                expect=(sop_class_uid, sop_instance_uid),
-                checksum=received.dataset_digest if received is not None else None,
+            result = place_received(
+                self._store, received, provenance, (sop_class_uid, sop_instance_uid)
             )
         except RejectedInstance as exc:
             stats.refused += 1
@@ -265,7 +259,7 @@ class DicomServices:
             sop_instance_uid=result.sop_instance_uid,
             outcome=result.outcome,
         )
-        return 0x0000, received.dataset_bytes if received is not None else 0
+        return 0x0000, received.dataset_bytes
 
     # -- C-FIND -------------------------------------------------------------------------------
 

@@ -18,7 +18,6 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import anyio.to_thread
 import structlog
@@ -34,7 +33,7 @@ from gateway.config import NodeSettings, PeerSettings
 from gateway.errors import GatewayError, PeerError, RejectedInstance
 from gateway.net.association import Aborted, Association, Message
 from gateway.net.dimse import C_STORE_RQ, Command, response
-from gateway.scp.receiving import DatasetSpool, c_store_sink
+from gateway.scp.receiving import DatasetSpool, c_store_sink, place_received
 from gateway.scu.requestor import (
     IdleAssociations,
     end_association,
@@ -287,13 +286,9 @@ async def c_get(
         spool = message.sink
         status = 0xA700
         if isinstance(spool, DatasetSpool):
-            received = Path(spool.name)
-            try:
-                status, uid = await store.placing(
-                    _ingest, store, received, provenance, sop_class, sop_instance, spool
-                )
-            finally:
-                received.unlink(missing_ok=True)
+            status, uid = await store.placing(
+                _ingest, store, provenance, sop_class, sop_instance, spool
+            )
             if status == 0x0000:
                 stored += 1
                 if on_stored is not None:
@@ -331,19 +326,18 @@ async def c_get(
 
 def _ingest(
     store: Store,
-    received: Path,
     provenance: Provenance,
     sop_class: str,
     sop_instance: str,
     spool: DatasetSpool,
 ) -> tuple[int, str]:
-    """In a worker thread: check, place, fsync and index one received instance; (the C-STORE
+    """On a placing thread: check, place, fsync and index one received instance; (the C-STORE
     status, its SOP Instance UID)."""
     if spool.too_large:
+        spool.abandon()
         return 0xA700, sop_instance
     try:
-        result = store.ingest_blocking(received, provenance, expect=(sop_class, sop_instance),
-                                       checksum=spool.dataset_digest)  # fmt: skip
+        result = place_received(store, spool, provenance, (sop_class, sop_instance))
     except RejectedInstance as exc:
         log.warning("instance_refused", sop_instance_uid=sop_instance[:64],
                     status=f"0x{exc.status:04X}", reason=str(exc))  # fmt: skip

@@ -325,11 +325,14 @@ def _check_dataset(
     )
 
 
-def read_received_file(path: Path, *, checksum: str | None = None) -> CheckedInstance:
+def read_received_file(
+    path: Path, *, checksum: str | None = None, content: bytes | None = None
+) -> CheckedInstance:
     """Check, hash and decode the Part 10 file at *path*.
 
     *checksum*, when given, is the dataset's SHA-256 computed as the file was written; the
     dataset is then not read again to hash it (for a large file only its element headers are).
+    *content*, when given, is the file's bytes, checked instead of reading the file.
 
     Raises
     ------
@@ -337,34 +340,47 @@ def read_received_file(path: Path, *, checksum: str | None = None) -> CheckedIns
         The file is not Part 10, its dataset is truncated or undecodable, or a UID the index
         needs is missing or malformed.
     """
+    if content is not None:
+        return _checked_bytes(path, content, checksum)
     raw: dict[int, RawDataElement] = {}
     with path.open("rb") as fh:
         size = os.fstat(fh.fileno()).st_size
-        if size == 0:
-            raise InvalidInstance("empty file")
         if size <= _IN_MEMORY_BYTES:
-            data = fh.read()
-            offset, syntax = split_file_meta(data)
-            if checksum is None:
-                checksum = hashlib.sha256(memoryview(data)[offset:]).hexdigest()
-            _check_dataset(data, offset, size, syntax, raw)
-        else:
-            # Large files: walk element headers through a map (only the pages holding headers
-            # are touched) and hash through a fixed buffer, so memory stays flat.
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                offset, syntax = split_file_meta(mm)
-                _check_dataset(mm, offset, size, syntax, raw)
-            if checksum is None:
-                digest = hashlib.sha256()
-                buffer = bytearray(_HASH_CHUNK)
-                fh.seek(offset)
-                while count := fh.readinto(buffer):
-                    digest.update(memoryview(buffer)[:count])
-                checksum = digest.hexdigest()
+            return _checked_bytes(path, fh.read(), checksum)
+        # Large files: walk element headers through a map (only the pages holding headers
+        # are touched) and hash through a fixed buffer, so memory stays flat.
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            offset, syntax = split_file_meta(mm)
+            _check_dataset(mm, offset, size, syntax, raw)
+        if checksum is None:
+            digest = hashlib.sha256()
+            buffer = bytearray(_HASH_CHUNK)
+            fh.seek(offset)
+            while count := fh.readinto(buffer):
+                digest.update(memoryview(buffer)[:count])
+            checksum = digest.hexdigest()
     return CheckedInstance(
         path=path,
         transfer_syntax=syntax,
         size=size - offset,
+        checksum=checksum,
+        attributes=_attributes(raw),
+    )
+
+
+def _checked_bytes(path: Path, data: bytes, checksum: str | None) -> CheckedInstance:
+    """`read_received_file` on the file's bytes, *data*."""
+    if not data:
+        raise InvalidInstance("empty file")
+    raw: dict[int, RawDataElement] = {}
+    offset, syntax = split_file_meta(data)
+    if checksum is None:
+        checksum = hashlib.sha256(memoryview(data)[offset:]).hexdigest()
+    _check_dataset(data, offset, len(data), syntax, raw)
+    return CheckedInstance(
+        path=path,
+        transfer_syntax=syntax,
+        size=len(data) - offset,
         checksum=checksum,
         attributes=_attributes(raw),
     )

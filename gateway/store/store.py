@@ -209,22 +209,24 @@ class Store:
         *,
         expect: tuple[str, str] | None = None,
         checksum: str | None = None,
+        content: bytes | None = None,
     ) -> IngestResult:
-        """Check, fsync and index a received file; for association threads.
+        """Check, fsync and index a received file; for placing threads (`placing`).
 
         *expect* is the (SOP Class UID, SOP Instance UID) the C-STORE request announced; the
         dataset must carry the same. *checksum* is the dataset's SHA-256 when the receiver
-        hashed it as it arrived (otherwise the file is read to hash it). Returns once the row is
-        committed and the file is durably in place. Raises `RejectedInstance` for what the
-        instance is and `StoreError` for what the store could not do; in both cases nothing is
-        left in the store.
+        hashed it as it arrived (otherwise it is hashed here). *content* is the file's bytes
+        when the receiver still holds them (the file is then not read back). Returns once the
+        row is committed and the file is durably in place. Raises `RejectedInstance` for what
+        the instance is and `StoreError` for what the store could not do; in both cases nothing
+        is left in the store.
         """
         try:
             self.check_free()
         except StoreError:
             temp_path.unlink(missing_ok=True)
             raise
-        received = read_received_file(temp_path, checksum=checksum)
+        received = read_received_file(temp_path, checksum=checksum, content=content)
         if expect is not None:
             attrs = received.attributes
             for name, announced, actual in (
