@@ -16,6 +16,7 @@ import pytest_asyncio
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.pdu import A_ASSOCIATE_AC as AcPdu
 from pynetdicom.pdu import A_ASSOCIATE_RQ as RqPdu
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
@@ -214,10 +215,10 @@ async def test_the_requestor_learns_of_a_rejection() -> None:
 # -- a scripted raw-socket peer ------------------------------------------------------------------
 
 
-def association_rq(called: str = "GATEWAY", max_pdu: int = 16384) -> bytes:
+def association_rq(called: str = "GATEWAY", max_pdu: int = 16384, calling: str = "RAW") -> bytes:
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "RAW"
+    primitive.calling_ae_title = calling
     primitive.called_ae_title = called
     context = build_context(Verification)
     context.context_id = 1
@@ -266,6 +267,41 @@ class RawPeer:
 
 async def in_thread(fn: Callable[[], Any]) -> Any:
     return await asyncio.to_thread(fn)
+
+
+async def test_a_proposal_met_again_is_answered_as_the_first_time(acceptor: Acceptor) -> None:
+    """The second association proposing the same items is answered from what the first
+    negotiated: the same A-ASSOCIATE-AC as pynetdicom encodes it, its own AE titles sent back;
+    a third with protocol version 2 is still rejected."""
+    max_pdu = 12345 + free_port()  # items no other test proposed
+    decision = Acceptance(supported())
+    acceptor.decide = lambda _: decision
+
+    def associate(calling: str, version: int = 1) -> tuple[int, bytes]:
+        peer = RawPeer(acceptor.port)
+        try:
+            request = bytearray(association_rq(max_pdu=max_pdu, calling=calling))
+            struct.pack_into(">H", request, 6, version)
+            peer.sock.sendall(request)
+            return peer.read_pdu()
+        finally:
+            peer.close()
+
+    first_type, first = await in_thread(lambda: associate("FIRST"))
+    second_type, second = await in_thread(lambda: associate("SECOND"))
+    assert (first_type, second_type) == (P.A_ASSOCIATE_AC, P.A_ASSOCIATE_AC)
+    decoded = AcPdu()
+    decoded.decode(struct.pack(">BxI", P.A_ASSOCIATE_AC, len(first)) + first)
+    answer = decoded.to_primitive()
+    answer.calling_ae_title = "SECOND"
+    assert bytes(AcPdu(answer).encode())[6:] == second
+    one, two = acceptor.associations[-2:]
+    assert (one.calling_ae, two.calling_ae) == ("FIRST", "SECOND")
+    assert one.contexts and one.contexts.keys() == two.contexts.keys()
+    assert all(two.contexts[n] is c for n, c in one.contexts.items())  # negotiated once
+    rejected_type, rejected = await in_thread(lambda: associate("THIRD", version=2))
+    assert rejected_type == P.A_ASSOCIATE_RJ
+    assert rejected[1:4] == bytes([1, 2, 2])  # permanent, ACSE provider, protocol version
 
 
 async def test_artim_closes_a_connection_that_never_asks_to_associate(acceptor: Acceptor) -> None:
