@@ -238,6 +238,7 @@ async def run(
 
     completion = CompletionEngine(settings.rules, store, completed)
     retriever = Retriever(settings, store, retrievals, jobs, wake_dispatcher=dispatcher.wake)
+    dispatcher.on_job_ended = retriever.job_ended
     store.set_ingest_listener(completion.arrived_from_thread)
     node = DicomNode(settings, store, LoopBridge(loop), registry, metrics)
     node.services.audit = audit

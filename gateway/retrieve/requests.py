@@ -508,6 +508,20 @@ class RetrievalQueue:
 
         return await self.store.write(put)
 
+    async def forwarded_through(self, job_id: int, now: float) -> int:
+        """The requests waiting in their forward step on dispatch job *job_id* (paused, not
+        held by a worker) are due at *now*; return how many."""
+
+        def due(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE retrievals SET next_attempt_at = ? WHERE step = 'forward'"
+                " AND status = 'Processing' AND lease_owner IS NULL AND next_attempt_at > ?"
+                " AND id IN (SELECT request_id FROM retrieval_jobs WHERE job_id = ?)",
+                (now, now, job_id),
+            ).rowcount
+
+        return await self.store.write(due)
+
     async def latest_jobs(self, request_id: int) -> dict[tuple[str, str], tuple[str, str | None]]:
         """Per (scope, uid) the request forwards: the state and last error of its newest job."""
         rows = await self.store.read(

@@ -23,6 +23,7 @@ token, a move slot, the window or the anonymiser's jobs is not a stall. docs/ret
 
 from __future__ import annotations
 
+import asyncio
 import random as _random
 import time
 from collections.abc import Awaitable, Callable
@@ -53,7 +54,7 @@ from gateway.scu.query import (
     identifier,
 )
 from gateway.scu.requestor import IdleAssociations
-from gateway.store.jobs import JobQueue, JobSpec
+from gateway.store.jobs import Job, JobQueue, JobSpec
 from gateway.store.store import Store
 from gateway.work import Backoff, WorkLoop
 
@@ -63,7 +64,8 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 
 _UIDS_PER_MOVE = 256  # SOP Instance UIDs in one IMAGE-level C-MOVE identifier
-_FORWARD_POLL = 1.0
+_FORWARD_POLL = 1.0  # seconds between looks at forwarding jobs (each one's end wakes it too)
+_FORWARD_RULE = "retrieve:"  # the rule name of a request's forwarding jobs: + its project
 
 
 def dispatch_priority(priority: int) -> str:
@@ -116,6 +118,7 @@ class Retriever:
         # Archives' associations kept for the next C-FIND ([node] association_close_delay).
         self._idle = IdleAssociations(settings.node.association_close_delay)
         self._limits: dict[str, ArchiveLimits] = {}
+        self._background: set[asyncio.Task[None]] = set()  # wakes after a forwarding job
         self._loop: WorkLoop[Request] = WorkLoop(
             "retriever",
             claim=self._claim,
@@ -131,6 +134,22 @@ class Retriever:
 
     def wake(self) -> None:
         self._loop.wake()
+
+    def job_ended(self, job: Job, state: str | None) -> None:
+        """A dispatch job's attempt ended (`Dispatcher.on_job_ended`): a request forwarding
+        through it looks at it now rather than at its next poll (`_FORWARD_POLL`)."""
+        if not job.rule.startswith(_FORWARD_RULE):
+            return
+        task = asyncio.get_running_loop().create_task(self._forwarded(job.id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _forwarded(self, job_id: int) -> None:
+        try:
+            if await self.queue.forwarded_through(job_id, time.time()):
+                self.wake()
+        except GatewayError as exc:  # the poll still finds it
+            log.warning("retrieval_wake_failed", job=job_id, error=str(exc))
 
     def stop(self) -> None:
         """End `run()`; retrieves in flight are aborted and resume at the next start."""
@@ -552,7 +571,7 @@ class Retriever:
             if state in ("failed", "cancelled") and not resumed:
                 raise _Final(f"forward to {target} {state}: {error or 'no reason recorded'}")
             if state in (None, "failed", "cancelled"):
-                rule = f"retrieve:{request.project}"
+                rule = f"{_FORWARD_RULE}{request.project}"
                 priority = dispatch_priority(request.priority)
                 jobs.append(JobSpec(scope, uid, target, rule, priority))  # type: ignore[arg-type]
                 waiting.append("queued")

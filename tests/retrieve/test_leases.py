@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from gateway.retrieve.requests import RetrievalQueue
+from gateway.store.jobs import JobQueue, JobSpec
 from gateway.store.store import Store
 from gateway.work import LeaseLost
 from tests.conftest import HOST, OrthancProcess, free_port
@@ -89,6 +90,33 @@ async def test_a_claimed_request_is_fenced_and_claimed_again_when_its_lease_runs
         again = await queue.get(claimed.id)
         assert again is not None and (again.lease_owner, again.lease_until) == (None, None)
         assert await queue.next_due_at() == 17.0
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_forwarding_jobs_end_makes_its_paused_request_due_at_once(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "data")
+    await store.open()
+    try:
+        await JobQueue(store).ensure_schema()
+        queue = RetrievalQueue(store, lease_seconds=10.0)
+        await queue.ensure_schema()
+        await queue.submit([{"project": "P1", "study_uid": STUDY}], lambda _: True, now=1.0)
+        await queue.submit([{"project": "P1", "study_uid": STUDY + ".2"}], lambda _: True, 1.0)
+        first, second = await queue.claim_due(2.0, 4)
+        spec = JobSpec("study", STUDY, "anon", "retrieve:P1", "normal")
+        (job_id,) = await queue.forward(first, [spec])
+        await queue.update(first, release=True, step="forward", next_attempt_at=30.0)
+        await queue.update(second, release=True, step="forward", next_attempt_at=30.0)
+        assert await queue.forwarded_through(job_id + 1, 3.0) == 0  # no request waits on it
+        assert await queue.forwarded_through(job_id, 3.0) == 1
+        assert await queue.next_due_at() == 3.0
+        (claimed,) = await queue.claim_due(3.0, 4)  # the other still waits for its poll
+        assert claimed.id == first.id
+        assert await queue.forwarded_through(job_id, 4.0) == 0  # held by its worker now
     finally:
         await store.close()
 
