@@ -29,7 +29,6 @@ import ctypes.util
 import hashlib
 import os
 import struct
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +41,7 @@ from pynetdicom import (
 from gateway.errors import StoreError
 from gateway.net.association import Association, Message
 from gateway.net.dimse import C_STORE_RQ, uid_value
+from gateway.store.files import unique_name
 
 if TYPE_CHECKING:
     from gateway.store.index import IngestResult, Provenance
@@ -149,7 +149,7 @@ class DatasetSpool:
         """The spool file's path (named on first use; the file exists once `materialise`d
         or spilled)."""
         if self._name is None:
-            self._name = str(self.directory / f"{uuid.uuid4().hex}.part")
+            self._name = str(self.directory / f"{unique_name()}.part")
         return self._name
 
     @property
@@ -228,8 +228,9 @@ def place_received(
         return store.ingest_blocking(
             path, provenance, expect=expect, checksum=spool.dataset_digest, content=spool.content
         )
-    finally:  # stored: moved in already; refused or failed: removed
+    except BaseException:  # refused or failed: removed (stored: moved in already)
         path.unlink(missing_ok=True)
+        raise
 
 
 def c_store_sink(

@@ -19,6 +19,7 @@ No name on disk comes from a DICOM value.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import shutil
 import time
@@ -39,6 +40,15 @@ __all__ = [
 _BUCKET_FORMAT = "%Y%m%d/%H/%M"
 _MS_DIGITS = 14  # milliseconds since the epoch, zero-padded: sortable until the year 5138
 _KNOWN_DIRS = 64  # bucket directories remembered as existing (a new one each minute)
+# Names of received files: 16 random hex digits per process, then a counter (32 hex digits, as a
+# UUID's): unique without a getrandom call per file (two per instance cost as much as a rename).
+_PROCESS_TOKEN = os.urandom(8).hex()
+_SERIAL = itertools.count()
+
+
+def unique_name() -> str:
+    """32 hex digits no other file name of this store has (see `_PROCESS_TOKEN`)."""
+    return f"{_PROCESS_TOKEN}{next(_SERIAL):016x}"
 
 
 class DataDirInUse(OSError):
@@ -136,7 +146,7 @@ class FileStore:
 
     def new_temp_path(self) -> Path:
         """A fresh path in `tmp/` for a file being received."""
-        return self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        return self.tmp_dir / f"{unique_name()}.part"
 
     def absolute(self, relpath: str) -> Path:
         """The file of an index row (rows hold paths relative to the root)."""
@@ -161,7 +171,7 @@ class FileStore:
         """
         directory = self._bucket(now)
         self._ensure_dir(directory)
-        final = directory / f"{int(now * 1000):0{_MS_DIGITS}d}-{uuid.uuid4().hex}.dcm"
+        final = directory / f"{int(now * 1000):0{_MS_DIGITS}d}-{unique_name()}.dcm"
         os.rename(temp_path, final)
         return final
 
