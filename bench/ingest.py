@@ -249,6 +249,16 @@ def peak_rss_kb(proc: Proc) -> int | None:
     return next((int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmHWM:")), None)
 
 
+def cpu_seconds(proc: Proc) -> float | None:
+    """User + system CPU time *proc* has used so far (its threads included), in seconds."""
+    try:
+        stat = Path(f"/proc/{proc.pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop(proc: Proc, name: str, grace: float = 20.0) -> None:
     """SIGTERM and wait; SIGKILL if it will not stop."""
     if proc.poll() is None:

@@ -43,6 +43,7 @@ from ingest import (  # the ingest benchmark's helpers, beside this file
     UidSource,
     _interrupted,
     build_template,
+    cpu_seconds,
     free_ports,
     health,
     http_json,
@@ -198,11 +199,22 @@ def main() -> int:
         if vna.count() != total:
             raise BenchError(f"the VNA holds {vna.count()} of {total} instances")
         print(f"VNA holds {args.studies} studies, {total} instances", file=sys.stderr)
+        cpu: dict[str, dict[str, float | None]] = {}
+
+        def used(before: dict[str, float | None]) -> dict[str, float | None]:
+            now = {rx.name: cpu_seconds(rx.proc) for rx in procs if rx.proc}
+            return {k: None if v is None or before.get(k) is None else round(v - before[k], 2)
+                    for k, v in now.items()}  # type: ignore[operator]  # fmt: skip
+
+        before = {rx.name: cpu_seconds(rx.proc) for rx in procs if rx.proc}
         wall, status = run_gateway(gw, study_uids)
+        cpu["gateway"] = used(before)
         if anon.count() != total:
             raise BenchError(f"the anonymiser holds {anon.count()} of {total}")
         print(f"gateway: {wall:.1f} s", file=sys.stderr)
+        before = {rx.name: cpu_seconds(rx.proc) for rx in procs if rx.proc}
         direct = run_direct(vna, anon2, study_uids)
+        cpu["direct"] = used(before)
         print(f"direct: {direct:.1f} s", file=sys.stderr)
         steps: dict[str, float] = {}
         for request in status["requests"]:
@@ -239,9 +251,13 @@ def main() -> int:
         lines.append(f"| {step} | {seconds / n:.3f} | {seconds / busy:.0%} |")
     mib = [f"{k} {'n/a' if v is None else f'{v / 1024:.0f} MiB'}" for k, v in rss.items()]
     lines += ["", "Peak RSS (VmHWM): " + ", ".join(mib)]
+    for path, seconds in cpu.items():
+        spent = ", ".join(f"{k} {v:.2f}" for k, v in seconds.items() if v)
+        lines.append(f"CPU seconds during the {path} run: {spent}")
     print("\n".join(lines))
     if args.out:
-        report = {"wall": wall, "direct": direct, "steps": steps, "studies": n, "rss_kb": rss}
+        report = {"wall": wall, "direct": direct, "steps": steps, "studies": n, "rss_kb": rss,
+                  "cpu_seconds": cpu}  # fmt: skip
         args.out.write_text(json.dumps(report, indent=2))
     return 0
 

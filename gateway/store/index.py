@@ -8,7 +8,10 @@ the writer).
 Durability (docs/storage.md): an instance file is the durable record. It is in its bucket,
 fsynced, with its directory fsynced, before it is queued here; the batch that indexes it commits
 with `synchronous=NORMAL` (visible at once to every reader, made durable by the next checkpoint
-or FULL commit). Other transactions (deletions, metadata) commit with `synchronous=FULL`.
+or FULL commit). Other writes (job and retrieval state, deletions, metadata) commit with
+`synchronous=FULL`, those queued together in one transaction, each inside a savepoint of its
+own (one that raises is rolled back alone): while a cohort is retrieved and forwarded, a FULL
+commit per write was the writer's largest cost (profile in docs/performance.md).
 
 About once a second after ingest batches, the writer commits the durable mark (`meta`
 `durable_mark`) with `synchronous=FULL`: the oldest move-in time of the ingests still in flight,
@@ -230,35 +233,38 @@ class IndexWriter:
             return
         self._ready.set_result(None)
         try:
+            pending: Any = None  # taken from the queue, not yet run (order kept)
             while True:
-                item = self._queue.get()
+                item = pending if pending is not None else self._queue.get()
+                pending = None
                 if item is _STOP:
                     return
                 if isinstance(item, _Call):
-                    self._run_call(item)
+                    calls = [item]
+                    while len(calls) < _MAX_BATCH:
+                        try:
+                            nxt = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if not isinstance(nxt, _Call):
+                            pending = nxt
+                            break
+                        calls.append(nxt)
+                    self._run_calls(calls)
                     continue
                 batch = [item]
-                stop = False
                 while len(batch) < _MAX_BATCH:
                     try:
                         nxt = self._queue.get_nowait()
                     except queue.Empty:
                         break
-                    if nxt is _STOP:
-                        stop = True
+                    if nxt is _STOP or isinstance(nxt, _Call):
+                        pending = nxt
                         break
-                    if isinstance(nxt, _Call):
-                        self._run_ingest_batch(batch)  # type: ignore[arg-type]  # order kept
-                        batch = []
-                        self._run_call(nxt)
-                        continue
                     batch.append(nxt)
-                if batch:
-                    self._run_ingest_batch(batch)  # type: ignore[arg-type]
+                self._run_ingest_batch(batch)  # type: ignore[arg-type]
                 if time.monotonic() - self._marked_at >= self.mark_every:
                     self._advance_mark()
-                if stop:
-                    return
         finally:
             self._conn.close()
 
@@ -271,24 +277,43 @@ class IndexWriter:
             conn.execute(f"PRAGMA synchronous={mode}")
             self._sync_mode = mode
 
-    def _run_call(self, call: _Call) -> None:
+    def _run_calls(self, calls: list[_Call]) -> None:
+        """Run *calls* in one transaction, each in a savepoint of its own, and commit them with
+        `synchronous=FULL`; resolve each one's future once the commit is done (or failed)."""
         conn = self._conn
         assert conn is not None
-        if not call.future.set_running_or_notify_cancel():
-            return  # its awaiting task was cancelled before the call ran
+        live = [call for call in calls if call.future.set_running_or_notify_cancel()]
+        if not live:
+            return  # their awaiting tasks were cancelled before the calls ran
+        outcomes: list[tuple[_Call, Any, BaseException | None]] = []
         try:
             self._synchronous(conn, "FULL")
             conn.execute("BEGIN IMMEDIATE")
-            result = call.fn(conn)
+            for call in live:
+                conn.execute("SAVEPOINT call")
+                try:
+                    result = call.fn(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO call")
+                    conn.execute("RELEASE call")
+                    outcomes.append((call, None, exc))
+                else:
+                    conn.execute("RELEASE call")
+                    outcomes.append((call, result, None))
             conn.execute("COMMIT")
-        except BaseException as exc:
+        except BaseException as exc:  # the transaction itself failed: none of it is kept
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            call.future.set_exception(exc)
-        else:
-            call.future.set_result(result)
+            for call in live:
+                call.future.set_exception(exc)
+            return
         finally:
             self._series_cache.clear()  # calls may delete series
+        for call, result, error in outcomes:
+            if error is not None:
+                call.future.set_exception(error)
+            else:
+                call.future.set_result(result)
 
     def _advance_mark(self) -> None:
         """Commit the durable mark with synchronous=FULL (see the module docstring)."""

@@ -667,3 +667,39 @@ async def test_a_cancelled_write_is_awaited_to_its_end(store: Store) -> None:
     with anyio.move_on_after(0.05) as scope:
         await store.write(_slow_insert("scoped", 0.3))
     assert scope.cancelled_caught and "scoped" in await _meta_keys(store)
+
+
+@pytest.mark.asyncio
+async def test_writes_queued_together_commit_together_each_alone_when_it_fails(
+    store: Store,
+) -> None:
+    """Writes queued while the writer is busy share one transaction, each in a savepoint:
+    one that raises leaves nothing of itself, the others commit."""
+    await store.write(lambda c: c.execute("CREATE TABLE t (v INTEGER)"))
+    gate = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def hold(conn: sqlite3.Connection) -> None:  # keeps the writer busy while writes queue
+        asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(10)
+        conn.execute("INSERT INTO t VALUES (0)")
+
+    def insert(value: int, fail: bool = False) -> Any:
+        def fn(conn: sqlite3.Connection) -> int:
+            conn.execute("INSERT INTO t VALUES (?)", (value,))
+            if fail:
+                raise ValueError(f"write {value} refused")
+            return value
+
+        return fn
+
+    held = asyncio.ensure_future(store.write(hold))
+    await asyncio.sleep(0.1)
+    queued = [asyncio.ensure_future(store.write(insert(n, fail=n == 2))) for n in (1, 2, 3)]
+    await asyncio.sleep(0.1)
+    gate.set()
+    await held
+    results = await asyncio.gather(*queued, return_exceptions=True)
+    assert results[0] == 1 and results[2] == 3
+    assert isinstance(results[1], ValueError)
+    rows = await store.read(lambda c: [r[0] for r in c.execute("SELECT v FROM t ORDER BY v")])
+    assert rows == [0, 1, 3]
