@@ -62,6 +62,7 @@ _WRITE_WAIT = 120.0  # seconds a placing thread waits for its instance's index c
 # Threads that place received instances: each waits on its file's fsync and its row's commit,
 # so as many as C-STOREs may be in flight at once (one per association) overlap their flushes.
 _PLACING_THREADS = 40
+_PLACING_IDLE = 10.0  # seconds without a placement after which the placing threads end
 _RECONCILE_MARGIN = 3600.0  # seconds before an unmarked unclean run's start scanned too
 # Seconds before the durable mark that are scanned too. Within a run the store's clock never goes
 # back (`InFlight.clock`), so every file moved in after the mark is timed at or after it; the
@@ -116,7 +117,10 @@ class Store:
         self._streams = _ReadPool(self.db_path, _QUERY_STREAMS, "query")
         self.reconcile_report = ReconcileReport()
         self.audit: AuditLog | None = None  # set by the application
-        self._placer = _placing_threads()  # replaced at each open after a close
+        self._placer = _placing_threads()  # replaced when idle and after a close
+        self._placements = 0  # in flight
+        self._placed_at = 0.0  # loop time the last one ended
+        self._placer_check: asyncio.TimerHandle | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -156,6 +160,9 @@ class Store:
             await self.write(lambda c: c.execute("DELETE FROM meta WHERE key=?", (RUNNING_KEY,)))
         except GatewayError as exc:
             log.warning("store_close_mark_failed", error=str(exc))
+        if self._placer_check is not None:
+            self._placer_check.cancel()
+            self._placer_check = None
         await anyio.to_thread.run_sync(self._placer.shutdown)
         self._placer = _placing_threads()
         await anyio.to_thread.run_sync(self._writer.stop)
@@ -295,7 +302,9 @@ class Store:
         for it (the instance is then stored or not, never half), then sees the cancellation.
         (The asyncio executor directly: anyio's `to_thread` cost 16 % of the event loop's
         time per small instance, profile in docs/performance.md.)"""
-        future = asyncio.get_running_loop().run_in_executor(self._placer, fn, *args)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._placer, fn, *args)
+        self._placements += 1
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -303,6 +312,22 @@ class Store:
                 with contextlib.suppress(BaseException):
                     await future
             raise
+        finally:
+            self._placements -= 1
+            self._placed_at = loop.time()
+            if self._placer_check is None:
+                self._placer_check = loop.call_later(_PLACING_IDLE, self._retire_placer, loop)
+
+    def _retire_placer(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The placing threads end after `_PLACING_IDLE` seconds without a placement (as
+        anyio's worker threads do): an idle gateway keeps none."""
+        self._placer_check = None
+        if self._placements == 0 and loop.time() - self._placed_at >= _PLACING_IDLE:
+            idle, self._placer = self._placer, _placing_threads()
+            idle.shutdown(wait=False)  # none is working: each ends at once
+            return
+        wait = max(0.1, self._placed_at + _PLACING_IDLE - loop.time())
+        self._placer_check = loop.call_later(wait, self._retire_placer, loop)
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run *fn* on the write connection in a transaction of its own.
