@@ -401,12 +401,16 @@ class Retriever:
                 series = [str(a.get("SeriesInstanceUID", "")) for a in await session.find(query)]
                 for uid in dict.fromkeys(s for s in series if s):
                     await self._waiting(request, limits.queries.acquire)
+                    # SOP Class UIDs only for a C-GET, which proposes a context for each: an
+                    # Orthanc reads every instance's file for them (15 ms for a study of 20
+                    # instances here, 6-7 ms without).
+                    classes = {"SOPClassUID": ""} if peer.retrieve == "get" else {}
                     image_query = identifier(
                         "IMAGE",
                         StudyInstanceUID=study,
                         SeriesInstanceUID=uid,
                         SOPInstanceUID="",
-                        SOPClassUID="",
+                        **classes,
                     )
                     answers = await session.find(image_query)
                     self._progressed(request)
@@ -427,6 +431,8 @@ class Retriever:
         missing = await self.queue.missing(request.id)
         if not missing:
             return "verify"
+        if peer.retrieve == "get" and any(not i.sop_class_uid for i in missing):
+            return "compare"  # listed for a C-MOVE before a reload: again, with the classes
         listed = await self.store.read(
             lambda conn: {
                 row[0]: row[1]
