@@ -515,6 +515,116 @@ def test_a_move_without_progress_times_out_and_is_retried(
         anonymiser.stop()
 
 
+class FindAndGetArchive:
+    """A pynetdicom Q/R SCP: C-FIND answers with the keys asked for (each query kept), C-MOVE
+    refused (Move Destination unknown), C-GET sends the instances on its association."""
+
+    def __init__(self, study: Study) -> None:
+        from pydicom import dcmread
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import (
+            CTImageStorage,
+            StudyRootQueryRetrieveInformationModelFind,
+            StudyRootQueryRetrieveInformationModelGet,
+            StudyRootQueryRetrieveInformationModelMove,
+        )
+
+        self.files = study.files
+        self.headers = [dcmread(f, stop_before_pixels=True) for f in study.files]
+        self.queries: list[tuple[str, set[str]]] = []  # (level, keywords asked)
+        self.ae = AE(ae_title="ARCHIVE")
+        for model in (StudyRootQueryRetrieveInformationModelFind,
+                      StudyRootQueryRetrieveInformationModelMove,
+                      StudyRootQueryRetrieveInformationModelGet):  # fmt: skip
+            self.ae.add_supported_context(model)
+        self.ae.add_supported_context(CTImageStorage, scu_role=True, scp_role=True)
+        self.port = free_port()
+        self.server = self.ae.start_server(
+            (HOST, self.port), block=False,
+            evt_handlers=[(evt.EVT_C_FIND, self._find), (evt.EVT_C_MOVE, self._move),
+                          (evt.EVT_C_GET, self._get)],
+        )  # fmt: skip
+
+    def _find(self, event: Any) -> Any:
+        from pydicom.dataset import Dataset
+
+        query = event.identifier
+        self.queries.append((str(query.QueryRetrieveLevel), {e.keyword for e in query}))
+        level = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID"}
+        seen = set()
+        for ds in self.headers:
+            if query.StudyInstanceUID not in ("", ds.StudyInstanceUID):
+                continue
+            if query.get("SeriesInstanceUID", "") not in ("", ds.SeriesInstanceUID):
+                continue
+            key = ds.get(level.get(query.QueryRetrieveLevel, "SOPInstanceUID"))
+            if key in seen:
+                continue
+            seen.add(key)
+            answer = Dataset()
+            answer.QueryRetrieveLevel = query.QueryRetrieveLevel
+            for element in query:
+                if element.keyword != "QueryRetrieveLevel":
+                    setattr(answer, element.keyword, ds.get(element.keyword, ""))
+            yield 0xFF00, answer
+
+    def _move(self, event: Any) -> Any:
+        yield None, None  # unknown Move Destination: 0xA801
+
+    def _get(self, event: Any) -> Any:
+        from pydicom import dcmread
+
+        yield len(self.files)
+        for path in self.files:
+            yield 0xFF00, dcmread(path)
+
+    def image_queries(self) -> list[set[str]]:
+        return [keys for level, keys in self.queries if level == "IMAGE"]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def test_sop_classes_are_listed_only_for_a_c_get(gateway_factory: Any, tmp_path: Path) -> None:
+    """An archive retrieved from by C-MOVE is not asked for SOP Class UIDs (an Orthanc reads
+    each instance's file for them); one whose request was listed so and which a reload then
+    makes a C-GET archive is listed again, with them, before the C-GET."""
+    study = make_study(tmp_path / "a", "MRN1", "ACC1", (2,))
+    archive = FindAndGetArchive(study)
+    anonymiser = Recorder()
+    sections: dict[str, Any] = {
+        "peers": [
+            {"name": "archive", "ae_title": "ARCHIVE", "host": HOST, "port": archive.port},
+            {"name": "anon", "ae_title": "RECORDER", "host": HOST, "port": anonymiser.port},
+        ],
+        "retrieve": {"primary": "archive", "anonymiser": "anon", **FAST_RETRY},
+        "projects": [{"name": "P1"}],
+    }
+    gw = gateway_factory(**sections)
+    try:
+        gw.call("retrieve.submit", {"project": "P1", "study_uid": study.uid})
+
+        def move_failed() -> bool:
+            (request,) = gw.call("retrieve.status", {"project": "P1"})["requests"]
+            return bool(request["attempts"] >= 1 and request["step"] == "move")
+
+        wait_until(move_failed)
+        assert archive.image_queries() == [{"QueryRetrieveLevel", "StudyInstanceUID",
+                                            "SeriesInstanceUID", "SOPInstanceUID"}]  # fmt: skip
+        sections["peers"][0]["retrieve"] = "get"
+        gw.write_config(**sections)
+        assert gw.call("rules.reload")["peers_changed"] == ["archive"]
+        wait_until(
+            lambda: gw.call("retrieve.status", {"project": "P1"})["counts"]["Successful"] == 1,
+            timeout=30,
+        )
+        assert "SOPClassUID" in archive.image_queries()[-1]
+        assert sorted(uid for uid, *_ in anonymiser.received) == sorted(study.sops)
+    finally:
+        archive.stop()
+        anonymiser.stop()
+
+
 def test_permanent_rejection_fails_at_once_and_a_reload_queues_it_again(
     gateway_factory: Any, tmp_path: Path, archives: Archives
 ) -> None:
