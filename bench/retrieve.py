@@ -202,9 +202,13 @@ def main() -> int:
         cpu: dict[str, dict[str, float | None]] = {}
 
         def used(before: dict[str, float | None]) -> dict[str, float | None]:
-            now = {rx.name: cpu_seconds(rx.proc) for rx in procs if rx.proc}
-            return {k: None if v is None or before.get(k) is None else round(v - before[k], 2)
-                    for k, v in now.items()}  # type: ignore[operator]  # fmt: skip
+            """CPU seconds each process used since *before*."""
+            spent: dict[str, float | None] = {}
+            for rx in procs:
+                now = cpu_seconds(rx.proc) if rx.proc else None
+                then = before.get(rx.name)
+                spent[rx.name] = None if now is None or then is None else round(now - then, 2)
+            return spent
 
         before = {rx.name: cpu_seconds(rx.proc) for rx in procs if rx.proc}
         wall, status = run_gateway(gw, study_uids)
