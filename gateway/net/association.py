@@ -914,9 +914,12 @@ class _Proposals:
     (pydicom checks every UID it is given), measured on this project's machine, for each
     association of DCMTK's storescu. A proposal met again costs a dictionary lookup and the
     AE titles. At most `size` proposals (least recently used dropped), `_ANSWERS` answers
-    each."""
+    each, and only proposals of at most `_LARGEST` bytes of items (storescu's is 9.6 KB, kept
+    as ~77 KiB of objects): a peer sending large proposals, each different, costs no memory
+    here."""
 
     _ANSWERS = 4
+    _LARGEST = 64 * 1024
 
     def __init__(self, size: int) -> None:
         self._size = size
@@ -933,12 +936,13 @@ class _Proposals:
             if request.protocol_version != 1:
                 return None
             primitive = request.to_primitive()
-            proposal = _Proposal(
-                primitive.application_context_name,
-                list(primitive.presentation_context_definition_list),
-                list(primitive.user_information),
-            )
-            self._remember(items, proposal)
+            if len(items) <= self._LARGEST:
+                proposal = _Proposal(
+                    primitive.application_context_name,
+                    list(primitive.presentation_context_definition_list),
+                    list(primitive.user_information),
+                )
+                self._remember(items, proposal)
             return primitive
         self._remember(items, proposal)
         data = pdu.encoded()
@@ -980,7 +984,7 @@ class _Proposals:
             proposal.answers = [*proposal.answers[-(self._ANSWERS - 1) :], answer]
 
 
-_PROPOSALS = _Proposals(32)
+_PROPOSALS = _Proposals(16)
 
 
 def _identity(max_pdu: int) -> list[Any]:

@@ -304,6 +304,45 @@ async def test_a_proposal_met_again_is_answered_as_the_first_time(acceptor: Acce
     assert rejected[1:4] == bytes([1, 2, 2])  # permanent, ACSE provider, protocol version
 
 
+async def test_a_proposal_over_64_kib_is_negotiated_each_time(acceptor: Acceptor) -> None:
+    """Large proposals are not kept: a peer sending them costs no memory of the acceptor's."""
+    decision = Acceptance(supported())
+    acceptor.decide = lambda _: decision
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = "RAW"
+    primitive.called_ae_title = "GATEWAY"
+    contexts = [build_context(Verification)]
+    for n in range(1, 127):  # unknown abstract syntaxes, 24 transfer syntaxes each: ~100 KB
+        contexts.append(
+            build_context(
+                f"1.2.826.0.1.3680043.9.{n}", [f"1.2.826.0.1.3680043.9.{n}.{t}" for t in range(24)]
+            )
+        )
+    for number, context in enumerate(contexts):
+        context.context_id = 2 * number + 1
+    primitive.presentation_context_definition_list = contexts
+    length = MaximumLengthNotification()
+    length.maximum_length_received = 16384
+    primitive.user_information = [length]
+    request = bytes(RqPdu(primitive).encode())
+    assert len(request) > 64 * 1024
+
+    def associate() -> int:
+        peer = RawPeer(acceptor.port)
+        try:
+            peer.sock.sendall(request)
+            return peer.read_pdu()[0]
+        finally:
+            peer.close()
+
+    assert await in_thread(associate) == P.A_ASSOCIATE_AC
+    assert await in_thread(associate) == P.A_ASSOCIATE_AC
+    one, two = acceptor.associations[-2:]
+    assert list(one.contexts) == list(two.contexts) == [1]  # Verification only
+    assert one.contexts[1] is not two.contexts[1]  # negotiated for each
+
+
 async def test_artim_closes_a_connection_that_never_asks_to_associate(acceptor: Acceptor) -> None:
     peer = RawPeer(acceptor.port)
     try:
