@@ -240,33 +240,30 @@ class IndexWriter:
                 if item is _STOP:
                     return
                 if isinstance(item, _Call):
-                    calls = [item]
-                    while len(calls) < _MAX_BATCH:
-                        try:
-                            nxt = self._queue.get_nowait()
-                        except queue.Empty:
-                            break
-                        if not isinstance(nxt, _Call):
-                            pending = nxt
-                            break
-                        calls.append(nxt)
+                    calls, pending = self._queued_alike(item)
                     self._run_calls(calls)
                     continue
-                batch = [item]
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is _STOP or isinstance(nxt, _Call):
-                        pending = nxt
-                        break
-                    batch.append(nxt)
-                self._run_ingest_batch(batch)  # type: ignore[arg-type]
+                batch, pending = self._queued_alike(item)
+                self._run_ingest_batch(batch)
                 if time.monotonic() - self._marked_at >= self.mark_every:
                     self._advance_mark()
         finally:
             self._conn.close()
+
+    def _queued_alike(self, first: Any) -> tuple[list[Any], Any]:
+        """*first* and the items queued behind it of its kind (calls, or ingests), at most
+        `_MAX_BATCH`; and the next item of another kind taken meanwhile (None if none), to
+        run after them in order."""
+        items = [first]
+        while len(items) < _MAX_BATCH:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                return items, None
+            if nxt is _STOP or isinstance(nxt, _Call) != isinstance(first, _Call):
+                return items, nxt
+            items.append(nxt)
+        return items, None
 
     def _stored_patient(self, relpath: str) -> dict[str, Any]:
         """The patient attributes of a stored file (its checksum is not recomputed)."""

@@ -298,20 +298,14 @@ class Store:
 
     async def placing(self, fn: Callable[..., T], /, *args: Any) -> T:
         """*fn(*args)* on one of the store's placing threads: a blocking call around
-        `ingest_blocking`. Once started it runs to its end: a caller cancelled meanwhile waits
-        for it (the instance is then stored or not, never half), then sees the cancellation.
-        (The asyncio executor directly: anyio's `to_thread` cost 16 % of the event loop's
-        time per small instance, profile in docs/performance.md.)"""
+        `ingest_blocking`. Once submitted it runs to its end: a caller cancelled meanwhile
+        waits for it (the instance is then stored or not, never half), then sees the
+        cancellation (`finish_then_cancel`). (The store's own executor: anyio's `to_thread`
+        cost 16 % of the event loop's time per small instance, docs/performance.md.)"""
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._placer, fn, *args)
         self._placements += 1
         try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            if not future.cancelled():
-                with contextlib.suppress(BaseException):
-                    await future
-            raise
+            return await finish_then_cancel(self._placer.submit(fn, *args))
         finally:
             self._placements -= 1
             self._placed_at = loop.time()
@@ -330,7 +324,8 @@ class Store:
         self._placer_check = loop.call_later(wait, self._retire_placer, loop)
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run *fn* on the write connection in a transaction of its own.
+        """Run *fn* on the write connection in a savepoint of its own (the writes queued
+        together share one transaction and its commit; one that raises is rolled back alone).
 
         Once submitted, a write runs to its end and is awaited to its end: a caller cancelled
         meanwhile (an anyio cancel scope or a plain `Task.cancel()`) waits for the transaction
