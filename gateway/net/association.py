@@ -277,8 +277,9 @@ class Association:
             raise Aborted(f"before association: {exc}") from None
         primitive: A_ASSOCIATE | None = None
         if pdu.type == P.A_ASSOCIATE_RQ:
+            assoc._proposed_items = _items_of(pdu)
             try:
-                primitive = _PROPOSALS.decode(pdu)
+                primitive = _PROPOSALS.decode(pdu, assoc._proposed_items)
             except Exception:
                 primitive = None
         action = assoc.machine.handle(pdu.event, acceptable=primitive is not None)
@@ -288,7 +289,6 @@ class Association:
         if primitive is None:  # not acceptable (Sta13): rejected by the provider
             await assoc._send_rejection(Rejection(1, 2, 2), sent_by_machine=True)
             raise Rejected(1, 2, 2)
-        assoc._proposed_items = _items_of(pdu)
         assoc.proposal = primitive
         assoc.calling_ae = str(primitive.calling_ae_title).strip()
         assoc.called_ae = str(primitive.called_ae_title).strip()
@@ -925,10 +925,10 @@ class _Proposals:
         self._size = size
         self._kept: dict[bytes, _Proposal] = {}
 
-    def decode(self, pdu: P.Pdu) -> A_ASSOCIATE | None:
-        """*pdu* (an A-ASSOCIATE-RQ) as a primitive, or None when its protocol version is not
-        1 (PS3.8 9.3.2). Raises for what pynetdicom cannot decode."""
-        items = _items_of(pdu)
+    def decode(self, pdu: P.Pdu, items: bytes) -> A_ASSOCIATE | None:
+        """*pdu* (an A-ASSOCIATE-RQ, its variable *items* as `_items_of` gives them) as a
+        primitive, or None when its protocol version is not 1 (PS3.8 9.3.2). Raises for what
+        pynetdicom cannot decode."""
         proposal = self._kept.pop(items, None)
         if proposal is None:
             request = RqPdu()

@@ -135,7 +135,7 @@ class Retriever:
     def wake(self) -> None:
         self._loop.wake()
 
-    def job_ended(self, job: Job, state: str | None) -> None:
+    def job_ended(self, job: Job) -> None:
         """A dispatch job's attempt ended (`Dispatcher.on_job_ended`): a request forwarding
         through it looks at it now rather than at its next poll (`_FORWARD_POLL`)."""
         if not job.rule.startswith(_FORWARD_RULE):

@@ -117,16 +117,13 @@ class DatasetSpool:
     def _spill(self, buffer: bytearray) -> None:
         """Too large for memory: the file from here on, the bytes so far first."""
         self._buffer = None
-        self._fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._fd = _create(self.name)
         if self._dataset_at >= 0:
             self._digest = hashlib.sha256(memoryview(buffer)[self._dataset_at :])
         self._write_file(buffer, hashed=True)
 
     def _write_file(self, data: bytes | bytearray | memoryview, *, hashed: bool = False) -> None:
-        view = memoryview(data)
-        while view:
-            count = os.write(self._fd, view)
-            view = view[count:]
+        _write_all(self._fd, data)
         if self._digest is not None and not hashed:
             self._digest.update(data)
         self._written += len(data)
@@ -173,11 +170,9 @@ class DatasetSpool:
         placing thread). Raises OSError."""
         buffer = self._buffer
         if buffer is not None:
-            fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = _create(self.name)
             try:
-                view = memoryview(buffer)
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, buffer)
             except OSError:
                 os.close(fd)
                 with contextlib.suppress(OSError):
@@ -208,6 +203,17 @@ class DatasetSpool:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = -1
+
+
+def _create(path: str) -> int:
+    """A new spool file at *path*, open for writing (only this process may read it)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def place_received(

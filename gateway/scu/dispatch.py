@@ -168,9 +168,9 @@ class Dispatcher:
         self.per_target_concurrency = per_target_concurrency
         self.claim_limit = claim_limit
         self._random = random or _random.Random()
-        # Told of each attempt that ended (done, or failed: retried or not) with the job's
-        # state after it; set by the application (retrieval waits on its forwarding jobs).
-        self.on_job_ended: Callable[[Job, str | None], None] = lambda job, state: None
+        # Told of each attempt that ended (done, or failed: retried or not); set by the
+        # application (retrieval waits on its forwarding jobs).
+        self.on_job_ended: Callable[[Job], None] = lambda job: None
         self._stopping = threading.Event()  # read by senders (the folder copy's thread too)
         # Peers' associations kept between jobs ([node] association_close_delay).
         self._idle = IdleAssociations(settings.node.association_close_delay)
@@ -298,7 +298,7 @@ class Dispatcher:
         state = await self.queue.fail_attempt(
             job.id, error, time.time(), self.backoff, permanent=permanent, lease=job.lease_owner
         )
-        self.on_job_ended(job, state)
+        self.on_job_ended(job)
         self.metrics.dispatch_failures.labels(target=job.target).inc()
         self.metrics.dispatch_delivered.labels(target=job.target).inc(delivered)
         log.warning(
@@ -339,7 +339,7 @@ class Dispatcher:
         """The attempt delivered everything (*delivered* instances: None for a webhook):
         finish the job, count and log it."""
         state = await self.queue.finish(job.id, time.time(), lease=job.lease_owner)
-        self.on_job_ended(job, state)
+        self.on_job_ended(job)
         if state is not None:  # None: cancelled while it ran, or its lease passed to another
             self.metrics.dispatch_completed.labels(target=job.target).inc()
         if delivered is not None:

@@ -269,6 +269,21 @@ async def in_thread(fn: Callable[[], Any]) -> Any:
     return await asyncio.to_thread(fn)
 
 
+async def answer_to(port: int, request: bytes) -> tuple[int, bytes]:
+    """The PDU (type, body) an acceptor on *port* answers *request* with, on a connection
+    of its own, closed after."""
+
+    def ask() -> tuple[int, bytes]:
+        peer = RawPeer(port)
+        try:
+            peer.sock.sendall(request)
+            return peer.read_pdu()
+        finally:
+            peer.close()
+
+    return await in_thread(ask)
+
+
 async def test_a_proposal_met_again_is_answered_as_the_first_time(acceptor: Acceptor) -> None:
     """The second association proposing the same items is answered from what the first
     negotiated: the same A-ASSOCIATE-AC as pynetdicom encodes it, its own AE titles sent back;
@@ -277,18 +292,13 @@ async def test_a_proposal_met_again_is_answered_as_the_first_time(acceptor: Acce
     decision = Acceptance(supported())
     acceptor.decide = lambda _: decision
 
-    def associate(calling: str, version: int = 1) -> tuple[int, bytes]:
-        peer = RawPeer(acceptor.port)
-        try:
-            request = bytearray(association_rq(max_pdu=max_pdu, calling=calling))
-            struct.pack_into(">H", request, 6, version)
-            peer.sock.sendall(request)
-            return peer.read_pdu()
-        finally:
-            peer.close()
+    async def associate(calling: str, version: int = 1) -> tuple[int, bytes]:
+        request = bytearray(association_rq(max_pdu=max_pdu, calling=calling))
+        struct.pack_into(">H", request, 6, version)
+        return await answer_to(acceptor.port, bytes(request))
 
-    first_type, first = await in_thread(lambda: associate("FIRST"))
-    second_type, second = await in_thread(lambda: associate("SECOND"))
+    first_type, first = await associate("FIRST")
+    second_type, second = await associate("SECOND")
     assert (first_type, second_type) == (P.A_ASSOCIATE_AC, P.A_ASSOCIATE_AC)
     decoded = AcPdu()
     decoded.decode(struct.pack(">BxI", P.A_ASSOCIATE_AC, len(first)) + first)
@@ -299,7 +309,7 @@ async def test_a_proposal_met_again_is_answered_as_the_first_time(acceptor: Acce
     assert (one.calling_ae, two.calling_ae) == ("FIRST", "SECOND")
     assert one.contexts and one.contexts.keys() == two.contexts.keys()
     assert all(two.contexts[n] is c for n, c in one.contexts.items())  # negotiated once
-    rejected_type, rejected = await in_thread(lambda: associate("THIRD", version=2))
+    rejected_type, rejected = await associate("THIRD", version=2)
     assert rejected_type == P.A_ASSOCIATE_RJ
     assert rejected[1:4] == bytes([1, 2, 2])  # permanent, ACSE provider, protocol version
 
@@ -328,16 +338,8 @@ async def test_a_proposal_over_64_kib_is_negotiated_each_time(acceptor: Acceptor
     request = bytes(RqPdu(primitive).encode())
     assert len(request) > 64 * 1024
 
-    def associate() -> int:
-        peer = RawPeer(acceptor.port)
-        try:
-            peer.sock.sendall(request)
-            return peer.read_pdu()[0]
-        finally:
-            peer.close()
-
-    assert await in_thread(associate) == P.A_ASSOCIATE_AC
-    assert await in_thread(associate) == P.A_ASSOCIATE_AC
+    assert (await answer_to(acceptor.port, request))[0] == P.A_ASSOCIATE_AC
+    assert (await answer_to(acceptor.port, request))[0] == P.A_ASSOCIATE_AC
     one, two = acceptor.associations[-2:]
     assert list(one.contexts) == list(two.contexts) == [1]  # Verification only
     assert one.contexts[1] is not two.contexts[1]  # negotiated for each
