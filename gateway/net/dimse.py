@@ -144,8 +144,9 @@ def c_store_rq(
 
 
 # Group 0000 of the data dictionary (PS3.7 E.1, E.2 for the retired), as met: element ->
-# (keyword, VR), or None outside the dictionary.
-_COMMAND_ELEMENTS: dict[int, tuple[str, str] | None] = {}
+# (keyword, VR). Only the dictionary's elements are kept: one a peer makes up is looked up
+# each time, so no peer grows this beyond the dictionary.
+_COMMAND_ELEMENTS: dict[int, tuple[str, str]] = {}
 _HEADER = struct.Struct("<HHI")
 _NUMBERS: Final = {"US": "H", "UL": "I", "SS": "h", "SL": "i"}
 
@@ -197,10 +198,7 @@ def decode_command(data: bytes | bytearray) -> Command:
             raise ValueError(f"command element (0000,{elem:04X}) runs past the command set")
         raw = bytes(view[pos : pos + length])
         pos += length
-        try:
-            known = _COMMAND_ELEMENTS[elem]
-        except KeyError:
-            known = _COMMAND_ELEMENTS[elem] = _dictionary_entry(elem)
+        known = _COMMAND_ELEMENTS.get(elem) or _dictionary_entry(elem)
         if known is None:
             values[f"(0000,{elem:04X})"] = raw
             continue
@@ -212,7 +210,8 @@ def decode_command(data: bytes | bytearray) -> Command:
 def _dictionary_entry(elem: int) -> tuple[str, str] | None:
     if not dictionary_has_tag(elem):
         return None
-    return dictionary_keyword(elem), dictionary_VR(elem)
+    entry = _COMMAND_ELEMENTS[elem] = dictionary_keyword(elem), dictionary_VR(elem)
+    return entry
 
 
 def _value(raw: bytes, vr: str) -> Any:

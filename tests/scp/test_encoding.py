@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.datadict import DicomDictionary
 from pydicom.dataset import Dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import generate_uid
@@ -20,6 +22,7 @@ from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import create_file_meta, decode, encode
 
 from gateway.config import CallerSettings
+from gateway.net import dimse
 from gateway.net.association import encode_command
 from gateway.net.dimse import SubOperations, c_store_rq, decode_command, response
 from gateway.scp.policy import AssociationPolicy
@@ -168,6 +171,16 @@ def test_decoded_command_reads_as_pydicom_reads_it(command: Dataset) -> None:
 def test_malformed_command_sets_are_refused(encoded: bytes) -> None:
     with pytest.raises(ValueError):
         decode_command(encoded)
+
+
+def test_made_up_command_elements_are_kept_as_bytes_and_remembered_nowhere() -> None:
+    made_up = b"".join(
+        struct.pack("<HHI", 0, elem, 2) + b"\x01\x00" for elem in range(0x6000, 0x6400, 2)
+    )
+    command = decode_command(struct.pack("<HHI", 0, 0x0100, 2) + b"\x01\x00" + made_up)
+    assert command.CommandField == 1 and command.get("(0000,6002)") == b"\x01\x00"
+    group_0000 = [tag for tag in DicomDictionary if tag >> 16 == 0]
+    assert set(dimse._COMMAND_ELEMENTS) <= {tag & 0xFFFF for tag in group_0000}
 
 
 def test_policy_decisions() -> None:
