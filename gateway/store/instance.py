@@ -20,7 +20,6 @@ from typing import Any
 
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import PersonName
@@ -53,6 +52,7 @@ _INDEXED_KEYWORDS = (
 )  # fmt: skip
 _TAGS = {keyword: int(Tag(keyword)) for keyword in _INDEXED_KEYWORDS}
 _INDEXED_TAGS = frozenset(_TAGS.values())
+_VRS = {tag: dictionary_VR(tag) for tag in _INDEXED_TAGS}  # for implicit VR datasets
 _CHARSET_TAG = _TAGS["SpecificCharacterSet"]
 _CHARSET_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT"})
 _TEXT_DELIMS = {0x5C}  # backslash: resets ISO 2022 escapes between values
@@ -122,6 +122,15 @@ def split_file_meta(data: Any) -> tuple[int, str]:
     return offset, syntax
 
 
+_HEADERS = {  # (little endian, implicit VR) -> element header layouts
+    (True, False): (struct.Struct("<I2sH"), struct.Struct("<I")),
+    (False, False): (struct.Struct(">HH2sH"), struct.Struct(">I")),
+    (True, True): (struct.Struct("<II"), None),
+    (False, True): (struct.Struct(">HHI"), None),
+}
+_ITEM_HEADERS = {True: struct.Struct("<HHI"), False: struct.Struct(">HHI")}
+
+
 def _check_elements(
     buf: Any,
     pos: int,
@@ -129,7 +138,7 @@ def _check_elements(
     implicit: bool,
     little: bool,
     in_item: bool,
-    collect: dict[int, RawDataElement] | None = None,
+    collect: dict[int, tuple[str, bytes]] | None = None,
 ) -> int:
     """Walk element headers from *pos*; return where the element list ends.
 
@@ -137,69 +146,72 @@ def _check_elements(
     handful of page reads. Undefined lengths (sequences, encapsulated pixel data) are walked
     through their items. At the top level, returns the offset of the first element at or past
     (7FE0,0010) Pixel Data instead, after checking the rest. Top-level elements whose tag is in
-    `_INDEXED_TAGS` are put into *collect* undecoded.
+    `_INDEXED_TAGS` are put into *collect* undecoded, as (VR, value bytes).
     """
-    order = "<" if little else ">"
+    header, long_length = _HEADERS[(little, implicit)]
+    unpack_header = header.unpack_from
+    unpack_long = long_length.unpack_from if long_length is not None else None
     pixels_at = -1
     while pos < end:
         if end - pos < 8:
             raise InvalidInstance(f"dataset truncated at byte {pos} (partial element header)")
-        group, elem = struct.unpack_from(order + "HH", buf, pos)
-        tag = (group << 16) | elem
+        vr = b""
+        if implicit:
+            if little:
+                tag, length = unpack_header(buf, pos)
+                tag = ((tag & 0xFFFF) << 16) | (tag >> 16)
+            else:
+                group, elem, length = unpack_header(buf, pos)
+                tag = (group << 16) | elem
+        elif little:
+            tag, vr, length = unpack_header(buf, pos)
+            tag = ((tag & 0xFFFF) << 16) | (tag >> 16)  # (group, element) read as one uint32
+        else:
+            group, elem, vr, length = unpack_header(buf, pos)
+            tag = (group << 16) | elem
         if tag == _ITEM_END and in_item:
             return pos + 8
         if not in_item and pixels_at < 0 and tag >= 0x7FE00010:
             pixels_at = pos
-        if group == 0xFFFE:
-            raise InvalidInstance(f"unexpected delimiter ({group:04X},{elem:04X}) at byte {pos}")
-        vr = b""
-        if implicit:
-            (length,) = struct.unpack_from(order + "I", buf, pos + 4)
-            pos += 8
+        if tag >> 16 == 0xFFFE:
+            raise InvalidInstance(
+                f"unexpected delimiter ({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {pos}"
+            )
+        if vr and vr in _LONG_VRS:
+            if end - pos < 12:
+                raise InvalidInstance(f"dataset truncated at byte {pos} (element header)")
+            assert unpack_long is not None
+            (length,) = unpack_long(buf, pos + 8)
+            pos += 12
         else:
-            vr = bytes(buf[pos + 4 : pos + 6])
-            if vr in _LONG_VRS:
-                if end - pos < 12:
-                    raise InvalidInstance(f"dataset truncated at byte {pos} (element header)")
-                (length,) = struct.unpack_from(order + "I", buf, pos + 8)
-                pos += 12
-            else:
-                (length,) = struct.unpack_from(order + "H", buf, pos + 6)
-                pos += 8
+            pos += 8
         if length == _UNDEFINED:
             # Content of an undefined-length UN element is implicit VR little endian.
             if vr == b"UN":
                 pos = _check_items(buf, pos, end, True, True)
             else:
                 pos = _check_items(buf, pos, end, implicit, little)
-        else:
-            if pos + length > end:
-                raise InvalidInstance(
-                    f"dataset truncated: element ({group:04X},{elem:04X}) declares {length} "
-                    f"bytes, {end - pos} remain"
-                )
-            if collect is not None and tag in _INDEXED_TAGS:
-                collect[tag] = RawDataElement(
-                    Tag(tag),
-                    vr.decode("ascii", "replace") if vr else None,
-                    length,
-                    bytes(buf[pos : pos + length]),
-                    pos,
-                    implicit,
-                    little,
-                )
-            pos += length
+            continue
+        if pos + length > end:
+            raise InvalidInstance(
+                f"dataset truncated: element ({tag >> 16:04X},{tag & 0xFFFF:04X}) declares "
+                f"{length} bytes, {end - pos} remain"
+            )
+        if collect is not None and tag in _INDEXED_TAGS:
+            collect[tag] = (vr.decode("ascii", "replace") if vr else _VRS[tag],
+                            bytes(buf[pos : pos + length]))  # fmt: skip
+        pos += length
     if in_item:
         raise InvalidInstance("dataset truncated inside a sequence item")
     return pixels_at if pixels_at >= 0 else pos
 
 
 def _check_items(buf: Any, pos: int, end: int, implicit: bool, little: bool) -> int:
-    order = "<" if little else ">"
+    unpack_item = _ITEM_HEADERS[little].unpack_from
     while True:
         if end - pos < 8:
             raise InvalidInstance(f"dataset truncated at byte {pos} (inside a sequence)")
-        group, elem, length = struct.unpack_from(order + "HHI", buf, pos)
+        group, elem, length = unpack_item(buf, pos)
         tag = (group << 16) | elem
         pos += 8
         if tag == _SEQ_END:
@@ -217,14 +229,10 @@ def _check_items(buf: Any, pos: int, end: int, implicit: bool, little: bool) -> 
 class _Values:
     """Text values of the collected elements, decoded with the SpecificCharacterSet."""
 
-    def __init__(self, raw: dict[int, RawDataElement]) -> None:
+    def __init__(self, raw: dict[int, tuple[str, bytes]]) -> None:
         self._raw = raw
         charset = raw.get(_CHARSET_TAG)
-        terms = (
-            charset.value.decode("ascii", "replace").split("\\")
-            if charset is not None and charset.value
-            else []
-        )
+        terms = charset[1].decode("ascii", "replace").split("\\") if charset and charset[1] else []
         try:
             self._encodings = convert_encodings([t.strip() for t in terms] or ["ISO_IR 6"])
         except LookupError as exc:
@@ -232,10 +240,9 @@ class _Values:
 
     def text(self, keyword: str) -> str | None:
         element = self._raw.get(_TAGS[keyword])
-        if element is None or not element.value:
+        if element is None or not element[1]:
             return None
-        value: bytes = element.value
-        vr = element.VR or dictionary_VR(element.tag)
+        vr, value = element
         try:
             if value.isascii() and b"\x1b" not in value:
                 text = value.decode("ascii")
@@ -260,7 +267,7 @@ class _Values:
             return None
 
 
-def _attributes(raw: dict[int, RawDataElement]) -> IndexAttributes:
+def _attributes(raw: dict[int, tuple[str, bytes]]) -> IndexAttributes:
     values = _Values(raw)
     uids = {}
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
@@ -304,7 +311,7 @@ def _attributes(raw: dict[int, RawDataElement]) -> IndexAttributes:
 
 
 def _check_dataset(
-    buf: Any, offset: int, size: int, syntax: str, raw: dict[int, RawDataElement]
+    buf: Any, offset: int, size: int, syntax: str, raw: dict[int, tuple[str, bytes]]
 ) -> None:
     """Walk the dataset's structure, collecting the indexed elements into *raw*."""
     if syntax == DeflatedExplicitVRLittleEndian:
@@ -342,7 +349,7 @@ def read_received_file(
     """
     if content is not None:
         return _checked_bytes(path, content, checksum)
-    raw: dict[int, RawDataElement] = {}
+    raw: dict[int, tuple[str, bytes]] = {}
     with path.open("rb") as fh:
         size = os.fstat(fh.fileno()).st_size
         if size <= _IN_MEMORY_BYTES:
@@ -372,7 +379,7 @@ def _checked_bytes(path: Path, data: bytes, checksum: str | None) -> CheckedInst
     """`read_received_file` on the file's bytes, *data*."""
     if not data:
         raise InvalidInstance("empty file")
-    raw: dict[int, RawDataElement] = {}
+    raw: dict[int, tuple[str, bytes]] = {}
     offset, syntax = split_file_meta(data)
     if checksum is None:
         checksum = hashlib.sha256(memoryview(data)[offset:]).hexdigest()
