@@ -166,14 +166,13 @@ def run(args: argparse.Namespace, tmp: Path, procs: list[Receiver]) -> tuple[lis
         template = build_template(size, uids.placeholder, number)
         for rnd in range(1, args.rounds + 1):
             for sender in SENDERS if rnd % 2 else SENDERS[::-1]:
-                directory = tmp / "set"
+                directory = tmp / "sets" / f"{number}-{rnd}-{sender}"  # kept: see ingest.py
                 nbytes = write_set(template, uids, directory)
                 os.sync()
                 if sender == "gateway":
                     seconds = forward_through_gateway(gateway, directory, storescu, tmp)
                 else:
                     seconds = send_with_pynetdicom(orthanc, directory)
-                shutil.rmtree(directory)
                 orthanc.received += PER_SET
                 verify(orthanc, timeout=30)
                 rec = {"scenario": scenario, "round": rnd, "sender": sender, "seconds": seconds}

@@ -15,8 +15,15 @@ write-back of test files does not fall on a receiver's fsyncs. Rounds alternate 
 or a failed storescu stops the run. Reported: medians of instances/s and MB/s (10^6 bytes of
 files), the gateway's ratios to the minimal SCP and to Orthanc, peak RSS (VmHWM) of each receiver.
 
+Nothing is deleted until the run ends: on ext4 without a journal, creating a file skips every
+inode of its group deleted in the last 60-300 s (the kernel's ``recently_deleted`` check), so
+files removed between sends made each later receiver's file creation slower (measured up to
+~0.8 ms per file, against ~0.02 ms). ``file_create_us``, probed before the first send, says
+what creation cost on the run's filesystem; above ~100 us the figures are bounded by it (a run
+started minutes after another's cleanup, or after the test suite, meets it).
+
 Run from the repository root (progress on stderr, Markdown on stdout; temp files, ~1.5 GB at three
-rounds, go under $TMPDIR and are removed)::
+rounds, go under $TMPDIR and are removed at the end)::
 
     python3 bench/ingest.py [--rounds 3] [--out results.json]
     python3 bench/ingest.py --receivers orthanc,minimal,storescp --rounds 1
@@ -143,6 +150,18 @@ class Receiver:
     ready_url: str | None = None
     proc: Proc | None = None
     received: int = 0  # instances sent to it so far
+
+
+def file_create_us(directory: Path, count: int = 200) -> float:
+    """Median microseconds to create an empty file in *directory* (left there: see the module
+    docstring), the filesystem cost every receiver pays per instance."""
+    directory.mkdir(parents=True)
+    times = []
+    for i in range(count):
+        started = time.perf_counter()
+        os.close(os.open(directory / f"{i}.probe", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1e6
 
 
 def free_ports(n: int) -> list[int]:
@@ -380,11 +399,11 @@ def run(
     for scenario, kind, associations in SCENARIOS:
         for rnd in range(1, args.rounds + 1):
             for rx in receivers if rnd % 2 else receivers[::-1]:
-                sets = [tmp / "sets" / str(i) for i in range(associations)]
+                sends = tmp / "sets" / f"{scenario.replace(' ', '-')}-{rnd}-{rx.name}"
+                sets = [sends / str(i) for i in range(associations)]
                 nbytes = sum(write_set(templates[kind], uids, d) for d in sets)
                 os.sync()
                 seconds = send(storescu, rx, sets, running, tmp)
-                shutil.rmtree(tmp / "sets")
                 rx.received += (count := PER_SET * associations)
                 verify(rx)
                 rec = {"scenario": scenario, "round": rnd, "receiver": rx.name, "instances": count}
@@ -409,6 +428,8 @@ def main() -> int:
     running: list[Proc] = []
     tmp = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     try:
+        create_us = file_create_us(tmp / "probe")
+        print(f"file creation: {create_us:.0f} us (median of 200)", file=sys.stderr)
         records, rss = run(args, tmp, receivers, running)
     except BenchError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
@@ -425,9 +446,10 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     medians = summarise(records, args.receivers)
     print(markdown(medians, rss, args.rounds))
+    print(f"\nFile creation on the run's filesystem: {create_us:.0f} us.")
     if args.out:
         report: Record = {"rounds": records, "medians": medians, "ratios": ratios(medians)}
-        report |= {"peak_rss_kb": rss, "cpus": os.cpu_count()}
+        report |= {"peak_rss_kb": rss, "cpus": os.cpu_count(), "file_create_us": create_us}
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
