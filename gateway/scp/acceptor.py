@@ -6,10 +6,11 @@ connection is served by `Association.accept` in a task of its own: the associati
 in the A-ASSOCIATE-RQ, then the association's messages are served one at a time:
 
 - C-ECHO: answered at once;
-- C-STORE: the data set is streamed, fragment by fragment as it arrives, into a
-  `DatasetSpool` in the store's `tmp/` behind its File Meta Information, hashed on the way;
-  `DicomServices.store_instance` checks, places, fsyncs and indexes it on a placing thread
-  (its index row group-committed with whatever arrived meanwhile); the C-STORE-RSP is packed
+- C-STORE: the data set is collected, fragment by fragment as it arrives, into a
+  `DatasetSpool` behind its File Meta Information (in memory while small, else streamed to
+  the store's `tmp/` and hashed on the way); `DicomServices.store_received` has the store
+  check, place, fsync and index it on the index writer's thread, with whatever arrived
+  meanwhile (`Store.place`: one fsync per directory, one commit); the C-STORE-RSP is packed
   without a pydicom Dataset (`gateway.net.dimse`);
 - C-FIND (Patient Root, Study Root, Modality Worklist): `DicomServices.find` reads the answers
   in a worker thread and hands them over as they come (64 ahead at most); each is sent as a

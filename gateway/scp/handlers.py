@@ -173,23 +173,11 @@ class DicomServices:
         sop_instance_uid: str,
         spool: DatasetSpool,
     ) -> int:
-        """`store_instance` on one of the store's placing threads (`Store.placing`)."""
-        return await self._store.placing(
-            self.store_instance, stats, sop_class_uid, sop_instance_uid, spool
-        )
-
-    def store_instance(
-        self,
-        stats: AssociationStats,
-        sop_class_uid: str,
-        sop_instance_uid: str,
-        spool: DatasetSpool,
-    ) -> int:
         """A C-STORE request's dataset, received into *spool*: check, store durably and index
         it (`place_received`); count the answer and the time it took; return the status
-        (PS3.4 Table GG.4-1). Blocks: for a placing thread."""
+        (PS3.4 Table GG.4-1)."""
         started = time.perf_counter()
-        status, size = self._store_one(stats, sop_class_uid, sop_instance_uid, spool)
+        status, size = await self._store_one(stats, sop_class_uid, sop_instance_uid, spool)
         metrics = self.metrics
         metrics.store_seconds.observe(time.perf_counter() - started)
         if status == 0x0000:
@@ -199,7 +187,7 @@ class DicomServices:
             metrics.instances_refused.labels(status=status_text(status)).inc()
         return status
 
-    def _store_one(
+    async def _store_one(
         self,
         stats: AssociationStats,
         sop_class_uid: str,
@@ -226,7 +214,7 @@ class DicomServices:
             )
             return 0xA700, 0
         try:
-            result = place_received(
+            result = await place_received(
                 self._store, received, provenance, (sop_class_uid, sop_instance_uid)
             )
         except RejectedInstance as exc:

@@ -286,9 +286,7 @@ async def c_get(
         spool = message.sink
         status = 0xA700
         if isinstance(spool, DatasetSpool):
-            status, uid = await store.placing(
-                _ingest, store, provenance, sop_class, sop_instance, spool
-            )
+            status, uid = await _ingest(store, provenance, sop_class, sop_instance, spool)
             if status == 0x0000:
                 stored += 1
                 if on_stored is not None:
@@ -324,20 +322,20 @@ async def c_get(
     return result
 
 
-def _ingest(
+async def _ingest(
     store: Store,
     provenance: Provenance,
     sop_class: str,
     sop_instance: str,
     spool: DatasetSpool,
 ) -> tuple[int, str]:
-    """On a placing thread: check, place, fsync and index one received instance; (the C-STORE
+    """Check, place, fsync and index one received instance; (the C-STORE
     status, its SOP Instance UID)."""
     if spool.too_large:
         spool.abandon()
         return 0xA700, sop_instance
     try:
-        result = place_received(store, spool, provenance, (sop_class, sop_instance))
+        result = await place_received(store, spool, provenance, (sop_class, sop_instance))
     except RejectedInstance as exc:
         log.warning("instance_refused", sop_instance_uid=sop_instance[:64],
                     status=f"0x{exc.status:04X}", reason=str(exc))  # fmt: skip

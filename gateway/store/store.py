@@ -1,8 +1,8 @@
 """The store: files plus index behind one async API, and start-up reconciliation.
 
-A received instance is placed by `ingest_blocking` (check, move in, fsync, wait for the writer's
-commit) on one of the store's placing threads (`placing`: the acceptor's C-STORE, a C-GET's
-sub-operations); everything else uses the async methods. Reads run on a small pool of
+A received instance is placed by `place` (check, put in its bucket, fsync, index) on the index
+writer's thread, with the others queued meanwhile: the acceptor's C-STOREs, a C-GET's
+sub-operations, device uploads. Reads run on a small pool of
 read-only connections in worker threads, so the event loop never blocks on SQLite and one slow
 query (a PatientName pattern that scans) does not hold the others up.
 """
@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +37,7 @@ from gateway.store.index import (
     IndexWriter,
     InFlight,
     IngestResult,
+    Placed,
     Provenance,
 )
 from gateway.store.instance import CheckedInstance, read_received_file
@@ -58,11 +60,6 @@ _READERS = 4  # read connections for the control plane, dispatch, retrieval, C-M
 _QUERY_STREAMS = 3  # read connections C-FIND answers stream from (`Store.stream`)
 _PROGRESS_STEPS = 1000  # SQLite VM steps between checks for a cancelled stream
 _READ_WAIT = 30.0  # seconds a read waits for a free connection before it fails
-_WRITE_WAIT = 120.0  # seconds a placing thread waits for its instance's index commit
-# Threads that place received instances: each waits on its file's fsync and its row's commit,
-# so as many as C-STOREs may be in flight at once (one per association) overlap their flushes.
-_PLACING_THREADS = 40
-_PLACING_IDLE = 10.0  # seconds without a placement after which the placing threads end
 _RECONCILE_MARGIN = 3600.0  # seconds before an unmarked unclean run's start scanned too
 # Seconds before the durable mark that are scanned too. Within a run the store's clock never goes
 # back (`InFlight.clock`), so every file moved in after the mark is timed at or after it; the
@@ -117,10 +114,6 @@ class Store:
         self._streams = _ReadPool(self.db_path, _QUERY_STREAMS, "query")
         self.reconcile_report = ReconcileReport()
         self.audit: AuditLog | None = None  # set by the application
-        self._placer = _placing_threads()  # replaced when idle and after a close
-        self._placements = 0  # in flight
-        self._placed_at = 0.0  # loop time the last one ended
-        self._placer_check: asyncio.TimerHandle | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -160,11 +153,6 @@ class Store:
             await self.write(lambda c: c.execute("DELETE FROM meta WHERE key=?", (RUNNING_KEY,)))
         except GatewayError as exc:
             log.warning("store_close_mark_failed", error=str(exc))
-        if self._placer_check is not None:
-            self._placer_check.cancel()
-            self._placer_check = None
-        await anyio.to_thread.run_sync(self._placer.shutdown)
-        self._placer = _placing_threads()
         await anyio.to_thread.run_sync(self._writer.stop)
         self._readers.close()
         self._streams.close()
@@ -209,119 +197,73 @@ class Store:
                 " (node.min_free_mb)"
             )
 
-    def ingest_blocking(
-        self,
-        temp_path: Path,
-        provenance: Provenance,
-        *,
-        expect: tuple[str, str] | None = None,
-        checksum: str | None = None,
-        content: bytes | None = None,
-    ) -> IngestResult:
-        """Check, fsync and index a received file; for placing threads (`placing`).
-
-        *expect* is the (SOP Class UID, SOP Instance UID) the C-STORE request announced; the
-        dataset must carry the same. *checksum* is the dataset's SHA-256 when the receiver
-        hashed it as it arrived (otherwise it is hashed here). *content* is the file's bytes
-        when the receiver still holds them (the file is then not read back). Returns once the
-        row is committed and the file is durably in place. Raises `RejectedInstance` for what
-        the instance is and `StoreError` for what the store could not do; in both cases nothing
-        is left in the store.
-        """
-        try:
-            self.check_free()
-        except StoreError:
-            temp_path.unlink(missing_ok=True)
-            raise
-        received = read_received_file(temp_path, checksum=checksum, content=content)
-        if expect is not None:
-            attrs = received.attributes
-            for name, announced, actual in (
-                ("SOP Class UID", expect[0], attrs.sop_class_uid),
-                ("SOP Instance UID", expect[1], attrs.sop_instance_uid),
-            ):
-                if announced.rstrip("\x00 ") != actual:
-                    raise InstanceMismatch(
-                        f"dataset {name} {actual[:64]!r} differs from the request's "
-                        f"{announced[:64]!r}"
-                    )
-        token, now = self._inflight.begin()  # before the move: the durable mark waits for it
-        try:
-            return self._place(received, temp_path, provenance, now)
-        finally:
-            self._inflight.end(token)
-
-    def _place(
-        self, received: CheckedInstance, temp_path: Path, provenance: Provenance, now: float
-    ) -> IngestResult:
-        """Move a checked file into the bucket of *now* (s since the epoch) and flush it while
-        the writer indexes it; return the writer's result once both are done."""
-        try:
-            final = self.files.move_in(temp_path, now)
-        except OSError as exc:
-            raise StoreError(f"cannot write the received file into the store: {exc}") from exc
-        try:
-            fd = os.open(final, os.O_RDONLY)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                self.files.discard([final])
-            raise StoreError(f"cannot write the received file into the store: {exc}") from exc
-        # The index row is written while the file is flushed; the reply waits for both. A crash
-        # before both are done leaves a row whose file reconciliation checks (see _reconcile).
-        pending = self._writer.submit_ingest(dataclasses.replace(received, path=final), provenance)
-        try:
-            self.files.make_durable(fd, final)
-        except OSError as exc:
-            with contextlib.suppress(GatewayError):
-                result = pending.result()
-                if result.path:
-                    self._writer.submit(_forget(result.sop_instance_uid, result.path)).result()
-            with contextlib.suppress(OSError):
-                self.files.discard([final])
-            raise StoreError(f"cannot flush the received file to disk: {exc}") from exc
-        finally:
-            os.close(fd)
-        try:
-            return pending.result(timeout=_WRITE_WAIT)
-        except TimeoutError:
-            # A writer stuck on the disk fails this request (0xA700), not the association's
-            # thread for ever; the row may still commit, and a re-send is then a duplicate.
-            raise StoreError(f"the index did not commit within {_WRITE_WAIT:g} s") from None
-
     async def ingest(
         self, temp_path: Path, provenance: Provenance, *, expect: tuple[str, str] | None = None
     ) -> IngestResult:
-        """The async form of `ingest_blocking`."""
-        return await self.placing(
-            lambda: self.ingest_blocking(temp_path, provenance, expect=expect)
-        )
+        """`place` a complete file written into `tmp/` (moved into its bucket from there)."""
+        return await self.place(provenance, path=temp_path, expect=expect)
 
-    async def placing(self, fn: Callable[..., T], /, *args: Any) -> T:
-        """*fn(*args)* on one of the store's placing threads: a blocking call around
-        `ingest_blocking`. Once submitted it runs to its end: a caller cancelled meanwhile
-        waits for it (the instance is then stored or not, never half), then sees the
-        cancellation (`finish_then_cancel`). (The store's own executor: anyio's `to_thread`
-        cost 16 % of the event loop's time per small instance, docs/performance.md.)"""
-        loop = asyncio.get_running_loop()
-        self._placements += 1
+    async def place(
+        self,
+        provenance: Provenance,
+        *,
+        content: bytes | None = None,
+        path: Path | None = None,
+        expect: tuple[str, str] | None = None,
+        checksum: str | None = None,
+    ) -> IngestResult:
+        """Check, place durably and index one received Part 10 file: either *content* (the
+        file's bytes, written straight into its bucket) or *path* (a complete file in `tmp/`,
+        moved into its bucket). *expect* is the (SOP Class UID, SOP Instance UID) the C-STORE
+        request announced; the dataset must carry the same. *checksum* is the dataset's
+        SHA-256 when the receiver hashed it as it arrived (otherwise it is hashed here).
+
+        The work runs on the index writer's thread with every placement queued meanwhile
+        (`IndexWriter.place`): their files fsynced, each directory once, their rows committed
+        in one transaction. Returns once the row is committed and the file is durably in
+        place; a caller cancelled meanwhile waits for that, then sees the cancellation.
+        Raises `RejectedInstance` for what the instance is and `StoreError` for what the store
+        could not do; in both cases nothing of the file is left in the store.
+        """
+        if (content is None) == (path is None):
+            raise TypeError("place() takes content or path")
+        prepare = functools.partial(self._prepare, content, path, expect, checksum)
+        future = self._writer.place(prepare, provenance, asyncio.get_running_loop())
+        return await finish_then_cancel(future)
+
+    def _prepare(
+        self,
+        content: bytes | None,
+        path: Path | None,
+        expect: tuple[str, str] | None,
+        checksum: str | None,
+    ) -> Placed:
+        """On the writer thread: check the file and put it in its bucket, not yet flushed
+        (`place`); the `InFlight` token is taken before it appears there."""
+        source = path if path is not None else self.files.tmp_dir / "(received)"
         try:
-            return await finish_then_cancel(self._placer.submit(fn, *args))
-        finally:
-            self._placements -= 1
-            self._placed_at = loop.time()
-            if self._placer_check is None:
-                self._placer_check = loop.call_later(_PLACING_IDLE, self._retire_placer, loop)
-
-    def _retire_placer(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The placing threads end after `_PLACING_IDLE` seconds without a placement (as
-        anyio's worker threads do): an idle gateway keeps none."""
-        self._placer_check = None
-        if self._placements == 0 and loop.time() - self._placed_at >= _PLACING_IDLE:
-            idle, self._placer = self._placer, _placing_threads()
-            idle.shutdown(wait=False)  # none is working: each ends at once
-            return
-        wait = max(0.1, self._placed_at + _PLACING_IDLE - loop.time())
-        self._placer_check = loop.call_later(wait, self._retire_placer, loop)
+            self.check_free()
+            received = read_received_file(source, checksum=checksum, content=content)
+            if expect is not None:
+                _check_announced(received, expect)
+        except BaseException:
+            if path is not None:
+                path.unlink(missing_ok=True)
+            raise
+        token, now = self._inflight.begin()
+        try:
+            if content is not None:
+                final, fd = self.files.write_in(content, now)
+            else:
+                assert path is not None
+                final = self.files.move_in(path, now)
+                fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            self._inflight.end(token)
+            if path is not None:
+                path.unlink(missing_ok=True)
+            raise StoreError(f"cannot write the received file into the store: {exc}") from exc
+        return Placed(dataclasses.replace(received, path=final), fd, token)
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run *fn* on the write connection in a savepoint of its own (the writes queued
@@ -595,11 +537,6 @@ class Store:
         return bool(result.path)
 
 
-def _placing_threads() -> ThreadPoolExecutor:
-    """The placing threads (started as work comes: none until the first instance)."""
-    return ThreadPoolExecutor(_PLACING_THREADS, thread_name_prefix="placing")
-
-
 class _ReadPool:
     """Read-only connections, each used by one thread at a time.
 
@@ -663,7 +600,21 @@ class _ReadPool:
             conn.close()
 
 
-async def finish_then_cancel(future: Future[T]) -> T:
+def _check_announced(received: CheckedInstance, expect: tuple[str, str]) -> None:
+    """Raise `InstanceMismatch` unless the dataset's SOP Class and Instance UIDs are *expect*
+    (those the C-STORE request announced)."""
+    attrs = received.attributes
+    for name, announced, actual in (
+        ("SOP Class UID", expect[0], attrs.sop_class_uid),
+        ("SOP Instance UID", expect[1], attrs.sop_instance_uid),
+    ):
+        if announced.rstrip("\x00 ") != actual:
+            raise InstanceMismatch(
+                f"dataset {name} {actual[:64]!r} differs from the request's {announced[:64]!r}"
+            )
+
+
+async def finish_then_cancel(future: Future[T] | asyncio.Future[T]) -> T:
     """Await *future* (running in a thread) to its end, even when cancelled meanwhile, by
     anyio or by a plain `Task.cancel()`; then raise the cancellation, or return its result.
 
@@ -671,7 +622,7 @@ async def finish_then_cancel(future: Future[T]) -> T:
     plain asyncio cancellation, and cancelling `asyncio.wrap_future` would cancel a write still
     queued for the writer thread, so the future is shielded from both.
     """
-    inner = asyncio.wrap_future(future)
+    inner = future if isinstance(future, asyncio.Future) else asyncio.wrap_future(future)
     try:
         return await asyncio.shield(inner)
     except asyncio.CancelledError:
