@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import shutil
 import sqlite3
+import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -305,6 +308,37 @@ async def test_disk_failure_is_a_store_error_and_nothing_indexed(store: Store) -
     with pytest.raises(StoreError):
         await store.ingest(stage(store, CT), Provenance())
     assert (await store.counts())["instances"] == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("with_other", [False, True])
+async def test_a_file_that_cannot_be_flushed_is_refused_and_leaves_nothing(
+    store: Store, monkeypatch: pytest.MonkeyPatch, with_other: bool
+) -> None:
+    """An fsync that fails (EIO: the disk, which no test can break for real) fails that
+    placement only: its row, written meanwhile, and its file are gone; a placement of the same
+    batch is stored; the same instance is stored once the disk works again."""
+    real_fsync = os.fsync
+    refused = CT.read_bytes()
+
+    def fsync(fd: int) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if stat.S_ISREG(os.fstat(fd).st_mode) and path.read_bytes() == refused:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    placements = [store.place(Provenance(), content=refused)]
+    if with_other:
+        placements.append(store.place(Provenance(), content=MR.read_bytes()))
+    outcomes = await asyncio.gather(*placements, return_exceptions=True)
+    assert isinstance(outcomes[0], StoreError) and "cannot flush" in str(outcomes[0])
+    counts = await store.counts()
+    assert counts["instances"] == counts["studies"] == int(with_other)
+    files = [p for p in store.files.objects_dir.rglob("*.dcm")]
+    assert [p.read_bytes() for p in files] == ([MR.read_bytes()] if with_other else [])
+    monkeypatch.undo()
+    assert (await store.place(Provenance(), content=refused)).outcome == "stored"
 
 
 def name_keys(store: Store) -> tuple[set[tuple[str, object]], set[tuple[str, object]]]:
