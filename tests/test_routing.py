@@ -312,6 +312,9 @@ def test_notify_posts_a_summary_once_complete_retrying_and_discard_sends_nothing
         )
         assert sorted(s["SeriesDescription"] for s in body["series"]) == ["AX", "COR"]
         assert "patient" not in body and "CompressedSamples" not in json.dumps(body)
+        # The job is done once the webhook's answer is read and recorded, just after the
+        # request arrived there.
+        wait_until(lambda: gw.call("jobs.list")["jobs"][0]["state"] != "running")
         (job,) = gw.call("jobs.list")["jobs"]
         assert (job["target"], job["state"], job["attempts"]) == ("ris", "done", 1)
         assert "webhook ris answered HTTP 503" in gw.log_text()

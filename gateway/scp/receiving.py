@@ -7,7 +7,7 @@ fragment as the association assembles it (`gateway.net.association.DataSink`), i
 
 - up to `IN_MEMORY_BYTES` it stays in memory, and the event loop touches no file for it: the
   index writer's thread (`place_received`, `Store.place`) checks and hashes the bytes and
-  writes them straight into their bucket (never to `tmp/`). Measured on 10 KB instances over
+  writes them to `tmp/` and renames them into their bucket. Measured on 10 KB instances over
   four associations: the loop's own open, write, close, unlink and hash calls were ~0.5 ms of
   each instance, and every one of them gave the GIL away to wait for it again;
 - past that, it streams to a spool file in the store's `tmp/`, hashed as it is written (the

@@ -207,24 +207,22 @@ class FileStore:
         return directory / f"{int(now * 1000):0{_MS_DIGITS}d}-{unique_name()}.dcm"
 
     def write_in(self, content: bytes, now: float) -> tuple[Path, int]:
-        """Write a received file's bytes straight into the bucket of *now* (not yet durable);
-        return its path and a descriptor open on it for the fsync (the caller closes it).
-
-        Named as `move_in` names. A crash mid-write leaves a partial file after the durable
-        mark, which start-up reconciliation finds without a row and removes (it fails the
-        check); readers find files through rows only, which come after the fsync.
+        """Write a received file's bytes to a new file in `tmp/` and rename it into the bucket
+        of *now* (named as `move_in` names; not yet durable); return its path and a descriptor
+        still open on it for the fsync (the caller closes it). A name in a bucket only ever
+        holds a whole file; a crash before the rename leaves a temp file that start-up removes.
         """
-        final = self._new_name(now)
-        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        temp = self.new_temp_path()
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             view = memoryview(content)
             while view:
                 view = view[os.write(fd, view) :]
+            return self.move_in(temp, now), fd
         except BaseException:
             os.close(fd)
-            final.unlink(missing_ok=True)
+            temp.unlink(missing_ok=True)
             raise
-        return final, fd
 
     def relative(self, path: Path) -> str:
         """The path an index row holds for *path* (relative to the root)."""

@@ -213,10 +213,11 @@ class Store:
         checksum: str | None = None,
     ) -> IngestResult:
         """Check, place durably and index one received Part 10 file: either *content* (the
-        file's bytes, written straight into its bucket) or *path* (a complete file in `tmp/`,
-        moved into its bucket). *expect* is the (SOP Class UID, SOP Instance UID) the C-STORE
-        request announced; the dataset must carry the same. *checksum* is the dataset's
-        SHA-256 when the receiver hashed it as it arrived (otherwise it is hashed here).
+        file's bytes, written to `tmp/` and renamed into its bucket) or *path* (a complete
+        file in `tmp/`, renamed into its bucket). *expect* is the (SOP Class UID, SOP Instance
+        UID) the C-STORE request announced; the dataset must carry the same. *checksum* is the
+        dataset's SHA-256 when the receiver hashed it as it arrived (otherwise it is hashed
+        here).
 
         The work runs on the index writer's thread with every placement queued meanwhile
         (`IndexWriter.place`): their files fsynced, each directory once, their rows committed
