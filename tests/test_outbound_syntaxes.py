@@ -107,6 +107,8 @@ def test_rule_move_and_get_to_implicit_only_destinations(
     except AssertionError:
         raise AssertionError(gw.log_text()[-5000:] + str(gw.call("jobs.list", {}))) from None
     assert_all_re_encoded(legacy.directory)
+    # A job is done once the last acknowledgement is recorded, just after the peer stored it.
+    wait_until(lambda: "running" not in {j["state"] for j in gw.call("jobs.list", {})["jobs"]})
     jobs = gw.call("jobs.list", {})["jobs"]
     assert {job["state"] for job in jobs} == {"done"}, jobs
 
