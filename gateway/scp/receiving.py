@@ -37,7 +37,7 @@ from pynetdicom import (
 
 from gateway.net.association import Association, Message
 from gateway.net.dimse import C_STORE_RQ, uid_value
-from gateway.store.files import start_writeback, unique_name
+from gateway.store.files import create_new, start_writeback, unique_name, write_all
 
 if TYPE_CHECKING:
     from gateway.store.index import IngestResult, Provenance
@@ -97,13 +97,13 @@ class DatasetSpool:
     def _spill(self, buffer: bytearray) -> None:
         """Too large for memory: the file from here on, the bytes so far first."""
         self._buffer = None
-        self._fd = _create(self.name)
+        self._fd = create_new(self.name)
         if self._dataset_at >= 0:
             self._digest = hashlib.sha256(memoryview(buffer)[self._dataset_at :])
         self._write_file(buffer, hashed=True)
 
     def _write_file(self, data: bytes | bytearray | memoryview, *, hashed: bool = False) -> None:
-        _write_all(self._fd, data)
+        write_all(self._fd, data)
         if self._digest is not None and not hashed:
             self._digest.update(data)
         self._written += len(data)
@@ -164,17 +164,6 @@ class DatasetSpool:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = -1
-
-
-def _create(path: str) -> int:
-    """A new spool file at *path*, open for writing (only this process may read it)."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-
-
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 async def place_received(

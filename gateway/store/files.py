@@ -33,10 +33,12 @@ from typing import BinaryIO
 __all__ = [
     "DataDirInUse",
     "FileStore",
+    "create_new",
     "ensure_dirs",
     "fsync_dir",
     "replace_durably",
     "start_writeback",
+    "write_all",
     "write_atomically",
 ]
 
@@ -71,6 +73,19 @@ def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
     durability step: the fsync that follows finds less left to write."""
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def create_new(path: str | Path) -> int:
+    """A new file at *path* (it must not exist), open for writing; only this process's user
+    may read it."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write all of *data* to *fd* (a write may take less than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def unique_name() -> str:
@@ -213,11 +228,9 @@ class FileStore:
         holds a whole file; a crash before the rename leaves a temp file that start-up removes.
         """
         temp = self.new_temp_path()
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = create_new(temp)
         try:
-            view = memoryview(content)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, content)
             return self.move_in(temp, now), fd
         except BaseException:
             os.close(fd)
