@@ -426,6 +426,22 @@ def test_c_get_archive(gateway_factory: Any, tmp_path: Path, archives: Archives)
         site.stop()
 
 
+def matching(query: Any, headers: list[Any]) -> Iterator[Any]:
+    """The *headers* a Study Root C-FIND *query* matches (by its Study and Series Instance
+    UIDs, empty matching all), one per entity of the query's level."""
+    level = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID"}
+    seen = set()
+    for ds in headers:
+        if query.StudyInstanceUID not in ("", ds.StudyInstanceUID):
+            continue
+        if query.get("SeriesInstanceUID", "") not in ("", ds.SeriesInstanceUID):
+            continue
+        key = ds.get(level.get(query.QueryRetrieveLevel, "SOPInstanceUID"))
+        if key not in seen:
+            seen.add(key)
+            yield ds
+
+
 class SilentArchive:
     """A pynetdicom Q/R SCP that answers C-FIND from a list and never finishes a C-MOVE."""
 
@@ -454,17 +470,7 @@ class SilentArchive:
         from pydicom.dataset import Dataset
 
         query = event.identifier
-        seen = set()
-        for ds in self.datasets:
-            if query.StudyInstanceUID not in ("", ds.StudyInstanceUID):
-                continue
-            if query.get("SeriesInstanceUID", "") not in ("", ds.SeriesInstanceUID):
-                continue
-            level = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID"}
-            key = ds.get(level.get(query.QueryRetrieveLevel, "SOPInstanceUID"))
-            if key in seen:
-                continue
-            seen.add(key)
+        for ds in matching(query, self.datasets):
             answer = Dataset()
             for keyword in ("QueryRetrieveLevel", "StudyInstanceUID", "SeriesInstanceUID",
                             "SOPInstanceUID", "SOPClassUID"):  # fmt: skip
@@ -550,17 +556,7 @@ class FindAndGetArchive:
 
         query = event.identifier
         self.queries.append((str(query.QueryRetrieveLevel), {e.keyword for e in query}))
-        level = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID"}
-        seen = set()
-        for ds in self.headers:
-            if query.StudyInstanceUID not in ("", ds.StudyInstanceUID):
-                continue
-            if query.get("SeriesInstanceUID", "") not in ("", ds.SeriesInstanceUID):
-                continue
-            key = ds.get(level.get(query.QueryRetrieveLevel, "SOPInstanceUID"))
-            if key in seen:
-                continue
-            seen.add(key)
+        for ds in matching(query, self.headers):
             answer = Dataset()
             answer.QueryRetrieveLevel = query.QueryRetrieveLevel
             for element in query:
