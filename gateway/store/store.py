@@ -258,7 +258,12 @@ class Store:
             else:
                 assert path is not None
                 final = self.files.move_in(path, now)
-                fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fd = os.open(final, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        self.files.discard([final])  # moved in, never to be indexed
+                    raise
         except OSError as exc:
             self._inflight.end(token)
             if path is not None:
