@@ -425,6 +425,12 @@ class RetrievalQueue:
         """Set columns of a request its worker holds (*request*'s lease token), and end the
         lease with *release* (the attempt ends: paused, failed or finished).
 
+        An update that releases the request or sets its status is durable when this returns.
+        Progress within an attempt (its step, studies, timings, moved count) is committed
+        without waiting for the disk (`Store.write` with durable=False): it survives a kill at
+        once, and a power failure from the next durable write on; one lost to a power failure
+        resumes the request at the step recorded before it, and every step is safe to repeat.
+
         Raises `LeaseLost` when the request is no longer the worker's: its lease passed to
         another worker, or an operator cancelled it meanwhile.
         """
@@ -442,7 +448,8 @@ class RetrievalQueue:
                 request,
                 f"UPDATE retrievals SET {columns} WHERE id = ? AND {_OPEN} AND {FENCE}",
                 (*changes.values(), request.id, request.lease_owner),
-            )
+            ),
+            durable=release or "status" in changes,
         )
 
     async def get(self, request_id: int) -> Request | None:
@@ -455,7 +462,8 @@ class RetrievalQueue:
         return await self.store.read(one)
 
     async def set_instances(self, request: Request, instances: Iterable[ArchiveInstance]) -> None:
-        """Record what the archive lists for *request* (held by its worker: `update`)."""
+        """Record what the archive lists for *request* (held by its worker: `update`), as
+        progress within the attempt: not waiting for the disk, like `update`'s."""
         rows = [
             (request.id, i.sop_uid, i.series_uid, i.study_uid, i.sop_class_uid) for i in instances
         ]
@@ -465,7 +473,7 @@ class RetrievalQueue:
             conn.execute("DELETE FROM retrieval_instances WHERE request_id = ?", (request.id,))
             conn.executemany("INSERT OR IGNORE INTO retrieval_instances VALUES (?,?,?,?,?)", rows)
 
-        await self.store.write(put)
+        await self.store.write(put, durable=False)
 
     async def missing(self, request_id: int) -> builtins.list[ArchiveInstance]:
         """The archive's instances for the request that the store does not hold."""

@@ -7,7 +7,8 @@ take further associations), sends each file's dataset bytes unchanged where the 
 its stored syntax and re-encoded otherwise, and reports per instance: delivered (success, or a
 warning status, which is logged) or failed with the reason (a failure status, no accepted
 context, a dataset that cannot be re-encoded, an aborted association, a peer that cannot be
-reached). Blocking: callers run it in a worker thread.
+reached). A coroutine on the event loop; each file is read in a worker thread
+(`gateway.scu.requestor.store_instance`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ with `synchronous=NORMAL` (visible at once to every reader, made durable by the 
 or FULL commit). Other writes (job and retrieval state, deletions, metadata) commit with
 `synchronous=FULL`, those queued together in one transaction, each inside a savepoint of its
 own (one that raises is rolled back alone): while a cohort is retrieved and forwarded, a FULL
-commit per write was the writer's largest cost (profile in docs/performance.md).
+commit per write was the writer's largest cost (profile in docs/performance.md). A write whose
+loss in a power failure only repeats work (the delivery ledger, a retrieval's progress) is
+submitted with durable=False; a transaction of only such writes commits with `NORMAL`.
 
 About once a second after ingest batches, the writer commits the durable mark (`meta`
 `durable_mark`) with `synchronous=FULL`: the oldest move-in time of the ingests still in flight,
@@ -122,6 +124,7 @@ class _Placement:
 class _Call:
     fn: Callable[[sqlite3.Connection], Any]
     future: Future[Any]
+    durable: bool
 
 
 _STOP = object()
@@ -260,10 +263,17 @@ class IndexWriter:
         self._put(_Ingest(received, provenance, future))
         return future
 
-    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
-        """Run *fn* on the write connection in a transaction of its own."""
+    def submit(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> Future[T]:
+        """Run *fn* on the write connection, in a savepoint of the next calls' transaction.
+
+        The future resolves once that transaction is committed: with `synchronous=FULL` when
+        *durable* (on disk when it resolves) or when another call of the transaction is;
+        otherwise with `synchronous=NORMAL` (visible at once and kept through a process kill,
+        made durable by the next FULL commit or checkpoint): for records whose loss in a power
+        failure only repeats work, such as the delivery ledger.
+        """
         future: Future[T] = Future()
-        self._put(_Call(fn, future))
+        self._put(_Call(fn, future, durable))
         return future
 
     # -- the thread --------------------------------------------------------------------------
@@ -330,7 +340,8 @@ class IndexWriter:
 
     def _run_calls(self, calls: list[_Call]) -> None:
         """Run *calls* in one transaction, each in a savepoint of its own, and commit them with
-        `synchronous=FULL`; resolve each one's future once the commit is done (or failed)."""
+        `synchronous=FULL` (`NORMAL` when none of them is durable); resolve each one's future
+        once the commit is done (or failed)."""
         conn = self._conn
         assert conn is not None
         live = [call for call in calls if call.future.set_running_or_notify_cancel()]
@@ -338,7 +349,7 @@ class IndexWriter:
             return  # their awaiting tasks were cancelled before the calls ran
         outcomes: list[tuple[_Call, Any, BaseException | None]] = []
         try:
-            self._synchronous(conn, "FULL")
+            self._synchronous(conn, "FULL" if any(call.durable for call in live) else "NORMAL")
             conn.execute("BEGIN IMMEDIATE")
             for call in live:
                 conn.execute("SAVEPOINT call")

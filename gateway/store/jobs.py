@@ -350,12 +350,17 @@ class JobQueue:
         instances: Iterable[StoredInstance | str],
         now: float | None = None,
     ) -> int:
-        """Record instances the job's target acknowledged (durably, before returning).
+        """Record instances the job's target acknowledged (committed before returning).
 
         An `StoredInstance` is recorded with the checksum it was sent with; a SOP Instance UID
         with the checksum stored now. Returns how many were not in the ledger yet.
+
+        The commit does not wait for the disk (`Store.write` with durable=False): it survives a
+        kill of the process at once, and a power failure from the job's next durable write on
+        (its end, a failed attempt). A record lost before that only sends its instance once
+        more, which at-least-once delivery allows (docs/dispatch.md).
         """
-        return await self.store.write(_recorder(job_id, instances, now))
+        return await self.store.write(_recorder(job_id, instances, now), durable=False)
 
     def record_delivered_nowait(
         self,
@@ -364,7 +369,7 @@ class JobQueue:
         now: float | None = None,
     ) -> Future[int]:
         """`record_delivered` without waiting: the commit's future (for a sender thread)."""
-        return self.store.write_nowait(_recorder(job_id, instances, now))
+        return self.store.write_nowait(_recorder(job_id, instances, now), durable=False)
 
     async def finish(
         self, job_id: int, now: float | None = None, lease: str | None = None

@@ -271,9 +271,11 @@ class Store:
             raise StoreError(f"cannot write the received file into the store: {exc}") from exc
         return Placed(dataclasses.replace(received, path=final), fd, token)
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """Run *fn* on the write connection in a savepoint of its own (the writes queued
         together share one transaction and its commit; one that raises is rolled back alone).
+        Not *durable*: committed without waiting for the disk (`IndexWriter.submit`), for a
+        record whose loss in a power failure only repeats work.
 
         Once submitted, a write runs to its end and is awaited to its end: a caller cancelled
         meanwhile (an anyio cancel scope or a plain `Task.cancel()`) waits for the transaction
@@ -282,13 +284,15 @@ class Store:
         Raises StoreError when the transaction fails.
         """
         try:
-            return await finish_then_cancel(self._writer.submit(fn))
+            return await finish_then_cancel(self._writer.submit(fn, durable=durable))
         except sqlite3.Error as exc:
             raise StoreError(f"the index could not be updated: {exc}") from exc
 
-    def write_nowait(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+    def write_nowait(
+        self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True
+    ) -> Future[T]:
         """Queue *fn* like `write` and return its future at once (for worker threads)."""
-        return self._writer.submit(fn)
+        return self._writer.submit(fn, durable=durable)
 
     async def delete_study(self, study_uid: str, by: str = "operator") -> int:
         """Remove a study's rows and files; return how many instances it had. *by* (operator,

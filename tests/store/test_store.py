@@ -737,3 +737,34 @@ async def test_writes_queued_together_commit_together_each_alone_when_it_fails(
     assert isinstance(results[1], ValueError)
     rows = await store.read(lambda c: [r[0] for r in c.execute("SELECT v FROM t ORDER BY v")])
     assert rows == [0, 1, 3]
+
+
+@pytest.mark.asyncio
+async def test_a_transaction_waits_for_the_disk_unless_none_of_its_writes_is_durable(
+    store: Store,
+) -> None:
+    """`synchronous` of the commit (PRAGMA values: 1 NORMAL, 2 FULL): NORMAL only when every
+    write of the transaction was submitted with durable=False."""
+    gate = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def mode(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    def hold(conn: sqlite3.Connection) -> int:  # keeps the writer busy while writes queue
+        asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(10)
+        return mode(conn)
+
+    assert await store.write(mode, durable=False) == 1
+    assert await store.write(mode) == 2
+    assert await store.write(mode, durable=False) == 1
+    held = asyncio.ensure_future(store.write(hold, durable=False))
+    await asyncio.sleep(0.1)
+    queued = [
+        asyncio.ensure_future(store.write(mode, durable=False)),
+        asyncio.ensure_future(store.write(mode)),
+    ]
+    await asyncio.sleep(0.1)
+    gate.set()
+    assert await held == 1
+    assert await asyncio.gather(*queued) == [2, 2]  # one durable write makes the batch FULL
