@@ -37,7 +37,6 @@ from typing import Any, Final, Protocol
 import structlog
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import A_ASSOCIATE_AC as AcPdu
 from pynetdicom.pdu import A_ASSOCIATE_RJ as RjPdu
@@ -57,6 +56,7 @@ from pynetdicom.presentation import (
 )
 
 from gateway.errors import GatewayError
+from gateway.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from gateway.net import pdu as P
 from gateway.net.dimse import Command, decode_command
 from gateway.net.fsm import Event, ProtocolMachine, State
@@ -992,9 +992,9 @@ def _identity(max_pdu: int) -> list[Any]:
     length = MaximumLengthNotification()
     length.maximum_length_received = max_pdu
     uid = ImplementationClassUIDNotification()
-    uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     name = ImplementationVersionNameNotification()
-    name.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+    name.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     return [length, uid, name]
 
 

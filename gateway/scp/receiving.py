@@ -30,11 +30,7 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pynetdicom import (
-    PYNETDICOM_IMPLEMENTATION_UID,
-    PYNETDICOM_IMPLEMENTATION_VERSION,
-)
-
+from gateway.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from gateway.net.association import Association, Message
 from gateway.net.dimse import C_STORE_RQ, uid_value
 from gateway.store.files import create_new, start_writeback, unique_name, write_all
@@ -207,11 +203,12 @@ def encode_file_meta(
     sop_class_uid: str,
     sop_instance_uid: str,
     transfer_syntax: str,
-    implementation_uid: str = PYNETDICOM_IMPLEMENTATION_UID,
-    implementation_version: str = PYNETDICOM_IMPLEMENTATION_VERSION,
+    implementation_uid: str = IMPLEMENTATION_CLASS_UID,
+    implementation_version: str = IMPLEMENTATION_VERSION_NAME,
 ) -> bytes:
-    """File Meta group 0002 (Explicit VR Little Endian), as pynetdicom's `create_file_meta` plus
-    pydicom's `write_file_meta_info` would write it."""
+    """File Meta group 0002 (Explicit VR Little Endian, PS3.10 7.1), as pynetdicom's
+    `create_file_meta` plus pydicom's `write_file_meta_info` would write it, naming the gateway
+    (`gateway.identity`) as the implementation that wrote the file."""
 
     def element(elem: int, vr: bytes, value: bytes) -> bytes:
         if vr == b"OB":

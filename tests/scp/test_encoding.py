@@ -22,6 +22,7 @@ from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import create_file_meta, decode, encode
 
 from gateway.config import CallerSettings
+from gateway.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from gateway.net import dimse
 from gateway.net.association import encode_command
 from gateway.net.dimse import SubOperations, c_store_rq, decode_command, response
@@ -109,11 +110,19 @@ def test_retrieve_responses_match_pynetdicom(kind: tuple[Any, Any, int], status:
 )
 def test_file_meta_matches_pydicom(uids: tuple[str, str, str]) -> None:
     expected = io.BytesIO()
-    write_file_meta_info(
-        expected,
-        create_file_meta(sop_class_uid=uids[0], sop_instance_uid=uids[1], transfer_syntax=uids[2]),
+    meta = create_file_meta(
+        sop_class_uid=uids[0],
+        sop_instance_uid=uids[1],
+        transfer_syntax=uids[2],
+        implementation_uid=IMPLEMENTATION_CLASS_UID,
+        implementation_version=IMPLEMENTATION_VERSION_NAME,
     )
+    write_file_meta_info(expected, meta)
     assert encode_file_meta(*uids) == expected.getvalue()
+    # the gateway names itself, a valid UID and version name (PS3.5 9.1, PS3.7 D.3.3.2.2)
+    assert IMPLEMENTATION_CLASS_UID.startswith("2.25.") and len(IMPLEMENTATION_CLASS_UID) <= 64
+    assert meta.ImplementationClassUID.is_valid
+    assert 1 <= len(IMPLEMENTATION_VERSION_NAME) <= 16 and IMPLEMENTATION_VERSION_NAME.isascii()
 
 
 def _command(**elements: Any) -> Dataset:

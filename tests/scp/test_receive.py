@@ -16,8 +16,9 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config, build_context, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import CTImageStorage, Verification
 
+from gateway.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from tests.conftest import (
     CHARSET_FILES,
     HOST,
@@ -363,6 +364,40 @@ def test_verification_from_pynetdicom_sets_nodelay_on_both_ends(gateway: Gateway
     status = assoc.send_c_echo()
     assoc.release()
     assert status.Status == 0x0000
+
+
+def test_the_gateway_names_its_implementation_to_peers_and_in_its_files(
+    gateway: GatewayProcess,
+) -> None:
+    """The A-ASSOCIATE-AC carries the gateway's Implementation Class UID and Version Name
+    (PS3.7 D.3.3.2), seen by pynetdicom and by DCMTK, and a stored file's File Meta names the
+    gateway as the implementation that wrote it (PS3.10 7.1)."""
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate(HOST, gateway.port, ae_title=gateway.ae_title)
+    assert assoc.is_established
+    assert assoc.acceptor.implementation_class_uid == IMPLEMENTATION_CLASS_UID
+    assert assoc.acceptor.implementation_version_name == IMPLEMENTATION_VERSION_NAME
+    ds = pydicom.dcmread(CT)
+    assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    (path,) = index_rows(gateway, "SELECT path FROM instances WHERE sop_uid = ?",
+                         (str(ds.SOPInstanceUID),))[0]  # fmt: skip
+    meta = pydicom.dcmread(gateway.data_dir / path, stop_before_pixels=True).file_meta
+    assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+    assert meta.ImplementationVersionName == IMPLEMENTATION_VERSION_NAME
+
+    echo = subprocess.run(
+        [require("echoscu"), "-d", "-aec", gateway.ae_title, HOST, str(gateway.port)],
+        capture_output=True, text=True, env=dcmtk_env(), timeout=60,
+    )  # fmt: skip
+    assert echo.returncode == 0, echo.stderr
+    # DCMTK's debug log (stderr) dumps the A-ASSOCIATE-RQ, "Their" fields empty, then the -AC
+    named = re.findall(r"Their Implementation (Class UID|Version Name):[ ]*(\S*)", echo.stderr)
+    assert [(field, value) for field, value in named if value] == [
+        ("Class UID", IMPLEMENTATION_CLASS_UID),
+        ("Version Name", IMPLEMENTATION_VERSION_NAME),
+    ]
 
 
 @pytest.mark.parametrize(

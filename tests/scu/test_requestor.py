@@ -17,6 +17,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from gateway.config import PeerSettings
 from gateway.errors import PeerError
+from gateway.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from gateway.net.association import Aborted, Association
 from gateway.scu import requestor
 from gateway.scu.requestor import dataset_offset, open_association, store_instance
@@ -69,6 +70,8 @@ async def test_a_file_larger_than_one_read_goes_out_in_pieces_unchanged(
     ]
     assert recorder.received[0][2] == dataset_bytes(stored.path)
     assert recorder.received[1][2] == dataset_bytes(small.path)
+    # the A-ASSOCIATE-RQ named the gateway's implementation (PS3.7 D.3.3.2)
+    assert recorder.requestors == [(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)] * 2
 
 
 @pytest.mark.asyncio

@@ -48,10 +48,15 @@ class Recorder:
                           (evt.EVT_ABORTED, lambda _: self.associations.append("aborted"))],
         )  # fmt: skip
         self.nodelay: list[int] = []
+        self.requestors: list[tuple[str, str]] = []  # (implementation class UID, version name)
 
     def _on_store(self, event: Any) -> int:
         if self.delay:
             time.sleep(self.delay)
+        requestor = event.assoc.requestor
+        self.requestors.append(
+            (requestor.implementation_class_uid, requestor.implementation_version_name)
+        )
         self.received.append(
             (
                 str(event.request.AffectedSOPInstanceUID),
