@@ -26,7 +26,7 @@ from pynetdicom.sop_class import (
 
 from gateway.audit import AuditLog
 from gateway.config import PeerSettings, Settings
-from gateway.errors import GatewayError, RejectedInstance, StoreError
+from gateway.errors import GatewayError
 from gateway.metrics import Metrics, query_level, status_text
 from gateway.scp.bridge import LoopBridge
 from gateway.scp.receiving import DatasetSpool, place_received
@@ -201,41 +201,12 @@ class DicomServices:
             peer_address=stats.peer_address,
             association_id=stats.association_id,
         )
-        if received.too_large:
-            received.abandon()
+        status, result = await place_received(
+            self._store, received, provenance, (sop_class_uid, sop_instance_uid)
+        )
+        if result is None:
             stats.refused += 1
-            log.warning(
-                "instance_refused",
-                association_id=stats.association_id,
-                sop_instance_uid=sop_instance_uid[:64],
-                status="0xA700",
-                reason=f"the dataset is larger than node.max_instance_bytes ({received.max_bytes}"
-                " bytes): dropped as it arrived",
-            )
-            return 0xA700, 0
-        try:
-            result = await place_received(
-                self._store, received, provenance, (sop_class_uid, sop_instance_uid)
-            )
-        except RejectedInstance as exc:
-            stats.refused += 1
-            log.warning(
-                "instance_refused",
-                association_id=stats.association_id,
-                sop_instance_uid=sop_instance_uid[:64],
-                status=f"0x{exc.status:04X}",
-                reason=str(exc),
-            )
-            return exc.status, 0
-        except (StoreError, OSError) as exc:
-            stats.refused += 1
-            log.error(
-                "instance_not_stored",
-                association_id=stats.association_id,
-                status="0xA700",
-                reason=str(exc),
-            )
-            return 0xA700, 0
+            return status, 0
         stats.studies.add(result.study_instance_uid)
         if result.outcome in ("stored", "replaced"):
             stats.stored += 1

@@ -30,6 +30,9 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
+from gateway.errors import GatewayError, RejectedInstance
 from gateway.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from gateway.net.association import Association, Message
 from gateway.net.dimse import C_STORE_RQ, uid_value
@@ -41,6 +44,8 @@ if TYPE_CHECKING:
 
 __all__ = ["IN_MEMORY_BYTES", "DatasetSpool", "c_store_sink", "encode_file_meta",
            "place_received"]  # fmt: skip
+
+log = structlog.get_logger(__name__)
 
 IN_MEMORY_BYTES = 256 * 1024  # a received file up to this size is kept in memory
 _WRITEBACK_BYTES = 256 * 1024
@@ -167,16 +172,45 @@ async def place_received(
     spool: DatasetSpool,
     provenance: Provenance,
     expect: tuple[str, str],
-) -> IngestResult:
-    """Check, place, fsync and index a received file (`Store.place`, *expect* the request's
-    SOP Class and Instance UIDs): its bytes if they were kept in memory, else its spool file;
-    nothing of it stays in `tmp/`. Raises what `Store.place` raises."""
-    content = spool.content
-    if content is not None:
-        return await store.place(provenance, content=content, expect=expect)
-    return await store.place(
-        provenance, path=Path(spool.name), expect=expect, checksum=spool.dataset_digest
-    )
+) -> tuple[int, IngestResult | None]:
+    """Check, place, fsync and index a C-STORE's received file (`Store.place`; *expect* is
+    the request's (SOP Class UID, SOP Instance UID)): its bytes if they were kept in memory,
+    else its spool file; nothing of it stays in `tmp/`. Every C-STORE the gateway takes, as
+    the node or as a C-GET's requestor, is answered from here.
+
+    Returns the C-STORE status (PS3.4 B.2.3, GG.4-1) and, when stored, the index's result:
+    0x0000 once the file is durably in place and indexed (a duplicate the policy keeps
+    included); the refusal's own status for what the instance is (`RejectedInstance`: 0xC000
+    and its kin, 0xA900); 0xA700 (Out of Resources) for a data set past
+    `node.max_instance_bytes` (dropped as it arrived) and for what the store could not do.
+    A refusal is logged as `instance_refused` (warning), a failure as `instance_not_stored`
+    (error), with *provenance*'s association id.
+    """
+    sop_instance = expect[1][:64]
+    association = provenance.association_id
+    if spool.too_large:
+        spool.abandon()
+        log.warning("instance_refused", association_id=association, sop_instance_uid=sop_instance,
+                    status="0xA700", reason="the dataset is larger than node.max_instance_bytes"
+                    f" ({spool.max_bytes} bytes): dropped as it arrived")  # fmt: skip
+        return 0xA700, None
+    try:
+        content = spool.content
+        if content is not None:
+            result = await store.place(provenance, content=content, expect=expect)
+        else:
+            result = await store.place(
+                provenance, path=Path(spool.name), expect=expect, checksum=spool.dataset_digest
+            )
+    except RejectedInstance as exc:
+        log.warning("instance_refused", association_id=association, sop_instance_uid=sop_instance,
+                    status=f"0x{exc.status:04X}", reason=str(exc))  # fmt: skip
+        return exc.status, None
+    except (GatewayError, OSError) as exc:
+        log.error("instance_not_stored", association_id=association,
+                  sop_instance_uid=sop_instance, status="0xA700", reason=str(exc))  # fmt: skip
+        return 0xA700, None
+    return 0x0000, result
 
 
 def c_store_sink(

@@ -30,7 +30,7 @@ from pynetdicom.sop_class import (
 )
 
 from gateway.config import NodeSettings, PeerSettings
-from gateway.errors import GatewayError, PeerError, RejectedInstance
+from gateway.errors import GatewayError, PeerError
 from gateway.net.association import Aborted, Association, Message
 from gateway.net.dimse import C_STORE_RQ, Command, response
 from gateway.scp.receiving import DatasetSpool, c_store_sink, place_received
@@ -286,11 +286,12 @@ async def c_get(
         spool = message.sink
         status = 0xA700
         if isinstance(spool, DatasetSpool):
-            status, uid = await _ingest(store, provenance, sop_class, sop_instance, spool)
-            if status == 0x0000:
+            status, placed = await place_received(store, spool, provenance,
+                                                  (sop_class, sop_instance))  # fmt: skip
+            if placed is not None:
                 stored += 1
                 if on_stored is not None:
-                    on_stored(uid)
+                    on_stored(placed.sop_instance_uid)
         else:  # not a storage SOP class proposed: refused
             status = 0x0122
         await assoc.send_encoded(message.context_id, response(
@@ -320,27 +321,3 @@ async def c_get(
         await end_association(assoc)
     result.stored = stored
     return result
-
-
-async def _ingest(
-    store: Store,
-    provenance: Provenance,
-    sop_class: str,
-    sop_instance: str,
-    spool: DatasetSpool,
-) -> tuple[int, str]:
-    """Check, place, fsync and index one received instance; (the C-STORE
-    status, its SOP Instance UID)."""
-    if spool.too_large:
-        spool.abandon()
-        return 0xA700, sop_instance
-    try:
-        result = await place_received(store, spool, provenance, (sop_class, sop_instance))
-    except RejectedInstance as exc:
-        log.warning("instance_refused", sop_instance_uid=sop_instance[:64],
-                    status=f"0x{exc.status:04X}", reason=str(exc))  # fmt: skip
-        return exc.status, sop_instance
-    except (GatewayError, OSError) as exc:
-        log.error("instance_not_stored", status="0xA700", reason=str(exc))
-        return 0xA700, sop_instance
-    return 0x0000, result.sop_instance_uid
