@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio.to_thread
-import structlog
 from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, build_context
 from pynetdicom.sop_class import (
@@ -55,7 +54,6 @@ __all__ = [
     "identifier",
 ]
 
-log = structlog.get_logger(__name__)
 
 _PENDING = frozenset({0xFF00, 0xFF01})
 _WARNING = 0xB000
